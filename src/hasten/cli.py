@@ -1,0 +1,175 @@
+"""The ``hasten`` command line (typer). Bad input prints one ``error: ...`` line and exits with code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from .errors import HastenError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="hasten: make generative models fast.")
+
+
+def fail(message: str) -> None:
+    """Print one clear error line and exit with code 2 (no traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def parse_labels(spec: str, per_label: int) -> list[int]:
+    """'0-9' or '3,5,7' (or a mix, '0-2,7') -> each label repeated ``per_label`` times."""
+    labels: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                labels += range(lo, hi + 1)
+            else:
+                labels.append(int(part))
+    except ValueError:
+        raise HastenError(f"cannot read labels {spec!r}: use e.g. '0-9' or '1,3,5'") from None
+    if per_label < 1:
+        raise HastenError(f"--per-label must be >= 1, got {per_label}")
+    return [lab for lab in labels for _ in range(per_label)]
+
+
+def emit(payload: dict, as_json: bool, text_lines: list[str]) -> None:
+    if as_json:
+        typer.echo(json.dumps(payload))
+    else:
+        for line in text_lines:
+            typer.echo(line)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option("digits", help="embedded model name or a save_pretrained folder"),
+    labels: str = typer.Option("0-9", help="class labels, e.g. 0-9 or 1,3,5"),
+    per_label: int = typer.Option(4, help="images per label"),
+    steps: int = typer.Option(50, help="sampling steps"),
+    cfg: float = typer.Option(None, help="classifier-free guidance scale (default: the model's)"),
+    seed: int = typer.Option(0, help="random seed for the initial noise"),
+    schedule: str = typer.Option("linear", help="linear | linear-quadratic"),
+    solver: str = typer.Option("euler", help="euler | heun"),
+    accel: list[str] = typer.Option([], help="acceleration method spec, e.g. block-cache:delta=0.5 (repeatable)"),
+    out: Path = typer.Option(Path("grid.png"), help="PNG grid to write"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Generate a grid of samples and print wall time and denoiser calls (NFE)."""
+    import torch
+
+    from .io import check_writable
+    from .pipeline import load_pipeline
+
+    check_writable(out)
+    if steps < 1:
+        raise HastenError(f"--steps must be >= 1, got {steps}")
+    if cfg is not None and cfg < 0:
+        raise HastenError(f"--cfg must be >= 0, got {cfg}")
+    pipe = load_pipeline(model)
+    label_list = parse_labels(labels, per_label)
+    pipe.check_labels(label_list)
+    handle = None
+    if accel:
+        from .api import accelerate_from_specs
+
+        handle = accelerate_from_specs(pipe, accel, steps=steps, solver=solver, schedule=schedule,
+                                       guidance_scale=cfg)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    result = pipe(label_list, num_inference_steps=steps, guidance_scale=cfg, generator=gen,
+                  schedule=schedule, solver=solver)
+    wall = time.perf_counter() - t0
+    report = handle.report() if handle is not None else None
+    nfe = report["nfe"] if report is not None else result.nfe
+    result.save_grid(out, nrow=per_label if per_label > 1 else None)
+    payload = {"out": str(out), "images": len(label_list), "steps": steps, "wall_s": round(wall, 4),
+               "nfe": nfe, "transformer_calls": result.transformer_calls}
+    if report is not None:
+        payload["report"] = report
+    emit(payload, as_json, [f"wrote {out} ({len(label_list)} images)",
+                            f"wall time {wall:.2f} s, NFE per image {nfe:g}"])
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option("digits", help="embedded model name or a save_pretrained folder"),
+    samples: int = typer.Option(1000, help="number of samples (spread evenly over the classes)"),
+    steps: int = typer.Option(50, help="sampling steps"),
+    cfg: float = typer.Option(None, help="guidance scale (default: the model's)"),
+    seed: int = typer.Option(0, help="random seed"),
+    schedule: str = typer.Option("linear", help="linear | linear-quadratic"),
+    solver: str = typer.Option("euler", help="euler | heun"),
+    batch_size: int = typer.Option(100, help="images per sampling batch"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Sample, then print class accuracy, FD-digits and the real-vs-real FD reference."""
+    from .eval.metrics import evaluate_pipeline
+    from .pipeline import load_pipeline
+
+    if samples < 10:
+        raise HastenError(f"--samples must be >= 10, got {samples}")
+    if steps < 1:
+        raise HastenError(f"--steps must be >= 1, got {steps}")
+    if cfg is not None and cfg < 0:
+        raise HastenError(f"--cfg must be >= 0, got {cfg}")
+    if batch_size < 1:
+        raise HastenError(f"--batch-size must be >= 1, got {batch_size}")
+    pipe = load_pipeline(model)
+    res = evaluate_pipeline(pipe, samples=samples, steps=steps, guidance_scale=cfg, seed=seed,
+                            schedule=schedule, solver=solver, batch_size=batch_size)
+    emit(res, as_json, [f"class accuracy   {res['class_accuracy']:.4f}",
+                        f"FD-digits        {res['fd_digits']:.4f}",
+                        f"real-vs-real FD  {res['fd_real_vs_real']:.4f}  (train vs held-out)",
+                        f"ratio            {res['fd_ratio']:.2f}",
+                        f"wall time        {res['wall_s']:.1f} s, NFE per image {res['nfe']:g}"])
+
+
+@app.command("train")
+def train_cmd(
+    out: Path = typer.Option(..., help="output folder (save_pretrained layout)"),
+    steps: int = typer.Option(6000, help="optimisation steps"),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(5e-4),
+    seed: int = typer.Option(0),
+    what: str = typer.Option("digits", help="digits (the DiT) | classifier (the evaluator's CNN)"),
+) -> None:
+    """Train the default digits model (Movie Gen flow matching) or the evaluator's classifier."""
+    if steps < 1:
+        raise HastenError(f"--steps must be >= 1, got {steps}")
+    if what == "digits":
+        from .train import TrainConfig, train
+
+        out.mkdir(parents=True, exist_ok=True)
+        log = train(out, TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed))
+        typer.echo(f"wrote {out}: final loss {log['loss_curve'][-1]['loss']:.4f} in {log['train_seconds']} s")
+    elif what == "classifier":
+        from .eval.classifier import train_classifier
+
+        out.mkdir(parents=True, exist_ok=True)
+        info = train_classifier(out, steps=steps, seed=seed)
+        typer.echo(f"wrote {out}: held-out accuracy {info['held_out_accuracy']:.4f}")
+    else:
+        raise HastenError(f"unknown --what {what!r}: digits | classifier")
+
+
+def main() -> None:
+    """Console entry point: HastenError becomes one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=True)
+    except HastenError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
