@@ -1,7 +1,10 @@
 """hasten: make generative models fast, with composable and tested acceleration methods."""
 
+from .api import accelerate, calibrate
 from .errors import HastenError
+from .methods.block_cache import BlockCache
 from .pipeline import HastenPipeline, PipelineOutput, load_pipeline
 
-__all__ = ["HastenError", "HastenPipeline", "PipelineOutput", "load_pipeline"]
+__all__ = ["BlockCache", "HastenError", "HastenPipeline", "PipelineOutput", "accelerate", "calibrate",
+           "load_pipeline"]
 __version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""Calibration plans: JSON files naming the model, solver and step count they are valid for.
+
+Generic for every calibrated method (Block Caching, LinearAG, ...). A plan is a dict::
+
+    {"hasten_plan": 1, "method": "block-cache",
+     "model": {"class": "DiTTransformer2DModel", "config_hash": "<sha256 of the config>"},
+     "solver": "euler", "steps": 50, "time_schedule": "linear", "guidance_scale": 3.0,
+     "calls": 50, "timesteps": [0.0, 20.0, ...],      # as sent to the transformer, per call
+     ...method fields...}
+
+Validation (:func:`check_plan`) rejects another model (config hash), another method, another solver,
+step count or time schedule. While running, :func:`check_call_timestep` compares each call's timestep
+with the plan's, so a plan applied through the Python API to a run with another step count fails at
+the first call whose timestep differs (call 1 at the latest), not silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import HastenError
+from .io import write_json
+
+PLAN_VERSION = 1
+REQUIRED = ("method", "model", "solver", "steps", "calls", "timesteps")
+
+
+def config_hash(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of the model class and its config (diffusers ``model.config``)."""
+    cfg = getattr(model, "config", None)
+    items = dict(cfg) if cfg is not None else {}
+    items = {k: v for k, v in items.items() if not k.startswith("_")}
+    text = json.dumps({"class": type(model).__name__, "config": items}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def new_plan(method: str, model: nn.Module, *, solver: str, steps: int, time_schedule: str | None,
+             guidance_scale: float | None, timesteps: list[float], **fields: Any) -> dict:
+    """A plan dict for ``method`` on ``model`` (``timesteps``: one per denoiser call of a run)."""
+    plan = {"hasten_plan": PLAN_VERSION, "method": method,
+            "model": {"class": type(model).__name__, "config_hash": config_hash(model)},
+            "solver": solver, "steps": int(steps), "time_schedule": time_schedule,
+            "guidance_scale": guidance_scale, "calls": len(timesteps),
+            "timesteps": [float(t) for t in timesteps]}
+    plan.update(fields)
+    return plan
+
+
+def save_plan(path: str | os.PathLike, plan: dict) -> Path:
+    return write_json(path, plan)
+
+
+def load_plan(path: str | os.PathLike | dict, method: str) -> dict:
+    """Read and sanity-check a plan file for ``method`` (a dict passes through the same checks)."""
+    if isinstance(path, dict):
+        plan, where = path, "plan"
+    else:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise HastenError(f"plan {p} not found")
+        try:
+            plan = json.loads(p.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise HastenError(f"plan {p} is not valid JSON ({first})") from None
+    if not isinstance(plan, dict) or plan.get("hasten_plan") != PLAN_VERSION:
+        raise HastenError(f"{where} is not a hasten plan (version {PLAN_VERSION})")
+    missing = [k for k in REQUIRED if k not in plan]
+    if missing:
+        raise HastenError(f"{where} is incomplete: missing {', '.join(missing)}")
+    if plan["method"] != method:
+        raise HastenError(f"{where} is a {plan['method']!r} plan, not a {method!r} plan")
+    if not isinstance(plan["timesteps"], list) or len(plan["timesteps"]) != plan["calls"]:
+        raise HastenError(f"{where} is corrupt: {plan['calls']} calls but {len(plan['timesteps'])} timesteps")
+    return plan
+
+
+def check_plan(plan: dict, model: nn.Module, steps: int | None = None, solver: str | None = None,
+               schedule: str | None = None) -> None:
+    """Raise ``HastenError`` unless ``plan`` was calibrated for this model (and steps/solver/schedule)."""
+    want = config_hash(model)
+    have = plan["model"].get("config_hash") if isinstance(plan.get("model"), dict) else None
+    if have != want:
+        raise HastenError(f"this plan was calibrated for another model ({plan['model'].get('class')} "
+                          f"config {have}), not this {type(model).__name__} (config {want})")
+    if steps is not None and int(steps) != plan["steps"]:
+        raise HastenError(f"this plan was calibrated for {plan['steps']} steps, not {steps}: "
+                          f"calibrate again with --steps {steps}")
+    if solver is not None and solver != plan["solver"]:
+        raise HastenError(f"this plan was calibrated for the {plan['solver']} solver, not {solver}")
+    have_sched = plan.get("time_schedule")
+    if schedule is not None and have_sched is not None and schedule != have_sched:
+        raise HastenError(f"this plan was calibrated for the {have_sched} time schedule, not {schedule}")
+
+
+def check_call_timestep(plan: dict, call_index: int, t: float | None) -> None:
+    """Raise when call ``call_index`` of a run does not match the plan (other steps/solver/schedule)."""
+    n = plan["calls"]
+    if call_index >= n:
+        raise HastenError(f"this run makes more denoiser calls than the plan's {n} "
+                          f"({plan['steps']} {plan['solver']} steps): calibrate for this step count")
+    if t is None:
+        return
+    want = plan["timesteps"][call_index]
+    if not math.isclose(t, want, rel_tol=1e-4, abs_tol=1e-3):
+        raise HastenError(f"call {call_index} of this run has timestep {t:g} but the plan expects {want:g}: "
+                          f"the plan was made for {plan['steps']} {plan['solver']} steps "
+                          f"({plan.get('time_schedule')} schedule); calibrate for this run's settings")
