@@ -1,0 +1,7 @@
+"""LLM decoding acceleration: speculative decoding and Judge Decoding for transformers causal LMs."""
+
+from .judge import JudgeHead, prob_to_logit
+from .speculative import DecodingStats, SpeculativeOutput, autoregressive_generate, generate, verify
+
+__all__ = ["DecodingStats", "JudgeHead", "SpeculativeOutput", "autoregressive_generate", "generate",
+           "prob_to_logit", "verify"]
