@@ -1,0 +1,607 @@
+"""Adaptive Guidance (AG) and LinearAG (Castillo et al., "Adaptive Guidance: Training-free Acceleration of
+Conditional Diffusion Models", arXiv 2312.12487): cut the unconditional denoiser calls of classifier-free
+guidance.
+
+Classifier-free guidance combines two predictions per sample and step,
+
+    eps_cfg = eps(x_t, null) + s (eps(x_t, c) - eps(x_t, null)),                        (CFG)
+
+and every diffusers-style pipeline computes both in ONE transformer call on a doubled batch. hasten
+intercepts that call, so the user changes nothing in the pipeline.
+
+**AG.** Per sample and denoiser call, gamma_t = cos(eps(x_t, c), eps(x_t, null)) (flattened). While
+gamma_t < gamma_bar the sample is guided; once gamma_t >= gamma_bar at call j, the sample is switched:
+from call j + 1 on, its unconditional row is no longer sent to the transformer (the batch shrinks) and it
+uses its conditional prediction only (sticky: gamma cannot be measured without eps(x_t, null)). The call
+j that measured gamma has already paid for both rows, so it keeps its guided output. A sample whose last
+guided call is j = k - 1 therefore costs 2k + (T - k) rows over T calls.
+
+**Exactness trick.** For a switched sample the pipeline's own guidance formula still runs: hasten returns
+the conditional output in the unconditional slot, so u + s (c - u) = c + s * 0 = c exactly. The pipelines
+covered here use exactly (CFG) (no guidance rescale), so this is bitwise the conditional prediction.
+
+**LinearAG.** In the first half of the calls (j < T // 2) real CFG calls (even j) alternate with calls
+(odd j) where eps(x_t, null) is not computed but regressed on past and present estimates (1 row per sample):
+
+    eps_hat(x_j, null) = b0 eps(x_j, c) + b1 eps(x_{j-1}, c) + b2 eps(x_{j-1}, null) + b3,      (LinearAG)
+
+with scalar coefficients b^(j) per regressed call, fitted by ordinary least squares over every element of
+>= 200 full-CFG trajectories. The second half runs AG (AG's switch is also allowed on the first half's real
+calls). Choice of regressors (the paper says "affine transformations of past score estimates"; the exact
+lags are not stated in the material we could read): the conditional and unconditional estimates of the
+previous (real) call are the paper's "past score estimates"; we add the current conditional estimate
+because it is computed at this call anyway (free) and is by far the most correlated with the target, and
+an intercept because the paper speaks of *affine* maps. One scalar per regressor keeps the fit cheap,
+well-posed (N * D rows, 4 unknowns) and model-size independent.
+
+Covered pipelines (batch layout, see ``LAYOUTS``): hasten's ``HastenPipeline`` ([uncond; cond]),
+diffusers ``DiTPipeline`` ([cond; uncond], learned sigma), ``PixArtAlphaPipeline``,
+``PixArtSigmaPipeline`` and ``StableDiffusion3Pipeline`` ([uncond; cond], negative prompts in the
+unconditional half). SD3's skip-layer guidance calls are single-branch calls and pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import HastenError
+
+# --------------------------------------------------------------------------- batch layouts
+
+
+@dataclass(frozen=True)
+class GuidanceLayout:
+    """How a pipeline lays out its guidance batch of 2B rows (B samples)."""
+
+    pipeline: str
+    uncond_first: bool  # rows [uncond; cond] (most pipelines) or [cond; uncond] (diffusers DiTPipeline)
+    null_label: int | None = None  # class-label models: the class id of the unconditional half
+    learned_sigma: bool = False  # output has 2C channels; gamma uses the first C (the prediction)
+
+    def halves(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond row indices, cond row indices) into the guidance batch, each of length b."""
+        first, second = torch.arange(b), torch.arange(b, 2 * b)
+        return (first, second) if self.uncond_first else (second, first)
+
+
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "HastenPipeline": {"uncond_first": True},
+    "DiTPipeline": {"uncond_first": False},
+    "PixArtAlphaPipeline": {"uncond_first": True},
+    "PixArtSigmaPipeline": {"uncond_first": True},
+    "StableDiffusion3Pipeline": {"uncond_first": True},
+}
+
+
+def layout_for(pipe: Any) -> GuidanceLayout:
+    """The guidance layout of a supported pipeline (hasten's or a covered diffusers pipeline)."""
+    name = type(pipe).__name__
+    if name not in LAYOUTS:
+        raise HastenError(f"guidance methods do not know how {name} batches classifier-free guidance; "
+                          f"supported pipelines: {', '.join(LAYOUTS)}")
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise HastenError(f"{name} has no transformer to intercept")
+    cfg = transformer.config
+    null = None
+    if name == "HastenPipeline":
+        null = int(pipe.null_class)
+    elif name == "DiTPipeline":
+        null = int(cfg.num_embeds_ada_norm)
+    out_ch = getattr(cfg, "out_channels", None)
+    in_ch = getattr(cfg, "in_channels", None)
+    learned = out_ch is not None and in_ch is not None and out_ch == 2 * in_ch
+    return GuidanceLayout(name, null_label=null, learned_sigma=learned, **LAYOUTS[name])
+
+
+def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The transformer's latent input: the first positional argument or ``hidden_states=``."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not torch.is_tensor(x):
+        raise HastenError("cannot find the transformer's hidden_states input to intercept")
+    return x
+
+
+def is_guidance_call(layout: GuidanceLayout, args: tuple, kwargs: dict) -> bool:
+    """True when this transformer call carries a guidance batch: an even batch whose two halves of the
+    latent input are identical (every covered pipeline builds it as ``cat([latents] * 2)``) and, for
+    class-label models, whose unconditional half holds the null class."""
+    x = hidden_states_of(args, kwargs)
+    n = x.shape[0]
+    if n % 2 or n == 0 or not torch.equal(x[: n // 2], x[n // 2:]):
+        return False
+    if layout.null_label is not None:
+        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+        if not torch.is_tensor(labels) or labels.shape[0] != n:
+            return False
+        uncond, _ = layout.halves(n // 2)
+        return bool((labels[uncond] == layout.null_label).all())
+    return True
+
+
+# --------------------------------------------------------------------------- plain tensor functions
+
+
+def cosine_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gamma_i = <a_i, b_i> / (|a_i| |b_i|) over each sample's flattened prediction (float64, (B,))."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+
+
+def rows_to_send(need_uncond: torch.Tensor, layout: GuidanceLayout) -> torch.Tensor:
+    """Sorted indices into the 2B guidance batch: every conditional row plus the unconditional rows of
+    the samples in ``need_uncond`` (bool, (B,))."""
+    b = need_uncond.shape[0]
+    uncond, cond = layout.halves(b)
+    return torch.cat([uncond[need_uncond.cpu()], cond]).sort().values
+
+
+def select_rows(obj: Any, index: torch.Tensor, n: int) -> Any:
+    """Recursively take rows ``index`` of every tensor with a leading batch dimension ``n`` (args, kwargs,
+    nested dicts/lists/tuples); other values pass through."""
+    if torch.is_tensor(obj):
+        return obj.index_select(0, index.to(obj.device)) if obj.dim() and obj.shape[0] == n else obj
+    if isinstance(obj, dict):
+        return {k: select_rows(v, index, n) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(select_rows(v, index, n) for v in obj)
+    return obj
+
+
+def unwrap_output(out: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """(prediction tensor, rebuild) for a transformer output: a tensor, a tuple or a ``*.sample`` object."""
+    if torch.is_tensor(out):
+        return out, lambda t: t
+    if isinstance(out, tuple):
+        return out[0], lambda t: (t, *out[1:])
+    if hasattr(out, "sample") and dataclasses.is_dataclass(out):
+        def rebuild(t: torch.Tensor) -> Any:
+            values = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+            values["sample"] = t
+            return type(out)(**values)
+        return out.sample, rebuild
+    raise HastenError(f"cannot read the transformer output of type {type(out).__name__}")
+
+
+def scatter_rows(sub: torch.Tensor, sent: torch.Tensor, n: int) -> torch.Tensor:
+    """A (n, ...) tensor whose rows ``sent`` are ``sub``; the other rows are filled later by the caller."""
+    full = sub.new_empty((n, *sub.shape[1:]))
+    full[sent.to(sub.device)] = sub
+    return full
+
+
+def ag_switch(switched: torch.Tensor, measured: torch.Tensor, gamma: torch.Tensor,
+              threshold: float) -> torch.Tensor:
+    """AG's sticky switch: a measured sample switches once gamma >= threshold; switched samples stay."""
+    return switched | (measured & (gamma >= threshold))
+
+
+def regressed_calls(total_calls: int) -> list[int]:
+    """LinearAG's regressed calls: the odd calls of the first half, j = 1, 3, ... < T // 2."""
+    return list(range(1, total_calls // 2, 2))
+
+
+REGRESSORS = ("cond", "cond_prev", "uncond_prev", "one")
+
+
+def linear_ag_design(cond: torch.Tensor, cond_prev: torch.Tensor, uncond_prev: torch.Tensor) -> torch.Tensor:
+    """The (N * D, 4) design matrix of (LinearAG) with columns ``REGRESSORS``, in float64."""
+    cols = [cond.flatten().double(), cond_prev.flatten().double(), uncond_prev.flatten().double()]
+    cols.append(torch.ones_like(cols[0]))
+    return torch.stack(cols, 1)
+
+
+def regress_uncond(beta: Sequence[float], cond: torch.Tensor, cond_prev: torch.Tensor,
+                   uncond_prev: torch.Tensor) -> torch.Tensor:
+    """eps_hat(x_j, null) = b0 eps_c(j) + b1 eps_c(j-1) + b2 eps_null(j-1) + b3, in the prediction dtype."""
+    b0, b1, b2, b3 = (float(v) for v in beta)
+    out = b0 * cond.double() + b1 * cond_prev.double() + b2 * uncond_prev.double() + b3
+    return out.to(cond.dtype)
+
+
+class NormalEquations:
+    """Streaming ordinary least squares: accumulate X^T X and X^T y in float64, then solve
+    beta = argmin ||X beta - y||^2 = (X^T X)^-1 X^T y (via lstsq on the small system, robust when
+    X^T X is near-singular)."""
+
+    def __init__(self, k: int):
+        self.xtx = torch.zeros(k, k, dtype=torch.float64)
+        self.xty = torch.zeros(k, dtype=torch.float64)
+        self.yty = 0.0
+        self.ysum = 0.0
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.flatten().double()
+        self.xtx += x.T @ x
+        self.xty += x.T @ y
+        self.yty += float(y @ y)
+        self.ysum += float(y.sum())
+        self.rows += y.numel()
+
+    def solve(self) -> torch.Tensor:
+        if self.rows == 0:
+            raise HastenError("no calibration data was recorded for a regressed step")
+        return torch.linalg.lstsq(self.xtx, self.xty.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+
+    def r2(self, beta: torch.Tensor) -> float:
+        """Coefficient of determination of ``beta`` on the accumulated data."""
+        sse = self.yty - 2 * float(beta @ self.xty) + float(beta @ self.xtx @ beta)
+        sst = self.yty - self.ysum**2 / max(self.rows, 1)
+        return 1.0 - sse / sst if sst > 0 else 1.0
+
+
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """beta = argmin ||x beta - y||^2 for a (N, K) design ``x`` and targets ``y`` (N,), float64."""
+    eq = NormalEquations(x.shape[1])
+    eq.add(x, y)
+    return eq.solve()
+
+
+# --------------------------------------------------------------------------- method configs
+
+LINEAR_AG = "linear-ag"
+MIN_TRAJECTORIES = 200
+
+
+def _check_threshold(value: Any) -> float:
+    try:
+        thr = float(value)
+    except (TypeError, ValueError):
+        raise HastenError(f"the guidance threshold must be a number, got {value!r}") from None
+    if math.isnan(thr):
+        raise HastenError("the guidance threshold must be a number, got nan")
+    return thr
+
+
+@dataclass
+class AdaptiveGuidance:
+    """Adaptive Guidance: per sample, stop the unconditional branch once cos(eps_c, eps_null) >= threshold.
+
+    ``threshold > 1`` never switches (bitwise classifier-free guidance); ``threshold = -1`` switches every
+    sample after its first call. ``uncond_first`` overrides the batch layout for pipelines hasten does not
+    list (``True``: rows [uncond; cond]).
+    """
+
+    threshold: float = 0.991
+    uncond_first: bool | None = None
+    level = "call"
+
+    def __post_init__(self) -> None:
+        self.threshold = _check_threshold(self.threshold)
+
+
+@dataclass
+class LinearAG:
+    """LinearAG: regress eps(x_t, null) on alternate calls of the first half, AG in the second half.
+
+    ``plan``: a plan file (or dict) from ``hasten calibrate --method linear-ag`` /
+    ``hasten.calibrate(pipe, LinearAG(), ...)``. ``threshold``: AG's threshold (default: the plan's).
+    """
+
+    plan: str | os.PathLike | dict | None = None
+    threshold: float | None = None
+    uncond_first: bool | None = None
+    level = "call"
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None:
+            self.threshold = _check_threshold(self.threshold)
+
+
+# --------------------------------------------------------------------------- LinearAG plans
+
+
+def load_linear_ag_plan(plan: str | os.PathLike | dict) -> dict:
+    """Read and check a LinearAG plan: the generic plan checks plus one finite coefficient per regressor
+    for every regressed call."""
+    from ..plans import load_plan
+
+    p = load_plan(plan, LINEAR_AG)
+    where = "plan" if isinstance(plan, dict) else str(plan)
+    coefs = p.get("coefficients")
+    if not isinstance(coefs, dict) or p.get("regressors") != list(REGRESSORS):
+        raise HastenError(f"{where} is corrupt: it has no LinearAG coefficients for {list(REGRESSORS)}")
+    for j in regressed_calls(int(p["calls"])):
+        beta = coefs.get(str(j))
+        if (not isinstance(beta, list) or len(beta) != len(REGRESSORS)
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in beta)):
+            raise HastenError(f"{where} is corrupt: call {j} needs {len(REGRESSORS)} finite coefficients")
+    thr = p.get("threshold")
+    if not isinstance(thr, (int, float)) or math.isnan(thr):
+        raise HastenError(f"{where} is corrupt: its AG threshold is missing")
+    return p
+
+
+# --------------------------------------------------------------------------- the call wrapper
+
+
+def _layout(handle: Any, uncond_first: bool | None) -> GuidanceLayout:
+    if uncond_first is not None:
+        base = layout_for(handle.pipeline) if type(handle.pipeline).__name__ in LAYOUTS else None
+        return GuidanceLayout(type(handle.target).__name__, bool(uncond_first),
+                              base.null_label if base else None, base.learned_sigma if base else False)
+    if handle.pipeline is None:
+        raise HastenError("guidance methods need the pipeline (they read its guidance batch layout): pass "
+                          "the pipeline to accelerate, or uncond_first=True/False for a bare transformer")
+    return layout_for(handle.pipeline)
+
+
+class GuidanceRuntime:
+    """The per-handle state of AG / LinearAG and the transformer-call wrapper (``handle.wrap_call``)."""
+
+    def __init__(self, handle: Any, name: str, layout: GuidanceLayout, threshold: float,
+                 plan: dict | None = None):
+        self.handle, self.name, self.layout, self.threshold, self.plan = handle, name, layout, threshold, plan
+        self.regressed = set(regressed_calls(int(plan["calls"]))) if plan else set()
+        self.skipped_rows = 0
+        self.runs = 0
+        self.new_run()
+
+    def new_run(self) -> None:
+        self.b: int | None = None
+        self.j = 0  # guidance calls so far in this run
+        self.switched = self.rows = self.switch_call = None
+        self.prev_c = self.prev_u = None
+        self.regressed_done = 0
+
+    def _start(self, b: int) -> None:
+        self.b = b
+        self.switched = torch.zeros(b, dtype=torch.bool)
+        self.rows = torch.zeros(b, dtype=torch.long)
+        self.switch_call = torch.full((b,), -1, dtype=torch.long)
+        self.runs += 1
+
+    def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        layout = self.layout
+        if not is_guidance_call(layout, args, kwargs):
+            n = hidden_states_of(args, kwargs).shape[0]
+            if self.rows is not None and n == self.b:
+                self.rows += 1  # a single-branch call of the same samples (e.g. SD3 skip-layer guidance)
+            return inner(*args, **kwargs)
+        x = hidden_states_of(args, kwargs)
+        n = x.shape[0]
+        b = n // 2
+        if self.b is None:
+            self._start(b)
+        elif b != self.b:
+            raise HastenError(f"the guidance batch changed from {self.b} to {b} samples within one run")
+        h = self.handle
+        if h.kind != "hasten":
+            h.num_samples = b  # NFE per sample, not per row of the guidance batch
+        j = self.j
+        self.j += 1
+        regress = False
+        if self.plan is not None:
+            from ..hooks import _scalar
+            from ..plans import check_call_timestep
+
+            check_call_timestep(self.plan, j, _scalar(h.timestep))
+            regress = j in self.regressed
+        need_u = ~self.switched & (not regress)
+        uncond, cond = layout.halves(b)
+        if bool(need_u.all()):
+            out = inner(*args, **kwargs)
+            full, rebuild = unwrap_output(out)
+        else:
+            sent = rows_to_send(need_u, layout)
+            h.active_rows = sent.to(x.device)
+            try:
+                out = inner(*select_rows(args, sent, n), **select_rows(kwargs, sent, n))
+            finally:
+                h.active_rows = None
+            sub, rebuild = unwrap_output(out)
+            full = scatter_rows(sub, sent, n)
+            dev = full.device
+            sw = self.switched.to(dev)
+            full[uncond.to(dev)[sw]] = full[cond.to(dev)[sw]]  # u := c, so u + s (c - u) = c exactly
+            if regress:
+                r = ~sw
+                beta = self.plan["coefficients"][str(j)]
+                rc = r.cpu()
+                full[uncond.to(dev)[r]] = regress_uncond(beta, full[cond.to(dev)[r]], self.prev_c[rc].to(dev),
+                                                         self.prev_u[rc].to(dev))
+                self.regressed_done += 1
+        self.rows += 1 + need_u.long()
+        self.skipped_rows += int((~need_u).sum())
+        first_single = ~need_u & (self.switch_call < 0)
+        self.switch_call[first_single] = j
+        entry = {"uncond_rows": int(need_u.sum()), "switched": int(self.switched.sum()), "regressed": regress}
+        if bool(need_u.any()):
+            dev = full.device
+            u_rows, c_rows = full[uncond.to(dev)], full[cond.to(dev)]
+            c_pred = c_rows[:, : c_rows.shape[1] // 2] if layout.learned_sigma else c_rows
+            u_pred = u_rows[:, : u_rows.shape[1] // 2] if layout.learned_sigma else u_rows
+            m = need_u.to(dev)
+            gamma = cosine_per_sample(u_pred[m], c_pred[m]).cpu()
+            gamma_full = torch.full((b,), float("nan"), dtype=torch.float64)
+            gamma_full[need_u] = gamma
+            self.switched = ag_switch(self.switched, need_u, gamma_full, self.threshold)
+            entry["gamma_min"] = round(float(gamma.min()), 6)
+            entry["gamma_max"] = round(float(gamma.max()), 6)
+            if self.plan is not None and (j + 1) in self.regressed:
+                if self.prev_c is None:
+                    self.prev_c, self.prev_u = c_rows.detach().clone().cpu(), u_rows.detach().clone().cpu()
+                else:
+                    self.prev_c[need_u] = c_rows[m].detach().cpu()
+                    self.prev_u[need_u] = u_rows[m].detach().cpu()
+        if h.log_entry is not None:
+            h.log_entry[self.name] = entry
+        return rebuild(full)
+
+    def report(self) -> dict:
+        """Per-sample switch calls and NFE of the last run; rows skipped over all runs."""
+        order = "uncond_first" if self.layout.uncond_first else "cond_first"
+        rep: dict[str, Any] = {"threshold": self.threshold, "layout": order, "runs": self.runs,
+                               "uncond_rows_skipped": self.skipped_rows}
+        if self.b is not None:
+            never = torch.full_like(self.switch_call, self.j)
+            k = torch.where(self.switch_call >= 0, self.switch_call, never)
+            rep.update({"samples": self.b, "guidance_calls": self.j, "guided_calls_per_sample": k.tolist(),
+                        "nfe_per_sample": self.rows.tolist(),
+                        "nfe_mean": float(self.rows.double().mean())})
+        if self.plan is not None:
+            rep["regressed_calls"] = self.regressed_done
+        return rep
+
+
+# --------------------------------------------------------------------------- install
+
+
+def install_adaptive_guidance(handle: Any, config: AdaptiveGuidance) -> None:
+    """Install AG through the handle: one call-level wrapper, a run-start reset and a report."""
+    rt = GuidanceRuntime(handle, "adaptive-guidance", _layout(handle, config.uncond_first), config.threshold)
+    handle.on_run_start(rt.new_run)
+    handle.wrap_call(rt, rt.name)
+    handle.add_report(rt.name, rt.report)
+
+
+def install_linear_ag(handle: Any, config: LinearAG) -> None:
+    """Install LinearAG: check the plan against the model, then wrap calls like AG."""
+    from ..plans import check_plan
+
+    if config.plan is None:
+        raise HastenError("LinearAG needs a plan: make one with `hasten calibrate --method linear-ag`")
+    plan = load_linear_ag_plan(config.plan)
+    check_plan(plan, handle.transformer)
+    thr = float(plan["threshold"]) if config.threshold is None else config.threshold
+    rt = GuidanceRuntime(handle, LINEAR_AG, _layout(handle, config.uncond_first), thr, plan)
+    handle.on_run_start(rt.new_run)
+    handle.wrap_call(rt, rt.name)
+    handle.add_report(rt.name, rt.report)
+
+
+# --------------------------------------------------------------------------- LinearAG calibration
+
+
+class LinearAGRecorder:
+    """A call wrapper for full-CFG calibration runs: accumulates the normal equations of (LinearAG) for
+    every odd call and records each run's timesteps (the plan keeps the calls of the first half)."""
+
+    def __init__(self, handle: Any, layout: GuidanceLayout):
+        self.handle, self.layout = handle, layout
+        self.eqs: dict[int, NormalEquations] = {}
+        self.run_timesteps: list[list[float | None]] = []
+        self.trajectories = 0
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def new_run(self) -> None:
+        self.run_timesteps.append([])
+        self.prev = None
+
+    def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        from ..hooks import _scalar
+
+        out = inner(*args, **kwargs)
+        if not is_guidance_call(self.layout, args, kwargs):
+            return out
+        pred, _ = unwrap_output(out)
+        b = pred.shape[0] // 2
+        uncond, cond = self.layout.halves(b)
+        u, c = pred[uncond.to(pred.device)], pred[cond.to(pred.device)]
+        ts = self.run_timesteps[-1]
+        j = len(ts)
+        ts.append(_scalar(self.handle.timestep))
+        if j == 0:
+            self.trajectories += b
+        if j % 2 == 1 and self.prev is not None:
+            self.eqs.setdefault(j, NormalEquations(len(REGRESSORS))).add(
+                linear_ag_design(c, *self.prev), u)
+        self.prev = (c.detach(), u.detach())
+        return out
+
+    def fit(self) -> tuple[dict[str, list[float]], dict[str, float], list[float]]:
+        """(coefficients per regressed call, R^2 per regressed call, the run's timesteps)."""
+        runs = [ts for ts in self.run_timesteps if ts]
+        if not runs:
+            raise HastenError("the calibration runs made no guidance calls: is the guidance scale above 1?")
+        if any(ts != runs[0] for ts in runs):
+            raise HastenError("the calibration runs did not all make the same denoiser calls")
+        coefs, r2 = {}, {}
+        for j in regressed_calls(len(runs[0])):
+            beta = self.eqs[j].solve()
+            coefs[str(j)] = [float(v) for v in beta]
+            r2[str(j)] = round(self.eqs[j].r2(beta), 6)
+        return coefs, r2, runs[0]
+
+
+def calibrate_linear_ag(run: Any, config: LinearAG) -> dict:
+    """Fit LinearAG's coefficients by least squares on full-CFG trajectories (>= 200) and return the plan."""
+    from ..api import accelerate
+    from ..plans import new_plan
+
+    n = len(run.conditions) * len(run.seeds)
+    if n < MIN_TRAJECTORIES:
+        raise HastenError(f"LinearAG calibration needs at least {MIN_TRAJECTORIES} trajectories, got "
+                          f"{len(run.conditions)} conditions x {len(run.seeds)} seeds = {n}")
+    handle = accelerate(run.target)
+    try:
+        rec = LinearAGRecorder(handle, _layout(handle, config.uncond_first))
+        handle.on_run_start(rec.new_run)
+        handle.wrap_call(rec, "linear-ag-calibration")
+        with torch.no_grad():
+            for seed in run.seeds:
+                handle.reset()
+                run.run(seed)
+    finally:
+        handle.disable()
+    coefs, r2, timesteps = rec.fit()
+    if any(t is None for t in timesteps):
+        raise HastenError("the calibration runs sent no readable timestep to the transformer")
+    thr = 0.991 if config.threshold is None else config.threshold
+    return new_plan(LINEAR_AG, run.transformer, timesteps=timesteps, **run.plan_fields(),
+                    regressors=list(REGRESSORS), coefficients=coefs, r2=r2, threshold=thr,
+                    trajectories=rec.trajectories)
+
+
+# --------------------------------------------------------------------------- registry (specs, CLI)
+
+
+def _only(opts: dict[str, str], allowed: set[str], name: str) -> None:
+    bad = sorted(set(opts) - allowed)
+    if bad:
+        raise HastenError(f"unknown option {bad[0]!r} for {name}; options: {', '.join(sorted(allowed))}")
+
+
+def ag_from_spec(opts: dict[str, str], ctx: Any = None) -> AdaptiveGuidance:
+    """``ag:threshold=0.99`` -> ``AdaptiveGuidance(0.99)``."""
+    _only(opts, {"threshold"}, "ag")
+    return AdaptiveGuidance(threshold=opts.get("threshold", 0.991))
+
+
+def linear_ag_from_spec(opts: dict[str, str], ctx: Any = None) -> LinearAG:
+    """``linear-ag:plan=plan.json[,threshold=0.99]``; the plan is checked against the run's settings."""
+    from ..plans import check_plan
+
+    _only(opts, {"plan", "threshold"}, LINEAR_AG)
+    if "plan" not in opts:
+        raise HastenError("linear-ag needs plan=PATH: make one with `hasten calibrate --method linear-ag`")
+    plan = load_linear_ag_plan(opts["plan"])
+    if ctx is not None:
+        check_plan(plan, ctx.pipe.transformer, steps=ctx.steps, solver=ctx.solver, schedule=ctx.schedule)
+    return LinearAG(plan=plan, threshold=opts.get("threshold"))
+
+
+def linear_ag_from_options(opts: dict) -> LinearAG:
+    """``hasten calibrate --method linear-ag [--threshold T]``: the config to calibrate."""
+    return LinearAG(threshold=opts.get("threshold"))
+
+
+def _register() -> None:
+    from . import MethodInfo, register
+
+    for name in ("ag", "adaptive-guidance"):
+        register(MethodInfo(name, AdaptiveGuidance, install_adaptive_guidance, level="call",
+                            from_spec=ag_from_spec))
+    register(MethodInfo(LINEAR_AG, LinearAG, install_linear_ag, level="call", from_spec=linear_ag_from_spec,
+                        calibrate=calibrate_linear_ag, from_options=linear_ag_from_options))
+
+
+_register()

@@ -1,0 +1,333 @@
+"""Adaptive Guidance and LinearAG on hasten's pipeline: exactness, per-sample NFE, least squares, plans."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+
+from hasten.api import accelerate, calibrate
+from hasten.errors import HastenError
+from hasten.methods.guidance import (
+    REGRESSORS,
+    AdaptiveGuidance,
+    LinearAG,
+    NormalEquations,
+    ag_switch,
+    cosine_per_sample,
+    least_squares,
+    linear_ag_design,
+    load_linear_ag_plan,
+    regress_uncond,
+    regressed_calls,
+)
+from hasten.pipeline import HastenPipeline, cfg_combine, make_schedule, sample_euler
+from hasten.plans import check_plan, new_plan, save_plan
+
+torch.set_num_threads(1)
+
+
+def tiny_dit(seed: int = 0, layers: int = 2) -> DiTTransformer2DModel:
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                 num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                 norm_type="ada_norm_zero").eval()
+
+
+@pytest.fixture(scope="module")
+def pipe() -> HastenPipeline:
+    return HastenPipeline(tiny_dit(), num_classes=10, guidance_scale=3.0)
+
+
+LABELS = [1, 2, 3, 4]
+
+
+def sample(pipe: HastenPipeline, steps: int = 8, seed: int = 0, labels=LABELS, **kw):
+    return pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def test_threshold_above_one_is_bitwise_cfg(pipe):
+    ref = sample(pipe)
+    with accelerate(pipe, AdaptiveGuidance(threshold=1.5)) as h:
+        out = sample(pipe)
+        rep = h.report()
+    assert torch.equal(out.images, ref.images)
+    assert rep["nfe"] == 16.0  # 2 rows per sample on all 8 calls
+    assert rep["methods"]["adaptive-guidance"]["uncond_rows_skipped"] == 0
+    assert torch.equal(sample(pipe).images, ref.images)  # disabled: back to CFG
+
+
+def test_threshold_minus_one_is_conditional_only_after_first_step(pipe):
+    steps, labels = 8, torch.tensor(LABELS)
+    x0 = pipe.initial_noise(len(labels), torch.Generator().manual_seed(0))
+    ts = make_schedule("linear", steps)
+    counter = {"calls": 0, "rows": 0}
+    # reference: one CFG Euler step, then conditional-only Euler steps
+    x = sample_euler(pipe.velocity_fn(labels, 3.0, counter), x0, ts[:2])
+    x = sample_euler(pipe.velocity_fn(labels, 1.0, counter), x, ts[1:])
+    ref = ((x.clamp(-1, 1) + 1) / 2).float()
+    assert counter["rows"] == 2 * 4 + 7 * 4
+    with accelerate(pipe, AdaptiveGuidance(threshold=-1)) as h:
+        out = pipe(LABELS, num_inference_steps=steps, latents=x0)
+        rep = h.report()
+    assert torch.equal(out.images, ref)
+    assert rep["rows_sent"] == counter["rows"]
+    assert rep["nfe"] == 2 * 1 + (steps - 1)
+    assert rep["methods"]["adaptive-guidance"]["guided_calls_per_sample"] == [1, 1, 1, 1]
+
+
+def test_cfg_combine_of_switched_slot_is_bitwise_conditional():
+    c = torch.randn(64, dtype=torch.float32)
+    for s in (1.5, 3.0, 7.5):
+        assert torch.equal(cfg_combine(c.clone(), c, s), c)
+    c16 = c.half()
+    assert torch.equal(cfg_combine(c16.clone(), c16, 4.0), c16)
+
+
+# --------------------------------------------------------------------------- per-sample NFE, proven by rows
+
+
+class Cfg(dict):
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class ScriptedDenoiser(nn.Module):
+    """A stand-in transformer with a prescribed gamma per sample: pixel 0 of the latent carries the sample
+    id (its velocity is always 0, so it never changes); the conditional output is e1 and the unconditional
+    one is at angle 1 rad from it until flow time ``switch_t[id]``, then equal to it (gamma 0.54 -> 1)."""
+
+    def __init__(self, switch_t: list[float], null: int = 10):
+        super().__init__()
+        self.config = Cfg(in_channels=1, sample_size=4, num_embeds_ada_norm=null, patch_size=2)
+        self.switch_t, self.null = switch_t, null
+        self.rows_seen: list[list[tuple[int, bool]]] = []
+
+    def forward(self, hidden_states, timestep=None, class_labels=None, return_dict=True):
+        ids = hidden_states[:, 0, 0, 0].round().long()
+        uncond = class_labels == self.null
+        self.rows_seen.append([(int(i), bool(u)) for i, u in zip(ids, uncond, strict=True)])
+        out = torch.zeros_like(hidden_states)
+        out[:, 0, 0, 1] = 1.0
+        t = timestep / 1000.0
+        before = t < torch.tensor([self.switch_t[i] for i in ids.tolist()])
+        angle = torch.where(uncond & before, 1.0, 0.0)
+        out[:, 0, 0, 1] = torch.cos(angle)
+        out[:, 0, 0, 2] = torch.sin(angle)
+        return Transformer2DModelOutput(sample=out)
+
+
+def test_nfe_per_sample_with_samples_switching_at_different_steps():
+    steps = 10
+    # flow times t_j = j / 10: sample s is measured at gamma >= 0.9 first at call j_s, so guided calls
+    # k_s = j_s + 1 (the measuring call keeps its guided output): 1, 4, 7 and never (10).
+    den = ScriptedDenoiser([0.0, 0.25, 0.55, 2.0])
+    pipe = HastenPipeline(den, num_classes=10, guidance_scale=2.0)
+    latents = torch.zeros(4, 1, 4, 4)
+    latents[:, 0, 0, 0] = torch.arange(4.0)
+    with accelerate(pipe, AdaptiveGuidance(threshold=0.9)) as h:
+        pipe([0, 1, 2, 3], num_inference_steps=steps, latents=latents)
+        rep = h.report()
+    ag = rep["methods"]["adaptive-guidance"]
+    k = [1, 4, 7, 10]
+    assert ag["guided_calls_per_sample"] == k
+    assert ag["nfe_per_sample"] == [2 * ki + (steps - ki) for ki in k]
+    # what the transformer actually received: one conditional row per sample per call, and an
+    # unconditional row exactly on the sample's first k calls
+    assert len(den.rows_seen) == steps
+    for s, ks in enumerate(k):
+        unc = [j for j, rows in enumerate(den.rows_seen) if (s, True) in rows]
+        con = [j for j, rows in enumerate(den.rows_seen) if (s, False) in rows]
+        assert unc == list(range(ks)) and con == list(range(steps))
+    assert rep["rows_sent"] == sum(len(r) for r in den.rows_seen) == sum(ag["nfe_per_sample"])
+    assert rep["nfe"] == pytest.approx(sum(ag["nfe_per_sample"]) / 4)
+
+
+def test_switch_is_sticky_and_per_sample():
+    switched = torch.tensor([False, False, True, False])
+    measured = ~switched
+    gamma = torch.tensor([0.995, 0.5, float("nan"), 0.991], dtype=torch.float64)
+    new = ag_switch(switched, measured, gamma, 0.991)
+    assert new.tolist() == [True, False, True, True]
+    again = ag_switch(new, ~new, torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64), 0.991)
+    assert again.tolist() == [True, False, True, True]
+
+
+def test_cosine_per_sample_matches_definition():
+    a, b = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    g = cosine_per_sample(a, b)
+    want = torch.stack([torch.dot(a[i].flatten().double(), b[i].flatten().double())
+                        / (a[i].double().norm() * b[i].double().norm()) for i in range(3)])
+    assert torch.allclose(g, want, atol=1e-12)
+    assert float(cosine_per_sample(a, a).min()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bad_threshold_is_a_clear_error():
+    with pytest.raises(HastenError, match="threshold"):
+        AdaptiveGuidance(threshold="high")
+    with pytest.raises(HastenError, match="threshold"):
+        AdaptiveGuidance(threshold=float("nan"))
+
+
+# --------------------------------------------------------------------------- least squares
+
+
+def test_least_squares_recovers_coefficients_on_linear_data():
+    g = torch.Generator().manual_seed(0)
+    c, cp, up = (torch.randn(50, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    beta = torch.tensor([0.7, -0.2, 0.45, 0.03], dtype=torch.float64)
+    y = beta[0] * c + beta[1] * cp + beta[2] * up + beta[3]
+    got = least_squares(linear_ag_design(c, cp, up), y)
+    assert torch.allclose(got, beta, atol=1e-10, rtol=0)
+    assert torch.allclose(regress_uncond(got.tolist(), c, cp, up), y, atol=1e-10)
+    # streaming accumulation over chunks gives the same fit, and R^2 = 1 on exact data
+    eq = NormalEquations(len(REGRESSORS))
+    for i in range(0, 50, 7):
+        eq.add(linear_ag_design(c[i:i + 7], cp[i:i + 7], up[i:i + 7]), y[i:i + 7])
+    sol = eq.solve()
+    assert torch.allclose(sol, beta, atol=1e-10, rtol=0)
+    assert eq.r2(sol) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_regressed_calls_alternate_in_the_first_half():
+    assert regressed_calls(50) == list(range(1, 25, 2))
+    assert regressed_calls(10) == [1, 3]
+    assert regressed_calls(1) == []
+
+
+# --------------------------------------------------------------------------- LinearAG
+
+
+def make_plan(pipe, steps: int, beta, threshold: float = 2.0) -> dict:
+    ts = [t * 1000.0 for t in make_schedule("linear", steps)[:-1]]
+    coefs = {str(j): list(beta) for j in regressed_calls(steps)}
+    return new_plan("linear-ag", pipe.transformer, solver="euler", steps=steps, time_schedule="linear",
+                    guidance_scale=3.0, timesteps=ts, regressors=list(REGRESSORS), coefficients=coefs,
+                    r2={}, threshold=threshold, trajectories=200)
+
+
+def test_linear_ag_regressed_calls_send_one_row_and_use_the_regression(pipe):
+    steps, labels = 10, torch.tensor(LABELS)
+    x0 = pipe.initial_noise(4, torch.Generator().manual_seed(1))
+    ts = make_schedule("linear", steps)
+    # with beta = (1, 0, 0, 0) the regressed unconditional prediction is the conditional one, so a
+    # regressed call is exactly a conditional-only call: CFG on calls 0, 2, 4..9; conditional on 1 and 3
+    x = x0
+    for j in range(steps):
+        scale = 1.0 if j in (1, 3) else 3.0
+        x = sample_euler(pipe.velocity_fn(labels, scale, {"calls": 0, "rows": 0}), x, ts[j:j + 2])
+    ref = ((x.clamp(-1, 1) + 1) / 2).float()
+    with accelerate(pipe, LinearAG(plan=make_plan(pipe, steps, (1.0, 0.0, 0.0, 0.0)))) as h:
+        out = pipe(LABELS, num_inference_steps=steps, latents=x0)
+        rep = h.report()
+    assert torch.equal(out.images, ref)
+    assert rep["nfe"] == 2 * steps - 2
+    assert rep["methods"]["linear-ag"]["regressed_calls"] == 2
+
+
+def test_linear_ag_uses_past_estimates(pipe):
+    """beta = (0, 0, 1, 0): the regressed unconditional prediction is the previous call's one."""
+    steps = 6
+    seen = []
+
+    with accelerate(pipe, LinearAG(plan=make_plan(pipe, steps, (0.0, 0.0, 1.0, 0.0)))) as h:
+        orig = pipe.transformer.forward
+
+        def spy(*a, **k):
+            out = orig(*a, **k)
+            seen.append(out.sample.clone())
+            return out
+
+        h.set_attr(pipe.transformer, "forward", spy)
+        pipe(LABELS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+    # the spy sees what the pipeline receives: call 1's unconditional rows equal call 0's
+    assert torch.equal(seen[1][:4], seen[0][:4])
+    assert not torch.equal(seen[1][4:], seen[0][4:])
+
+
+def test_calibrate_linear_ag_writes_a_valid_plan(pipe, tmp_path):
+    plan = calibrate(pipe, LinearAG(threshold=0.99), labels=list(range(10)) * 10, seeds=[0, 1], steps=6)
+    assert plan["method"] == "linear-ag" and plan["trajectories"] == 200 and plan["calls"] == 6
+    assert set(plan["coefficients"]) == {"1"}
+    assert all(math.isfinite(v) for v in plan["coefficients"]["1"])
+    assert plan["r2"]["1"] > 0.5
+    path = save_plan(tmp_path / "lag.json", plan)
+    loaded = load_linear_ag_plan(path)
+    check_plan(loaded, pipe.transformer, steps=6, solver="euler")
+    with accelerate(pipe, LinearAG(plan=path)) as h:
+        sample(pipe, steps=6)
+        assert h.report()["nfe"] <= 11
+
+
+def test_calibrate_needs_200_trajectories(pipe):
+    with pytest.raises(HastenError, match="200 trajectories"):
+        calibrate(pipe, LinearAG(), labels=list(range(10)), seeds=[0, 1], steps=4)
+
+
+# --------------------------------------------------------------------------- plan errors
+
+
+def test_plan_for_another_model_is_rejected(pipe):
+    plan = make_plan(pipe, 6, (1.0, 0, 0, 0))
+    other = HastenPipeline(tiny_dit(layers=3), num_classes=10)
+    with pytest.raises(HastenError, match="another model"):
+        accelerate(other, LinearAG(plan=plan))
+
+
+def test_plan_for_other_steps_is_rejected(pipe, tmp_path):
+    plan = make_plan(pipe, 6, (1.0, 0, 0, 0))
+    with pytest.raises(HastenError, match="6 steps, not 8"):
+        check_plan(plan, pipe.transformer, steps=8)
+    from hasten.api import accelerate_from_specs
+
+    path = save_plan(tmp_path / "p.json", plan)
+    with pytest.raises(HastenError, match="6 steps, not 8"):
+        accelerate_from_specs(pipe, [f"linear-ag:plan={path}"], steps=8)
+    # through the Python API the run itself fails at the first call whose timestep differs
+    with accelerate(pipe, LinearAG(plan=plan)):
+        with pytest.raises(HastenError, match="timestep"):
+            sample(pipe, steps=8)
+
+
+def test_corrupt_plans_give_clear_errors(pipe, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(HastenError, match="not valid JSON"):
+        accelerate(pipe, LinearAG(plan=bad))
+    with pytest.raises(HastenError, match="not found"):
+        accelerate(pipe, LinearAG(plan=tmp_path / "missing.json"))
+    plan = make_plan(pipe, 6, (1.0, 0, 0, 0))
+    plan["coefficients"]["1"] = [1.0, "x", 0, 0]
+    p = save_plan(tmp_path / "c.json", plan)
+    with pytest.raises(HastenError, match="corrupt"):
+        accelerate(pipe, LinearAG(plan=p))
+    plan = make_plan(pipe, 6, (1.0, 0, 0, 0))
+    plan["method"] = "block-cache"
+    p.write_text(json.dumps(plan))
+    with pytest.raises(HastenError, match="not a 'linear-ag' plan"):
+        accelerate(pipe, LinearAG(plan=p))
+    with pytest.raises(HastenError, match="needs a plan"):
+        accelerate(pipe, LinearAG())
+
+
+def test_specs(pipe, tmp_path):
+    from hasten.api import accelerate_from_specs
+
+    h = accelerate_from_specs(pipe, ["ag:threshold=0.5"], steps=4)
+    assert h.methods[0].threshold == 0.5
+    h.disable()
+    with pytest.raises(HastenError, match="unknown option"):
+        accelerate_from_specs(pipe, ["ag:thresh=0.5"], steps=4)
+    with pytest.raises(HastenError, match="needs plan"):
+        accelerate_from_specs(pipe, ["linear-ag"], steps=4)
