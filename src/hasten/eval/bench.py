@@ -1,0 +1,408 @@
+"""``hasten bench``: hasten's methods against fewer steps and against peer libraries, in one process.
+
+    hasten bench --model digits --out benchmarks/bench            # the full run (<= 20 min, 2 cores)
+    hasten bench --model digits --out /tmp/b --quick              # the CI smoke test (<= 3 min)
+
+Writes ``results.json`` (schema in ``benchmarks/README_bench.md``), ``results.md`` and ``pareto.png``.
+The timing protocol and the counters are in :mod:`hasten.eval.bench_harness`, the peers in
+:mod:`hasten.eval.bench_peers`, the schema and the quality-level comparison in
+:mod:`hasten.eval.bench_results`, the table and figure in :mod:`hasten.eval.bench_report`.
+
+hasten configurations are spec strings, as ``hasten generate --accel`` takes them, applied with
+:func:`hasten.api.accelerate_from_specs`. Methods that need a calibrated plan (Block Caching, LinearAG)
+get one made here first, once per step count, from seeds the benchmark does not use, written to
+``DIR/plans/`` and passed as ``plan=PATH``; the plan's cost is not timed (it is paid once per model).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HastenError
+from ..pipeline import HastenPipeline
+from .bench_harness import (Batch, BenchConfig, Measurement, Prepared, RssSampler, Unavailable, make_batches,
+                            paired_speedup, run_interleaved)
+from .bench_peers import DIFFUSERS_KINDS, cache_dit_version, copy_pipeline, install_cache_dit, install_diffusers_hook
+from .bench_results import SCHEMA, new_record, quality_levels
+
+SOLVER, SCHEDULE = "euler", "linear"
+CALIBRATION_SEEDS = (1000, 1001)  # Block Caching plans: 2 seeds x every class
+LINEAR_AG_SEEDS = tuple(range(2000, 2020))  # LinearAG: 20 seeds x 10 classes = 200 trajectories
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sample counts of a run. Default: the <= 20-minute full run; quick: the <= 3-minute smoke test."""
+
+    samples: int
+    batch_size: int
+    warmup_samples: int
+    realistic: bool
+
+    @property
+    def reps(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+
+FULL = Budget(samples=200, batch_size=50, warmup_samples=10, realistic=True)
+QUICK = Budget(samples=20, batch_size=10, warmup_samples=4, realistic=False)
+
+
+# --------------------------------------------------------------------------- configurations
+def baseline_config(pipe: HastenPipeline, steps: int, guidance_scale: float | None = None) -> BenchConfig:
+    def setup() -> Prepared:
+        own = copy_pipeline(pipe)
+        return Prepared(sample=_sampler(own, steps, guidance_scale), transformer=own.transformer)
+
+    return BenchConfig(f"cfg @{steps}", "baseline", {"steps": steps, "guidance": "cfg"}, setup)
+
+
+def _sampler(pipe: HastenPipeline, steps: int, guidance_scale: float | None = None
+             ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    def sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return pipe(labels, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+                    schedule=SCHEDULE, solver=SOLVER).images
+
+    return sample
+
+
+class HastenAssets:
+    """Plans for hasten's calibrated methods, made once per step count and kept in ``folder``."""
+
+    def __init__(self, pipe: HastenPipeline, folder: Path):
+        self.pipe = pipe
+        self.folder = folder
+        self._plans: dict[tuple[str, int], Path] = {}
+
+    def plan(self, method: str, steps: int) -> Path:
+        key = (method, steps)
+        if key not in self._plans:
+            self._plans[key] = self._make(method, steps)
+        return self._plans[key]
+
+    def _make(self, method: str, steps: int) -> Path:
+        try:
+            from ..api import calibrate
+            from ..plans import save_plan
+        except ImportError as e:
+            raise Unavailable(f"hasten.api has no calibrate in this build ({e})") from None
+        own = copy_pipeline(self.pipe)
+        if method == "block-cache":
+            from ..methods.block_cache import BlockCache
+
+            plan = calibrate(own, BlockCache(delta=0.0), steps=steps, solver=SOLVER, schedule=SCHEDULE,
+                             seeds=CALIBRATION_SEEDS)
+        elif method == "linear-ag":
+            from ..methods.guidance import LinearAG
+
+            plan = calibrate(own, LinearAG(), steps=steps, solver=SOLVER, schedule=SCHEDULE,
+                             seeds=LINEAR_AG_SEEDS)
+        else:
+            raise Unavailable(f"no plan recipe for {method!r}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return save_plan(self.folder / f"{method}-{steps}.json", plan)
+
+    def resolve(self, spec: str, steps: int) -> str:
+        """Add ``plan=PATH`` to the specs of methods that need one."""
+        name, _, rest = spec.partition(":")
+        if name in ("block-cache", "linear-ag"):
+            path = self.plan(name, steps)
+            return f"{name}:plan={path}" + (f",{rest}" if rest else "")
+        return spec
+
+
+def hasten_config(pipe: HastenPipeline, specs: Sequence[str], steps: int, assets: HastenAssets | None
+                  ) -> BenchConfig:
+    specs = list(specs)
+
+    def setup() -> Prepared:
+        try:
+            from ..api import accelerate_from_specs
+        except ImportError as e:
+            raise Unavailable(f"hasten.api is not in this build ({e})") from None
+        resolved = [assets.resolve(s, steps) if assets is not None else s for s in specs]
+        own = copy_pipeline(pipe)
+        handle = accelerate_from_specs(own, resolved, steps=steps, solver=SOLVER, schedule=SCHEDULE)
+        return Prepared(sample=_sampler(own, steps), close=handle.disable, transformer=own.transformer)
+
+    return BenchConfig(f"{' + '.join(specs)} @{steps}", "hasten", {"steps": steps, "specs": specs}, setup)
+
+
+def diffusers_peer_config(pipe: HastenPipeline, kind: str, params: dict, steps: int) -> BenchConfig:
+    if kind not in DIFFUSERS_KINDS:
+        raise HastenError(f"unknown diffusers hook {kind!r}")
+    shown = {k: v for k, v in params.items() if k != "calibration"}
+
+    def setup() -> Prepared:
+        own = copy_pipeline(pipe)
+        start = install_diffusers_hook(own, kind, {**params, "steps": steps})
+        return Prepared(sample=_sampler(own, steps), start_run=start, transformer=own.transformer)
+
+    label = ",".join(f"{k}={v}" for k, v in shown.items())
+    return BenchConfig(f"diffusers:{kind}" + (f":{label}" if label else "") + f" @{steps}", "peer",
+                       {"steps": steps, "library": "diffusers", "method": kind, **shown}, setup)
+
+
+def cache_dit_config(pipe: HastenPipeline, params: dict, steps: int) -> BenchConfig:
+    def setup() -> Prepared:
+        if cache_dit_version() is None:
+            raise Unavailable("cache-dit is not installed (pip install 'hasten[bench]')")
+        own = install_cache_dit(pipe, {**params, "steps": steps})
+        return Prepared(sample=_sampler(own, steps), transformer=own.transformer)
+
+    label = ",".join(f"{k}={v}" for k, v in params.items())
+    return BenchConfig(f"cache-dit:dbcache:{label} @{steps}", "peer",
+                       {"steps": steps, "library": f"cache-dit {cache_dit_version() or '(not installed)'}",
+                        "method": "DBCache", **params}, setup)
+
+
+def digits_configs(pipe: HastenPipeline, assets: HastenAssets | None, quick: bool = False,
+                   peers: bool = True) -> list[BenchConfig]:
+    """The benchmark's configurations on the digits model; the first is the reference (full-step CFG)."""
+    full = 50
+    if quick:
+        cfgs = [baseline_config(pipe, full), baseline_config(pipe, 25), baseline_config(pipe, 15),
+                hasten_config(pipe, ["block-cache:delta=0.5"], full, assets),
+                hasten_config(pipe, ["ag:threshold=0.99"], full, assets),
+                hasten_config(pipe, ["ag:threshold=0.99", "block-cache:delta=0.5"], 25, assets)]
+        if peers:
+            cfgs += [diffusers_peer_config(pipe, "first-block-cache", {"threshold": 0.1}, full),
+                     cache_dit_config(pipe, {"threshold": 0.12, "Fn": 1, "Bn": 0, "warmup_steps": 8}, full)]
+        return cfgs
+    cfgs = [baseline_config(pipe, s) for s in (full, 40, 30, 25, 20, 15, 12, 10, 8)]
+    for steps, deltas, ags in ((full, (0.25, 0.5, 1.0, 2.0), (0.999, 0.995, 0.99, 0.98)),
+                               (25, (0.25, 0.5, 1.0), (0.995, 0.99)),
+                               (15, (0.25, 0.5), (0.995, 0.99))):
+        cfgs += [hasten_config(pipe, [f"block-cache:delta={d}"], steps, assets) for d in deltas]
+        cfgs += [hasten_config(pipe, [f"ag:threshold={t}"], steps, assets) for t in ags]
+        cfgs += [hasten_config(pipe, ["linear-ag"], steps, assets),
+                 hasten_config(pipe, ["ag:threshold=0.99", "block-cache:delta=0.5"], steps, assets)]
+    if not peers:
+        return cfgs
+    for th in (0.05, 0.1, 0.2, 0.3):
+        cfgs.append(diffusers_peer_config(pipe, "first-block-cache", {"threshold": th}, full))
+    cfgs.append(diffusers_peer_config(pipe, "first-block-cache", {"threshold": 0.1}, 25))
+    for interval, order in ((2, 1), (3, 1), (5, 2)):
+        cfgs.append(diffusers_peer_config(pipe, "taylorseer-cache",
+                                          {"cache_interval": interval, "max_order": order, "warmup_steps": 3},
+                                          full))
+    for th in (0.06, 0.12, 0.24):
+        cfgs.append(diffusers_peer_config(pipe, "mag-cache", {"threshold": th, "max_skip": 3, "retention": 0.2,
+                                                              "calibration": {"samples": 20, "seed": 3000}},
+                                          full))
+    cfgs.append(diffusers_peer_config(pipe, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5}, full))
+    cfgs.append(diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 2}, full))
+    cfgs.append(diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 3}, full))
+    for th in (0.08, 0.12, 0.2, 0.3):
+        cfgs.append(cache_dit_config(pipe, {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 8}, full))
+    for th in (0.12, 0.3):
+        cfgs.append(cache_dit_config(pipe, {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 8,
+                                            "taylorseer": True}, full))
+    cfgs.append(cache_dit_config(pipe, {"threshold": 0.2, "Fn": 1, "Bn": 0, "warmup_steps": 4}, 25))
+    return cfgs
+
+
+# --------------------------------------------------------------------------- scoring
+class Scorer:
+    """Quality metrics (``hasten.eval.metrics``); tests pass a stand-in with the same four methods."""
+
+    def psnr(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        from .metrics import psnr
+
+        return psnr(a, b)
+
+    def ssim(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        from .metrics import ssim
+
+        return ssim(a, b)
+
+    def fd_digits(self, images: torch.Tensor) -> float:
+        from .metrics import fd_to_held_out
+
+        return fd_to_held_out(images)
+
+    def class_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        from .metrics import class_accuracy
+
+        return class_accuracy(images, labels)
+
+
+def build_records(configs: Sequence[BenchConfig], measured: dict[str, Measurement], batches: Sequence[Batch],
+                  scorer: Any, with_quality: bool = True) -> list[dict]:
+    """One record per configuration (errors included); the first configuration is the reference."""
+    ref = measured[configs[0].name]
+    if ref.error is not None or not ref.times:
+        raise HastenError(f"the reference configuration {configs[0].name!r} failed: {ref.error}")
+    ref_images = torch.cat(ref.images)
+    records = []
+    for c in configs:
+        m = measured[c.name]
+        if m.error is not None or not m.times:
+            records.append(new_record(c.name, c.family, c.params, error=m.error or "no timed batch"))
+            continue
+        vals: dict[str, Any] = {
+            "wall_s_median": _round(statistics.median(m.times), 4),
+            "speedup": _round(paired_speedup(ref.times, m.times), 4),
+            "nfe": _round(m.nfe, 4), "block_evals": _round(m.block_evals, 4),
+            "peak_rss_mb": _round(m.peak_rss_mb, 1)}
+        if with_quality:
+            images = torch.cat(m.images)
+            labels = torch.cat([b.labels for b in batches])[: images.shape[0]]
+            vals.update(psnr=_round(scorer.psnr(images, ref_images[: images.shape[0]]), 4),
+                        ssim=_round(scorer.ssim(images, ref_images[: images.shape[0]]), 5),
+                        fd_digits=_round(scorer.fd_digits(images), 5),
+                        class_accuracy=_round(scorer.class_accuracy(images, labels), 4))
+        records.append(new_record(c.name, c.family, c.params, **vals))
+    return records
+
+
+def _round(v: float | None, nd: int) -> float | None:
+    return None if v is None else round(float(v), nd)
+
+
+# --------------------------------------------------------------------------- machine
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import diffusers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "diffusers": diffusers.__version__,
+            "cache_dit": cache_dit_version(), "platform": platform.platform()}
+
+
+# --------------------------------------------------------------------------- realistic size
+REALISTIC_ARCH = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=4, num_layers=28,
+                      sample_size=16, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32)
+REALISTIC_STEPS = 8
+
+
+def realistic_configs(pipe: HastenPipeline, peers: bool = True) -> list[BenchConfig]:
+    """Overhead and memory at DiT-XL/2 size: the same methods, explicit schedules where a plan would be needed
+    (calibrating a 750M-parameter model on 2 CPU cores does not fit the budget; quality is not measured)."""
+    steps = REALISTIC_STEPS
+    every_other = [[n % 2 == 0 or n == steps - 1 for n in range(steps)] for _ in range(28)]
+
+    def bc_setup() -> Prepared:
+        from ..api import accelerate
+        from ..methods.block_cache import BlockCache
+
+        own = copy_pipeline(pipe)
+        handle = accelerate(own, BlockCache(schedule=every_other))
+        return Prepared(sample=_sampler(own, steps), close=handle.disable, transformer=own.transformer)
+
+    cfgs = [baseline_config(pipe, steps),
+            BenchConfig(f"block-cache:schedule=every-other-call @{steps}", "hasten",
+                        {"steps": steps, "specs": ["BlockCache(schedule=compute calls 0,2,4,6,7)"]}, bc_setup),
+            hasten_config(pipe, ["ag:threshold=0.99"], steps, None)]
+    if peers:
+        cfgs += [diffusers_peer_config(pipe, "first-block-cache", {"threshold": 0.1}, steps),
+                 diffusers_peer_config(pipe, "taylorseer-cache",
+                                       {"cache_interval": 2, "max_order": 1, "warmup_steps": 2}, steps),
+                 diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 2}, steps),
+                 diffusers_peer_config(pipe, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5}, steps),
+                 cache_dit_config(pipe, {"threshold": 0.12, "Fn": 1, "Bn": 0, "warmup_steps": 2}, steps)]
+    return cfgs
+
+
+def run_realistic(peers: bool, progress: Callable[[str], None]) -> dict:
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(**REALISTIC_ARCH).eval()
+    pipe = HastenPipeline(transformer, guidance_scale=4.0, name="dit-xl2-random")
+    n_params = sum(p.numel() for p in transformer.parameters())
+    configs = realistic_configs(pipe, peers)
+    batches = make_batches(2, 2, 0, pipe.num_classes)
+    measured = run_interleaved(configs, batches, warmup=None, rss=RssSampler(), progress=progress)
+    records = build_records(configs, measured, batches, None, with_quality=False)
+    del pipe, transformer
+    return {"architecture": f"DiTTransformer2DModel, DiT-XL/2 size ({n_params / 1e6:.0f}M parameters, 28 blocks, "
+                            "width 1152), random weights, 16x16x4 latent (128 px), 2 samples, CFG",
+            "config": REALISTIC_ARCH, "steps": REALISTIC_STEPS, "samples": 2,
+            "note": "Overhead and memory only: random weights make quality meaningless. One timed run per "
+                    "configuration (no warm-up); peak RSS includes the shared original model (one copy per "
+                    "configuration is made at install time).",
+            "records": records}
+
+
+# --------------------------------------------------------------------------- the run
+def check_args(out: Path, samples: int | None, batch_size: int | None, threads: int | None) -> None:
+    if out.exists() and not out.is_dir():
+        raise HastenError(f"--out {out} exists and is not a folder")
+    if samples is not None and samples < 10:
+        raise HastenError(f"--samples must be >= 10, got {samples}")
+    if batch_size is not None and batch_size < 1:
+        raise HastenError(f"--batch-size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise HastenError(f"--threads must be >= 1, got {threads}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not out.exists() and not parent.is_dir():
+        raise HastenError(f"cannot create --out {out}: folder {parent} does not exist")
+
+
+def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: int | None = None,
+              batch_size: int | None = None, seed: int = 0, peers: bool = True, realistic: bool | None = None,
+              threads: int | None = None, progress: Callable[[str], None] | None = None,
+              configs: Sequence[BenchConfig] | None = None, scorer: Any = None,
+              pipe: HastenPipeline | None = None) -> dict:
+    """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``."""
+    from ..pipeline import load_pipeline
+    from .bench_report import plot_pareto, write_markdown
+    from .bench_results import write_results
+
+    out = Path(out)
+    check_args(out, samples, batch_size, threads)
+    say = progress or (lambda _m: None)
+    budget = QUICK if quick else FULL
+    n = samples or budget.samples
+    bs = min(batch_size or budget.batch_size, n)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    pipe = pipe if pipe is not None else load_pipeline(model)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    assets = HastenAssets(pipe, out / "plans")
+    configs = list(configs) if configs is not None else digits_configs(pipe, assets, quick=quick, peers=peers)
+    batches = make_batches(n, bs, seed, pipe.num_classes)
+    warm = make_batches(budget.warmup_samples, budget.warmup_samples, seed + 10_000, pipe.num_classes)[0]
+    measured = run_interleaved(configs, batches, warmup=warm, rss=RssSampler(), progress=say)
+    say("scoring")
+    records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer())
+    levels = quality_levels(records, configs[0].name)
+    do_real = budget.realistic if realistic is None else realistic
+    real = None
+    if do_real:
+        say("realistic-size check")
+        real = run_realistic(peers, say)
+    results = {
+        "schema": SCHEMA, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "model": model,
+        "protocol": {"samples": n, "batch_size": bs, "reps": len(batches), "seed": seed,
+                     "warmup_samples": budget.warmup_samples, "guidance_scale": pipe.default_guidance_scale,
+                     "solver": SOLVER, "schedule": SCHEDULE, "reference": configs[0].name, "quick": quick,
+                     "calibration_seeds": {"block-cache": list(CALIBRATION_SEEDS),
+                                           "linear-ag": [LINEAR_AG_SEEDS[0], LINEAR_AG_SEEDS[-1]]},
+                     "total_wall_s": None},
+        "records": records, "quality_levels": levels, "realistic": real}
+    results["protocol"]["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+    write_results(out / "results.json", results)
+    write_markdown(out / "results.md", results)
+    plot_pareto(out / "pareto.png", results)
+    return results

@@ -1,0 +1,275 @@
+"""The timing harness of ``hasten bench``: interleaved repetitions, paired speedups, counters, peak RSS.
+
+Protocol. Every configuration gets its own copy of the pipeline and is installed once, before any
+timing (install and calibration costs are not timed). Each configuration then samples a small warm-up
+batch (untimed). The evaluation set is split into batches; for batch k = 0, 1, ... every configuration
+samples batch k in turn (A B C ... A B C ...), from the same labels and the same initial noise (seed
+``seed + k``), and only that ``pipe(...)`` call is timed. So repetition k of configuration C and of the
+baseline ran back to back on the same inputs, and the speedup of C is the median over k of the paired
+ratios ``t_baseline[k] / t_C[k]``: a slow spell of the machine hits both members of a pair.
+
+A configuration that raises (at install or in any batch) is recorded with its error and dropped from the
+remaining batches; the run goes on.
+
+Counters are one instrument for every family (hasten, peers, baselines), read from forward hooks on
+leaf modules that only run when work is really done:
+
+- ``nfe``: transformer rows per sample, counted at the patch embedding (a CFG step with both branches
+  counts 2; a call whose unconditional rows were dropped counts 1);
+- ``block_evals``: per sample, rows through each block's self-attention query projection plus rows
+  through its feed-forward's first linear layer, halved (one full block on one row counts 1); a cached
+  block counts 0, a block whose attention alone was reused counts 1/2.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+# --------------------------------------------------------------------------- configurations
+@dataclass
+class Prepared:
+    """An installed configuration: ``sample(labels, generator) -> images in [0, 1]``."""
+
+    sample: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+    start_run: Callable[[], None] | None = None  # called before every run (e.g. reset peer hook state)
+    close: Callable[[], None] | None = None
+    transformer: nn.Module | None = None  # where the counters attach (None: no counters)
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark configuration. ``setup()`` installs it and returns a :class:`Prepared`."""
+
+    name: str
+    family: str  # baseline | hasten | peer
+    params: dict
+    setup: Callable[[], Prepared]
+
+
+class Unavailable(Exception):
+    """A configuration that cannot run in this build (a method not present, an extra not installed)."""
+
+
+# --------------------------------------------------------------------------- counters
+class WorkCounter:
+    """Counts transformer rows (NFE) and block rows through forward hooks on leaf modules."""
+
+    def __init__(self, transformer: nn.Module | None):
+        self.rows = 0
+        self.attn_rows = 0
+        self.ff_rows = 0
+        self.blocks_seen = False
+        self._handles: list[Any] = []
+        if transformer is None:
+            return
+        embed = getattr(transformer, "pos_embed", None)
+        if isinstance(embed, nn.Module):
+            self._handles.append(embed.register_forward_hook(self._count("rows")))
+        for block in _blocks(transformer):
+            q = getattr(getattr(block, "attn1", None), "to_q", None)
+            ff = getattr(block, "ff", None)
+            lin = next((m for m in ff.modules() if isinstance(m, nn.Linear)), None) if ff is not None else None
+            if isinstance(q, nn.Module) and lin is not None:
+                self._handles.append(q.register_forward_hook(self._count("attn_rows")))
+                self._handles.append(lin.register_forward_hook(self._count("ff_rows")))
+                self.blocks_seen = True
+
+    def _count(self, attr: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            setattr(self, attr, getattr(self, attr) + int(args[0].shape[0]))
+
+        return hook
+
+    def reset(self) -> None:
+        self.rows = self.attn_rows = self.ff_rows = 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _blocks(transformer: nn.Module) -> list[nn.Module]:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+
+# --------------------------------------------------------------------------- peak RSS
+class RssSampler:
+    """Samples this process's resident set size in a background thread; ``window()`` gives the peak."""
+
+    def __init__(self, interval_s: float = 0.01):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval_s
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def start_window(self) -> None:
+        self._peak = self._proc.memory_info().rss
+
+    def window_peak_mb(self) -> float:
+        return max(self._peak, self._proc.memory_info().rss) / 2**20
+
+
+class NoRss:
+    """Stand-in for :class:`RssSampler` (tests, or when psutil is missing)."""
+
+    def __enter__(self) -> NoRss:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def start_window(self) -> None:
+        return None
+
+    def window_peak_mb(self) -> float | None:
+        return None
+
+
+# --------------------------------------------------------------------------- measurements
+@dataclass
+class Measurement:
+    """What the harness saw of one configuration."""
+
+    name: str
+    times: list[float] = field(default_factory=list)  # one per timed batch, in batch order
+    images: list[torch.Tensor] = field(default_factory=list)
+    samples: int = 0
+    rows: int = 0
+    block_rows: float = 0.0
+    counted: bool = False
+    peak_rss_mb: float | None = None
+    error: str | None = None
+
+    @property
+    def nfe(self) -> float | None:
+        return self.rows / self.samples if self.counted and self.samples else None
+
+    @property
+    def block_evals(self) -> float | None:
+        return self.block_rows / self.samples if self.counted and self.samples else None
+
+
+def error_text(e: BaseException) -> str:
+    """``"Type: first line of the message"`` (or ``"not available: ..."`` for :class:`Unavailable`)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, Unavailable):
+        return f"not available: {msg}"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def paired_speedup(base_times: Sequence[float], times: Sequence[float]) -> float | None:
+    """Median over repetitions k of ``base_times[k] / times[k]`` (pairs run back to back).
+
+    Only repetitions that both sides completed are paired; ``None`` when there is no pair.
+    """
+    pairs = [b / t for b, t in zip(base_times, times, strict=False) if t > 0]
+    return statistics.median(pairs) if pairs else None
+
+
+@dataclass
+class Batch:
+    labels: torch.Tensor
+    seed: int
+
+
+def make_batches(samples: int, batch_size: int, seed: int, num_classes: int) -> list[Batch]:
+    """``samples`` labels 0..C-1, 0..C-1, ... in batches of ``batch_size``; batch k uses seed ``seed + k``
+    (the convention of :func:`hasten.eval.metrics.sample_eval_set`)."""
+    labels = torch.arange(samples) % num_classes
+    return [Batch(labels[s:s + batch_size], seed + k) for k, s in enumerate(range(0, samples, batch_size))]
+
+
+def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], warmup: Batch | None = None,
+                    timer: Callable[[], float] = time.perf_counter, rss: Any = None,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Measurement]:
+    """Set up every configuration, warm each up, then time batch k of every configuration in turn."""
+    say = progress or (lambda _msg: None)
+    rss = rss if rss is not None else NoRss()
+    out = {c.name: Measurement(c.name) for c in configs}
+    prepared: dict[str, Prepared] = {}
+    counters: dict[str, WorkCounter] = {}
+    with rss:
+        for c in configs:
+            m = out[c.name]
+            try:
+                say(f"setup {c.name}")
+                p = c.setup()
+                prepared[c.name] = p
+                counters[c.name] = WorkCounter(p.transformer)
+                if warmup is not None:
+                    _run_one(p, warmup)
+                counters[c.name].reset()
+            except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
+                m.error = error_text(e)
+                say(f"  {c.name}: {m.error}")
+        for k, batch in enumerate(batches):
+            say(f"batch {k + 1}/{len(batches)}")
+            for c in configs:
+                p, m = prepared.get(c.name), out[c.name]
+                if p is None or m.error is not None:
+                    continue
+                try:
+                    rss.start_window()
+                    t0 = timer()
+                    images = _run_one(p, batch)
+                    m.times.append(timer() - t0)
+                    peak = rss.window_peak_mb()
+                    if peak is not None:
+                        m.peak_rss_mb = max(m.peak_rss_mb or 0.0, peak)
+                    m.images.append(images.detach().float().cpu())
+                    m.samples += len(batch.labels)
+                except Exception as e:  # noqa: BLE001
+                    m.error = error_text(e)
+                    say(f"  {c.name}: {m.error}")
+        for c in configs:
+            cnt, m = counters.get(c.name), out[c.name]
+            if cnt is not None:
+                m.counted = cnt.blocks_seen and cnt.rows > 0
+                m.rows, m.block_rows = cnt.rows, (cnt.attn_rows + cnt.ff_rows) / 2
+                cnt.remove()
+            p = prepared.get(c.name)
+            if p is not None and p.close is not None:
+                try:
+                    p.close()
+                except Exception as e:  # noqa: BLE001
+                    m.error = m.error or error_text(e)
+    return out
+
+
+def _run_one(p: Prepared, batch: Batch) -> torch.Tensor:
+    if p.start_run is not None:
+        p.start_run()
+    gen = torch.Generator().manual_seed(batch.seed)
+    return p.sample(batch.labels, gen)
+
+
+def only_names(configs: Iterable[BenchConfig], names: Iterable[str]) -> list[BenchConfig]:
+    keep = set(names)
+    return [c for c in configs if c.name in keep]

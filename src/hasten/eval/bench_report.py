@@ -1,0 +1,128 @@
+"""``hasten bench`` outputs for people: the markdown table and the Pareto figure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..io import atomic_write
+
+FAMILY_STYLE = {"baseline": ("s", "tab:gray"), "hasten": ("o", "tab:red"), "peer": ("^", "tab:blue")}
+PSNR_PLOT_CAP = 60.0  # the reference run is 100 dB (identical images); drawn at the cap
+
+
+def _fmt(v: object, spec: str = ".3g") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def pareto_front(points: Sequence[tuple[float, float]], higher_x_better: bool) -> list[tuple[float, float]]:
+    """The non-dominated points (x = quality, y = speedup; higher speedup is better), sorted by x."""
+    def better_eq(a: float, b: float) -> bool:
+        return a >= b if higher_x_better else a <= b
+
+    front = [p for p in points
+             if not any(better_eq(q[0], p[0]) and q[1] >= p[1] and (q[0] != p[0] or q[1] != p[1]) for q in points)]
+    return sorted(set(front))
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown: machine, protocol, the quality-level comparison, then every record."""
+    m, p = results["machine"], results["protocol"]
+    lines = [f"# hasten bench: {results['model']}", "",
+             f"{results['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']}"
+             + (f" · {m.get('threads')} threads" if m.get("threads") else ""), "",
+             f"{p.get('samples')} samples ({p.get('batch_size')} per batch, {p.get('reps')} interleaved "
+             f"repetitions after a warm-up), guidance scale {p.get('guidance_scale')}, {p.get('solver')} solver, "
+             f"{p.get('schedule')} time grid; reference `{p.get('reference')}`. Speedup: median over batches "
+             "of the paired ratio baseline time / configuration time. PSNR/SSIM against the reference's "
+             "images from the same seeds.", ""]
+    if results["quality_levels"]:
+        lines += ["## Fastest configuration at each quality level", "",
+                  "| level | hasten | peer | fewer steps | hasten fastest? |", "|---|---|---|---|---|"]
+        for row in results["quality_levels"]:
+            cells = []
+            for key in ("hasten", "peer", "fewer_steps"):
+                b = row[key]
+                cells.append("none" if b is None else f"{b['speedup']:.2f}x `{b['name']}`")
+            verdict = {True: "yes", False: "**no**", None: "no hasten config"}[row["hasten_fastest"]]
+            lines.append(f"| {row['level']} | " + " | ".join(cells) + f" | {verdict} |")
+        lines.append("")
+    lines += _table(results["records"], with_quality=True)
+    if results.get("realistic"):
+        r = results["realistic"]
+        lines += ["", f"## Realistic size: {r.get('architecture', '')}", "", r.get("note", ""), ""]
+        lines += _table(r["records"], with_quality=False)
+    return "\n".join(lines) + "\n"
+
+
+def _table(records: list[dict], with_quality: bool) -> list[str]:
+    head = ["name", "family", "speedup", "wall s (median/batch)", "NFE", "block evals", "peak RSS MB"]
+    if with_quality:
+        head += ["PSNR", "SSIM", "FD-digits", "class acc"]
+    head.append("error")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {f: i for i, f in enumerate(("baseline", "hasten", "peer"))}
+    for r in sorted(records, key=lambda r: (order.get(r["family"], 9), -(r["speedup"] or 0))):
+        cells = [f"`{r['name']}`", r["family"], _fmt(r["speedup"], ".2f"), _fmt(r["wall_s_median"], ".3f"),
+                 _fmt(r["nfe"], ".4g"), _fmt(r["block_evals"], ".4g"), _fmt(r["peak_rss_mb"], ".0f")]
+        if with_quality:
+            cells += [_fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f"), _fmt(r["fd_digits"], ".3f"),
+                      _fmt(r["class_accuracy"], ".3f")]
+        cells.append((r["error"] or "").replace("|", "/"))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def write_markdown(path: str | os.PathLike, results: dict) -> Path:
+    text = markdown(results)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def plot_pareto(path: str | os.PathLike, results: dict) -> Path:
+    """Speedup against FD-digits and against PSNR; one marker per family; each family's front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in results["records"] if r["error"] is None and r["speedup"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels: list[tuple[str, Callable[[dict], float | None], bool, str]] = [
+        ("fd_digits", lambda r: r["fd_digits"], False, "FD-digits vs held-out (lower is better)"),
+        ("psnr", lambda r: None if r["psnr"] is None else min(r["psnr"], PSNR_PLOT_CAP), True,
+         f"PSNR vs full run, dB (higher is better; reference drawn at {PSNR_PLOT_CAP:g})")]
+    for ax, (_key, get, higher, xlabel) in zip(axes, panels, strict=True):
+        for fam, (marker, color) in FAMILY_STYLE.items():
+            pts = [(get(r), r["speedup"]) for r in recs if r["family"] == fam and get(r) is not None]
+            if not pts:
+                continue
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], marker=marker, color=color, alpha=0.75,
+                       label=fam, zorder=3)
+            front = pareto_front(pts, higher_x_better=higher)
+            ax.step([x for x, _ in front], [y for _, y in front], where="post" if not higher else "pre",
+                    color=color, alpha=0.6, zorder=2)
+        ref = results["quality_levels"][-1]["level"] if results["quality_levels"] else None
+        if _key == "psnr":
+            for lv in (40, 35, 30):
+                ax.axvline(lv, color="k", lw=0.5, ls=":")
+        elif ref and ref.startswith("fd<="):
+            ax.axvline(float(ref.split("<=")[1].split()[0]), color="k", lw=0.5, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("speedup vs full-step CFG baseline (paired, median)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    m = results["machine"]
+    fig.suptitle(f"hasten bench · {results['model']} · {results['date'][:10]} · {m['cpu']} · {m['cores']} cores")
+    fig.tight_layout()
+
+    def _save(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=110)
+
+    out = atomic_write(path, _save)
+    plt.close(fig)
+    return out
