@@ -162,6 +162,11 @@ def train_cmd(
         raise HastenError(f"unknown --what {what!r}: digits | classifier")
 
 
+from .decoding.cli import register as _register_decoding  # noqa: E402
+
+_register_decoding(app)
+
+
 def main() -> None:
     """Console entry point: HastenError becomes one line on stderr and exit code 2."""
     try:

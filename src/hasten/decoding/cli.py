@@ -1,0 +1,110 @@
+"""``hasten decode`` and ``hasten bench-decode``: registered on the main typer app by ``register``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+from ..errors import HastenError
+
+
+def register(app: typer.Typer) -> None:
+    """Add the decoding commands to ``app`` (heavy imports stay inside the commands)."""
+
+    @app.command("decode")
+    def decode_cmd(
+        prompt: str = typer.Option(..., help="prompt text, e.g. '23+45' for the shipped addition models"),
+        judge: bool = typer.Option(False, "--judge", help="Judge Decoding (lossy) instead of lossless"),
+        k: int = typer.Option(4, "--k", help="tokens drafted per round"),
+        max_new_tokens: int = typer.Option(96, help="at most this many new tokens"),
+        delta: float = typer.Option(None, help="judge probability threshold in [0, 1] (default: the head's)"),
+        sample: bool = typer.Option(False, "--sample", help="speculative sampling instead of greedy"),
+        temperature: float = typer.Option(1.0, help="sampling temperature"),
+        seed: int = typer.Option(0, help="random seed for sampling"),
+        models: Path = typer.Option(None, help="folder with target/, draft/, judge.safetensors "
+                                    "(default: the shipped one)"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    ) -> None:
+        """Speculative (or Judge) decoding with the shipped target + draft; prints the text and statistics."""
+        import json
+
+        import torch
+
+        from . import task
+        from .assets import load_shipped
+        from .judge import prob_to_logit
+        from .speculative import generate
+        from .train import EOS, decode, encode
+
+        if k < 1:
+            raise HastenError(f"--k must be >= 1, got {k}")
+        if max_new_tokens < 1:
+            raise HastenError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if delta is not None and not 0 <= delta <= 1:
+            raise HastenError(f"--delta must be in [0, 1], got {delta}")
+        text = prompt if prompt.endswith("\n") else prompt + "\n"
+        bad = sorted({c for c in text if c not in task.CHARS})
+        if bad:
+            raise HastenError(f"the prompt has characters the shipped models do not know: {''.join(bad)!r} "
+                              f"(allowed: digits, lowercase letters, space and '+=,;.:')")
+        m = load_shipped(models, threads=1)
+        thr = prob_to_logit(delta) if delta is not None else None
+        x = torch.tensor([encode(text)])
+        gen = torch.Generator().manual_seed(seed)
+        out = generate(m.target, m.draft, x, max_new_tokens, num_draft_tokens=k, do_sample=sample,
+                       judge=m.judge if judge else None, threshold=thr, temperature=temperature,
+                       eos_token_id=EOS, generator=gen)
+        answer = decode(out.new_tokens.tolist())
+        stats = out.stats.as_dict()
+        payload = {"prompt": prompt, "text": answer, "mode": "judge" if judge else "speculative", "k": k,
+                   "stats": stats}
+        mm = re.fullmatch(r"\s*(\d+)\s*\+\s*(\d+)\s*", prompt)
+        if mm:
+            payload["correct"] = task.check(task.Problem(int(mm[1]), int(mm[2])), answer)
+        if as_json:
+            typer.echo(json.dumps(payload))
+            return
+        typer.echo(answer)
+        typer.echo(f"mode {payload['mode']}, k={k}: {stats['new_tokens']} tokens in {stats['wall_s']:.3f} s; "
+                   f"drafts {stats['drafts']}, drafted {stats['drafted_tokens']}, accepted "
+                   f"{stats['accepted_tokens']} (judge-only {stats['judge_accepted_tokens']}); "
+                   f"mean accepted length {stats['mean_accepted_length']:.2f}; target passes "
+                   f"{stats['target_forwards']}, draft passes {stats['draft_forwards']}")
+        if "correct" in payload:
+            typer.echo(f"answer correct: {payload['correct']}")
+
+    @app.command("bench-decode")
+    def bench_decode_cmd(
+        out: Path = typer.Option(..., help="folder for results.json and results.md"),
+        k: int = typer.Option(4, "--k", help="tokens drafted per round"),
+        problems: int = typer.Option(None, help="first N problems of the held-out split (default: all 300)"),
+        reps: int = typer.Option(2, help="interleaved timing repetitions"),
+        models: Path = typer.Option(None, help="folder with target/, draft/, judge.safetensors "
+                                    "(default: the shipped one)"),
+        as_json: bool = typer.Option(False, "--json", help="print the result JSON"),
+    ) -> None:
+        """Target-only, transformers assisted, hasten speculative and judge decoding, side by side."""
+        import json
+
+        from .assets import load_shipped
+        from .bench import markdown_table, run_benchmark, write_results
+
+        if k < 1:
+            raise HastenError(f"--k must be >= 1, got {k}")
+        if reps < 1:
+            raise HastenError(f"--reps must be >= 1, got {reps}")
+        if problems is not None and problems < 1:
+            raise HastenError(f"--problems must be >= 1, got {problems}")
+        if out.exists() and not out.is_dir():
+            raise HastenError(f"--out {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        m = load_shipped(models, threads=1)
+        r = run_benchmark(m, k=k, n_problems=problems, reps=reps)
+        j, md = write_results(r, out)
+        if as_json:
+            typer.echo(json.dumps(r))
+        else:
+            typer.echo(markdown_table(r))
+            typer.echo(f"wrote {j} and {md}")

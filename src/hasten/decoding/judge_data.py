@@ -1,0 +1,128 @@
+"""Judge training data and trainer, in the spirit of Judge Decoding's "TokenCourt" (arXiv 2501.19309).
+
+Labelling (our choice, the paper leaves details open): for each training problem we write
+
+* one CORRECT continuation: the worked answer with every slot's wording drawn uniformly from all
+  three (``task.UNIFORM_MIX``), so alternative wordings appear in every combination; every answer
+  token (and the final ``<eos>``) is labelled 1 = "acceptable";
+* ``n_wrong`` WRONG continuations: the same text with ONE answer character replaced -- a digit by
+  another digit (a wrong sum, carry or copied operand; ``digit_frac`` of them) or any character by
+  another character (a malformed step). The replaced token is labelled 0 = "must be rejected". The
+  tokens before it equal the correct continuation's prefix (same hidden states, already labelled 1)
+  and the tokens after the first error are dropped: once an answer is wrong, what follows has no
+  well-defined label.
+
+Features are the FROZEN target's last-layer hidden states at each labelled token's own position,
+exactly what ``JudgeHead`` sees while decoding. The head is trained by class-weighted binary
+cross-entropy (each class weighted by the inverse of its frequency, as in the paper), full batch.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from . import task
+from .judge import JudgeHead
+from .train import EOS, PAD, VOCAB, encode
+
+__all__ = ["build_judge_dataset", "train_judge", "judge_metrics", "train_judge_from_folder"]
+
+_DIGITS = [VOCAB[c] for c in "0123456789"]
+_CHARS = [VOCAB[c] for c in task.CHARS if c != "\n"]
+
+
+def _examples(problems, rng: random.Random, n_wrong: int, digit_frac: float):
+    """-> list of (token ids, [(position, label)])."""
+    out = []
+    for p in problems:
+        pr = encode(task.prompt_text(p))
+        an = encode(task.answer_text(p, rng=rng, mix=task.UNIFORM_MIX)) + [EOS]
+        seq = pr + an
+        out.append((seq, [(i, 1) for i in range(len(pr), len(seq))]))
+        digit_pos = [len(pr) + i for i, t in enumerate(an) if t in _DIGITS]
+        any_pos = list(range(len(pr), len(seq) - 1))
+        for _ in range(n_wrong):
+            if rng.random() < digit_frac:
+                pos = rng.choice(digit_pos)
+                new = rng.choice([d for d in _DIGITS if d != seq[pos]])
+            else:
+                pos = rng.choice(any_pos)
+                new = rng.choice([c for c in _CHARS if c != seq[pos]])
+            bad = seq[:pos] + [new]
+            out.append((bad, [(pos, 0)]))
+    return out
+
+
+@torch.no_grad()
+def build_judge_dataset(target, problems: list, seed: int = 0, n_wrong: int = 3, digit_frac: float = 0.67,
+                        batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (N, hidden) of the frozen target and 0/1 labels (N,) for ``problems``."""
+    rng = random.Random(seed)
+    ex = _examples(problems, rng, n_wrong, digit_frac)
+    feats, labels = [], []
+    for s in range(0, len(ex), batch_size):
+        chunk = ex[s:s + batch_size]
+        n = max(len(e[0]) for e in chunk)
+        ids = torch.full((len(chunk), n), PAD)
+        for i, (seq, _) in enumerate(chunk):
+            ids[i, :len(seq)] = torch.tensor(seq)  # right padding: causal attention never sees it
+        h = target(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        for i, (_, labs) in enumerate(chunk):
+            pos = torch.tensor([q for q, _ in labs])
+            feats.append(h[i, pos])
+            labels.append(torch.tensor([lab for _, lab in labs], dtype=torch.float32))
+    return torch.cat(feats).float(), torch.cat(labels)
+
+
+def train_judge(feats: torch.Tensor, labels: torch.Tensor, steps: int = 600, lr: float = 0.05,
+                seed: int = 0, threshold: float = 0.0) -> tuple[JudgeHead, list[dict]]:
+    """Class-weighted logistic regression (Adam, full batch) -> (head, loss curve)."""
+    torch.manual_seed(seed)
+    head = JudgeHead(feats.shape[1], threshold=threshold)
+    pos = labels.mean().clamp(1e-6, 1 - 1e-6)
+    w = torch.where(labels > 0.5, 0.5 / pos, 0.5 / (1 - pos))  # each class carries half the weight
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    curve = []
+    for step in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(feats), labels, weight=w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0 or step == steps - 1:
+            curve.append({"step": step, "loss": round(loss.item(), 5)})
+    return head.eval(), curve
+
+
+@torch.inference_mode()
+def judge_metrics(head: JudgeHead, feats: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accept rate on acceptable tokens (recall) and reject rate on wrong ones at the head's threshold."""
+    acc = head(feats) > head.threshold
+    pos, neg = labels > 0.5, labels < 0.5
+    return {"tokens": int(labels.numel()), "wrong_tokens": int(neg.sum()),
+            "accept_rate_on_correct": round(float(acc[pos].float().mean()), 4),
+            "reject_rate_on_wrong": round(float((~acc[neg]).float().mean()), 4)}
+
+
+def train_judge_from_folder(out: Path, n_problems: int = 1500, seed: int = 0) -> dict:
+    """Build data from the shipped target in ``out/target`` (train split), train, report on val, save."""
+    from ..io import write_json
+    from .train import load_lm
+
+    t0 = time.time()
+    target = load_lm(out / "target")
+    sp = task.splits()
+    ftr, ytr = build_judge_dataset(target, sp["train"][:n_problems], seed=seed)
+    fva, yva = build_judge_dataset(target, sp["val"], seed=seed + 1)
+    head, curve = train_judge(ftr, ytr, seed=seed)
+    head.meta = {"target": "hasten/models/lm/target", "train_problems": n_problems, "seed": seed}
+    head.save(out / "judge.safetensors")
+    info = {"train": {"tokens": int(ytr.numel()), "wrong_tokens": int((ytr < 0.5).sum())},
+            "metrics": {"train": judge_metrics(head, ftr, ytr), "val": judge_metrics(head, fva, yva)},
+            "threshold_logit": head.threshold, "loss_curve": curve,
+            "train_seconds": round(time.time() - t0, 1)}
+    write_json(out / "judge_log.json", info)
+    return info

@@ -1,0 +1,226 @@
+"""Train the shipped decoding models (target LM, draft LM, judge head) on the addition task.
+
+Reproduce everything (CPU, one thread, about 15 minutes)::
+
+    OMP_NUM_THREADS=1 python -m hasten.decoding.train --what all --out src/hasten/models/lm
+
+* target: Llama, ~1.8M parameters, trained on all wordings (``task.TARGET_MIX``);
+* draft: Llama, ~0.1M parameters, trained mostly on the draft's wording (``task.DRAFT_MIX``);
+* judge: ``JudgeHead`` on the frozen target, data from ``judge_data.build_judge_dataset``.
+
+Every model is trained on the ``train`` split only; ``val`` picks nothing but is reported, ``test``
+is held out for the benchmark. Weights are written in float16 (loaded as float32 for CPU decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import task
+
+__all__ = ["LMConfig", "TARGET", "DRAFT", "encode", "train_lm", "load_lm", "load_tokenizer",
+           "greedy_accuracy"]
+
+VOCAB = {t: i for i, t in enumerate(task.SPECIAL + tuple(task.CHARS))}
+PAD, BOS, EOS = 0, 1, 2
+
+
+@dataclass
+class LMConfig:
+    name: str
+    hidden_size: int
+    layers: int
+    heads: int
+    intermediate: int
+    mix: tuple[float, float, float]
+    steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
+TARGET = LMConfig("target", hidden_size=192, layers=4, heads=6, intermediate=512, mix=task.TARGET_MIX,
+                  steps=1000, batch_size=32, seed=0)
+DRAFT = LMConfig("draft", hidden_size=64, layers=2, heads=4, intermediate=192, mix=task.DRAFT_MIX,
+                 steps=1200, batch_size=32, seed=1)
+
+
+def encode(text: str) -> list[int]:
+    """Character ids, identical to ``task.build_tokenizer()`` (checked in the tests)."""
+    return [VOCAB[c] for c in text]
+
+
+def make_model(cfg: LMConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lc = LlamaConfig(vocab_size=len(VOCAB), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate,
+                     num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                     num_key_value_heads=cfg.heads, max_position_embeddings=128, tie_word_embeddings=True,
+                     pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(lc)
+
+
+def batch(problems: list, rng: random.Random, mix, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels (prompt and padding masked with -100) for ``size`` random problems."""
+    rows, labs = [], []
+    for p in rng.sample(problems, size):
+        pr = encode(task.prompt_text(p))
+        an = encode(task.answer_text(p, rng=rng, mix=mix)) + [EOS]
+        rows.append(pr + an)
+        labs.append([-100] * len(pr) + an)
+    n = max(map(len, rows))
+    ids = torch.full((size, n), PAD)
+    lab = torch.full((size, n), -100)
+    for i, (r, la) in enumerate(zip(rows, labs, strict=True)):
+        ids[i, :len(r)] = torch.tensor(r)
+        lab[i, :len(la)] = torch.tensor(la)
+    return ids, lab
+
+
+def train_lm(cfg: LMConfig, out: Path, progress: bool = True) -> dict:
+    """Train one LM with AdamW + cosine schedule; saves fp16 weights, config and the loss curve."""
+    from tqdm import tqdm
+
+    sp = task.splits()
+    model = make_model(cfg).train()
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    curve = []
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress)
+    ema = None
+    for step in bar:
+        ids, lab = batch(sp["train"], rng, cfg.mix, cfg.batch_size)
+        loss = model(input_ids=ids, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 25 == 0 or step == cfg.steps - 1:
+            curve.append({"step": step, "loss": round(ema, 5)})
+            bar.set_postfix(loss=f"{ema:.4f}")
+    secs = time.time() - t0
+    model.eval()
+    dest = out / cfg.name
+    dest.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(dest, safe_serialization=True)
+    model.float()
+    n_params = sum(p.numel() for p in model.parameters())
+    log = {"config": asdict(cfg), "params": n_params, "train_seconds": round(secs, 1), "loss_curve": curve}
+    from ..io import write_json
+
+    write_json(dest / "train_log.json", log)
+    return log
+
+
+def load_tokenizer(folder: Path | None = None):
+    """The shipped character tokenizer (``tokenizer.json``), or build it in code."""
+    from transformers import PreTrainedTokenizerFast
+
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<pad>",
+                                       bos_token="<bos>", eos_token="<eos>")
+    return task.build_tokenizer()
+
+
+def load_lm(folder: Path):
+    """A shipped LM folder -> float32 ``LlamaForCausalLM`` in eval mode (no network)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..errors import HastenError
+
+    if not (Path(folder) / "config.json").is_file():
+        raise HastenError(f"no model in {folder}: config.json is missing")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    return model.eval()
+
+
+@torch.inference_mode()
+def greedy_accuracy(model, problems: list, max_new_tokens: int = 80) -> float:
+    """Task accuracy of target-only greedy decoding (lean loop) on ``problems``."""
+    from .speculative import autoregressive_generate
+
+    ok = 0
+    for p in problems:
+        x = torch.tensor([encode(task.prompt_text(p))])
+        out = autoregressive_generate(model, x, max_new_tokens, eos_token_id=EOS)
+        ok += task.check(p, decode(out.new_tokens.tolist()))
+    return ok / len(problems)
+
+
+_INV = {i: t for t, i in VOCAB.items()}
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(_INV[i] for i in ids if i > EOS)
+
+
+def plot_curves(out: Path, logs: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, log in logs.items():
+        c = log["loss_curve"]
+        ax.plot([e["step"] for e in c], [e["loss"] for e in c], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (EMA)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--what", default="all", choices=["all", "target", "draft", "judge"])
+    ap.add_argument("--out", type=Path, default=Path("src/hasten/models/lm"))
+    ap.add_argument("--steps", type=int, default=None, help="override the LM step count")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tok = task.build_tokenizer()
+    tok.backend_tokenizer.save(str(args.out / "tokenizer.json"))
+    logs = {}
+    for cfg in (TARGET, DRAFT):
+        if args.what in ("all", cfg.name):
+            if args.steps:
+                cfg.steps = args.steps
+            logs[cfg.name] = train_lm(cfg, args.out)
+            model = load_lm(args.out / cfg.name)
+            acc = greedy_accuracy(model, task.splits()["val"][:100])
+            logs[cfg.name]["val_greedy_accuracy_100"] = acc
+            from ..io import write_json
+
+            write_json(args.out / cfg.name / "train_log.json", logs[cfg.name])
+            print(f"{cfg.name}: {logs[cfg.name]['params']} params, val greedy accuracy {acc:.3f}")
+    if args.what in ("all", "judge"):
+        from .judge_data import train_judge_from_folder
+
+        info = train_judge_from_folder(args.out)
+        print(f"judge: {json.dumps(info['metrics'])}")
+    logs = {n: json.loads((args.out / n / "train_log.json").read_text())
+            for n in ("target", "draft") if (args.out / n / "train_log.json").is_file()}
+    if logs:
+        plot_curves(args.out, logs)
+
+
+if __name__ == "__main__":
+    main()

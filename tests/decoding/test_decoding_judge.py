@@ -1,0 +1,169 @@
+"""Judge Decoding: acceptance rule on hand-made logits and scores, +inf/-inf thresholds, monotonicity,
+save/load, dataset builder, bad input."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from test_decoding_speculative import llama, prompt
+
+from hasten.decoding import JudgeHead, generate, prob_to_logit, task, verify
+from hasten.decoding.judge_data import build_judge_dataset, judge_metrics, train_judge
+from hasten.errors import HastenError
+
+
+def onehot_logits(argmaxes: list[int], vocab: int = 5) -> torch.Tensor:
+    logits = torch.zeros(len(argmaxes), vocab)
+    logits[torch.arange(len(argmaxes)), torch.tensor(argmaxes)] = 5.0
+    return logits
+
+
+def test_greedy_rule_on_hand_made_logits_and_scores():
+    d = torch.tensor([1, 2, 3])
+    logits = onehot_logits([1, 0, 3, 2])  # target agrees at slots 1 and 3, disagrees at slot 2
+    assert verify(d, logits) == (1, 0, 0)  # standard: accept "1", replace "2" by the target's "0"
+    # the judge rescues slot 2 (score 3 > 0); slot 3 agrees anyway; bonus token = argmax of slot 4
+    assert verify(d, logits, judge_scores=torch.tensor([-5.0, 3.0, -1.0]), threshold=0.0) == (3, 2, 1)
+    # judge score at slot 2 below the threshold: first token failing both is replaced by the target's
+    assert verify(d, logits, judge_scores=torch.tensor([9.0, -0.5, 9.0]), threshold=0.0) == (1, 0, 0)
+    # a high judge score on a token the target rejects, then a failure at slot 3
+    d2 = torch.tensor([4, 4, 4])
+    assert verify(d2, logits, judge_scores=torch.tensor([1.0, -2.0, 5.0]), threshold=0.5) == (1, 0, 1)
+    # strict inequality: a score equal to the threshold does not clear it
+    assert verify(d2, logits, judge_scores=torch.tensor([0.5, 0.5, 0.5]), threshold=0.5) == (0, 1, 0)
+    # +inf is standard verification, -inf accepts everything drafted
+    big = torch.tensor([1e30, 1e30, 1e30])
+    assert verify(d2, logits, judge_scores=big, threshold=math.inf) == verify(d2, logits)
+    assert verify(d2, logits, judge_scores=-big, threshold=-math.inf) == (3, 2, 3)
+
+
+def test_sampling_rule_on_hand_made_probabilities():
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.1, 0.8], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[0.25, 0.75, 0.0], [0.6, 0.2, 0.2]])
+    d = torch.tensor([1, 0])  # p/q = 0.5/0.75 = 2/3 at slot 1; 0.1/0.6 = 1/6 at slot 2
+    g = torch.Generator().manual_seed(0)
+    a, nxt, _ = verify(d, torch.log(p), draft_probs=q, target_probs=p, uniforms=torch.tensor([0.6, 0.1]),
+                       generator=g)
+    assert a == 2 and nxt in (0, 1, 2)  # 0.6 < 2/3 and 0.1 < 1/6: both accepted, bonus from p[2]
+    a, nxt, _ = verify(d, torch.log(p), draft_probs=q, target_probs=p, uniforms=torch.tensor([0.7, 0.1]),
+                       generator=g)
+    assert (a, nxt) == (0, 0)  # rejected at slot 1; residual max(0, p - q) = (0.25, 0, 0) -> token 0
+    a, nxt, _ = verify(d, torch.log(p), draft_probs=q, target_probs=p, uniforms=torch.tensor([0.1, 0.5]),
+                       generator=g)
+    assert (a, nxt) == (1, 2)  # rejected at slot 2; residual = (0, 0, 0.6) -> token 2
+    a, nxt, j = verify(d, torch.log(p), draft_probs=q, target_probs=p, uniforms=torch.tensor([0.7, 0.5]),
+                       judge_scores=torch.tensor([2.0, -2.0]), threshold=0.0, generator=g)
+    assert (a, nxt, j) == (1, 2, 1)  # judge rescues slot 1, slot 2 fails both -> residual sample
+
+
+def test_judge_never_lowers_the_accepted_count_for_a_fixed_draft():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        k, vocab = 6, 7
+        d = torch.randint(0, vocab, (k,), generator=g)
+        logits = torch.randn(k + 1, vocab, generator=g)
+        scores = torch.randn(k, generator=g)
+        thr = float(torch.randn(1, generator=g))
+        a_std = verify(d, logits)[0]
+        a_j = verify(d, logits, judge_scores=scores, threshold=thr)[0]
+        assert a_j >= a_std
+        # sampling: the same uniforms with and without the judge
+        p = torch.softmax(logits, -1)
+        q = torch.softmax(torch.randn(k, vocab, generator=g), -1)
+        u = torch.rand(k, generator=g)
+        s_std = verify(d, logits, draft_probs=q, target_probs=p, uniforms=u, generator=g)[0]
+        s_j = verify(d, logits, draft_probs=q, target_probs=p, uniforms=u, judge_scores=scores,
+                     threshold=thr, generator=g)[0]
+        assert s_j >= s_std
+
+
+def random_head(hidden: int, threshold: float, seed: int = 0) -> JudgeHead:
+    torch.manual_seed(seed)
+    head = JudgeHead(hidden, threshold=threshold)
+    torch.nn.init.normal_(head.linear.weight, std=1.0)
+    return head.eval()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_threshold_plus_inf_is_standard_speculative_exactly(do_sample):
+    target, draft = llama(0), llama(4, layers=1, hidden=16)
+    head = random_head(32, math.inf)
+    for s in range(3):
+        x = prompt(30 + s)
+        ref = generate(target, draft, x, 30, num_draft_tokens=4, do_sample=do_sample,
+                       generator=torch.Generator().manual_seed(s))
+        out = generate(target, draft, x, 30, num_draft_tokens=4, do_sample=do_sample, judge=head,
+                       generator=torch.Generator().manual_seed(s))
+        assert torch.equal(out.sequences, ref.sequences)
+        for f in ("drafts", "drafted_tokens", "accepted_tokens", "target_forwards", "draft_forwards"):
+            assert getattr(out.stats, f) == getattr(ref.stats, f)
+        assert out.stats.judge_accepted_tokens == 0
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_threshold_minus_inf_accepts_every_drafted_token(do_sample):
+    target, draft = llama(0), llama(4, layers=1, hidden=16)
+    head = random_head(32, -math.inf)
+    x = prompt(5)
+    out = generate(target, draft, x, 30, num_draft_tokens=4, do_sample=do_sample, judge=head,
+                   generator=torch.Generator().manual_seed(0))
+    st = out.stats
+    assert st.accepted_tokens == st.drafted_tokens > 0
+    # with -inf the output is the draft's own greedy continuation plus one target token per round
+    std = generate(target, draft, x, 30, num_draft_tokens=4)
+    assert st.target_forwards < std.stats.target_forwards
+
+
+def test_judge_head_for_another_hidden_size_is_a_clear_error(tmp_path):
+    target = llama(0)
+    with pytest.raises(HastenError, match="hidden size 48.*hidden size 32"):
+        generate(target, target, prompt(0), 5, judge=JudgeHead(48))
+    with pytest.raises(HastenError, match="does not exist"):
+        JudgeHead.load(tmp_path / "nope.safetensors")
+
+
+def test_save_load_roundtrip(tmp_path):
+    for thr in (0.25, math.inf, -math.inf):
+        head = random_head(32, thr, seed=3)
+        head.meta = {"note": "x"}
+        head.save(tmp_path / "j.safetensors")
+        back = JudgeHead.load(tmp_path / "j.safetensors")
+        assert torch.equal(back.linear.weight, head.linear.weight)
+        assert torch.equal(back.linear.bias, head.linear.bias)
+        assert back.threshold == thr and back.meta == {"note": "x"} and back.hidden_size == 32
+    assert prob_to_logit(1.0) == math.inf and prob_to_logit(0.5) == 0.0
+
+
+def test_dataset_builder_labels_and_trainer():
+    from hasten.decoding.train import DRAFT, make_model
+
+    target = make_model(DRAFT).eval()  # any model with the task vocabulary
+    probs = task.splits()["train"][:6]
+    feats, labels = build_judge_dataset(target, probs, n_wrong=3)
+    # one correct answer per problem (all tokens + <eos> labelled 1), one 0-label per wrong answer
+    n_pos = sum(len(task.answer_text(p, choice={s: 0 for s in task.SLOTS})) >= 0 for p in probs)
+    assert int((labels == 0).sum()) == 3 * len(probs) and n_pos == len(probs)
+    assert feats.shape == (labels.numel(), DRAFT.hidden_size)
+    head, curve = train_judge(feats, labels, steps=30)
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    m = judge_metrics(head, feats, labels)
+    assert 0 <= m["accept_rate_on_correct"] <= 1
+
+
+def test_task_wordings_check_and_tokenizer():
+    from hasten.decoding.train import decode, encode
+
+    p = task.Problem(97, 38)
+    texts = {task.answer_text(p, choice={s: i for s in task.SLOTS}) for i in range(3)}
+    assert len(texts) == 3 and all(task.check(p, t) for t in texts)
+    assert not task.check(p, "ones 7+8=15, tens 9+3+1=13, so 134.")
+    tok = task.build_tokenizer()
+    s = task.prompt_text(p) + next(iter(texts))
+    assert tok(s)["input_ids"] == encode(s) and decode(encode(s)) == s
+    sp = task.splits()
+    assert not set(sp["test"]) & set(sp["train"]) and len(sp["test"]) == 300
+    rng = random.Random(0)
+    assert task.check(p, task.answer_text(p, rng=rng, mix=task.DRAFT_MIX))
