@@ -162,6 +162,36 @@ def train_cmd(
         raise HastenError(f"unknown --what {what!r}: digits | classifier")
 
 
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option("digits", help="embedded model name or a save_pretrained folder"),
+    out: Path = typer.Option(..., help="output folder: results.json, results.md, pareto.png, plans/"),
+    quick: bool = typer.Option(False, "--quick", help="the <= 3-minute smoke test"),
+    samples: int = typer.Option(None, help="evaluation samples (default: 200, quick: 20)"),
+    batch_size: int = typer.Option(None, help="samples per interleaved repetition (default: 50, quick: 10)"),
+    seed: int = typer.Option(0, help="seed of the first batch (batch k uses seed + k)"),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="include diffusers' and cache-dit's caches"),
+    realistic: bool = typer.Option(None, "--realistic/--no-realistic",
+                                   help="the DiT-XL/2-size overhead check (default: on, off with --quick)"),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's)"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
+) -> None:
+    """Benchmark hasten's methods against fewer steps and peer caches, interleaved, in one process."""
+    from .eval.bench import check_args, run_bench
+
+    check_args(out, samples, batch_size, threads)
+    res = run_bench(model, out, quick=quick, samples=samples, batch_size=batch_size, seed=seed, peers=peers,
+                    realistic=realistic, threads=threads,
+                    progress=None if as_json else (lambda m: typer.echo(m, err=True)))
+    lines = [f"wrote {out}/results.json, results.md, pareto.png ({len(res['records'])} configurations, "
+             f"{res['protocol']['total_wall_s']:.0f} s)"]
+    for row in res["quality_levels"]:
+        h = row["hasten"]
+        lines.append(f"{row['level']:<28} hasten {'-' if h is None else format(h['speedup'], '.2f') + 'x'}"
+                     f"  fastest: {row['hasten_fastest']}")
+    emit(res, as_json, lines)
+
+
 from .decoding.cli import register as _register_decoding  # noqa: E402
 
 _register_decoding(app)

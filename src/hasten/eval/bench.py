@@ -30,9 +30,24 @@ import torch
 
 from ..errors import HastenError
 from ..pipeline import HastenPipeline
-from .bench_harness import (Batch, BenchConfig, Measurement, Prepared, RssSampler, Unavailable, make_batches,
-                            paired_speedup, run_interleaved)
-from .bench_peers import DIFFUSERS_KINDS, cache_dit_version, copy_pipeline, install_cache_dit, install_diffusers_hook
+from .bench_harness import (
+    Batch,
+    BenchConfig,
+    Measurement,
+    Prepared,
+    RssSampler,
+    Unavailable,
+    make_batches,
+    paired_speedup,
+    run_interleaved,
+)
+from .bench_peers import (
+    DIFFUSERS_KINDS,
+    cache_dit_version,
+    copy_pipeline,
+    install_cache_dit,
+    install_diffusers_hook,
+)
 from .bench_results import SCHEMA, new_record, quality_levels
 
 SOLVER, SCHEDULE = "euler", "linear"
@@ -197,9 +212,8 @@ def digits_configs(pipe: HastenPipeline, assets: HastenAssets | None, quick: boo
                                           {"cache_interval": interval, "max_order": order, "warmup_steps": 3},
                                           full))
     for th in (0.06, 0.12, 0.24):
-        cfgs.append(diffusers_peer_config(pipe, "mag-cache", {"threshold": th, "max_skip": 3, "retention": 0.2,
-                                                              "calibration": {"samples": 20, "seed": 3000}},
-                                          full))
+        mag = {"threshold": th, "max_skip": 3, "retention": 0.2, "calibration": {"samples": 20, "seed": 3000}}
+        cfgs.append(diffusers_peer_config(pipe, "mag-cache", mag, full))
     cfgs.append(diffusers_peer_config(pipe, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5}, full))
     cfgs.append(diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 2}, full))
     cfgs.append(diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 3}, full))
@@ -282,14 +296,16 @@ def machine_info() -> dict:
         pass
     import diffusers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "python": platform.python_version(), "diffusers": diffusers.__version__,
             "cache_dit": cache_dit_version(), "platform": platform.platform()}
 
 
 # --------------------------------------------------------------------------- realistic size
-REALISTIC_ARCH = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=4, num_layers=28,
-                      sample_size=16, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=32)
+REALISTIC_ARCH = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=4,
+                      num_layers=28, sample_size=16, patch_size=2, num_embeds_ada_norm=1000,
+                      norm_num_groups=32)
 REALISTIC_STEPS = 8
 
 
@@ -309,14 +325,16 @@ def realistic_configs(pipe: HastenPipeline, peers: bool = True) -> list[BenchCon
 
     cfgs = [baseline_config(pipe, steps),
             BenchConfig(f"block-cache:schedule=every-other-call @{steps}", "hasten",
-                        {"steps": steps, "specs": ["BlockCache(schedule=compute calls 0,2,4,6,7)"]}, bc_setup),
+                        {"steps": steps, "specs": ["BlockCache(schedule=compute calls 0,2,4,6,7)"]},
+                        bc_setup),
             hasten_config(pipe, ["ag:threshold=0.99"], steps, None)]
     if peers:
         cfgs += [diffusers_peer_config(pipe, "first-block-cache", {"threshold": 0.1}, steps),
                  diffusers_peer_config(pipe, "taylorseer-cache",
                                        {"cache_interval": 2, "max_order": 1, "warmup_steps": 2}, steps),
                  diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 2}, steps),
-                 diffusers_peer_config(pipe, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5}, steps),
+                 diffusers_peer_config(pipe, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5},
+                                       steps),
                  cache_dit_config(pipe, {"threshold": 0.12, "Fn": 1, "Bn": 0, "warmup_steps": 2}, steps)]
     return cfgs
 
@@ -333,8 +351,8 @@ def run_realistic(peers: bool, progress: Callable[[str], None]) -> dict:
     measured = run_interleaved(configs, batches, warmup=None, rss=RssSampler(), progress=progress)
     records = build_records(configs, measured, batches, None, with_quality=False)
     del pipe, transformer
-    return {"architecture": f"DiTTransformer2DModel, DiT-XL/2 size ({n_params / 1e6:.0f}M parameters, 28 blocks, "
-                            "width 1152), random weights, 16x16x4 latent (128 px), 2 samples, CFG",
+    return {"architecture": f"DiTTransformer2DModel, DiT-XL/2 size ({n_params / 1e6:.0f}M parameters, "
+                            "28 blocks, width 1152), random weights, 16x16x4 latent (128 px), 2 samples, CFG",
             "config": REALISTIC_ARCH, "steps": REALISTIC_STEPS, "samples": 2,
             "note": "Overhead and memory only: random weights make quality meaningless. One timed run per "
                     "configuration (no warm-up); peak RSS includes the shared original model (one copy per "

@@ -77,7 +77,7 @@ class WorkCounter:
         for block in _blocks(transformer):
             q = getattr(getattr(block, "attn1", None), "to_q", None)
             ff = getattr(block, "ff", None)
-            lin = next((m for m in ff.modules() if isinstance(m, nn.Linear)), None) if ff is not None else None
+            lin = None if ff is None else next((m for m in ff.modules() if isinstance(m, nn.Linear)), None)
             if isinstance(q, nn.Module) and lin is not None:
                 self._handles.append(q.register_forward_hook(self._count("attn_rows")))
                 self._handles.append(lin.register_forward_hook(self._count("ff_rows")))

@@ -115,7 +115,8 @@ def _diffusers_hook_config(kind: str, params: dict, ctx: DiffusersCacheContext) 
             *cfg._unconditional_conditional_input_kwargs_identifiers, "class_labels"]
         return cfg
     if kind == "mag-cache":
-        return H.MagCacheConfig(threshold=float(params["threshold"]), max_skip_steps=int(params.get("max_skip", 3)),
+        return H.MagCacheConfig(threshold=float(params["threshold"]),
+                                max_skip_steps=int(params.get("max_skip", 3)),
                                 retention_ratio=float(params.get("retention", 0.2)),
                                 num_inference_steps=int(params["steps"]), mag_ratios=params["mag_ratios"])
     raise ValueError(f"unknown diffusers cache hook {kind!r}")
@@ -156,7 +157,8 @@ def calibrate_mag_ratios(pipe: HastenPipeline, steps: int, calibration: dict) ->
     buf = io.StringIO()
     ctx.start_run()
     with contextlib.redirect_stdout(buf):
-        cal(labels, num_inference_steps=steps, generator=gen, guidance_scale=calibration.get("guidance_scale"))
+        cal(labels, num_inference_steps=steps, generator=gen,
+            guidance_scale=calibration.get("guidance_scale"))
     lists = re.findall(r"\[[^\[\]]*\]", buf.getvalue())
     if not lists:
         raise RuntimeError("MagCache calibration printed no ratios")

@@ -25,8 +25,10 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_x_better: bool) -
     def better_eq(a: float, b: float) -> bool:
         return a >= b if higher_x_better else a <= b
 
-    front = [p for p in points
-             if not any(better_eq(q[0], p[0]) and q[1] >= p[1] and (q[0] != p[0] or q[1] != p[1]) for q in points)]
+    def dominated(p: tuple[float, float]) -> bool:
+        return any(better_eq(q[0], p[0]) and q[1] >= p[1] and q != p for q in points)
+
+    front = [p for p in points if not dominated(p)]
     return sorted(set(front))
 
 
@@ -37,7 +39,8 @@ def markdown(results: dict) -> str:
              f"{results['date']} · {m['cpu']} · {m['cores']} cores · torch {m['torch']}"
              + (f" · {m.get('threads')} threads" if m.get("threads") else ""), "",
              f"{p.get('samples')} samples ({p.get('batch_size')} per batch, {p.get('reps')} interleaved "
-             f"repetitions after a warm-up), guidance scale {p.get('guidance_scale')}, {p.get('solver')} solver, "
+             f"repetitions after a warm-up), guidance scale {p.get('guidance_scale')}, "
+             f"{p.get('solver')} solver, "
              f"{p.get('schedule')} time grid; reference `{p.get('reference')}`. Speedup: median over batches "
              "of the paired ratio baseline time / configuration time. PSNR/SSIM against the reference's "
              "images from the same seeds.", ""]
@@ -117,7 +120,8 @@ def plot_pareto(path: str | os.PathLike, results: dict) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     m = results["machine"]
-    fig.suptitle(f"hasten bench · {results['model']} · {results['date'][:10]} · {m['cpu']} · {m['cores']} cores")
+    fig.suptitle(f"hasten bench · {results['model']} · {results['date'][:10]} · {m['cpu']} · "
+                 f"{m['cores']} cores")
     fig.tight_layout()
 
     def _save(tmp: str) -> None:

@@ -18,8 +18,7 @@ SCHEMA = "hasten-bench/1"
 FAMILIES = ("baseline", "hasten", "peer")
 RECORD_FIELDS = ("name", "family", "params", "wall_s_median", "speedup", "nfe", "block_evals", "peak_rss_mb",
                  "psnr", "ssim", "fd_digits", "class_accuracy", "error")
-NUMERIC_FIELDS = ("wall_s_median", "speedup", "nfe", "block_evals", "peak_rss_mb", "psnr", "ssim", "fd_digits",
-                  "class_accuracy")
+NUMERIC_FIELDS = RECORD_FIELDS[3:-1]
 TOP_FIELDS = ("schema", "date", "machine", "model", "protocol", "records", "quality_levels", "realistic")
 MACHINE_FIELDS = ("cpu", "cores", "torch")
 PSNR_LEVELS = (40.0, 35.0, 30.0)
@@ -125,8 +124,8 @@ def quality_levels(records: list[dict], reference: str) -> list[dict]:
     ref = next((r for r in records if r["name"] == reference), None)
     if ref is None:
         raise HastenError(f"no reference record {reference!r}")
-    levels: list[tuple[str, Any]] = [(f"psnr>={lv:g}", lambda r, lv=lv: r["psnr"] is not None and r["psnr"] >= lv)
-                                     for lv in PSNR_LEVELS]
+    levels: list[tuple[str, Any]] = [
+        (f"psnr>={lv:g}", lambda r, lv=lv: r["psnr"] is not None and r["psnr"] >= lv) for lv in PSNR_LEVELS]
     if ref["fd_digits"] is not None:
         bound = ref["fd_digits"] * (1 + FD_TOLERANCE)
         levels.append((f"fd<={bound:.4g} (reference +{FD_TOLERANCE:.0%})",
