@@ -256,7 +256,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> to
     grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
     for k in range(b):
         r, col = divmod(k, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[k]
     return grid
 
 

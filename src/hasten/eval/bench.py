@@ -379,7 +379,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
               batch_size: int | None = None, seed: int = 0, peers: bool = True, realistic: bool | None = None,
               threads: int | None = None, progress: Callable[[str], None] | None = None,
               configs: Sequence[BenchConfig] | None = None, scorer: Any = None,
-              pipe: HastenPipeline | None = None) -> dict:
+              pipe: HastenPipeline | None = None, timer: Callable[[], float] = time.perf_counter) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``."""
     from ..pipeline import load_pipeline
     from .bench_report import plot_pareto, write_markdown
@@ -400,7 +400,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     configs = list(configs) if configs is not None else digits_configs(pipe, assets, quick=quick, peers=peers)
     batches = make_batches(n, bs, seed, pipe.num_classes)
     warm = make_batches(budget.warmup_samples, budget.warmup_samples, seed + 10_000, pipe.num_classes)[0]
-    measured = run_interleaved(configs, batches, warmup=warm, rss=RssSampler(), progress=say)
+    measured = run_interleaved(configs, batches, warmup=warm, timer=timer, rss=RssSampler(), progress=say)
     say("scoring")
     records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer())
     levels = quality_levels(records, configs[0].name)

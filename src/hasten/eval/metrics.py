@@ -40,15 +40,16 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor | list[int]) -> fl
 
 
 def _gaussian_fd(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-    from scipy import linalg
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)).
 
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = np.real(covmean)
+    Tr((S1 S2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric PSD
+    matrix S1^(1/2) S2 S1^(1/2) (same spectrum), which stays stable when features have zero variance.
+    """
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def _stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

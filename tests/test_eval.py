@@ -1,0 +1,33 @@
+"""Evaluator sanity: the classifier knows real digits; metrics behave as metrics."""
+
+import torch
+
+from hasten.data import digits
+from hasten.eval import class_accuracy, frechet_distance, psnr, ssim
+from hasten.eval.metrics import fd_to_held_out, real_vs_real_fd
+
+
+def test_classifier_scores_real_held_out_images():
+    x, y = digits("held-out")
+    assert class_accuracy((x + 1) / 2, y) >= 0.95
+
+
+def test_frechet_distance_properties():
+    x, _ = digits("train")
+    x = (x + 1) / 2
+    assert abs(frechet_distance(x, x)) < 1e-3
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    ref = real_vs_real_fd()
+    assert ref > 0
+    assert fd_to_held_out(noisy) > 2 * ref  # corrupted images are much further than real vs real
+
+
+def test_psnr_and_ssim():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(8, 1, 16, 16, generator=g)
+    assert psnr(a, a) == 100.0
+    assert abs(ssim(a, a) - 1.0) < 1e-9
+    b = (a + 0.01 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    c = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    assert 35 < psnr(a, b) < 45 and psnr(a, c) < psnr(a, b)
+    assert ssim(a, c) < ssim(a, b) < 1.0
