@@ -1,0 +1,239 @@
+"""hasten bench: paired speedups from interleaved runs, error capture, counters, schema round-trip, CLI.
+
+Everything here uses fake configurations or a 2-block random DiT; nothing downloads or loads weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from hasten.cli import main
+from hasten.errors import HastenError
+from hasten.eval.bench import baseline_config, diffusers_peer_config, run_bench
+from hasten.eval.bench_harness import (
+    BenchConfig,
+    Prepared,
+    Unavailable,
+    make_batches,
+    paired_speedup,
+    run_interleaved,
+)
+from hasten.eval.bench_report import pareto_front
+from hasten.eval.bench_results import load_results, new_record, quality_levels, validate_results
+from hasten.pipeline import HastenPipeline
+from hasten.train import digits_transformer_config
+
+
+class FakeClock:
+    """A clock that only moves when a fake configuration 'samples'."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_config(name: str, family: str, clock: FakeClock, durations: list[float], fail_at: int | None = None,
+                setup_error: Exception | None = None) -> BenchConfig:
+    """A configuration whose k-th run takes ``durations[k]`` fake seconds and returns images = its index."""
+    calls = {"n": 0}
+
+    def setup() -> Prepared:
+        if setup_error is not None:
+            raise setup_error
+
+        def sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            k = calls["n"]
+            calls["n"] += 1
+            if fail_at is not None and k == fail_at:
+                raise RuntimeError(f"boom in run {k}\nsecond line")
+            clock.now += durations[k]
+            return torch.rand((len(labels), 1, 16, 16), generator=gen)
+
+        return Prepared(sample=sample)
+
+    return BenchConfig(name, family, {"fake": True}, setup)
+
+
+class FakeScorer:
+    def psnr(self, a, b):
+        return 100.0 if torch.equal(a, b) else 20.0
+
+    def ssim(self, a, b):
+        return 1.0 if torch.equal(a, b) else 0.5
+
+    def fd_digits(self, images):
+        return float(images.mean())
+
+    def class_accuracy(self, images, labels):
+        return 1.0
+
+
+def test_speedup_is_the_median_of_interleaved_pairs():
+    clock = FakeClock()
+    # the machine slows down in batch 1 for everyone: pairs cancel it, independent medians would not
+    base = fake_config("base", "baseline", clock, [1.0, 4.0, 1.0])
+    fast = fake_config("fast", "hasten", clock, [0.5, 2.0, 0.5])
+    batches = make_batches(6, 2, 0, 10)
+    measured = run_interleaved([base, fast], batches, warmup=None, timer=clock)
+    assert measured["base"].times == [1.0, 4.0, 1.0] and measured["fast"].times == [0.5, 2.0, 0.5]
+    assert paired_speedup(measured["base"].times, measured["fast"].times) == pytest.approx(2.0)
+    # pairs, not medians: median(base)/median(other) would be 2.0 / 1.0 = 2.0 but the paired ratios are
+    # 1/3, 4/1, 1/3, so the median pair says "3x slower"
+    assert paired_speedup([1.0, 4.0, 1.0], [3.0, 1.0, 3.0]) == pytest.approx(1 / 3)
+    assert paired_speedup([1.0, 2.0], []) is None
+
+
+def test_interleaving_order_is_a_b_c_per_batch():
+    clock, order = FakeClock(), []
+
+    def cfg(name):
+        def setup():
+            return Prepared(sample=lambda labels, gen: order.append(name) or torch.zeros(len(labels), 1, 4))
+        return BenchConfig(name, "baseline", {}, setup)
+
+    run_interleaved([cfg("A"), cfg("B"), cfg("C")], make_batches(4, 2, 0, 10),
+                    warmup=make_batches(2, 2, 99, 10)[0], timer=clock)
+    assert order == ["A", "B", "C", "A", "B", "C", "A", "B", "C"]  # warm-up row, then batch 0, batch 1
+
+
+def test_failing_configurations_are_recorded_and_the_run_goes_on(tmp_path):
+    clock = FakeClock()
+    # run 0 of each configuration is the warm-up
+    configs = [fake_config("ref", "baseline", clock, [1.0] * 4),
+               fake_config("broken-setup", "peer", clock, [1.0] * 4, setup_error=ValueError("no such hook")),
+               fake_config("missing", "hasten", clock, [1.0] * 4, setup_error=Unavailable("X not in build")),
+               fake_config("dies", "peer", clock, [0.5] * 4, fail_at=2),
+               fake_config("ok", "hasten", clock, [0.25] * 4)]
+    res = run_bench("tiny", tmp_path / "out", configs=configs, scorer=FakeScorer(), pipe=tiny_pipeline(),
+                    samples=30, batch_size=10, realistic=False, timer=clock)
+    recs = {r["name"]: r for r in res["records"]}
+    assert len(recs) == 5
+    assert recs["broken-setup"]["error"] == "ValueError: no such hook"
+    assert recs["missing"]["error"] == "not available: X not in build"
+    assert recs["dies"]["error"] == "RuntimeError: boom in run 2"  # first line only
+    for name in ("broken-setup", "missing", "dies"):
+        assert recs[name]["speedup"] is None and recs[name]["psnr"] is None
+    assert recs["ok"]["error"] is None and recs["ok"]["speedup"] == pytest.approx(4.0)
+    assert recs["ref"]["speedup"] == pytest.approx(1.0) and recs["ref"]["psnr"] == 100.0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "RuntimeError: boom in run 2" in md and "not available: X not in build" in md
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 1000
+
+
+def test_results_json_round_trip_and_schema_errors(tmp_path):
+    clock = FakeClock()
+    configs = [fake_config("ref", "baseline", clock, [1.0] * 3), fake_config("h", "hasten", clock, [0.5] * 3)]
+    res = run_bench("tiny", tmp_path, configs=configs, scorer=FakeScorer(), pipe=tiny_pipeline(), samples=20,
+                    batch_size=10, realistic=False, timer=clock)
+    loaded = load_results(tmp_path / "results.json")
+    assert loaded == json.loads(json.dumps(res))
+    rec = loaded["records"][1]
+    assert set(rec) == {"name", "family", "params", "wall_s_median", "speedup", "nfe", "block_evals",
+                        "peak_rss_mb", "psnr", "ssim", "fd_digits", "class_accuracy", "error"}
+    assert {"cpu", "cores", "torch"} <= set(loaded["machine"]) and loaded["date"]
+    bad = json.loads(json.dumps(res))
+    bad["records"][0]["family"] = "rival"
+    with pytest.raises(HastenError, match="family must be one of"):
+        validate_results(bad)
+    bad = json.loads(json.dumps(res))
+    del bad["records"][1]["speedup"]
+    with pytest.raises(HastenError, match="lacks field 'speedup'"):
+        validate_results(bad)
+    bad = json.loads(json.dumps(res))
+    bad["records"][1]["psnr"] = "high"
+    with pytest.raises(HastenError, match="psnr must be a finite number"):
+        validate_results(bad)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(HastenError, match="not valid JSON"):
+        load_results(tmp_path / "broken.json")
+
+
+def test_quality_levels_pick_the_fastest_per_family():
+    recs = [new_record("ref", "baseline", {}, speedup=1.0, psnr=100.0, fd_digits=1.0),
+            new_record("s25", "baseline", {}, speedup=2.0, psnr=38.0, fd_digits=1.02),
+            new_record("s10", "baseline", {}, speedup=5.0, psnr=31.0, fd_digits=1.3),
+            new_record("h1", "hasten", {}, speedup=3.0, psnr=41.0, fd_digits=1.01),
+            new_record("h2", "hasten", {}, speedup=4.0, psnr=33.0, fd_digits=1.2),
+            new_record("p1", "peer", {}, speedup=2.5, psnr=40.5, fd_digits=1.0),
+            new_record("p-err", "peer", {}, error="RuntimeError: x")]
+    rows = {r["level"].split(" ")[0]: r for r in quality_levels(recs, "ref")}
+    assert rows["psnr>=40"]["hasten"]["name"] == "h1" and rows["psnr>=40"]["hasten_fastest"] is True
+    assert rows["psnr>=40"]["hasten_vs_peer"] == pytest.approx(3.0 / 2.5)
+    assert rows["psnr>=30"]["fewer_steps"]["name"] == "s10" and rows["psnr>=30"]["hasten_fastest"] is False
+    assert rows["fd<=1.05"]["hasten"]["name"] == "h1" and rows["fd<=1.05"]["fewer_steps"]["name"] == "s25"
+
+
+def test_pareto_front():
+    pts = [(1.0, 1.0), (2.0, 3.0), (1.5, 0.5), (3.0, 2.0), (2.0, 3.0)]
+    assert pareto_front(pts, higher_x_better=False) == [(1.0, 1.0), (2.0, 3.0)]  # low x, high y
+    assert pareto_front(pts, higher_x_better=True) == [(2.0, 3.0), (3.0, 2.0)]
+
+
+# --------------------------------------------------------------------------- real (tiny) models
+def tiny_pipeline() -> HastenPipeline:
+    torch.manual_seed(0)
+    tr = DiTTransformer2DModel(**digits_transformer_config(num_layers=2, num_attention_heads=2,
+                                                           attention_head_dim=16))
+    return HastenPipeline(tr, guidance_scale=3.0)
+
+
+def test_counters_count_rows_and_blocks_and_peers_install_exactly():
+    pipe = tiny_pipeline()
+    steps = 4
+    batches = make_batches(4, 4, 0, 10)
+    configs = [baseline_config(pipe, steps),
+               diffusers_peer_config(pipe, "first-block-cache", {"threshold": 0.0}, steps),
+               diffusers_peer_config(pipe, "first-block-cache", {"threshold": 1e9}, steps)]
+    measured = run_interleaved(configs, batches, warmup=None)
+    base, fbc0, fbc_all = (measured[c.name] for c in configs)
+    assert all(m.error is None for m in (base, fbc0, fbc_all))
+    assert base.nfe == 2 * steps and base.block_evals == 2 * steps * 2  # CFG rows x steps x blocks
+    # threshold 0 never reuses: bitwise the baseline, same work
+    assert torch.equal(torch.cat(fbc0.images), torch.cat(base.images))
+    assert fbc0.block_evals == base.block_evals
+    # a huge threshold reuses the tail block after the first step: fewer block evaluations, still 1 NFE/step
+    assert fbc_all.nfe == base.nfe and fbc_all.block_evals < base.block_evals
+    # the original pipeline is untouched (every configuration installs on its own copy)
+    assert not hasattr(pipe.transformer, "_diffusers_hook")
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    old = sys.argv
+    sys.argv = ["hasten", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "3"], "--samples must be >= 10"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+])
+def test_bad_arguments_give_one_line_errors(tmp_path, capsys, args, message):
+    code, err = run_cli(capsys, "bench", "--out", str(tmp_path / "o"), *args)
+    assert code == 2
+    assert err.strip().startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    f = tmp_path / "file.json"
+    f.write_text("{}")
+    code, err = run_cli(capsys, "bench", "--out", str(f))
+    assert code == 2 and "is not a folder" in err
+    code, err = run_cli(capsys, "bench", "--out", str(tmp_path / "missing" / "deeper"))
+    assert code == 2 and "does not exist" in err
