@@ -331,3 +331,39 @@ def test_specs(pipe, tmp_path):
         accelerate_from_specs(pipe, ["ag:thresh=0.5"], steps=4)
     with pytest.raises(HastenError, match="needs plan"):
         accelerate_from_specs(pipe, ["linear-ag"], steps=4)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    import sys
+
+    from hasten.cli import main
+
+    old = sys.argv
+    sys.argv = ["hasten", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generate_with_ag_reports_the_real_nfe(pipe, tmp_path, capsys):
+    model = pipe.save_pretrained(tmp_path / "tiny")
+    args = ["generate", "--model", str(model), "--labels", "0-3", "--per-label", "1", "--steps", "5",
+            "--out", str(tmp_path / "g.png"), "--json"]
+    code, out, _ = run_cli(capsys, *args, "--accel", "ag:threshold=-1")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["nfe"] == 2 + 4
+    assert payload["report"]["methods"]["adaptive-guidance"]["nfe_per_sample"] == [6] * 4
+    code, _, err = run_cli(capsys, *args, "--accel", "ag:threshold=abc")
+    assert code == 2 and err.count("\n") == 1 and "threshold" in err
+    code, _, err = run_cli(capsys, *args, "--accel", f"linear-ag:plan={tmp_path / 'none.json'}")
+    assert code == 2 and err.count("\n") == 1 and "not found" in err
