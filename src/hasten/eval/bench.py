@@ -69,7 +69,7 @@ class Budget:
         return -(-self.samples // self.batch_size)
 
 
-FULL = Budget(samples=200, batch_size=50, warmup_samples=10, realistic=True)
+FULL = Budget(samples=160, batch_size=40, warmup_samples=10, realistic=True)
 QUICK = Budget(samples=20, batch_size=10, warmup_samples=4, realistic=False)
 
 
@@ -130,6 +130,11 @@ class HastenAssets:
     def resolve(self, spec: str, steps: int) -> str:
         """Add ``plan=PATH`` to the specs of methods that need one."""
         name, _, rest = spec.partition(":")
+        if name == "block-cache" and "scale_shift=1" in rest:
+            from ..methods import block_cache
+
+            if not hasattr(block_cache, "train_scale_shift"):
+                raise Unavailable("Block Caching scale-shift training is not in this build")
         if name in ("block-cache", "linear-ag"):
             path = self.plan(name, steps)
             return f"{name}:plan={path}" + (f",{rest}" if rest else "")
@@ -195,10 +200,11 @@ def digits_configs(pipe: HastenPipeline, assets: HastenAssets | None, quick: boo
                      cache_dit_config(pipe, {"threshold": 0.12, "Fn": 1, "Bn": 0, "warmup_steps": 8}, full)]
         return cfgs
     cfgs = [baseline_config(pipe, s) for s in (full, 40, 30, 25, 20, 15, 12, 10, 8)]
-    for steps, deltas, ags in ((full, (0.25, 0.5, 1.0, 2.0), (0.999, 0.995, 0.99, 0.98)),
-                               (25, (0.25, 0.5, 1.0), (0.995, 0.99)),
-                               (15, (0.25, 0.5), (0.995, 0.99))):
+    for steps, deltas, ss_deltas, ags in ((full, (0.25, 0.5, 1.0, 2.0), (0.5, 1.0), (0.999, 0.995, 0.99, 0.98)),
+                                          (25, (0.25, 0.5, 1.0), (0.5,), (0.995, 0.99)),
+                                          (15, (0.25, 0.5), (0.5,), (0.995, 0.99))):
         cfgs += [hasten_config(pipe, [f"block-cache:delta={d}"], steps, assets) for d in deltas]
+        cfgs += [hasten_config(pipe, [f"block-cache:delta={d},scale_shift=1"], steps, assets) for d in ss_deltas]
         cfgs += [hasten_config(pipe, [f"ag:threshold={t}"], steps, assets) for t in ags]
         cfgs += [hasten_config(pipe, ["linear-ag"], steps, assets),
                  hasten_config(pipe, ["ag:threshold=0.99", "block-cache:delta=0.5"], steps, assets)]
@@ -207,21 +213,19 @@ def digits_configs(pipe: HastenPipeline, assets: HastenAssets | None, quick: boo
     for th in (0.05, 0.1, 0.2, 0.3):
         cfgs.append(diffusers_peer_config(pipe, "first-block-cache", {"threshold": th}, full))
     cfgs.append(diffusers_peer_config(pipe, "first-block-cache", {"threshold": 0.1}, 25))
-    for interval, order in ((2, 1), (3, 1), (5, 2)):
-        cfgs.append(diffusers_peer_config(pipe, "taylorseer-cache",
-                                          {"cache_interval": interval, "max_order": order, "warmup_steps": 3},
-                                          full))
-    for th in (0.06, 0.12, 0.24):
+    for interval, order in ((2, 1), (4, 2)):
+        ts = {"cache_interval": interval, "max_order": order, "warmup_steps": 3}
+        cfgs.append(diffusers_peer_config(pipe, "taylorseer-cache", ts, full))
+    for th in (0.06, 0.24):
         mag = {"threshold": th, "max_skip": 3, "retention": 0.2, "calibration": {"samples": 20, "seed": 3000}}
         cfgs.append(diffusers_peer_config(pipe, "mag-cache", mag, full))
     cfgs.append(diffusers_peer_config(pipe, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5}, full))
     cfgs.append(diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 2}, full))
-    cfgs.append(diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 3}, full))
-    for th in (0.08, 0.12, 0.2, 0.3):
-        cfgs.append(cache_dit_config(pipe, {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 8}, full))
-    for th in (0.12, 0.3):
-        cfgs.append(cache_dit_config(pipe, {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 8,
-                                            "taylorseer": True}, full))
+    db = {"Fn": 1, "Bn": 0, "warmup_steps": 8}
+    for th in (0.08, 0.15, 0.3):
+        cfgs.append(cache_dit_config(pipe, {"threshold": th, **db}, full))
+    for th in (0.15, 0.3):
+        cfgs.append(cache_dit_config(pipe, {"threshold": th, **db, "taylorseer": True}, full))
     cfgs.append(cache_dit_config(pipe, {"threshold": 0.2, "Fn": 1, "Bn": 0, "warmup_steps": 4}, 25))
     return cfgs
 
