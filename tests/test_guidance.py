@@ -82,6 +82,7 @@ def test_threshold_minus_one_is_conditional_only_after_first_step(pipe):
     assert rep["rows_sent"] == counter["rows"]
     assert rep["nfe"] == 2 * 1 + (steps - 1)
     assert rep["methods"]["adaptive-guidance"]["guided_calls_per_sample"] == [1, 1, 1, 1]
+    assert rep["methods"]["adaptive-guidance"]["ag_switch_call"] == [1, 1, 1, 1]
 
 
 def test_cfg_combine_of_switched_slot_is_bitwise_conditional():
@@ -233,7 +234,9 @@ def test_linear_ag_regressed_calls_send_one_row_and_use_the_regression(pipe):
         rep = h.report()
     assert torch.equal(out.images, ref)
     assert rep["nfe"] == 2 * steps - 2
-    assert rep["methods"]["linear-ag"]["regressed_calls"] == 2
+    lag = rep["methods"]["linear-ag"]
+    assert lag["regressed_calls"] == 2 and lag["guided_calls_per_sample"] == [steps - 2] * 4
+    assert lag["ag_switch_call"] == [None] * 4 and lag["nfe_per_sample"] == [2 * steps - 2] * 4
 
 
 def test_linear_ag_uses_past_estimates(pipe):

@@ -348,7 +348,7 @@ class GuidanceRuntime:
     def new_run(self) -> None:
         self.b: int | None = None
         self.j = 0  # guidance calls so far in this run
-        self.switched = self.rows = self.switch_call = None
+        self.switched = self.rows = self.guided = self.switch_call = None
         self.prev_c = self.prev_u = None
         self.regressed_done = 0
 
@@ -356,6 +356,7 @@ class GuidanceRuntime:
         self.b = b
         self.switched = torch.zeros(b, dtype=torch.bool)
         self.rows = torch.zeros(b, dtype=torch.long)
+        self.guided = torch.zeros(b, dtype=torch.long)
         self.switch_call = torch.full((b,), -1, dtype=torch.long)
         self.runs += 1
 
@@ -405,14 +406,13 @@ class GuidanceRuntime:
             if regress:
                 r = ~sw
                 beta = self.plan["coefficients"][str(j)]
-                rc = r.cpu()
-                full[uncond.to(dev)[r]] = regress_uncond(beta, full[cond.to(dev)[r]], self.prev_c[rc].to(dev),
-                                                         self.prev_u[rc].to(dev))
+                full[uncond.to(dev)[r]] = regress_uncond(beta, full[cond.to(dev)[r]], self.prev_c[r],
+                                                         self.prev_u[r])
                 self.regressed_done += 1
         self.rows += 1 + need_u.long()
+        self.guided += need_u.long()
         self.skipped_rows += int((~need_u).sum())
-        first_single = ~need_u & (self.switch_call < 0)
-        self.switch_call[first_single] = j
+        self.switch_call[self.switched & (self.switch_call < 0)] = j  # first call run conditional-only by AG
         entry = {"uncond_rows": int(need_u.sum()), "switched": int(self.switched.sum()), "regressed": regress}
         if bool(need_u.any()):
             dev = full.device
@@ -427,11 +427,11 @@ class GuidanceRuntime:
             entry["gamma_min"] = round(float(gamma.min()), 6)
             entry["gamma_max"] = round(float(gamma.max()), 6)
             if self.plan is not None and (j + 1) in self.regressed:
-                if self.prev_c is None:
-                    self.prev_c, self.prev_u = c_rows.detach().clone().cpu(), u_rows.detach().clone().cpu()
+                if self.prev_c is None:  # the estimates the next (regressed) call regresses on
+                    self.prev_c, self.prev_u = c_rows.detach().clone(), u_rows.detach().clone()
                 else:
-                    self.prev_c[need_u] = c_rows[m].detach().cpu()
-                    self.prev_u[need_u] = u_rows[m].detach().cpu()
+                    self.prev_c[m] = c_rows[m].detach()
+                    self.prev_u[m] = u_rows[m].detach()
         if h.log_entry is not None:
             h.log_entry[self.name] = entry
         return rebuild(full)
@@ -442,11 +442,10 @@ class GuidanceRuntime:
         rep: dict[str, Any] = {"threshold": self.threshold, "layout": order, "runs": self.runs,
                                "uncond_rows_skipped": self.skipped_rows}
         if self.b is not None:
-            never = torch.full_like(self.switch_call, self.j)
-            k = torch.where(self.switch_call >= 0, self.switch_call, never)
-            rep.update({"samples": self.b, "guidance_calls": self.j, "guided_calls_per_sample": k.tolist(),
-                        "nfe_per_sample": self.rows.tolist(),
-                        "nfe_mean": float(self.rows.double().mean())})
+            switch = [None if k < 0 else k for k in self.switch_call.tolist()]
+            rep.update({"samples": self.b, "guidance_calls": self.j,
+                        "guided_calls_per_sample": self.guided.tolist(), "ag_switch_call": switch,
+                        "nfe_per_sample": self.rows.tolist(), "nfe_mean": float(self.rows.double().mean())})
         if self.plan is not None:
             rep["regressed_calls"] = self.regressed_done
         return rep
