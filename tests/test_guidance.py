@@ -370,3 +370,18 @@ def test_cli_generate_with_ag_reports_the_real_nfe(pipe, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "threshold" in err
     code, _, err = run_cli(capsys, *args, "--accel", f"linear-ag:plan={tmp_path / 'none.json'}")
     assert code == 2 and err.count("\n") == 1 and "not found" in err
+
+
+def test_cli_calibrate_linear_ag(pipe, tmp_path, capsys):
+    model = pipe.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "lag.json"
+    seeds = ",".join(str(s) for s in range(20))
+    code, stdout, _ = run_cli(capsys, "calibrate", "--model", str(model), "--method", "linear-ag", "--steps", "4",
+                              "--seeds", seeds, "--out", str(out), "--json")
+    assert code == 0, stdout
+    plan = load_linear_ag_plan(out)
+    assert plan["trajectories"] == 200 and plan["steps"] == 4 and set(plan["coefficients"]) == {"1"}
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(model), "--method", "linear-ag", "--steps", "4",
+                           "--out", str(tmp_path / "x.json"))
+    assert code == 2 and err.count("\n") == 1 and "200 trajectories" in err
+    assert not (tmp_path / "x.json").exists()

@@ -538,8 +538,10 @@ def calibrate_linear_ag(run: Any, config: LinearAG) -> dict:
 
     n = len(run.conditions) * len(run.seeds)
     if n < MIN_TRAJECTORIES:
+        need = -(-MIN_TRAJECTORIES // max(len(run.conditions), 1))
         raise HastenError(f"LinearAG calibration needs at least {MIN_TRAJECTORIES} trajectories, got "
-                          f"{len(run.conditions)} conditions x {len(run.seeds)} seeds = {n}")
+                          f"{len(run.conditions)} conditions x {len(run.seeds)} seeds = {n}: use at least "
+                          f"{need} seeds (e.g. --seeds {','.join(str(s) for s in range(need))})")
     handle = accelerate(run.target)
     try:
         rec = LinearAGRecorder(handle, _layout(handle, config.uncond_first))
