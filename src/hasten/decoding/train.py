@@ -188,9 +188,64 @@ def plot_curves(out: Path, logs: dict[str, dict]) -> None:
     plt.close(fig)
 
 
+def write_model_card(out: Path) -> Path:
+    """MODEL_CARD.md for the shipped target, draft and judge, assembled from their training logs."""
+    from ..io import atomic_write
+
+    def load(p: Path) -> dict:
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    sp = task.splits()
+    lines = ["# hasten decoding models: target LM, draft LM, judge head", "",
+             "Made here from scratch (no downloaded weights) for the addition task of "
+             "`hasten/decoding/task.py`: prompt `a+b\\n` with `a, b in [0, 99]`; a worked answer whose six "
+             "kinds of slot each have three wordings (`task.SLOTS`); correct when the last integer equals "
+             "`a + b`. Character-level tokenizer (`tokenizer.json`, 47 ids, built in code).", "",
+             f"Data split (`task.splits(seed=0)`): {len(sp['test'])} held-out test problems (benchmark only), "
+             f"{len(sp['val'])} validation problems (reported, never trained on), {len(sp['train'])} training "
+             "problems. Answers are generated on the fly from the training problems.", "",
+             "Reproduce (CPU, one thread): `OMP_NUM_THREADS=1 python -m hasten.decoding.train --what all "
+             "--out src/hasten/models/lm`; benchmark: `hasten bench-decode --out benchmarks/decode`.", "",
+             "![loss curves](loss_curves.png)", ""]
+    for name, mix in (("target", task.TARGET_MIX), ("draft", task.DRAFT_MIX)):
+        log = load(out / name / "train_log.json")
+        if not log:
+            continue
+        c = log["config"]
+        lines += [f"## {name}", "",
+                  f"- transformers `LlamaForCausalLM`, {log['params']:,} parameters, hidden {c['hidden_size']}, "
+                  f"{c['layers']} layers, {c['heads']} heads, MLP {c['intermediate']}, tied embeddings, "
+                  "stored in float16 (`safetensors`).",
+                  f"- wording mix per slot (favourite of target, favourite of draft, rare): {list(mix)}.",
+                  f"- AdamW lr {c['lr']} (100 warm-up steps, cosine), batch {c['batch_size']}, {c['steps']} steps, "
+                  f"seed {c['seed']}, loss on answer tokens only; {log['train_seconds']} s.",
+                  f"- final train loss (EMA) {log['loss_curve'][-1]['loss']:.4f}; greedy accuracy on the first "
+                  f"100 validation problems {log.get('val_greedy_accuracy_100', float('nan')):.3f}.", ""]
+    j = load(out / "judge_log.json")
+    if j:
+        lines += ["## judge (`judge.safetensors`)", "",
+                  "- `JudgeHead`: one linear unit on the frozen target's last hidden state (hidden size + 1 "
+                  "parameters), threshold logit "
+                  f"{j['threshold_logit']} (probability delta = 0.5, the paper's choice).",
+                  "- data (`judge_data.py`): correct continuations in uniformly mixed wordings (all tokens "
+                  "label 1) and three corrupted copies per problem (one replaced character: a digit in 2/3 of "
+                  "cases, any character otherwise; label 0; tokens after the error dropped); "
+                  f"{j['train']['tokens']:,} labelled tokens ({j['train']['wrong_tokens']:,} wrong) from the "
+                  "first 1,500 training problems, seed 0.",
+                  "- class-weighted logistic regression, Adam lr 0.05, 600 full-batch steps, seed 0; "
+                  f"final loss {j['loss_curve'][-1]['loss']:.4f}.",
+                  f"- validation split: accepts {j['metrics']['val']['accept_rate_on_correct']:.3f} of correct "
+                  f"tokens, rejects {j['metrics']['val']['reject_rate_on_wrong']:.3f} of wrong ones "
+                  f"(train: {j['metrics']['train']['accept_rate_on_correct']:.3f} / "
+                  f"{j['metrics']['train']['reject_rate_on_wrong']:.3f}).", ""]
+    lines += ["Decoding figures on the held-out test split: `benchmarks/decode/results.md`.", ""]
+    text = "\n".join(lines)
+    return atomic_write(out / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(text))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--what", default="all", choices=["all", "target", "draft", "judge"])
+    ap.add_argument("--what", default="all", choices=["all", "target", "draft", "judge", "card"])
     ap.add_argument("--out", type=Path, default=Path("src/hasten/models/lm"))
     ap.add_argument("--steps", type=int, default=None, help="override the LM step count")
     args = ap.parse_args(argv)
@@ -220,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             for n in ("target", "draft") if (args.out / n / "train_log.json").is_file()}
     if logs:
         plot_curves(args.out, logs)
+    write_model_card(args.out)
 
 
 if __name__ == "__main__":
