@@ -16,7 +16,7 @@ written in :mod:`hasten.hooks`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,8 +89,11 @@ class CalibrationRun:
     schedule: str | None = "linear"
     guidance_scale: float | None = None
     pipeline_kwargs: dict = field(default_factory=dict)
+    runner: Callable[[int], Any] | None = None
 
     def run(self, seed: int) -> Any:
+        if self.runner is not None:
+            return self.runner(int(seed))
         gen = torch.Generator().manual_seed(int(seed))
         if self.kind == "hasten":
             return self.target(self.conditions, num_inference_steps=self.steps,
@@ -122,12 +125,15 @@ MIN_CONDITIONS, MIN_SEEDS = 8, 2
 def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: Sequence[int] = (0, 1),
               steps: int = 50, solver: str = "euler", schedule: str | None = "linear",
               guidance_scale: float | None = None, prompts: Sequence[str] | None = None,
-              **pipeline_kwargs: Any) -> dict:
+              runner: Callable[[int], Any] | None = None, **pipeline_kwargs: Any) -> dict:
     """Calibrate ``method`` on ``target`` from full-compute runs; returns the plan (a dict).
 
     ``labels`` (hasten pipeline, default: every class) or ``prompts`` (diffusers pipeline) are the
     conditions; at least 8 conditions (or all classes when the model has fewer) and 2 seeds.
-    Save the plan with :func:`hasten.plans.save_plan`.
+    ``runner(seed)`` replaces the pipeline call (needed for a bare transformer: it runs one sampling
+    loop over the conditions for that seed, calling the model once per denoiser call); ``steps``,
+    ``solver`` and ``schedule`` are then only recorded in the plan. Save the plan with
+    :func:`hasten.plans.save_plan`.
     """
     from .methods import info_for
 
@@ -135,10 +141,12 @@ def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: S
     info = info_for(method)
     if info.calibrate is None:
         raise HastenError(f"{type(method).__name__} needs no calibration")
-    if kind == "transformer":
-        raise HastenError("calibrate needs a pipeline that can sample (a hasten or diffusers pipeline), "
-                          "not a bare transformer")
-    if kind == "hasten":
+    if kind == "transformer" and runner is None:
+        raise HastenError("calibrating a bare transformer needs runner=fn (fn(seed) runs one sampling loop); "
+                          "or pass a hasten or diffusers pipeline")
+    if runner is not None:
+        conds, need = list(labels or prompts or []), 0
+    elif kind == "hasten":
         conds = list(range(target.num_classes)) if labels is None else [int(x) for x in labels]
         target.check_labels(conds)
         need = min(MIN_CONDITIONS, target.num_classes)
@@ -146,16 +154,25 @@ def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: S
         if prompts is None:
             raise HastenError("calibrating a diffusers pipeline needs prompts=[...] (at least 8)")
         conds, need = list(prompts), MIN_CONDITIONS
+    _check_counts(conds, need, seeds, steps)
+    seeds = [int(s) for s in seeds]
+    run = CalibrationRun(target, kind, transformer, conds, seeds, int(steps), solver, schedule,
+                         guidance_scale, pipeline_kwargs, runner)
+    return info.calibrate(run, method)
+
+
+def _check_counts(conds: Sequence, need: int, seeds: Sequence[int], steps: int) -> None:
     if len(set(conds)) < need:
         raise HastenError(f"calibration needs at least {need} different conditions, got {len(set(conds))}")
-    seeds = [int(s) for s in seeds]
-    if len(set(seeds)) < MIN_SEEDS:
+    if len({int(s) for s in seeds}) < MIN_SEEDS:
         raise HastenError(f"calibration needs at least {MIN_SEEDS} different seeds, got {len(set(seeds))}")
     if int(steps) < 1:
         raise HastenError(f"steps must be >= 1, got {steps}")
-    run = CalibrationRun(target, kind, transformer, conds, seeds, int(steps), solver, schedule,
-                         guidance_scale, pipeline_kwargs)
-    return info.calibrate(run, method)
+
+
+def _check_conditions(pipe: Any, labels: Sequence[int], seeds: Sequence[int], steps: int) -> None:
+    pipe.check_labels(list(labels))
+    _check_counts(list(labels), min(MIN_CONDITIONS, pipe.num_classes), seeds, steps)
 
 
 @dataclass
@@ -198,3 +215,53 @@ def accelerate_from_specs(pipe: Any, specs: Sequence[str], steps: int, solver: s
             raise HastenError(f"method {name!r} cannot be given as --accel")
         configs.append(info.from_spec(opts, ctx))
     return accelerate(pipe, *configs)
+
+
+def calibrate_cli(model: str, method: str, out: Any, options: dict, plot: Any = None, steps: int = 50,
+                  solver: str = "euler", schedule: str = "linear", guidance_scale: float | None = None,
+                  labels: Sequence[int] | None = None, seeds: Sequence[int] = (1000, 1001)) -> dict:
+    """``hasten calibrate``: calibrate ``method`` (by name) on ``model``, write the plan (and plot).
+
+    ``options`` holds the method's CLI options (``delta``, ``scale_shift``, ``train_steps``, ...);
+    each method reads the ones it knows. Returns a summary dict for printing.
+    """
+    from pathlib import Path
+
+    from .io import check_writable
+    from .methods import by_name
+    from .pipeline import load_pipeline
+    from .plans import save_plan
+
+    info = by_name(method)
+    if info.calibrate is None:
+        raise HastenError(f"method {method!r} needs no calibration")
+    out = check_writable(Path(out))
+    if plot is not None:
+        plot = check_writable(Path(plot))
+        if info.plot is None:
+            raise HastenError(f"method {method!r} has no plot")
+    pipe = load_pipeline(model)
+    if labels is None:
+        labels = list(range(pipe.num_classes))
+    run_args = dict(labels=labels, seeds=seeds, steps=steps, solver=solver, schedule=schedule,
+                    guidance_scale=guidance_scale)
+    if info.cli_calibrate is not None:
+        kind, transformer, _ = resolve_target(pipe)
+        _check_conditions(pipe, labels, seeds, steps)
+        run = CalibrationRun(pipe, kind, transformer, list(labels), [int(s) for s in seeds], int(steps), solver,
+                             schedule, guidance_scale)
+        plan = info.cli_calibrate(run, options, out)
+    else:
+        if info.from_options is None:
+            raise HastenError(f"method {method!r} cannot be calibrated from the command line")
+        plan = calibrate(pipe, info.from_options(options), **run_args)
+    save_plan(out, plan)
+    summary = {"out": str(out), "method": method, "model": model, "steps": steps, "solver": solver,
+               "calls": plan.get("calls")}
+    for key in ("delta", "ideal_speedup", "scale_shift_file", "scale_shift_train"):
+        if key in plan:
+            summary[key] = plan[key]
+    if plot is not None:
+        info.plot(plan, plot)
+        summary["plot"] = str(plot)
+    return summary

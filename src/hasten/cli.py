@@ -192,6 +192,46 @@ def bench_cmd(
     emit(res, as_json, lines)
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    out: Path = typer.Option(..., help="plan JSON to write"),
+    model: str = typer.Option("digits", help="embedded model name or a save_pretrained folder"),
+    method: str = typer.Option("block-cache", help="method to calibrate (block-cache, ...)"),
+    delta: float = typer.Option(None, help="block-cache: threshold of the accumulated-change rule (Eq. 7)"),
+    plot: Path = typer.Option(None, help="PNG of the change curves and the schedule"),
+    scale_shift: bool = typer.Option(False, "--scale-shift", help="block-cache: train scale-shift alignment"),
+    train_steps: int = typer.Option(200, help="block-cache: scale-shift optimisation steps"),
+    steps: int = typer.Option(50, help="sampling steps the plan is for"),
+    solver: str = typer.Option("euler", help="euler | heun"),
+    schedule: str = typer.Option("linear", help="linear | linear-quadratic"),
+    cfg: float = typer.Option(None, help="guidance scale (default: the model's)"),
+    labels: str = typer.Option(None, help="calibration labels (default: every class)"),
+    seeds: str = typer.Option("1000,1001", help="calibration seeds, comma-separated (>= 2)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Calibrate a method (Block Caching: record L1rel per block and call, derive the schedule)."""
+    from .api import calibrate_cli
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise HastenError(f"cannot read --seeds {seeds!r}: use e.g. 1000,1001") from None
+    if steps < 1:
+        raise HastenError(f"--steps must be >= 1, got {steps}")
+    options = {"delta": delta, "scale_shift": scale_shift, "train_steps": train_steps}
+    res = calibrate_cli(model, method, out, options, plot=plot, steps=steps, solver=solver, schedule=schedule,
+                        guidance_scale=cfg, labels=None if labels is None else parse_labels(labels, 1),
+                        seeds=seed_list)
+    lines = [f"wrote {res['out']} ({method}, {steps} {solver} steps)"]
+    if "ideal_speedup" in res:
+        lines.append(f"delta {res.get('delta')}: ideal speedup {res['ideal_speedup']:.2f}x (share of block work)")
+    if "scale_shift_file" in res:
+        lines.append(f"scale-shift parameters: {res['scale_shift_file']}")
+    if "plot" in res:
+        lines.append(f"wrote {res['plot']}")
+    emit(res, as_json, lines)
+
+
 from .decoding.cli import register as _register_decoding  # noqa: E402
 
 _register_decoding(app)

@@ -190,8 +190,9 @@ class Handle:
         self.set_attr(tr, _OWNER_ATTR, self)
         orig = tr.forward
         self._orig_forward = orig
-        self._ts_pos = _arg_position(orig, "timestep")
-        self._hs_pos = _arg_position(orig, "hidden_states")
+        cls_forward = functools.partial(type(tr).forward, tr)  # the class's signature, not a wrapper's
+        self._ts_pos = _arg_position(cls_forward, "timestep")
+        self._hs_pos = _arg_position(cls_forward, "hidden_states")
         if self._hs_pos is None:
             self._hs_pos = 0
         self._build_chain()

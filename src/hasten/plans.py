@@ -54,7 +54,8 @@ def new_plan(method: str, model: nn.Module, *, solver: str, steps: int, time_sch
 
 
 def save_plan(path: str | os.PathLike, plan: dict) -> Path:
-    return write_json(path, plan)
+    """Write ``plan`` atomically (keys starting with ``_`` are runtime notes and are not saved)."""
+    return write_json(path, {k: v for k, v in plan.items() if not k.startswith("_")})
 
 
 def load_plan(path: str | os.PathLike | dict, method: str) -> dict:
@@ -80,6 +81,8 @@ def load_plan(path: str | os.PathLike | dict, method: str) -> dict:
         raise HastenError(f"{where} is a {plan['method']!r} plan, not a {method!r} plan")
     if not isinstance(plan["timesteps"], list) or len(plan["timesteps"]) != plan["calls"]:
         raise HastenError(f"{where} is corrupt: {plan['calls']} calls but {len(plan['timesteps'])} timesteps")
+    if not isinstance(path, dict):
+        plan["_path"] = str(path)  # files named in the plan (safetensors) are read beside it
     return plan
 
 

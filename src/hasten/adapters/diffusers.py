@@ -69,8 +69,8 @@ HOW = ("pass blocks explicitly: hasten.accelerate(model, ..., blocks=[model.laye
 def _first_param(module: nn.Module) -> str:
     import inspect
 
-    params = [p for p in inspect.signature(module.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    params = [p for p in inspect.signature(type(module).forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
     if not params:
         raise HastenError(f"block {type(module).__name__} takes no positional input; {HOW}")
     return params[0].name

@@ -28,6 +28,8 @@ class MethodInfo:
     - ``calibrate(run: CalibrationRun, config) -> plan dict``: calibrate on a pipeline.
     - ``from_options(options: dict) -> config``: build a config from ``hasten calibrate`` options.
     - ``plot(plan, path)``: draw a calibrated plan.
+    - ``cli_calibrate(run, options, out) -> plan``: what ``hasten calibrate`` does (default: build the
+      config with ``from_options`` and call ``calibrate``); lets a method write files beside the plan.
     """
 
     name: str
@@ -39,6 +41,7 @@ class MethodInfo:
     from_options: Callable[[dict], Any] | None = None
     plot: Callable[[dict, Any], Any] | None = None
     extra: dict = field(default_factory=dict)
+    cli_calibrate: Callable[..., dict] | None = None
 
 
 REGISTRY: dict[str, MethodInfo] = {}

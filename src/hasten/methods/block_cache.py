@@ -58,13 +58,17 @@ class BlockCache:
     - ``delta``: threshold of Eq. 7 (>= 0). Without a plan, ``hasten.calibrate`` needs it.
     - ``schedule``: an explicit compute mask ``[block][call]`` (True = compute), instead of a plan.
     - ``scale_shift``: safetensors path (or a state dict) of trained scale-shift parameters; by default
-      the plan's own ``scale_shift`` file is used when it has one; ``False`` turns it off.
+      the plan's own ``scale_shift_file`` is used when the plan's delta is the one in use; ``False``
+      turns it off.
+    - ``measure``: diagnostic mode; a reused block also runs its forward (no speedup) and the report
+      gets ``reuse_error[i]``, the mean relative L1 error of the reused output against the computed one.
     """
 
     delta: float | None = None
     plan: str | os.PathLike | dict | None = None
     schedule: Sequence[Sequence[bool]] | None = None
     scale_shift: str | os.PathLike | dict | bool | None = None
+    measure: bool = False  # diagnostic: reused blocks ALSO run, to record the reuse error (no speedup)
 
     def __post_init__(self) -> None:
         if self.delta is not None:
@@ -106,11 +110,11 @@ def ideal_speedup(masks: Sequence[Sequence[bool]]) -> float:
 
 # --------------------------------------------------------------------------- scale-shift
 def time_features(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
-    """Sinusoidal features of the transformer's timestep (any scale), shape (B, dim)."""
+    """Sinusoidal features of the transformer's timestep (any scale), shape (B, dim), unit norm per row."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float().reshape(-1, 1) * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1) / math.sqrt(half)
 
 
 class ScaleShift(nn.Module):
@@ -132,8 +136,9 @@ class ScaleShift(nn.Module):
 
 # --------------------------------------------------------------------------- the block hook
 def _positions(module: nn.Module, names: Sequence[str | None]) -> list[int | None]:
-    params = [p.name for p in inspect.signature(module.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    """Positions of the stream arguments in the block class's forward (instance wrappers are ignored)."""
+    params = [p.name for p in inspect.signature(type(module).forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
     return [params.index(n) if n in params else None for n in names]
 
 
@@ -141,7 +146,7 @@ class _Block:
     """State and hook of one cached block (hot path: keep it lean)."""
 
     __slots__ = ("handle", "index", "name", "names", "pos", "single", "main", "mask", "cache", "valid",
-                 "batch", "computed", "reused", "forced", "tokens", "ss", "shared")
+                 "batch", "computed", "reused", "forced", "tokens", "ss", "shared", "err_sum", "err_n")
 
     def __init__(self, handle, index, spec, mask, shared):
         self.handle, self.index, self.name = handle, index, spec.name
@@ -153,6 +158,7 @@ class _Block:
         self.shared = shared  # dict with "ss" modules per block/stream (or None) and the entry
         self.ss: list[ScaleShift | None] | None = None
         self.computed = self.reused = self.forced = self.tokens = 0
+        self.err_sum, self.err_n = 0.0, 0
         self.reset()
 
     def reset(self) -> None:
@@ -189,7 +195,10 @@ class _Block:
                 self.reused += 1
                 if dec is not None:
                     dec[self.index] = 82  # "R"
-                return self.reuse(args, kwargs, rows)
+                out = self.reuse(args, kwargs, rows)
+                if self.shared["measure"]:
+                    self.measure(orig(*args, **kwargs), out)
+                return out
             self.forced += 1
             if dec is not None:
                 dec[self.index] = 70  # "F": reuse scheduled, no cache for these rows
@@ -217,6 +226,14 @@ class _Block:
         v[rows] = False
         self.valid = v
 
+    def measure(self, true, approx) -> None:
+        t = (true,) if self.single else true
+        a = (approx,) if self.single else approx
+        num = sum(float((y - z).abs().sum()) for y, z in zip(t, a, strict=False) if y is not None and z is not None)
+        den = sum(float(y.abs().sum()) for y in t if y is not None)
+        self.err_sum += num / max(den, 1e-12)
+        self.err_n += 1
+
     def keep(self, args, kwargs, out, rows) -> None:
         xs = self.inputs(args, kwargs)
         outs = (out,) if self.single else out
@@ -228,7 +245,7 @@ class _Block:
             if y is None or x is None:
                 self.cache[k] = None
                 continue
-            r = y - x
+            r = (y - x).detach()
             if rows is None:
                 self.cache[k] = r
             else:
@@ -291,6 +308,9 @@ def _load_scale_shift(cfg: BlockCache, plan: dict | None, blocks) -> dict | None
     src = cfg.scale_shift
     if src is False:
         return None
+    if src is True and plan is not None and cfg.delta is not None and cfg.delta != plan.get("delta"):
+        raise HastenError(f"the plan's scale-shift parameters were trained for delta {plan.get('delta')}, "
+                          f"not {cfg.delta}: calibrate with --delta {cfg.delta} --scale-shift")
     if src is None or src is True:
         if plan is None or not plan.get("scale_shift_file"):
             if src is True:
@@ -334,11 +354,16 @@ def install(handle, cfg: BlockCache) -> None:
     masks, plan = resolve_masks(cfg, handle)
     if len(masks) != len(blocks):
         raise HastenError(f"the schedule has {len(masks)} blocks but the model has {len(blocks)}")
-    shared: dict[str, Any] = {"decisions": None}
+    shared: dict[str, Any] = {"decisions": None, "measure": bool(cfg.measure)}
     states = [_Block(handle, i, spec, masks[i], shared) for i, spec in enumerate(blocks)]
     ss_state = _load_scale_shift(cfg, plan, blocks)
+    if ss_state is not None and cfg.scale_shift is None and plan is not None and cfg.delta is not None \
+            and cfg.delta != plan.get("delta"):
+        ss_state = None  # the plan's parameters were trained for the plan's own delta (schedule)
     if ss_state is not None:
+        device = next(iter(handle.transformer.parameters()), torch.zeros(())).device
         for st, row in zip(states, build_scale_shift(ss_state, blocks, None), strict=False):
+            row = [None if m is None else m.to(device) for m in row]
             st.ss = row if any(m is not None for m in row) else None
     nblocks = len(blocks)
 
@@ -372,7 +397,9 @@ def install(handle, cfg: BlockCache) -> None:
                 "schedule_ideal_speedup": round(ideal_speedup(masks), 4),
                 "scale_shift": ss_state is not None,
                 "plan_delta": None if plan is None else plan.get("delta"),
-                "delta": cfg.delta if cfg.delta is not None else (plan or {}).get("delta")}
+                "delta": cfg.delta if cfg.delta is not None else (plan or {}).get("delta"),
+                **({"reuse_error": [round(st.err_sum / st.err_n, 6) if st.err_n else None for st in states]}
+                   if cfg.measure else {})}
 
     handle.add_report(METHOD, report)
     handle.block_cache_states = states  # for tests and training
@@ -389,6 +416,7 @@ class _Recorder:
         self.sums: list[dict[int, float]] = [dict() for _ in blocks]
         self.counts: list[dict[int, int]] = [dict() for _ in blocks]
         self.pos = [_positions(b.module, b.outputs) for b in blocks]
+        self.channels: list[list[int | None]] = [[None] * len(b.outputs) for b in blocks]
 
     def reset(self) -> None:
         self.prev = [None] * len(self.blocks)
@@ -404,6 +432,7 @@ class _Recorder:
             for name, p, y in zip(spec.outputs, pos, outs, strict=False):
                 x = kwargs[name] if name in kwargs else (args[p] if p is not None and p < len(args) else None)
                 res.append(None if (x is None or y is None) else (y - x).detach().float())
+            self.channels[i] = [None if r is None else int(r.shape[-1]) for r in res]
             prev = self.prev[i]
             n = self.handle.call_index
             if prev is not None and n > 0:
@@ -427,8 +456,8 @@ class _Recorder:
                           for n in range(1, ncalls)] for i in range(len(self.blocks))]
 
 
-def record_changes(run) -> tuple[list[list[float | None]], list[float], list[str]]:
-    """Full-compute runs over every seed; returns (L1rel curves [block][call], timesteps, block names)."""
+def record_changes(run) -> tuple[list[list[float | None]], list[float], list[str], list]:
+    """Full-compute runs over every seed: (L1rel curves [block][call], timesteps, block names, channels)."""
     from ..api import accelerate
 
     handle = accelerate(run.target)
@@ -438,7 +467,9 @@ def record_changes(run) -> tuple[list[list[float | None]], list[float], list[str
         handle.on_run_start(rec.reset)
         for i, spec in enumerate(blocks):
             handle.wrap_block(spec.module, rec.hook(i), spec.name)
-        run.run_all()
+        for seed in run.seeds:
+            handle.reset()
+            run.run(seed)
         log = handle.report()["log"]
     finally:
         handle.disable()
@@ -449,28 +480,169 @@ def record_changes(run) -> tuple[list[list[float | None]], list[float], list[str
     if len(lengths) != 1:
         raise HastenError(f"calibration runs made different numbers of denoiser calls: {sorted(lengths)}")
     timesteps = per_run[min(per_run)]
-    return rec.curves(len(timesteps)), timesteps, [b.name for b in blocks]
+    return rec.curves(len(timesteps)), timesteps, [b.name for b in blocks], rec.channels
 
 
 def calibrate(run, cfg: BlockCache) -> dict:
     """Record L1rel (Eq. 6) on full-compute runs and derive the schedule (Eq. 7) for ``cfg.delta``."""
     if cfg.delta is None:
         raise HastenError("calibration needs a threshold: BlockCache(delta=0.5)")
-    curves, timesteps, names = record_changes(run)
+    curves, timesteps, names, channels = record_changes(run)
     masks = schedule_from_changes(curves, cfg.delta)
     return new_plan(METHOD, run.transformer, timesteps=timesteps, **run.plan_fields(), delta=cfg.delta,
-                    blocks=names, index_convention=CONVENTION,
+                    blocks=names, channels=channels, index_convention=CONVENTION,
                     ideal_speedup=round(ideal_speedup(masks), 4),
                     schedule=[[int(v) for v in m] for m in masks],
                     l1rel=[[None if v is None else round(v, 6) for v in c] for c in curves])
 
 
+# --------------------------------------------------------------------------- scale-shift training
+def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps: int = 200,
+                      labels: Sequence[int] | None = None, seed: int = 3000, lr: float = 1e-3,
+                      progress=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Distil scale-shift parameters for ``plan`` (at ``delta``) on a hasten pipeline (paper Sec. 3.3).
+
+    Student: the pipeline with Block Caching + scale-shift (zero-initialised = plain caching);
+    teacher: a frozen copy of the same transformer without caching. Trajectories are the student's own
+    (its detached output advances x); at every call that reuses a block, the loss is the MSE between
+    the student's and the teacher's guided velocity at the student's x, and one Adam step updates the
+    scale-shift parameters only (the transformer is frozen). ``train_steps`` counts these updates.
+    ``val_loss_before/after``: the mean of that loss over one held-out trajectory (seed ``seed - 1``)
+    at the zero init (= plain caching) and after training. Returns (state dict, training info).
+    """
+    import copy
+    import time
+
+    from ..api import accelerate
+    from ..pipeline import SOLVERS, HastenPipeline, make_schedule
+
+    if not isinstance(pipe, HastenPipeline):
+        raise HastenError("scale-shift training runs on a hasten pipeline")
+    if train_steps < 1:
+        raise HastenError(f"--train-steps must be >= 1, got {train_steps}")
+    plan = load_plan(plan, METHOD)
+    check_plan(plan, pipe.transformer)
+    delta = plan["delta"] if delta is None else float(delta)
+    masks = schedule_from_changes(plan["l1rel"], delta)
+    state: dict[str, torch.Tensor] = {}
+    for i, chans in enumerate(plan["channels"]):
+        if all(masks[i]):
+            continue  # never reused: nothing to align
+        for k, c in enumerate(chans):
+            if c is not None:
+                m = ScaleShift(int(c))
+                state[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone()
+                state[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone()
+    info = {"train_steps": int(train_steps), "lr": lr, "delta": delta, "seed": seed, "val_seed": seed - 1,
+            "val_loss_before": None, "val_loss_after": None}
+    if not state:
+        return state, info
+    teacher = HastenPipeline(copy.deepcopy(pipe.transformer).requires_grad_(False), num_classes=pipe.num_classes,
+                             guidance_scale=pipe.default_guidance_scale)
+    grads = {n: p.requires_grad for n, p in pipe.transformer.named_parameters()}
+    pipe.transformer.requires_grad_(False)
+    handle = accelerate(pipe, BlockCache(plan=plan, delta=delta, scale_shift=state))
+    try:
+        mods = [m for st in handle.block_cache_states if st.ss for m in st.ss if m is not None]
+        params = [p for m in mods for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        labs = torch.as_tensor(list(range(pipe.num_classes)) if labels is None else list(labels))
+        scale = plan.get("guidance_scale") or pipe.default_guidance_scale
+        ts = make_schedule(plan.get("time_schedule") or "linear", plan["steps"])
+        losses: list[float] = []
+
+        def trajectory(traj_seed: int, train: bool) -> list[float]:
+            """One student trajectory; at calls that reuse a block: loss (and an update if ``train``)."""
+            g = torch.Generator().manual_seed(traj_seed)
+            v_s = pipe.velocity_fn(labs, scale, {"calls": 0, "rows": 0})
+            v_t = teacher.velocity_fn(labs, scale, {"calls": 0, "rows": 0})
+            calls, seen = [0], []
+
+            def velocity(x, t):
+                n = calls[0]
+                calls[0] += 1
+                if n >= len(masks[0]) or all(m[n] for m in masks) or (train and len(losses) >= train_steps):
+                    return v_s(x, t)
+                with torch.enable_grad() if train else torch.no_grad():
+                    out = v_s(x, t)
+                    with torch.no_grad():
+                        target = v_t(x, t)
+                    loss = torch.nn.functional.mse_loss(out, target)
+                    if train:
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        losses.append(float(loss.detach()))
+                seen.append(float(loss.detach()))
+                return out.detach()
+
+            with torch.no_grad():
+                SOLVERS[plan["solver"]](velocity, pipe.initial_noise(len(labs), g), ts)
+            return seen
+
+        t0, traj = time.perf_counter(), 0
+        val_before = sum(trajectory(seed - 1, False)) / max(1, sum(not all(c) for c in zip(*masks, strict=False)))
+        while len(losses) < train_steps:
+            trajectory(seed + traj, True)
+            traj += 1
+            if progress is not None:
+                progress(f"scale-shift: {len(losses)}/{train_steps} updates, loss {losses[-1]:.3g}")
+        val = trajectory(seed - 1, False)
+        val_after = sum(val) / max(1, len(val))
+        trained = {}
+        for i, st in enumerate(handle.block_cache_states):
+            for k, m in enumerate(st.ss or []):
+                if m is not None:
+                    trained[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone().contiguous()
+                    trained[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone().contiguous()
+        kept = val_after < val_before
+        if not kept:  # never ship parameters that do worse than plain caching on held-out data
+            trained = {k: torch.zeros_like(v) for k, v in trained.items()}
+        info.update(val_loss_before=round(val_before, 8), val_loss_after=round(val_after, 8), kept=kept,
+                    trajectories=traj, seconds=round(time.perf_counter() - t0, 1))
+        return trained, info
+    finally:
+        handle.disable()
+        for n, p in pipe.transformer.named_parameters():
+            p.requires_grad_(grads[n])
+
+
+def cli_calibrate(run, options: dict, out: Path) -> dict:
+    """``hasten calibrate --method block-cache --delta D [--scale-shift --train-steps N]``."""
+    if options.get("delta") is None:
+        raise HastenError("block-cache calibration needs --delta (e.g. --delta 0.5)")
+    plan = calibrate(run, BlockCache(delta=options["delta"]))
+    if options.get("scale_shift"):
+        from safetensors.torch import save_file
+
+        from ..io import atomic_write
+
+        state, info = train_scale_shift(run.target, plan, train_steps=int(options.get("train_steps") or 200),
+                                        labels=run.conditions)
+        ss_path = Path(out).with_suffix(".scale_shift.safetensors")
+        atomic_write(ss_path, lambda tmp: save_file(state, tmp))
+        plan["scale_shift_file"] = ss_path.name
+        plan["scale_shift_train"] = info
+    return plan
+
+
 # --------------------------------------------------------------------------- spec / CLI
 def from_spec(opts: dict[str, str], ctx) -> BlockCache:
-    """``block-cache:plan=plan.json`` or ``block-cache:delta=0.5`` (calibrates on the fly)."""
-    unknown = set(opts) - {"plan", "delta", "scale_shift"}
+    """``block-cache:plan=plan.json`` or ``block-cache:delta=0.5`` (calibrates on the fly).
+
+    Options: ``plan=PATH``, ``delta=D`` (with a plan: re-derive the schedule from its curves),
+    ``scale_shift=1|0|PATH`` (1: the plan's parameters if trained for this delta, else trained now on
+    the fly, ``train_steps=N`` updates, default 200), ``train_steps=N``.
+    """
+    unknown = set(opts) - {"plan", "delta", "scale_shift", "train_steps"}
     if unknown:
         raise HastenError(f"unknown block-cache option {sorted(unknown)[0]!r}: use plan=PATH or delta=NUMBER")
+    try:
+        train_steps = int(opts.get("train_steps", 200))
+    except ValueError:
+        raise HastenError(f"block-cache train_steps must be an integer, got {opts['train_steps']!r}") from None
     delta = None
     if "delta" in opts:
         try:
@@ -483,29 +655,70 @@ def from_spec(opts: dict[str, str], ctx) -> BlockCache:
             opts["scale_shift"].lower(), opts["scale_shift"])
     if "plan" in opts:
         plan = load_plan(opts["plan"], METHOD)
-        plan["_path"] = opts["plan"]
         tr = getattr(ctx.pipe, "transformer", ctx.pipe)
         check_plan(plan, tr, steps=ctx.steps, solver=ctx.solver, schedule=ctx.schedule)
-        return BlockCache(delta=delta, plan=plan, scale_shift=ss)
-    if delta is None:
+    elif delta is None:
         raise HastenError("block-cache needs plan=PATH or delta=NUMBER, e.g. --accel block-cache:delta=0.5")
-    from ..api import calibrate as api_calibrate
+    else:
+        from ..api import calibrate as api_calibrate
 
-    cfg = BlockCache(delta=delta)
-    plan = api_calibrate(ctx.pipe, cfg, steps=ctx.steps, solver=ctx.solver, schedule=ctx.schedule,
-                         guidance_scale=ctx.guidance_scale, seeds=(1000, 1001))
-    return BlockCache(delta=delta, plan=plan, scale_shift=False if ss is None else ss)
+        BlockCache(delta=delta)  # validates delta before the expensive part
+        plan = api_calibrate(ctx.pipe, BlockCache(delta=delta), steps=ctx.steps, solver=ctx.solver,
+                             schedule=ctx.schedule, guidance_scale=ctx.guidance_scale, seeds=(1000, 1001))
+    if ss is True:
+        use = plan["delta"] if delta is None else delta
+        if not (plan.get("scale_shift_file") and plan.get("delta") == use):
+            ss, _ = train_scale_shift(ctx.pipe, plan, delta=use, train_steps=train_steps)  # on the fly
+    return BlockCache(delta=delta, plan=plan, scale_shift=ss)
 
 
 def from_options(opts: dict) -> BlockCache:
     return BlockCache(delta=opts.get("delta"))
 
 
-def plot(plan: dict, path) -> Path:
-    from .block_cache_plot import plot_plan
+def plot(plan: dict, path: str | os.PathLike, delta: float | None = None) -> Path:
+    """PNG of the change curves L1rel(i, n) (paper Fig. 3) and the compute schedule (paper Fig. 4)."""
+    import matplotlib
 
-    return plot_plan(plan, path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write
+
+    curves = plan["l1rel"]
+    delta = plan.get("delta") if delta is None else delta
+    masks = schedule_from_changes(curves, delta) if delta is not None else plan["schedule"]
+    names = plan.get("blocks") or [f"block {i}" for i in range(len(curves))]
+    ncalls = len(curves[0])
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 2.2 + 0.35 * len(curves) + 3), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, max(1.2, 0.3 * len(curves))]})
+    cmap = plt.get_cmap("viridis")
+    for i, c in enumerate(curves):
+        xs = [n for n in range(ncalls) if c[n] is not None]
+        ax1.plot(xs, [c[n] for n in xs], color=cmap(i / max(len(curves) - 1, 1)), lw=1.4, label=names[i])
+    ax1.set_ylabel("L1rel(i, n)  (Eq. 6)")
+    ax1.set_yscale("log")
+    ax1.set_title(f"{plan['model']['class']}, {plan['steps']} {plan['solver']} steps: block change per call")
+    ax1.legend(fontsize=7, ncol=2)
+    ax1.grid(alpha=0.3)
+    for i, m in enumerate(masks):
+        xs = [n for n in range(ncalls) if m[n]]
+        ax2.scatter(xs, [i] * len(xs), marker="s", s=14, color="black")
+    ax2.set_yticks(range(len(curves)), names, fontsize=7)
+    ax2.invert_yaxis()
+    ax2.set_xlabel("denoiser call n (0 = noise)")
+    ax2.set_title(f"schedule for delta = {delta} (square = computed), ideal speedup {ideal_speedup(masks):.2f}x",
+                  fontsize=9)
+    fig.tight_layout()
+
+    def _write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=110)
+
+    try:
+        return atomic_write(path, _write)
+    finally:
+        plt.close(fig)
 
 
 register(MethodInfo(name=METHOD, config=BlockCache, install=install, level="block", from_spec=from_spec,
-                    calibrate=calibrate, from_options=from_options, plot=plot))
+                    calibrate=calibrate, from_options=from_options, plot=plot, cli_calibrate=cli_calibrate))

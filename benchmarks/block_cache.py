@@ -1,0 +1,234 @@
+"""Block Caching on the default model: speed, fidelity and the fewer-steps frontier, in one process.
+
+    python benchmarks/block_cache.py                       # the recorded figures (see --help)
+    python benchmarks/block_cache.py --quick               # a 1-2 minute smoke run
+
+Protocol (issue 3):
+- one model, 50 Euler steps, linear time grid, the model's CFG scale; every configuration samples the
+  same evaluation set (labels 0..9 repeated, batch k from seed ``seed + k``), so PSNR/SSIM compare each
+  image with the uncached 50-step image from the same noise;
+- calibration uses other seeds (1000, 1001) and every class; one plan per step count, the schedule
+  for each delta is derived from the plan's L1rel curves (Eq. 7);
+- wall time: ``--reps`` interleaved repetitions (every configuration once per repetition, in rotating
+  order) on ``--time-samples`` samples; the median is reported, speedup = median(uncached) / median;
+- overhead: a plan that recomputes every block (delta = 0) against no hooks at all;
+- realized vs ideal: ideal = T_full (1 - p k), with k the share of block evaluations skipped and p the
+  share of the uncached wall time spent in blocks, measured as 1 - T(all blocks reused after call 0)
+  / T_full;
+- scale-shift: trained at ``--ss-delta`` on the cached model's own trajectories (seeds 3000+), then
+  compared with plain caching at the same delta (per-block reuse error in ``measure`` mode and FD).
+Writes ``--out`` (JSON) and, beside it, the plan, the change plot and the PSNR-vs-speedup plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import hasten
+from hasten.eval import metrics as M
+from hasten.io import atomic_write, write_json
+from hasten.methods.block_cache import ideal_speedup, plot, schedule_from_changes, train_scale_shift
+from hasten.plans import save_plan
+
+CAL_SEEDS = (1000, 1001)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_method(plans: dict, steps: int, delta: float | None, ss: dict | None = None,
+                measure: bool = False):
+    if delta is None:
+        return None
+    return hasten.BlockCache(plan=plans[steps], delta=delta, scale_shift=ss if ss is not None else False,
+                             measure=measure)
+
+
+def sample(pipe, method, steps: int, samples: int, batch: int, seed: int):
+    """Images, labels, and the handle report (None without a method)."""
+    if method is None:
+        images, labels, info = M.sample_eval_set(pipe, samples, steps, seed=seed, batch_size=batch)
+        return images, labels, None, info["wall_s"]
+    with hasten.accelerate(pipe, method) as h:
+        images, labels, info = M.sample_eval_set(pipe, samples, steps, seed=seed, batch_size=batch)
+        rep = h.report(log=False)
+    return images, labels, rep, info["wall_s"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="digits")
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--time-samples", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deltas", default="0.1,0.2,0.3,0.5,0.75,1.0,1.5,2.0")
+    ap.add_argument("--fewer-steps", default="40,35,30,25,20,15,12,10")
+    ap.add_argument("--compose-steps", default="25", help="step counts also run with caching")
+    ap.add_argument("--compose-deltas", default="0.2,0.5")
+    ap.add_argument("--ss-delta", type=float, default=0.5)
+    ap.add_argument("--ss-train-steps", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/block_cache.json")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes to check the script runs")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.samples, a.batch, a.time_samples, a.reps = 40, 20, 20, 2
+        a.deltas, a.fewer_steps, a.compose_deltas, a.ss_train_steps = "0.5,1.5", "25", "0.5", 20
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.with_suffix("")
+    t_start = time.perf_counter()
+    pipe = hasten.load_pipeline(a.model)
+    steps = 50
+    deltas = [float(d) for d in a.deltas.split(",") if d]
+    fewer = [int(s) for s in a.fewer_steps.split(",") if s]
+    compose = [int(s) for s in a.compose_steps.split(",") if s]
+    compose_deltas = [float(d) for d in a.compose_deltas.split(",") if d]
+
+    # ---------------------------------------------------------------- calibration
+    plans = {}
+    for s in sorted({steps, *compose}):
+        t0 = time.perf_counter()
+        plans[s] = hasten.calibrate(pipe, hasten.BlockCache(delta=a.ss_delta), steps=s, seeds=CAL_SEEDS)
+        log(f"calibrated {s} steps in {time.perf_counter() - t0:.1f} s")
+    plan_path = save_plan(Path(f"{stem}_plan.json"), plans[steps])
+    plot(plans[steps], Path(f"{stem}_change.png"))
+    t0 = time.perf_counter()
+    ss_state, ss_info = train_scale_shift(pipe, plans[steps], delta=a.ss_delta, train_steps=a.ss_train_steps,
+                                          progress=None)
+    ss_info["wall_s"] = round(time.perf_counter() - t0, 1)
+    from safetensors.torch import save_file
+
+    atomic_write(Path(f"{stem}_plan.scale_shift.safetensors"), lambda tmp: save_file(ss_state, tmp))
+    log(f"scale-shift trained: {ss_info}")
+
+    # ---------------------------------------------------------------- configurations
+    configs = [("full-50", steps, None, None), ("recompute-all-50", steps, 0.0, None)]
+    configs += [(f"cache-50-d{d:g}", steps, d, None) for d in deltas]
+    configs += [(f"cache+ss-50-d{a.ss_delta:g}", steps, a.ss_delta, ss_state)]
+    configs += [(f"steps-{s}", s, None, None) for s in fewer]
+    configs += [(f"cache-{s}-d{d:g}", s, d, None) for s in compose for d in compose_deltas]
+    configs += [("all-reused-after-call-0-50", steps, 1e9, None)]  # measures the non-block share p
+
+    # ---------------------------------------------------------------- quality (same seeds)
+    results: dict[str, dict] = {}
+    ref = None
+    for name, s, d, ss in configs:
+        t0 = time.perf_counter()
+        images, labels, rep, _ = sample(pipe, make_method(plans, s, d, ss), s, a.samples, a.batch, a.seed)
+        if ref is None:
+            ref = images
+        r = {"steps": s, "delta": d, "scale_shift": ss is not None,
+             "psnr_vs_full50": round(M.psnr(images, ref), 3) if name != "full-50" else None,
+             "ssim_vs_full50": round(M.ssim(images, ref), 5) if name != "full-50" else None,
+             "fd_digits": round(M.fd_to_held_out(images), 4),
+             "class_accuracy": round(M.class_accuracy(images, labels), 4)}
+        if rep is not None:
+            bc = rep["methods"]["block-cache"]
+            r.update(block_evals_skipped=bc["block_evals_skipped"], computed_per_block=bc["computed"],
+                     reused_per_block=bc["reused"], nfe=rep["nfe"])
+            if d is not None and d < 1e9:
+                r["schedule_ideal_speedup"] = round(ideal_speedup(schedule_from_changes(plans[s]["l1rel"], d)), 4)
+        results[name] = r
+        log(f"{name}: {r} ({time.perf_counter() - t0:.1f} s)")
+
+    # ---------------------------------------------------------------- per-block reuse error: ss vs plain
+    block_err = {}
+    for label, ss in (("plain", None), ("scale_shift", ss_state)):
+        _, _, rep, _ = sample(pipe, make_method(plans, steps, a.ss_delta, ss, measure=True), steps,
+                              min(a.samples, 200), a.batch, a.seed)
+        block_err[label] = rep["methods"]["block-cache"]["reuse_error"]
+    log(f"per-block reuse error at delta {a.ss_delta}: {block_err}")
+
+    # ---------------------------------------------------------------- timing (interleaved)
+    times: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    methods = {name: make_method(plans, s, d, ss) for name, s, d, ss in configs}
+    for rep_i in range(a.reps):
+        order = configs[rep_i % len(configs):] + configs[:rep_i % len(configs)]
+        for name, s, _, _ in order:
+            _, _, _, wall = sample(pipe, methods[name], s, a.time_samples, a.batch, a.seed)
+            times[name].append(wall)
+        log(f"timing repetition {rep_i + 1}/{a.reps} done")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    t_full = med["full-50"]
+    p_blocks = 1 - med["all-reused-after-call-0-50"] / t_full
+    for name, _s, d, _ in configs:
+        r = results[name]
+        r["wall_s_median"] = round(med[name], 4)
+        r["wall_s_all"] = [round(t, 4) for t in times[name]]
+        r["speedup"] = round(t_full / med[name], 4)
+        if "block_evals_skipped" in r and d is not None and d < 1e9:
+            ideal = 1 / (1 - p_blocks * r["block_evals_skipped"])
+            r["ideal_speedup_amdahl"] = round(ideal, 4)
+            r["realized_over_ideal"] = round(r["speedup"] / ideal, 4)
+    overhead = med["recompute-all-50"] / t_full - 1
+
+    # ---------------------------------------------------------------- frontier plot
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fs = [(results[f"steps-{s}"]["speedup"], results[f"steps-{s}"]["psnr_vs_full50"], s) for s in fewer]
+    bc = [(results[f"cache-50-d{d:g}"]["speedup"], results[f"cache-50-d{d:g}"]["psnr_vs_full50"], d) for d in deltas]
+    fs.sort()
+    bc.sort()
+    ax.plot([x for x, _, _ in fs], [y for _, y, _ in fs], "o-", label="fewer steps (no cache)")
+    for x, y, s in fs:
+        ax.annotate(f"{s}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([x for x, _, _ in bc], [y for _, y, _ in bc], "s-", label="block caching @50 (delta sweep)")
+    for x, y, d in bc:
+        ax.annotate(f"d={d:g}", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ss_name = f"cache+ss-50-d{a.ss_delta:g}"
+    ax.plot([results[ss_name]["speedup"]], [results[ss_name]["psnr_vs_full50"]], "*", ms=12,
+            label=f"caching + scale-shift (d={a.ss_delta:g})")
+    for s in compose:
+        pts = sorted((results[f"cache-{s}-d{d:g}"]["speedup"], results[f"cache-{s}-d{d:g}"]["psnr_vs_full50"])
+                     for d in compose_deltas)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "^--", label=f"caching @{s} steps")
+    ax.set_xlabel("wall-clock speedup over 50 uncached steps (median of interleaved runs)")
+    ax.set_ylabel("PSNR vs the 50-step images, same seeds (dB)")
+    ax.set_title(f"{pipe.name}: block caching vs fewer steps ({a.samples} samples)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    frontier = Path(f"{stem}_frontier.png")
+    atomic_write(frontier, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+    payload = {
+        "protocol": {"model": a.model, "steps": steps, "solver": "euler", "time_schedule": "linear",
+                     "guidance_scale": pipe.default_guidance_scale, "samples": a.samples, "batch": a.batch,
+                     "eval_seeds": f"{a.seed}+k per batch", "calibration_seeds": list(CAL_SEEDS),
+                     "time_samples": a.time_samples, "reps": a.reps, "threads": a.threads,
+                     "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                     "command": " ".join(["python", "benchmarks/block_cache.py", *(argv or sys.argv[1:])])},
+        "plan": str(plan_path), "change_plot": f"{stem}_change.png", "frontier_plot": str(frontier),
+        "block_share_of_wall_time": round(p_blocks, 4),
+        "overhead_recompute_all": round(overhead, 4),
+        "scale_shift": {"delta": a.ss_delta, "train": ss_info, "per_block_reuse_error": block_err},
+        "results": results,
+        "total_wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    write_json(out, payload)
+    log(f"wrote {out}; overhead {overhead:+.2%}, block share {p_blocks:.2f}")
+    print(json.dumps({k: payload[k] for k in ("overhead_recompute_all", "block_share_of_wall_time")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Block discovery and Block Caching on each diffusers family (tiny random-weight configs, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hasten
+from hasten.adapters import BlockSpec, discover_blocks
+
+
+def _dit():
+    from diffusers import DiTTransformer2DModel
+
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                              num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    return m, lambda g, b: (torch.randn(b, 1, 8, 8, generator=g),
+                            {"class_labels": torch.arange(b) % 10})
+
+
+def _pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                 num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                 caption_channels=16, norm_type="ada_norm_single",
+                                 use_additional_conditions=False, norm_num_groups=1)
+    return m, lambda g, b: (torch.randn(b, 4, 8, 8, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g),
+                             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}})
+
+
+def _sd3():
+    from diffusers import SD3Transformer2DModel
+
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                              pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
+    return m, lambda g, b: (torch.randn(b, 4, 8, 8, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g),
+                             "pooled_projections": torch.randn(b, 16, generator=g)})
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    m = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                               pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    return m, lambda g, b: (torch.randn(b, 16, 8, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g),
+                             "pooled_projections": torch.randn(b, 16, generator=g),
+                             "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(5, 3)})
+
+
+def _cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                    time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8,
+                                    sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                    max_text_seq_length=5)
+    return m, lambda g, b: (torch.randn(b, 3, 4, 8, 8, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
+
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                              out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                              cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return m, lambda g, b: (torch.randn(b, 4, 2, 8, 8, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
+
+
+FAMILIES = {"dit": (_dit, 2), "pixart": (_pixart, 2), "sd3": (_sd3, 2), "flux": (_flux, 3),
+            "cogvideox": (_cogvideox, 2), "wan": (_wan, 2)}
+CALLS = 6
+
+
+def _sampler(model, inputs, flux: bool):
+    """A small Euler loop over diffusers-style falling timesteps; returns every call's output."""
+
+    def run(seed: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        x, kw = inputs(g, 2)
+        outs = []
+        with torch.no_grad():
+            for k in range(CALLS):
+                t = 1000.0 * (1 - k / CALLS)
+                ts = torch.full((x.shape[0],), t / 1000 if flux else t)
+                out = model(x, timestep=ts, **kw).sample
+                outs.append(out)
+                x = x - (1.0 / CALLS) * out
+        return outs
+
+    return run
+
+
+def _count_forward_calls(blocks) -> list[int]:
+    counts = [0] * len(blocks)
+    for i, spec in enumerate(blocks):
+        orig = spec.module.forward
+
+        def counting(*a, _i=i, _orig=orig, **k):
+            counts[_i] += 1
+            return _orig(*a, **k)
+
+        spec.module.forward = counting
+    return counts
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_exact_below_smallest_change_and_skips_above(family):
+    torch.manual_seed(0)
+    build, nblocks = FAMILIES[family]
+    model, inputs = build()
+    model.eval()
+    blocks = discover_blocks(model)
+    assert len(blocks) == nblocks
+    run = _sampler(model, inputs, flux=family == "flux")
+    ref = run(0)
+    plan = hasten.calibrate(model, hasten.BlockCache(delta=0.5), runner=run, seeds=(1, 2), steps=CALLS)
+    changes = [v for c in plan["l1rel"] for v in c if v is not None]
+    assert len(changes) == nblocks * (CALLS - 1) and min(changes) > 0
+    # delta below the smallest change: every block every call, bitwise equal
+    with hasten.accelerate(model, hasten.BlockCache(plan=plan, delta=min(changes) / 2)) as h:
+        out = run(0)
+        rep = h.report()["methods"]["block-cache"]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+    assert rep["reused"] == [0] * nblocks and rep["computed"] == [CALLS] * nblocks
+    # a large delta: blocks are reused and their forward is not called
+    counts = _count_forward_calls(blocks)
+    with hasten.accelerate(model, hasten.BlockCache(plan=plan, delta=10.0)) as h:
+        out = run(0)
+        rep = h.report()["methods"]["block-cache"]
+    assert rep["computed"] == [1] * nblocks and rep["reused"] == [CALLS - 1] * nblocks
+    assert counts == [1] * nblocks
+    assert all(torch.isfinite(o).all() for o in out)
+    assert not torch.equal(out[-1], ref[-1])
+    # after leaving the with block: bitwise the original again
+    assert all(torch.equal(a, b) for a, b in zip(run(0), ref, strict=True))
+
+
+def test_bare_transformer_runs_reset_when_timestep_jumps_back():
+    model, inputs = _dit()
+    run = _sampler(model, inputs, flux=False)
+    with hasten.accelerate(model, hasten.BlockCache(schedule=[[True] + [False] * (CALLS - 1)] * 2)) as h:
+        run(0)
+        run(0)
+        rep = h.report()
+    assert rep["runs"] == 2 and [e["call"] for e in rep["log"]] == list(range(CALLS)) * 2
+    assert rep["methods"]["block-cache"]["computed"] == [2, 2]
+
+
+def test_unknown_model_needs_explicit_blocks():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+        def forward(self, hidden_states, timestep=None):
+            for layer in self.layers:
+                hidden_states = layer(hidden_states)
+            return hidden_states
+
+    m = Tiny()
+    with pytest.raises(hasten.HastenError, match="pass blocks explicitly"):
+        hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * 3))
+    x = torch.randn(2, 4)
+    ref = [m(x, timestep=torch.tensor([t, t])) for t in (900.0, 800.0)]
+    counts = _count_forward_calls(discover_blocks(m, ["layers.0", "layers.1", "layers.2"]))
+    with hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * 3), blocks=["layers.0", "layers.1",
+                                                                                         "layers.2"]) as h:
+        a = m(x, timestep=torch.tensor([900.0, 900.0]))
+        b = m(x, timestep=torch.tensor([800.0, 800.0]))
+        assert h.report()["methods"]["block-cache"]["reused"] == [1, 1, 1]
+    assert torch.equal(a, ref[0]) and counts == [1, 1, 1]
+    assert torch.allclose(b, ref[1], atol=1e-6)  # same input: x + (y - x) reproduces y up to rounding
+    with pytest.raises(hasten.HastenError, match="no submodule"):
+        hasten.accelerate(m, hasten.BlockCache(schedule=[[True]]), blocks=["nope"])
+
+
+def test_blockspec_for_tuple_blocks():
+    model, _ = _sd3()
+    specs = discover_blocks(model)
+    assert specs[0].outputs == ("encoder_hidden_states", "hidden_states")
+    custom = discover_blocks(model, [BlockSpec(model.transformer_blocks[0], "j0", ("encoder_hidden_states",
+                                                                                  "hidden_states"))])
+    assert custom[0].name == "j0" and len(custom) == 1
+
+
+def test_non_model_target_is_an_error():
+    with pytest.raises(hasten.HastenError, match="cannot accelerate"):
+        hasten.accelerate(object(), hasten.BlockCache(schedule=[[True]]))
