@@ -3,7 +3,7 @@
     python scripts/make_default_model.py --steps 6000 --out src/hasten/models/digits
 
 It trains the DiT with the Movie Gen flow-matching recipe (or takes an already trained folder with
-``--from-run``), picks the guidance scale on a sweep (300 samples, seed 1), evaluates the chosen scale
+``--from-run``), picks the guidance scale on a sweep (1000 samples each, seed 1), evaluates the chosen scale
 on 1000 samples (100 per class, seed 0, 50 Euler steps), and writes the model folder with its model
 card, loss-curve plot and a sample grid. The quality bar of the default model is accuracy >= 0.95 and
 FD-digits <= 2x the real-train-vs-real-held-out FD.
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from hasten.data import HELD_OUT_FRACTION, SPLIT_SEED
-from hasten.eval.metrics import evaluate_pipeline
+from hasten.data import HELD_OUT_FRACTION, SPLIT_SEED, digits
+from hasten.eval.metrics import evaluate_pipeline, fd_to_held_out
 from hasten.pipeline import load_pipeline, save_grid
 from hasten.train import TrainConfig, train
 
-SCALES = (1.5, 2.0, 3.0, 4.0)
+SCALES = (1.5, 2.0, 3.0)
 
 
 def plot_loss(curve: list[dict], path: Path) -> None:
@@ -63,11 +63,18 @@ def main() -> None:
 
     sweep = []
     for scale in SCALES:
-        r = evaluate_pipeline(pipe, samples=300, steps=50, guidance_scale=scale, seed=1)
+        r = evaluate_pipeline(pipe, samples=args.samples, steps=50, guidance_scale=scale, seed=1)
         sweep.append(r)
         print(f"cfg {scale}: acc {r['class_accuracy']:.4f} FD {r['fd_digits']:.3f} ratio {r['fd_ratio']:.2f}")
-    ok = [r for r in sweep if r["class_accuracy"] >= 0.95] or sweep
-    best = min(ok, key=lambda r: r["fd_digits"])["guidance_scale"]
+    # The strongest guidance that meets the quality bar (accuracy >= 0.95, FD <= 2x real-vs-real): crisper
+    # digits, and the regime in which guidance methods have work to save. Else the lowest FD.
+    ok = [r for r in sweep if r["class_accuracy"] >= 0.95 and r["fd_ratio"] <= 2.0]
+    best = max(ok, key=lambda r: r["guidance_scale"]) if ok else min(sweep, key=lambda r: r["fd_digits"])
+    best = best["guidance_scale"]
+    x_train = (digits("train")[0] + 1) / 2
+    perm = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(0))
+    bias = {n: fd_to_held_out(x_train[perm[:n]]) for n in (200, 1000)}
+    bias_text = ", ".join(f"{v:.1f} with {n} images" for n, v in bias.items())
     final = evaluate_pipeline(pipe, samples=args.samples, steps=50, guidance_scale=best, seed=0)
     print(json.dumps(final, indent=2))
 
@@ -83,7 +90,7 @@ def main() -> None:
     labels = torch.arange(10).repeat_interleave(8)
     grid = pipe(labels, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
     save_grid(grid, tmp / "samples.png", nrow=8)
-    metrics = {"final": final, "guidance_sweep": sweep, "date": time.strftime("%Y-%m-%d"),
+    metrics = {"final": final, "guidance_sweep": sweep, "real_subset_fd": bias, "date": time.strftime("%Y-%m-%d"),
                "torch": torch.__version__}
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     tc, mc = log["train_config"], log["model_config"]
@@ -131,12 +138,16 @@ Loss (mean over 50 steps): {", ".join(f"step {c['step']}: {c['loss']:.4f}" for c
 Full curve in `train_log.json`, plot in `loss_curve.png`.
 
 ## Quality (50 Euler steps, linear schedule)
-Guidance scale chosen on a sweep (300 samples, 30 per class, seed 1), lowest FD-digits among scales
-with accuracy >= 0.95:
+Guidance scale chosen on a sweep ({args.samples} samples, seed 1): the strongest guidance that meets the bar
+(accuracy >= 0.95 and FD <= 2x real-vs-real; stronger guidance gives crisper digits and is the regime
+in which guidance methods have work to save). FD-digits rises with guidance (less diversity):
 
 | guidance | class accuracy | FD-digits | FD / real-vs-real |
 |---|---|---|---|
 {sweep_rows}
+
+FD-digits is biased upwards at small sample sizes: random subsets of the real train split score
+{bias_text} against the held-out split (all 1437: the reference). Compare only figures with equal counts.
 
 Final, at guidance {best}, {final['samples']} samples (100 per class, seed 0):
 
