@@ -118,8 +118,15 @@ def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> t
 # --------------------------------------------------------------------------- pipeline
 @dataclass
 class PipelineOutput:
+    """Sampled images and the denoiser work the pipeline asked for.
+
+    ``nfe`` counts the rows the pipeline requested per sample (a CFG step counts 2). An acceleration
+    handle may send fewer rows to the transformer (Adaptive Guidance): ``handle.report()["nfe"]``
+    counts what actually ran.
+    """
+
     images: torch.Tensor  # (B, C, H, W) in [0, 1]
-    nfe: float  # denoiser evaluations per sample (a CFG step counts 2)
+    nfe: float  # denoiser evaluations per sample requested by the pipeline
     transformer_calls: int
     timesteps: list[float] = field(default_factory=list)
 
