@@ -35,93 +35,79 @@ LINEAR_AG_SEEDS = tuple(range(2000, 2020))  # 20 seeds x 10 classes = 200 calibr
 BLOCK_CACHE_SEEDS = (1000, 1001)
 
 
-def gamma_profile(pipe, steps: int, samples: int, seed: int) -> dict:
-    """cos(v_c, v_u) per call over ``samples`` full-CFG samples: mean and quantiles per call."""
-    layout = layout_for(pipe)
-    rows: list[torch.Tensor] = []
+class GammaRecorder:
+    """A call wrapper that records cos(v_c, v_u) per sample and call of plain CFG runs (no extra work)."""
 
-    def rec(inner, *a, **k):
+    def __init__(self, pipe):
+        self.layout = layout_for(pipe)
+        self.runs: list[list[torch.Tensor]] = []
+
+    def new_run(self) -> None:
+        self.runs.append([])
+
+    def __call__(self, inner, *a, **k):
         out = inner(*a, **k)
-        if is_guidance_call(layout, a, k):
+        if is_guidance_call(self.layout, a, k):
             s = out.sample
-            u, c = layout.halves(s.shape[0] // 2)
-            rows.append(cosine_per_sample(s[u], s[c]))
+            u, c = self.layout.halves(s.shape[0] // 2)
+            self.runs[-1].append(cosine_per_sample(s[u], s[c]))
         return out
 
+    def profile(self) -> dict:
+        """Mean and 5/50/95% quantiles of gamma per call over every recorded sample."""
+        g = torch.cat([torch.stack(r) for r in self.runs if r], dim=1)  # (calls, samples)
+        q = torch.quantile(g, torch.tensor([0.05, 0.5, 0.95], dtype=g.dtype), dim=1)
+        return {"samples": g.shape[1], "mean": [round(float(v), 5) for v in g.mean(1)],
+                "q05": [round(float(v), 5) for v in q[0]], "median": [round(float(v), 5) for v in q[1]],
+                "q95": [round(float(v), 5) for v in q[2]]}
+
+
+def cfg_handle(pipe, rec: GammaRecorder):
     h = accelerate(pipe)
+    h.on_run_start(rec.new_run)
     h.wrap_call(rec, "gamma")
-    try:
-        pipe(eval_labels(samples), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
-    finally:
-        h.disable()
-    g = torch.stack(rows)  # (calls, samples)
-    q = torch.quantile(g, torch.tensor([0.05, 0.5, 0.95], dtype=g.dtype), dim=1)
-    return {"mean": [round(float(v), 5) for v in g.mean(1)], "q05": [round(float(v), 5) for v in q[0]],
-            "median": [round(float(v), 5) for v in q[1]], "q95": [round(float(v), 5) for v in q[2]]}
+    return h
 
 
-def make_configs(args, pipe, plans_dir: Path) -> dict[str, Callable[[object], object]]:
-    """name -> install(pipe_copy) returning a handle (or None for plain CFG)."""
-    lag_plan = plans_dir / f"guidance_linear_ag_{args.steps}.json"
-    if not lag_plan.is_file() or args.recalibrate:
-        t0 = time.perf_counter()
-        plan = calibrate(pipe, LinearAG(threshold=args.lag_threshold), seeds=LINEAR_AG_SEEDS, steps=args.steps)
-        plan["calibration_s"] = round(time.perf_counter() - t0, 2)
-        save_plan(lag_plan, plan)
-    bc_plan = plans_dir / f"guidance_block_cache_{args.steps}.json"
-    if not bc_plan.is_file() or args.recalibrate:
-        save_plan(bc_plan, calibrate(pipe, BlockCache(delta=args.bc_delta), seeds=BLOCK_CACHE_SEEDS,
-                                     steps=args.steps))
-    configs: dict[str, Callable] = {"cfg": lambda p: None}
+def make_configs(args, pipe, plans_dir: Path, rec: GammaRecorder) -> dict[str, Callable[[object], object]]:
+    """name -> install(pipe_copy) returning a handle. Plans are calibrated when their config is set up
+    (LinearAG last: its 200 calibration trajectories cost twice a 100-sample CFG run)."""
+
+    def plan(kind: str) -> Path:
+        path = plans_dir / f"guidance_{kind.replace('-', '_')}_{args.steps}.json"
+        if not path.is_file() or args.recalibrate:
+            t0 = time.perf_counter()
+            if kind == "linear-ag":
+                p = calibrate(pipe, LinearAG(threshold=args.lag_threshold), seeds=LINEAR_AG_SEEDS,
+                              steps=args.steps)
+            else:
+                p = calibrate(pipe, BlockCache(delta=args.bc_delta), seeds=BLOCK_CACHE_SEEDS, steps=args.steps)
+            p["calibration_s"] = round(time.perf_counter() - t0, 2)
+            save_plan(path, p)
+        return path
+
+    configs: dict[str, Callable] = {"cfg": lambda p: cfg_handle(p, rec)}
     for thr in args.thresholds:
         configs[f"ag@{thr:g}"] = lambda p, thr=thr: accelerate(p, AdaptiveGuidance(thr))
-    configs[f"linear-ag@{args.lag_threshold:g}"] = lambda p: accelerate(
-        p, LinearAG(plan=lag_plan, threshold=args.lag_threshold))
     for d in args.bc_deltas:
         configs[f"ag@{args.ag_threshold:g}+block-cache@{d:g}"] = lambda p, d=d: accelerate(
-            p, BlockCache(plan=bc_plan, delta=d), AdaptiveGuidance(args.ag_threshold))
-        configs[f"block-cache@{d:g}"] = lambda p, d=d: accelerate(p, BlockCache(plan=bc_plan, delta=d))
+            p, BlockCache(plan=plan("block-cache"), delta=d), AdaptiveGuidance(args.ag_threshold))
+        if args.block_cache_alone:
+            configs[f"block-cache@{d:g}"] = lambda p, d=d: accelerate(p, BlockCache(plan=plan("block-cache"),
+                                                                                    delta=d))
+    if not args.skip_linear_ag:
+        configs[f"linear-ag@{args.lag_threshold:g}"] = lambda p: accelerate(
+            p, LinearAG(plan=plan("linear-ag"), threshold=args.lag_threshold))
     return configs
 
 
-def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    pipe = hasten.load_pipeline(args.model)
-    out_path = Path(args.out)
-    configs = make_configs(args, pipe, out_path.parent)
-    labels = eval_labels(args.samples)
-    batches = [labels[i:i + args.batch_size] for i in range(0, args.samples, args.batch_size)]
-    pipes = {name: copy.deepcopy(pipe) for name in configs}
-    handles = {name: make(pipes[name]) for name, make in configs.items()}
-    images: dict[str, list[torch.Tensor]] = {n: [] for n in configs}
-    wall = dict.fromkeys(configs, 0.0)
-    cfg_rows = 0.0
-    for name in configs:  # warm-up (not timed)
-        pipes[name](labels[:10], num_inference_steps=args.steps, generator=torch.Generator().manual_seed(99))
-        if handles[name] is not None:
-            handles[name].clear_report()
-    for k, lab in enumerate(batches):
-        print(f"batch {k + 1}/{len(batches)}", file=sys.stderr, flush=True)
-        for name in configs:
-            gen = torch.Generator().manual_seed(args.seed + k)
-            t0 = time.perf_counter()
-            res = pipes[name](lab, num_inference_steps=args.steps, generator=gen)
-            wall[name] += time.perf_counter() - t0
-            images[name].append(res.images)
-            if name == "cfg":
-                cfg_rows += res.nfe * len(lab)
-    ref = torch.cat(images["cfg"])
-    rows = []
-    for name in configs:
-        imgs = torch.cat(images[name])
-        h = handles[name]
-        nfe = h.report(log=False)["nfe"] if h is not None else cfg_rows / args.samples
-        rows.append({"config": name, "nfe": round(nfe, 3), "wall_s": round(wall[name], 3),
-                     "fd_digits": round(fd_to_held_out(imgs), 4),
-                     "class_accuracy": round(class_accuracy(imgs, labels), 4),
-                     "ssim_vs_cfg": round(ssim(imgs, ref), 4), "psnr_vs_cfg": round(psnr(imgs, ref), 2)})
-        if h is not None:
-            h.disable()
+def score(name: str, imgs: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, nfe: float, wall: float) -> dict:
+    return {"config": name, "nfe": round(nfe, 3), "wall_s": round(wall, 3), "fd_digits": round(fd_to_held_out(imgs), 4),
+            "class_accuracy": round(class_accuracy(imgs, labels), 4), "ssim_vs_cfg": round(ssim(imgs, ref), 4),
+            "psnr_vs_cfg": round(psnr(imgs, ref), 2)}
+
+
+def compare(rows: list[dict]) -> None:
     base = rows[0]
     for r in rows:
         r["nfe_saving"] = round(1 - r["nfe"] / base["nfe"], 4)
@@ -129,16 +115,49 @@ def run(args) -> dict:
         r["fd_ratio_vs_cfg"] = round(r["fd_digits"] / base["fd_digits"], 4)
         r["accuracy_drop_points"] = round(100 * (base["class_accuracy"] - r["class_accuracy"]), 2)
         r["within_quality_bounds"] = r["fd_ratio_vs_cfg"] <= 1.05 and r["accuracy_drop_points"] <= 1.0
-    return {"benchmark": "guidance", "model": args.model, "steps": args.steps, "solver": "euler",
-            "schedule": "linear", "guidance_scale": pipe.default_guidance_scale, "samples": args.samples,
-            "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
-            "fd_real_vs_real": round(real_vs_real_fd(), 4),
-            "quality_bounds": {"fd_ratio_max": 1.05, "accuracy_drop_max_points": 1.0},
-            "targets": {"ag_nfe_saving": 0.25, "linear_ag_nfe_saving": 0.35, "ag_block_cache_speedup": 2.0},
-            "gamma_profile": gamma_profile(pipe, args.steps, 100, args.seed + 500),
-            "rows": rows, "machine": {"platform": platform.platform(), "torch": torch.__version__},
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
+
+
+def run(args, out_path: Path) -> dict:
+    """Sample every configuration on the same seeds, batches interleaved; the JSON is rewritten after every
+    configuration of the last batch, so a run cut short keeps what it measured."""
+    torch.set_num_threads(args.threads)
+    pipe = hasten.load_pipeline(args.model)
+    rec = GammaRecorder(pipe)
+    configs = make_configs(args, pipe, out_path.parent, rec)
+    labels = eval_labels(args.samples)
+    batches = [labels[i:i + args.batch_size] for i in range(0, args.samples, args.batch_size)]
+    result = {"benchmark": "guidance", "model": args.model, "steps": args.steps, "solver": "euler",
+              "schedule": "linear", "guidance_scale": pipe.default_guidance_scale, "samples": args.samples,
+              "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
+              "fd_real_vs_real": round(real_vs_real_fd(), 4),
+              "quality_bounds": {"fd_ratio_max": 1.05, "accuracy_drop_max_points": 1.0},
+              "targets": {"ag_nfe_saving": 0.25, "linear_ag_nfe_saving": 0.35, "ag_block_cache_speedup": 2.0},
+              "rows": [], "machine": {"platform": platform.platform(), "torch": torch.__version__},
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    pipes, handles = {}, {}
+    images: dict[str, list[torch.Tensor]] = {n: [] for n in configs}
+    wall = dict.fromkeys(configs, 0.0)
+    for k, lab in enumerate(batches):
+        last = k == len(batches) - 1
+        for name, make in configs.items():
+            if name not in pipes:  # set up lazily (plans are calibrated here, not timed)
+                pipes[name] = copy.deepcopy(pipe)
+                handles[name] = make(pipes[name])
+            print(f"batch {k + 1}/{len(batches)}: {name}", file=sys.stderr, flush=True)
+            gen = torch.Generator().manual_seed(args.seed + k)
+            t0 = time.perf_counter()
+            res = pipes[name](lab, num_inference_steps=args.steps, generator=gen)
+            wall[name] += time.perf_counter() - t0
+            images[name].append(res.images)
+            if last:
+                ref = torch.cat(images["cfg"])
+                nfe = handles[name].report(log=False)["nfe"]
+                result["rows"].append(score(name, torch.cat(images[name]), labels, ref, nfe, wall[name]))
+                compare(result["rows"])
+                result["gamma_profile"] = rec.profile()
+                write_json(out_path, result)
+                handles[name].disable()
+    return result
 
 
 def plot(result: dict, path: Path) -> None:
@@ -189,11 +208,12 @@ def main() -> None:
     ap.add_argument("--bc-delta", type=float, default=0.5, help="delta the Block Caching plan is made with")
     ap.add_argument("--bc-deltas", type=float, nargs="+", default=[0.5])
     ap.add_argument("--recalibrate", action="store_true")
+    ap.add_argument("--skip-linear-ag", action="store_true")
+    ap.add_argument("--block-cache-alone", action="store_true", help="also run Block Caching without AG")
     ap.add_argument("--out", default="benchmarks/results/guidance.json")
     args = ap.parse_args()
-    result = run(args)
     out = Path(args.out)
-    write_json(out, result)
+    result = run(args, out)
     plot(result, out.with_name(out.stem + "_sweep.png"))
     for r in result["rows"]:
         print(f"{r['config']:32s} NFE {r['nfe']:6.2f} ({100 * r['nfe_saving']:5.1f}% saved)  "
