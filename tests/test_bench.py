@@ -237,3 +237,24 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     assert code == 2 and "is not a folder" in err
     code, err = run_cli(capsys, "bench", "--out", str(tmp_path / "missing" / "deeper"))
     assert code == 2 and "does not exist" in err
+
+
+def test_shared_installs_are_removed_exactly():
+    """The realistic-size path installs on one model in turn: after each uninstall the model is intact."""
+    from hasten.eval.bench import _sampler, realistic_configs, run_shared
+    from hasten.eval.bench_harness import Prepared, run_one
+
+    pipe = tiny_pipeline()
+    steps = 4
+    batch = make_batches(2, 2, 0, 10)[0]
+    before = run_one(Prepared(sample=_sampler(pipe, steps)), batch)
+    configs = [c for c in realistic_configs(steps, num_blocks=2) if not c.name.startswith("cache-dit")]
+    records = run_shared(pipe, configs, steps, batch)
+    assert [r["name"] for r in records][1:] == [c.name for c in configs]
+    assert all(r["error"] is None for r in records), [r["error"] for r in records]
+    assert records[0]["nfe"] == 2 * steps and records[0]["block_evals"] == 2 * steps * 2
+    bc = next(r for r in records if r["name"].startswith("block-cache"))
+    assert bc["block_evals"] < records[0]["block_evals"]
+    assert all(r["peak_rss_mb"] > 0 for r in records)
+    after = run_one(Prepared(sample=_sampler(pipe, steps)), batch)
+    assert torch.equal(before, after)

@@ -37,9 +37,12 @@ from .bench_harness import (
     Prepared,
     RssSampler,
     Unavailable,
+    WorkCounter,
+    error_text,
     make_batches,
     paired_speedup,
     run_interleaved,
+    run_one,
 )
 from .bench_peers import (
     DIFFUSERS_KINDS,
@@ -165,8 +168,8 @@ def diffusers_peer_config(pipe: HastenPipeline, kind: str, params: dict, steps: 
 
     def setup() -> Prepared:
         own = copy_pipeline(pipe)
-        start = install_diffusers_hook(own, kind, {**params, "steps": steps})
-        return Prepared(sample=_sampler(own, steps), start_run=start, transformer=own.transformer)
+        ctx = install_diffusers_hook(own, kind, {**params, "steps": steps})
+        return Prepared(sample=_sampler(own, steps), start_run=ctx.start_run, transformer=own.transformer)
 
     label = ",".join(f"{k}={v}" for k, v in shown.items())
     return BenchConfig(f"diffusers:{kind}" + (f":{label}" if label else "") + f" @{steps}", "peer",
@@ -313,34 +316,132 @@ REALISTIC_ARCH = dict(num_attention_heads=16, attention_head_dim=72, in_channels
 REALISTIC_STEPS = 8
 
 
-def realistic_configs(pipe: HastenPipeline, peers: bool = True) -> list[BenchConfig]:
-    """Overhead and memory at DiT-XL/2 size: the same methods, explicit schedules where a plan would be needed
-    (calibrating a 750M-parameter model on 2 CPU cores does not fit the budget; quality is not measured)."""
-    steps = REALISTIC_STEPS
-    every_other = [[n % 2 == 0 or n == steps - 1 for n in range(steps)] for _ in range(28)]
+@dataclass
+class SharedConfig:
+    """A configuration installed on a shared pipeline and removed after its run (for models too big to copy).
 
-    def bc_setup() -> Prepared:
-        from ..api import accelerate
+    ``install(pipe) -> (pipeline to sample with, per-run reset or None, uninstall)``.
+    """
+
+    name: str
+    family: str
+    params: dict
+    install: Callable[[HastenPipeline], tuple[HastenPipeline, Callable[[], None] | None, Callable[[], None]]]
+
+
+def realistic_configs(steps: int = REALISTIC_STEPS, num_blocks: int = 28, peers: bool = True
+                      ) -> list[SharedConfig]:
+    """The same methods at DiT-XL/2 size. Block Caching uses an explicit schedule (every block computed at
+    calls 0, 2, 4, ... and the last) because calibrating a plan for a 750M-parameter model on 2 CPU cores
+    does not fit the budget; overhead is read against the ideal given by the block-evaluation count."""
+    every_other = [[n % 2 == 0 or n == steps - 1 for n in range(steps)] for _ in range(num_blocks)]
+
+    def hasten_install(methods: Callable[[], list]) -> Callable:
+        def install(pipe: HastenPipeline) -> tuple:
+            from ..api import accelerate
+
+            handle = accelerate(pipe, *methods())
+            return pipe, None, handle.disable
+
+        return install
+
+    def block_cache() -> list:
         from ..methods.block_cache import BlockCache
 
-        own = copy_pipeline(pipe)
-        handle = accelerate(own, BlockCache(schedule=every_other))
-        return Prepared(sample=_sampler(own, steps), close=handle.disable, transformer=own.transformer)
+        return [BlockCache(schedule=every_other)]
 
-    cfgs = [baseline_config(pipe, steps),
-            BenchConfig(f"block-cache:schedule=every-other-call @{steps}", "hasten",
-                        {"steps": steps, "specs": ["BlockCache(schedule=compute calls 0,2,4,6,7)"]},
-                        bc_setup),
-            hasten_config(pipe, ["ag:threshold=0.99"], steps, None)]
+    def ag() -> list:
+        from ..methods.guidance import AdaptiveGuidance
+
+        return [AdaptiveGuidance(threshold=0.99)]
+
+    def diffusers_install(kind: str, params: dict) -> Callable:
+        def install(pipe: HastenPipeline) -> tuple:
+            ctx = install_diffusers_hook(pipe, kind, {**params, "steps": steps})
+            return pipe, ctx.start_run, ctx.remove
+
+        return install
+
+    def cache_dit_install(params: dict) -> Callable:
+        def install(pipe: HastenPipeline) -> tuple:
+            if cache_dit_version() is None:
+                raise Unavailable("cache-dit is not installed (pip install 'hasten[bench]')")
+            return install_cache_dit(pipe, {**params, "steps": steps}, copy_model=False), None, lambda: None
+
+        return install
+
+    cfgs = [SharedConfig(f"block-cache:schedule=every-other-call @{steps}", "hasten",
+                         {"steps": steps, "method": "BlockCache(schedule=...)", "computed_calls": "0,2,4,...,last"},
+                         hasten_install(block_cache)),
+            SharedConfig(f"ag:threshold=0.99 @{steps}", "hasten", {"steps": steps, "specs": ["ag:threshold=0.99"]},
+                         hasten_install(ag))]
     if peers:
-        cfgs += [diffusers_peer_config(pipe, "first-block-cache", {"threshold": 0.1}, steps),
-                 diffusers_peer_config(pipe, "taylorseer-cache",
-                                       {"cache_interval": 2, "max_order": 1, "warmup_steps": 2}, steps),
-                 diffusers_peer_config(pipe, "pyramid-attention-broadcast", {"skip_range": 2}, steps),
-                 diffusers_peer_config(pipe, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5},
-                                       steps),
-                 cache_dit_config(pipe, {"threshold": 0.12, "Fn": 1, "Bn": 0, "warmup_steps": 2}, steps)]
+        for kind, params in (("first-block-cache", {"threshold": 0.1}),
+                             ("taylorseer-cache", {"cache_interval": 2, "max_order": 1, "warmup_steps": 2}),
+                             ("pyramid-attention-broadcast", {"skip_range": 2}),
+                             ("faster-cache", {"skip_range": 2, "uncond_skip_range": 5})):
+            label = ",".join(f"{k}={v}" for k, v in params.items())
+            cfgs.append(SharedConfig(f"diffusers:{kind}:{label} @{steps}", "peer",
+                                     {"steps": steps, "library": "diffusers", "method": kind, **params},
+                                     diffusers_install(kind, params)))
+        db = {"threshold": 0.12, "Fn": 1, "Bn": 0, "warmup_steps": 2}
+        cfgs.append(SharedConfig(f"cache-dit:dbcache:{','.join(f'{k}={v}' for k, v in db.items())} @{steps}",
+                                 "peer", {"steps": steps, "library": f"cache-dit {cache_dit_version()}",
+                                          "method": "DBCache", **db}, cache_dit_install(db)))  # last: no undo
     return cfgs
+
+
+def run_shared(pipe: HastenPipeline, configs: Sequence[SharedConfig], steps: int, batch: Batch,
+               timer: Callable[[], float] = time.perf_counter, progress: Callable[[str], None] | None = None
+               ) -> list[dict]:
+    """Each configuration in turn on ``pipe``: a baseline run, then install, one run, uninstall.
+
+    The speedup of a configuration is its paired ratio with the baseline run just before it.
+    """
+    say = progress or (lambda _m: None)
+    counter = WorkCounter(pipe.transformer)
+    base = Prepared(sample=_sampler(pipe, steps))
+    run_one(base, batch)  # warm-up
+    base_times: list[float] = []
+    base_m = Measurement(f"cfg @{steps}")
+    records = []
+    with RssSampler() as rss:
+        for c in configs:
+            say(f"realistic: {c.name}")
+            counter.reset()
+            rss.start_window()
+            t0 = timer()
+            run_one(base, batch)
+            base_times.append(timer() - t0)
+            base_m.peak_rss_mb = max(base_m.peak_rss_mb or 0.0, rss.window_peak_mb())
+            base_m.rows, base_m.block_rows = counter.rows, (counter.attn_rows + counter.ff_rows) / 2
+            uninstall = None
+            try:
+                own, start, uninstall = c.install(pipe)
+                counter.reset()
+                rss.start_window()
+                t0 = timer()
+                run_one(Prepared(sample=_sampler(own, steps), start_run=start), batch)
+                t = timer() - t0
+                n = len(batch.labels)
+                records.append(new_record(
+                    c.name, c.family, c.params, wall_s_median=_round(t, 4),
+                    speedup=_round(base_times[-1] / t, 4), nfe=_round(counter.rows / n, 4),
+                    block_evals=_round((counter.attn_rows + counter.ff_rows) / 2 / n, 4),
+                    peak_rss_mb=_round(rss.window_peak_mb(), 1)))
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                records.append(new_record(c.name, c.family, c.params, error=error_text(e)))
+                say(f"  {records[-1]['error']}")
+            finally:
+                if uninstall is not None:
+                    uninstall()
+    counter.remove()
+    n = len(batch.labels)
+    ref = new_record(base_m.name, "baseline", {"steps": steps, "guidance": "cfg"},
+                     wall_s_median=_round(statistics.median(base_times), 4) if base_times else None,
+                     speedup=1.0, nfe=_round(base_m.rows / n, 4), block_evals=_round(base_m.block_rows / n, 4),
+                     peak_rss_mb=_round(base_m.peak_rss_mb, 1))
+    return [ref, *records]
 
 
 def run_realistic(peers: bool, progress: Callable[[str], None]) -> dict:
@@ -350,17 +451,17 @@ def run_realistic(peers: bool, progress: Callable[[str], None]) -> dict:
     transformer = DiTTransformer2DModel(**REALISTIC_ARCH).eval()
     pipe = HastenPipeline(transformer, guidance_scale=4.0, name="dit-xl2-random")
     n_params = sum(p.numel() for p in transformer.parameters())
-    configs = realistic_configs(pipe, peers)
-    batches = make_batches(2, 2, 0, pipe.num_classes)
-    measured = run_interleaved(configs, batches, warmup=None, rss=RssSampler(), progress=progress)
-    records = build_records(configs, measured, batches, None, with_quality=False)
+    batch = make_batches(2, 2, 0, pipe.num_classes)[0]
+    records = run_shared(pipe, realistic_configs(REALISTIC_STEPS, len(transformer.transformer_blocks), peers),
+                         REALISTIC_STEPS, batch, progress=progress)
     del pipe, transformer
-    return {"architecture": f"DiTTransformer2DModel, DiT-XL/2 size ({n_params / 1e6:.0f}M parameters, "
+    return {"architecture": f"DiTTransformer2DModel at DiT-XL/2 size ({n_params / 1e6:.0f}M parameters, "
                             "28 blocks, width 1152), random weights, 16x16x4 latent (128 px), 2 samples, CFG",
             "config": REALISTIC_ARCH, "steps": REALISTIC_STEPS, "samples": 2,
-            "note": "Overhead and memory only: random weights make quality meaningless. One timed run per "
-                    "configuration (no warm-up); peak RSS includes the shared original model (one copy per "
-                    "configuration is made at install time).",
+            "note": "Overhead and memory only: random weights make quality meaningless. The methods are "
+                    "installed on the one model in turn and removed after their run (cache-dit, which cannot "
+                    "be removed, runs last); each run is paired with a baseline run just before it. Ideal "
+                    "speedup from the work skipped: the baseline's block evals / the configuration's.",
             "records": records}
 
 

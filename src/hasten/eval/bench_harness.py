@@ -224,7 +224,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 prepared[c.name] = p
                 counters[c.name] = WorkCounter(p.transformer)
                 if warmup is not None:
-                    _run_one(p, warmup)
+                    run_one(p, warmup)
                 counters[c.name].reset()
             except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
                 m.error = error_text(e)
@@ -238,7 +238,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 try:
                     rss.start_window()
                     t0 = timer()
-                    images = _run_one(p, batch)
+                    images = run_one(p, batch)
                     m.times.append(timer() - t0)
                     peak = rss.window_peak_mb()
                     if peak is not None:
@@ -263,7 +263,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
     return out
 
 
-def _run_one(p: Prepared, batch: Batch) -> torch.Tensor:
+def run_one(p: Prepared, batch: Batch) -> torch.Tensor:
     if p.start_run is not None:
         p.start_run()
     gen = torch.Generator().manual_seed(batch.seed)

@@ -33,7 +33,6 @@ import copy
 import io
 import os
 import re
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,6 +83,23 @@ class DiffusersCacheContext:
         self.timestep = float(TIME_SCALE)
         self._registry.reset_stateful_hooks(recurse=True)
 
+    def hooks_changed(self) -> None:
+        """Hooks were added or removed below the transformer: drop diffusers' cached list of them (as
+        ``enable_cache``/``disable_cache`` do), or the context would not reach the new hooks."""
+        self._registry.invalidate_child_registries_cache()
+
+    def remove(self) -> None:
+        """Remove this context hook and every diffusers hook under the transformer."""
+        from diffusers.hooks import HookRegistry
+
+        self._handle.remove()
+        for module in self.transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if isinstance(registry, HookRegistry):
+                for name in list(registry.hooks):
+                    registry.remove_hook(name, recurse=False)
+        self.hooks_changed()
+
 
 def _diffusers_hook_config(kind: str, params: dict, ctx: DiffusersCacheContext) -> Any:
     import diffusers.hooks as H
@@ -128,8 +144,8 @@ _APPLY = {"first-block-cache": "apply_first_block_cache", "taylorseer-cache": "a
 DIFFUSERS_KINDS = tuple(_APPLY)
 
 
-def install_diffusers_hook(pipe: HastenPipeline, kind: str, params: dict) -> Callable[[], None]:
-    """Install one diffusers cache hook on ``pipe`` (a private copy). Returns the per-run reset."""
+def install_diffusers_hook(pipe: HastenPipeline, kind: str, params: dict) -> DiffusersCacheContext:
+    """Install one diffusers cache hook on ``pipe``. Returns the context (``start_run``, ``remove``)."""
     import diffusers.hooks as H
 
     ctx = DiffusersCacheContext(pipe.transformer)
@@ -138,7 +154,8 @@ def install_diffusers_hook(pipe: HastenPipeline, kind: str, params: dict) -> Cal
                                                                params.get("calibration", {}))}
     config = _diffusers_hook_config(kind, params, ctx)
     getattr(H, _APPLY[kind])(pipe.transformer, config)
-    return ctx.start_run
+    ctx.hooks_changed()
+    return ctx
 
 
 def calibrate_mag_ratios(pipe: HastenPipeline, steps: int, calibration: dict) -> list[float]:
@@ -178,11 +195,12 @@ def cache_dit_version() -> str | None:
         return None
 
 
-def install_cache_dit(pipe: HastenPipeline, params: dict) -> HastenPipeline:
+def install_cache_dit(pipe: HastenPipeline, params: dict, copy_model: bool = True) -> HastenPipeline:
     """cache-dit DBCache (optionally with its TaylorSeer calibrator) on a copy of ``pipe``.
 
-    Returns the pipeline to sample with: a copy whose class is a throwaway subclass, because cache-dit
-    patches ``type(pipe).__call__``.
+    Returns the pipeline to sample with, whose class is a throwaway subclass because cache-dit patches
+    ``type(pipe).__call__``. With ``copy_model=False`` it shares ``pipe``'s transformer, which cache-dit
+    then patches for good (its ``disable_cache`` does not restore the forward): for a last use only.
     """
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
     try:
@@ -193,7 +211,9 @@ def install_cache_dit(pipe: HastenPipeline, params: dict) -> HastenPipeline:
         raise RuntimeError(f"cache-dit is not installed ({e}); install the bench extra: "
                            "pip install 'hasten[bench]'") from None
     cls = type(f"{type(pipe).__name__}CacheDiT", (type(pipe),), {})
-    own = copy_pipeline(pipe, cls)
+    own = copy_pipeline(pipe, cls) if copy_model else cls(pipe.transformer, num_classes=pipe.num_classes,
+                                                          guidance_scale=pipe.default_guidance_scale,
+                                                          name=pipe.name)
     adapter = BlockAdapter(pipe=own, transformer=own.transformer, blocks=own.transformer.transformer_blocks,
                            forward_pattern=ForwardPattern.Pattern_3, patch_functor=DiTPatchFunctor(),
                            check_forward_pattern=True)
