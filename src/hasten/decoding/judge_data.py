@@ -107,7 +107,7 @@ def judge_metrics(head: JudgeHead, feats: torch.Tensor, labels: torch.Tensor) ->
             "reject_rate_on_wrong": round(float((~acc[neg]).float().mean()), 4)}
 
 
-def train_judge_from_folder(out: Path, n_problems: int = 1500, seed: int = 0) -> dict:
+def train_judge_from_folder(out: Path, n_problems: int = 1500, seed: int = 0, n_val: int = 100) -> dict:
     """Build data from the shipped target in ``out/target`` (train split), train, report on val, save."""
     from ..io import write_json
     from .train import load_lm
@@ -116,11 +116,12 @@ def train_judge_from_folder(out: Path, n_problems: int = 1500, seed: int = 0) ->
     target = load_lm(out / "target")
     sp = task.splits()
     ftr, ytr = build_judge_dataset(target, sp["train"][:n_problems], seed=seed)
-    fva, yva = build_judge_dataset(target, sp["val"], seed=seed + 1)
+    fva, yva = build_judge_dataset(target, sp["val"][:n_val], seed=seed + 1)
     head, curve = train_judge(ftr, ytr, seed=seed)
     head.meta = {"target": "hasten/models/lm/target", "train_problems": n_problems, "seed": seed}
     head.save(out / "judge.safetensors")
-    info = {"train": {"tokens": int(ytr.numel()), "wrong_tokens": int((ytr < 0.5).sum())},
+    info = {"train_problems": n_problems, "val_problems": n_val,
+            "train": {"tokens": int(ytr.numel()), "wrong_tokens": int((ytr < 0.5).sum())},
             "metrics": {"train": judge_metrics(head, ftr, ytr), "val": judge_metrics(head, fva, yva)},
             "threshold_logit": head.threshold, "loss_curve": curve,
             "train_seconds": round(time.time() - t0, 1)}

@@ -48,7 +48,7 @@ class LMConfig:
 
 
 TARGET = LMConfig("target", hidden_size=192, layers=4, heads=6, intermediate=512, mix=task.TARGET_MIX,
-                  steps=1000, batch_size=32, seed=0)
+                  steps=500, batch_size=32, seed=0)
 DRAFT = LMConfig("draft", hidden_size=64, layers=2, heads=4, intermediate=192, mix=task.DRAFT_MIX,
                  steps=1200, batch_size=32, seed=1)
 
@@ -86,7 +86,7 @@ def batch(problems: list, rng: random.Random, mix, size: int) -> tuple[torch.Ten
     return ids, lab
 
 
-def train_lm(cfg: LMConfig, out: Path, progress: bool = True) -> dict:
+def train_lm(cfg: LMConfig, out: Path, progress: bool = True, ckpt_every: int = 50) -> dict:
     """Train one LM with AdamW + cosine schedule; saves fp16 weights, config and the loss curve."""
     from tqdm import tqdm
 
@@ -113,16 +113,25 @@ def train_lm(cfg: LMConfig, out: Path, progress: bool = True) -> dict:
         if step % 25 == 0 or step == cfg.steps - 1:
             curve.append({"step": step, "loss": round(ema, 5)})
             bar.set_postfix(loss=f"{ema:.4f}")
-    secs = time.time() - t0
+        if ckpt_every and step % ckpt_every == ckpt_every - 1 and step < cfg.steps - 1:
+            _save(model, cfg, out, curve, time.time() - t0, step + 1)  # a usable model at any time
+    return _save(model, cfg, out, curve, time.time() - t0, cfg.steps)
+
+
+def _save(model, cfg: LMConfig, out: Path, curve: list, secs: float, done: int) -> dict:
+    """Write fp16 weights + config + log to ``out/<name>`` (also used for the periodic checkpoints)."""
+    from ..io import write_json
+
+    was_training = model.training
     model.eval()
     dest = out / cfg.name
     dest.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(dest, safe_serialization=True)
     model.float()
+    model.train(was_training)
     n_params = sum(p.numel() for p in model.parameters())
-    log = {"config": asdict(cfg), "params": n_params, "train_seconds": round(secs, 1), "loss_curve": curve}
-    from ..io import write_json
-
+    log = {"config": asdict(cfg), "params": n_params, "steps_done": done, "train_seconds": round(secs, 1),
+           "loss_curve": curve}
     write_json(dest / "train_log.json", log)
     return log
 
@@ -217,8 +226,10 @@ def write_model_card(out: Path) -> Path:
                   f"{c['layers']} layers, {c['heads']} heads, MLP {c['intermediate']}, tied embeddings, "
                   "stored in float16 (`safetensors`).",
                   f"- wording mix per slot (favourite of target, favourite of draft, rare): {list(mix)}.",
-                  f"- AdamW lr {c['lr']} (100 warm-up steps, cosine), batch {c['batch_size']}, {c['steps']} steps, "
-                  f"seed {c['seed']}, loss on answer tokens only; {log['train_seconds']} s.",
+                  f"- AdamW lr {c['lr']} (100 warm-up steps, cosine), batch {c['batch_size']}, schedule of "
+                  f"{c['steps']} steps of which {log.get('steps_done', c['steps'])} were run (a checkpoint is "
+                  f"saved every 50 steps), seed {c['seed']}, loss on answer tokens only; "
+                  f"{log['train_seconds']} s wall.",
                   f"- final train loss (EMA) {log['loss_curve'][-1]['loss']:.4f}; greedy accuracy on the first "
                   f"100 validation problems {log.get('val_greedy_accuracy_100', float('nan')):.3f}.", ""]
     j = load(out / "judge_log.json")
@@ -231,10 +242,11 @@ def write_model_card(out: Path) -> Path:
                   "label 1) and three corrupted copies per problem (one replaced character: a digit in 2/3 of "
                   "cases, any character otherwise; label 0; tokens after the error dropped); "
                   f"{j['train']['tokens']:,} labelled tokens ({j['train']['wrong_tokens']:,} wrong) from the "
-                  "first 1,500 training problems, seed 0.",
+                  f"first {j.get('train_problems', 1500):,} training problems, seed 0.",
                   "- class-weighted logistic regression, Adam lr 0.05, 600 full-batch steps, seed 0; "
                   f"final loss {j['loss_curve'][-1]['loss']:.4f}.",
-                  f"- validation split: accepts {j['metrics']['val']['accept_rate_on_correct']:.3f} of correct "
+                  f"- validation ({j.get('val_problems', 200)} problems): accepts "
+                  f"{j['metrics']['val']['accept_rate_on_correct']:.3f} of correct "
                   f"tokens, rejects {j['metrics']['val']['reject_rate_on_wrong']:.3f} of wrong ones "
                   f"(train: {j['metrics']['train']['accept_rate_on_correct']:.3f} / "
                   f"{j['metrics']['train']['reject_rate_on_wrong']:.3f}).", ""]
@@ -248,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--what", default="all", choices=["all", "target", "draft", "judge", "card"])
     ap.add_argument("--out", type=Path, default=Path("src/hasten/models/lm"))
     ap.add_argument("--steps", type=int, default=None, help="override the LM step count")
+    ap.add_argument("--judge-problems", type=int, default=1500, help="training problems for the judge data")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.what in ("all", "judge"):
         from .judge_data import train_judge_from_folder
 
-        info = train_judge_from_folder(args.out)
+        info = train_judge_from_folder(args.out, n_problems=args.judge_problems)
         print(f"judge: {json.dumps(info['metrics'])}")
     logs = {n: json.loads((args.out / n / "train_log.json").read_text())
             for n in ("target", "draft") if (args.out / n / "train_log.json").is_file()}
