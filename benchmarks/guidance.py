@@ -211,7 +211,14 @@ def main() -> None:
     ap.add_argument("--skip-linear-ag", action="store_true")
     ap.add_argument("--block-cache-alone", action="store_true", help="also run Block Caching without AG")
     ap.add_argument("--out", default="benchmarks/results/guidance.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from an existing --out JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        import json
+
+        out = Path(args.out)
+        plot(json.loads(out.read_text()), out.with_name(out.stem + "_sweep.png"))
+        return
     out = Path(args.out)
     result = run(args, out)
     plot(result, out.with_name(out.stem + "_sweep.png"))
