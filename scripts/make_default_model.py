@@ -24,7 +24,7 @@ from hasten.eval.metrics import evaluate_pipeline, fd_to_held_out
 from hasten.pipeline import load_pipeline, save_grid
 from hasten.train import TrainConfig, train
 
-SCALES = (1.5, 2.0, 3.0)
+SCALES = (1.0, 1.15, 1.25, 1.5)
 
 
 def plot_loss(curve: list[dict], path: Path) -> None:
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--from-run", type=Path, default=None, help="use an already trained folder")
     ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--scales", type=float, nargs="+", default=list(SCALES), help="guidance scales to sweep")
     args = ap.parse_args()
 
     run = args.from_run
@@ -62,7 +63,7 @@ def main() -> None:
     pipe = load_pipeline(run)
 
     sweep = []
-    for scale in SCALES:
+    for scale in args.scales:
         r = evaluate_pipeline(pipe, samples=args.samples, steps=50, guidance_scale=scale, seed=1)
         sweep.append(r)
         print(f"cfg {scale}: acc {r['class_accuracy']:.4f} FD {r['fd_digits']:.3f} ratio {r['fd_ratio']:.2f}")
