@@ -485,6 +485,15 @@ def check_args(out: Path, samples: int | None, batch_size: int | None, threads: 
         raise HastenError(f"cannot create --out {out}: folder {parent} does not exist")
 
 
+def _write_all(out: Path, results: dict) -> None:
+    from .bench_report import plot_pareto, write_markdown
+    from .bench_results import write_results
+
+    write_results(out / "results.json", results)
+    write_markdown(out / "results.md", results)
+    plot_pareto(out / "pareto.png", results)
+
+
 def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: int | None = None,
               batch_size: int | None = None, seed: int = 0, peers: bool = True, realistic: bool | None = None,
               threads: int | None = None, progress: Callable[[str], None] | None = None,
@@ -492,8 +501,6 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
               pipe: HastenPipeline | None = None, timer: Callable[[], float] = time.perf_counter) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``."""
     from ..pipeline import load_pipeline
-    from .bench_report import plot_pareto, write_markdown
-    from .bench_results import write_results
 
     out = Path(out)
     check_args(out, samples, batch_size, threads)
@@ -515,10 +522,6 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer())
     levels = quality_levels(records, configs[0].name)
     do_real = budget.realistic if realistic is None else realistic
-    real = None
-    if do_real:
-        say("realistic-size check")
-        real = run_realistic(peers, say)
     results = {
         "schema": SCHEMA, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "model": model,
@@ -527,10 +530,15 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
                      "solver": SOLVER, "schedule": SCHEDULE, "reference": configs[0].name, "quick": quick,
                      "calibration_seeds": {"block-cache": list(CALIBRATION_SEEDS),
                                            "linear-ag": [LINEAR_AG_SEEDS[0], LINEAR_AG_SEEDS[-1]]},
-                     "total_wall_s": None},
-        "records": records, "quality_levels": levels, "realistic": real}
-    results["protocol"]["total_wall_s"] = round(time.perf_counter() - t_start, 1)
-    write_results(out / "results.json", results)
-    write_markdown(out / "results.md", results)
-    plot_pareto(out / "pareto.png", results)
+                     "total_wall_s": round(time.perf_counter() - t_start, 1)},
+        "records": records, "quality_levels": levels, "realistic": None}
+    _write_all(out, results)  # the digits results are safe on disk before the realistic-size check
+    if do_real:
+        say("realistic-size check")
+        try:
+            results["realistic"] = run_realistic(peers, say)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: keep the digits results, say why
+            results["realistic"] = {"architecture": "DiT-XL/2 size", "error": error_text(e), "records": []}
+        results["protocol"]["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+        _write_all(out, results)
     return results

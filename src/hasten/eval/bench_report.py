@@ -59,6 +59,8 @@ def markdown(results: dict) -> str:
     if results.get("realistic"):
         r = results["realistic"]
         lines += ["", f"## Realistic size: {r.get('architecture', '')}", "", r.get("note", ""), ""]
+        if r.get("error"):
+            lines += [f"The realistic-size check failed: {r['error']}", ""]
         lines += _table(r["records"], with_quality=False)
     return "\n".join(lines) + "\n"
 
