@@ -160,6 +160,46 @@ def run(args, out_path: Path) -> dict:
     return result
 
 
+def timing(args, out_path: Path) -> dict:
+    """Wall-clock only: ``--timing-reps`` interleaved repetitions (every configuration once per repetition,
+    same labels and seed) of ``--samples`` images; speedup = median over repetitions of the paired ratio
+    CFG time / configuration time. Plans are the ones the quality run made (or made here, not timed)."""
+    import statistics
+
+    torch.set_num_threads(args.threads)
+    pipe = hasten.load_pipeline(args.model)
+    configs = make_configs(args, pipe, out_path.parent, GammaRecorder(pipe))
+    labels = eval_labels(args.samples)
+    pipes = {n: copy.deepcopy(pipe) for n in configs}
+    handles = {n: make(pipes[n]) for n, make in configs.items()}
+    times: dict[str, list[float]] = {n: [] for n in configs}
+    nfe = {}
+    for name in configs:  # warm-up, not timed
+        pipes[name](labels[:4], num_inference_steps=args.steps, generator=torch.Generator().manual_seed(99))
+    for rep in range(args.timing_reps):
+        for name in configs:
+            print(f"rep {rep + 1}/{args.timing_reps}: {name}", file=sys.stderr, flush=True)
+            handles[name].clear_report()
+            t0 = time.perf_counter()
+            pipes[name](labels, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
+            times[name].append(time.perf_counter() - t0)
+            nfe[name] = handles[name].report(log=False)["nfe"]
+    rows = []
+    for name in configs:
+        ratios = [c / t for c, t in zip(times["cfg"], times[name], strict=True)]
+        rows.append({"config": name, "nfe": nfe[name], "wall_s": [round(t, 3) for t in times[name]],
+                     "wall_median_s": round(statistics.median(times[name]), 3),
+                     "speedup_median": round(statistics.median(ratios), 3),
+                     "speedup_min": round(min(ratios), 3), "speedup_max": round(max(ratios), 3)})
+        handles[name].disable()
+    result = {"benchmark": "guidance-timing", "model": args.model, "steps": args.steps,
+              "samples": args.samples, "reps": args.timing_reps, "threads": args.threads, "rows": rows,
+              "machine": {"platform": platform.platform(), "torch": torch.__version__},
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    write_json(out_path, result)
+    return result
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -212,7 +252,14 @@ def main() -> None:
     ap.add_argument("--block-cache-alone", action="store_true", help="also run Block Caching without AG")
     ap.add_argument("--out", default="benchmarks/results/guidance.json")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from an existing --out JSON")
+    ap.add_argument("--timing-reps", type=int, default=0,
+                    help="wall-clock only: this many interleaved repetitions, JSON to --out")
     args = ap.parse_args()
+    if args.timing_reps:
+        for r in timing(args, Path(args.out))["rows"]:
+            print(f"{r['config']:32s} NFE {r['nfe']:6.2f}  median wall {r['wall_median_s']:7.2f}s  "
+                  f"speedup x{r['speedup_median']:.2f} [{r['speedup_min']:.2f}, {r['speedup_max']:.2f}]")
+        return
     if args.plot_only:
         import json
 
