@@ -54,14 +54,15 @@ def make_method(plans: dict, steps: int, delta: float | None, ss: dict | None = 
 
 
 def sample(pipe, method, steps: int, samples: int, batch: int, seed: int):
-    """Images, labels, and the handle report (None without a method)."""
+    """Images, labels, the handle report (None without a method), (wall s, process CPU s)."""
+    c0 = time.process_time()
     if method is None:
         images, labels, info = M.sample_eval_set(pipe, samples, steps, seed=seed, batch_size=batch)
-        return images, labels, None, info["wall_s"]
+        return images, labels, None, (info["wall_s"], time.process_time() - c0)
     with hasten.accelerate(pipe, method) as h:
         images, labels, info = M.sample_eval_set(pipe, samples, steps, seed=seed, batch_size=batch)
         rep = h.report(log=False)
-    return images, labels, rep, info["wall_s"]
+    return images, labels, rep, (info["wall_s"], time.process_time() - c0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ss-delta", type=float, default=0.5)
     ap.add_argument("--ss-train-steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--err-samples", type=int, default=200, help="samples for the per-block reuse error")
+    ap.add_argument("--plot-speedup", choices=["speedup", "cpu_speedup"], default="speedup",
+                    help="x axis of the frontier plot: wall-clock or process CPU time speedup")
     ap.add_argument("--out", default="benchmarks/results/block_cache.json")
     ap.add_argument("--quick", action="store_true", help="tiny sizes to check the script runs")
     a = ap.parse_args(argv)
@@ -114,6 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(Path(f"{stem}_plan.scale_shift.safetensors"), lambda tmp: save_file(ss_state, tmp))
     log(f"scale-shift trained: {ss_info}")
 
+    payload: dict = {
+        "protocol": {"model": a.model, "steps": steps, "solver": "euler", "time_schedule": "linear",
+                     "guidance_scale": pipe.default_guidance_scale, "samples": a.samples, "batch": a.batch,
+                     "eval_seeds": f"{a.seed}+k per batch", "calibration_seeds": list(CAL_SEEDS),
+                     "time_samples": a.time_samples, "reps": a.reps, "threads": a.threads,
+                     "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                     "command": " ".join(["python", "benchmarks/block_cache.py", *(argv or sys.argv[1:])])},
+        "plan": str(plan_path), "change_plot": f"{stem}_change.png",
+        "scale_shift": {"delta": a.ss_delta, "train": ss_info}, "complete": False}
+
+    def save() -> None:
+        payload["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+        write_json(out, payload)
+
+    save()
+
     # ---------------------------------------------------------------- configurations
     configs = [("full-50", steps, None, None), ("recompute-all-50", steps, 0.0, None)]
     configs += [(f"cache-50-d{d:g}", steps, d, None) for d in deltas]
@@ -124,13 +145,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- quality (same seeds)
     results: dict[str, dict] = {}
+    cpu_times: dict[str, float] = {}
+    payload["results"] = results
     ref = None
     for name, s, d, ss in configs:
         t0 = time.perf_counter()
-        images, labels, rep, _ = sample(pipe, make_method(plans, s, d, ss), s, a.samples, a.batch, a.seed)
+        images, labels, rep, (wall, cpu) = sample(pipe, make_method(plans, s, d, ss), s, a.samples, a.batch,
+                                                  a.seed)
         if ref is None:
             ref = images
-        r = {"steps": s, "delta": d, "scale_shift": ss is not None,
+        cpu_times[name] = cpu
+        r = {"steps": s, "delta": d, "scale_shift": ss is not None, "quality_pass_wall_s": round(wall, 3),
+             "quality_pass_cpu_s": round(cpu, 3),
+             "cpu_speedup_quality_pass": round(cpu_times["full-50"] / cpu, 4),
              "psnr_vs_full50": round(M.psnr(images, ref), 3) if name != "full-50" else None,
              "ssim_vs_full50": round(M.ssim(images, ref), 5) if name != "full-50" else None,
              "fd_digits": round(M.fd_to_held_out(images), 4),
@@ -142,38 +169,52 @@ def main(argv: list[str] | None = None) -> int:
             if d is not None and d < 1e9:
                 r["schedule_ideal_speedup"] = round(ideal_speedup(schedule_from_changes(plans[s]["l1rel"], d)), 4)
         results[name] = r
+        save()
         log(f"{name}: {r} ({time.perf_counter() - t0:.1f} s)")
 
     # ---------------------------------------------------------------- per-block reuse error: ss vs plain
     block_err = {}
     for label, ss in (("plain", None), ("scale_shift", ss_state)):
         _, _, rep, _ = sample(pipe, make_method(plans, steps, a.ss_delta, ss, measure=True), steps,
-                              min(a.samples, 200), a.batch, a.seed)
+                              min(a.samples, a.err_samples), a.batch, a.seed)
         block_err[label] = rep["methods"]["block-cache"]["reuse_error"]
+    payload["scale_shift"]["per_block_reuse_error"] = block_err
+    payload["scale_shift"]["per_block_reuse_error_samples"] = min(a.samples, a.err_samples)
+    save()
     log(f"per-block reuse error at delta {a.ss_delta}: {block_err}")
 
     # ---------------------------------------------------------------- timing (interleaved)
     times: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    cpus: dict[str, list[float]] = {name: [] for name, *_ in configs}
     methods = {name: make_method(plans, s, d, ss) for name, s, d, ss in configs}
     for rep_i in range(a.reps):
         order = configs[rep_i % len(configs):] + configs[:rep_i % len(configs)]
         for name, s, _, _ in order:
-            _, _, _, wall = sample(pipe, methods[name], s, a.time_samples, a.batch, a.seed)
+            _, _, _, (wall, cpu) = sample(pipe, methods[name], s, a.time_samples, a.batch, a.seed)
             times[name].append(wall)
+            cpus[name].append(cpu)
+        payload["timings_partial"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
+        save()
         log(f"timing repetition {rep_i + 1}/{a.reps} done")
     med = {k: statistics.median(v) for k, v in times.items()}
-    t_full = med["full-50"]
-    p_blocks = 1 - med["all-reused-after-call-0-50"] / t_full
+    cmed = {k: statistics.median(v) for k, v in cpus.items()}
+    t_full, c_full = med["full-50"], cmed["full-50"]
+    p_blocks = 1 - cmed["all-reused-after-call-0-50"] / c_full
     for name, _s, d, _ in configs:
         r = results[name]
         r["wall_s_median"] = round(med[name], 4)
         r["wall_s_all"] = [round(t, 4) for t in times[name]]
         r["speedup"] = round(t_full / med[name], 4)
+        r["cpu_s_median"] = round(cmed[name], 4)
+        r["cpu_s_all"] = [round(t, 4) for t in cpus[name]]
+        r["cpu_speedup"] = round(c_full / cmed[name], 4)
         if "block_evals_skipped" in r and d is not None and d < 1e9:
             ideal = 1 / (1 - p_blocks * r["block_evals_skipped"])
             r["ideal_speedup_amdahl"] = round(ideal, 4)
-            r["realized_over_ideal"] = round(r["speedup"] / ideal, 4)
+            r["realized_over_ideal_cpu"] = round(r["cpu_speedup"] / ideal, 4)
+            r["realized_over_ideal_wall"] = round(r["speedup"] / ideal, 4)
     overhead = med["recompute-all-50"] / t_full - 1
+    overhead_cpu = cmed["recompute-all-50"] / c_full - 1
 
     # ---------------------------------------------------------------- frontier plot
     import matplotlib
@@ -182,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    fs = [(results[f"steps-{s}"]["speedup"], results[f"steps-{s}"]["psnr_vs_full50"], s) for s in fewer]
-    bc = [(results[f"cache-50-d{d:g}"]["speedup"], results[f"cache-50-d{d:g}"]["psnr_vs_full50"], d) for d in deltas]
+    sp = a.plot_speedup
+    fs = [(results[f"steps-{s}"][sp], results[f"steps-{s}"]["psnr_vs_full50"], s) for s in fewer]
+    bc = [(results[f"cache-50-d{d:g}"][sp], results[f"cache-50-d{d:g}"]["psnr_vs_full50"], d) for d in deltas]
     fs.sort()
     bc.sort()
     ax.plot([x for x, _, _ in fs], [y for _, y, _ in fs], "o-", label="fewer steps (no cache)")
@@ -193,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     for x, y, d in bc:
         ax.annotate(f"d={d:g}", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
     ss_name = f"cache+ss-50-d{a.ss_delta:g}"
-    ax.plot([results[ss_name]["speedup"]], [results[ss_name]["psnr_vs_full50"]], "*", ms=12,
+    ax.plot([results[ss_name][sp]], [results[ss_name]["psnr_vs_full50"]], "*", ms=12,
             label=f"caching + scale-shift (d={a.ss_delta:g})")
     for s in compose:
-        pts = sorted((results[f"cache-{s}-d{d:g}"]["speedup"], results[f"cache-{s}-d{d:g}"]["psnr_vs_full50"])
+        pts = sorted((results[f"cache-{s}-d{d:g}"][sp], results[f"cache-{s}-d{d:g}"]["psnr_vs_full50"])
                      for d in compose_deltas)
         ax.plot([x for x, _ in pts], [y for _, y in pts], "^--", label=f"caching @{s} steps")
-    ax.set_xlabel("wall-clock speedup over 50 uncached steps (median of interleaved runs)")
+    ax.set_xlabel(f"{'CPU-time' if sp == 'cpu_speedup' else 'wall-clock'} speedup over 50 uncached steps "
+                  "(median of interleaved runs)")
     ax.set_ylabel("PSNR vs the 50-step images, same seeds (dB)")
     ax.set_title(f"{pipe.name}: block caching vs fewer steps ({a.samples} samples)")
     ax.grid(alpha=0.3)
@@ -209,22 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(frontier, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
-    payload = {
-        "protocol": {"model": a.model, "steps": steps, "solver": "euler", "time_schedule": "linear",
-                     "guidance_scale": pipe.default_guidance_scale, "samples": a.samples, "batch": a.batch,
-                     "eval_seeds": f"{a.seed}+k per batch", "calibration_seeds": list(CAL_SEEDS),
-                     "time_samples": a.time_samples, "reps": a.reps, "threads": a.threads,
-                     "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                     "command": " ".join(["python", "benchmarks/block_cache.py", *(argv or sys.argv[1:])])},
-        "plan": str(plan_path), "change_plot": f"{stem}_change.png", "frontier_plot": str(frontier),
-        "block_share_of_wall_time": round(p_blocks, 4),
-        "overhead_recompute_all": round(overhead, 4),
-        "scale_shift": {"delta": a.ss_delta, "train": ss_info, "per_block_reuse_error": block_err},
-        "results": results,
-        "total_wall_s": round(time.perf_counter() - t_start, 1),
-    }
-    write_json(out, payload)
+    payload.pop("timings_partial", None)
+    payload.update(frontier_plot=str(frontier), block_share_of_wall_time=round(p_blocks, 4),
+                   overhead_recompute_all=round(overhead, 4), overhead_recompute_all_cpu=round(overhead_cpu, 4),
+                   complete=True)
+    save()
     log(f"wrote {out}; overhead {overhead:+.2%}, block share {p_blocks:.2f}")
     print(json.dumps({k: payload[k] for k in ("overhead_recompute_all", "block_share_of_wall_time")}))
     return 0

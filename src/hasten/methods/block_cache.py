@@ -198,6 +198,8 @@ class _Block:
                 out = self.reuse(args, kwargs, rows)
                 if self.shared["measure"]:
                     self.measure(orig(*args, **kwargs), out)
+                if self.shared.get("fit") is not None:
+                    self.shared["fit"](self, orig, args, kwargs, rows)
                 return out
             self.forced += 1
             if dec is not None:
@@ -262,18 +264,17 @@ class _Block:
             v[rows] = True
             self.valid = v
 
+    def row_timesteps(self, rows) -> torch.Tensor:
+        t = torch.as_tensor(self.handle.timestep).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(self.handle.full_batch)
+        return t if rows is None else t.index_select(0, rows.to(t.device))
+
     def reuse(self, args, kwargs, rows):
         xs = self.inputs(args, kwargs)
         outs = []
         ss = self.ss
-        t = None
-        if ss is not None:
-            t = self.handle.timestep
-            t = torch.as_tensor(t).reshape(-1)
-            if t.numel() == 1:
-                t = t.expand(self.handle.full_batch)
-            if rows is not None:
-                t = t.index_select(0, rows.to(t.device))
+        t = self.row_timesteps(rows) if ss is not None else None
         for k, x in enumerate(xs):
             c = self.cache[k]
             if c is None:
@@ -497,18 +498,77 @@ def calibrate(run, cfg: BlockCache) -> dict:
 
 
 # --------------------------------------------------------------------------- scale-shift training
+class _LstsqFit:
+    """Sufficient statistics for the least-squares scale-shift fit of every reused block and stream.
+
+    On a reused call the block also runs (teacher = the uncached block at the student's input x); with
+    cached residual r, true residual y - x and error e = (y - x) - r, the per-channel model
+    e ~ s(t) r + b(t), s = W_s phi(t), b = W_b phi(t), is linear in (W_s, W_b): per channel c the
+    normal equations are accumulated from per-row sums (sum r^2, sum r, count, sum r e, sum e) and
+    outer products phi phi^T; ``solve`` returns the ridge solution.
+    """
+
+    def __init__(self, feat_dim: int = 64):
+        self.f = feat_dim
+        self.stats: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def __call__(self, blk, orig, args, kwargs, rows) -> None:
+        true = orig(*args, **kwargs)
+        trues = (true,) if blk.single else true
+        phi = time_features(blk.row_timesteps(rows), self.f).double()  # (B, F)
+        outer = phi[:, :, None] * phi[:, None, :]  # (B, F, F)
+        for k, x in enumerate(blk.inputs(args, kwargs)):
+            c = blk.cache[k]
+            y = trues[k]
+            if c is None or y is None or x is None or blk.ss is None or blk.ss[k] is None:
+                continue
+            r = (c if rows is None else c.index_select(0, rows)).double()
+            e = (y - x).double() - r
+            dims = tuple(range(1, r.dim() - 1))
+            r2, r1, re, e1 = ((r * r).sum(dims), r.sum(dims), (r * e).sum(dims), e.sum(dims))  # (B, C)
+            n = torch.full_like(r1, float(math.prod(r.shape[1:-1])))
+            key = (blk.index, k)
+            new = [torch.einsum("bc,bfg->cfg", w, outer) for w in (r2, r1, n)]
+            new += [torch.einsum("bc,bf->cf", w, phi) for w in (re, e1)]
+            acc = self.stats.get(key)
+            self.stats[key] = new if acc is None else [a + b for a, b in zip(acc, new, strict=True)]
+
+    def solve(self, states, ridge: float = 1e-3) -> None:
+        """Write the ridge solution into the blocks' ScaleShift modules (proj.weight; bias stays 0)."""
+        f = self.f
+        for (i, k), (arr, ar, an, vr, ve) in self.stats.items():
+            m = torch.cat([torch.cat([arr, ar], 2), torch.cat([ar, an], 2)], 1)  # (C, 2F, 2F)
+            v = torch.cat([vr, ve], 1)  # (C, 2F)
+            scale = m.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # (C,)
+            m = m + ridge * scale[:, None, None] * torch.eye(2 * f, dtype=m.dtype)
+            w = torch.linalg.solve(m, v)  # (C, 2F)
+            mod = states[i].ss[k]
+            with torch.no_grad():
+                mod.proj.weight.copy_(torch.cat([w[:, :f], w[:, f:]], 0).to(mod.proj.weight.dtype))
+
+
+# --------------------------------------------------------------------------- scale-shift training
 def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps: int = 200,
                       labels: Sequence[int] | None = None, seed: int = 3000, lr: float = 1e-3,
-                      progress=None) -> tuple[dict[str, torch.Tensor], dict]:
+                      progress=None, method: str = "lstsq") -> tuple[dict[str, torch.Tensor], dict]:
     """Distil scale-shift parameters for ``plan`` (at ``delta``) on a hasten pipeline (paper Sec. 3.3).
 
     Student: the pipeline with Block Caching + scale-shift (zero-initialised = plain caching);
-    teacher: a frozen copy of the same transformer without caching. Trajectories are the student's own
-    (its detached output advances x); at every call that reuses a block, the loss is the MSE between
-    the student's and the teacher's guided velocity at the student's x, and one Adam step updates the
-    scale-shift parameters only (the transformer is frozen). ``train_steps`` counts these updates.
-    ``val_loss_before/after``: the mean of that loss over one held-out trajectory (seed ``seed - 1``)
-    at the zero init (= plain caching) and after training. Returns (state dict, training info).
+    teacher: the same transformer without caching. Trajectories are always the student's own (its
+    output advances x); only the scale-shift parameters change (the transformer is frozen).
+
+    - ``method="lstsq"`` (default): block-level distillation. At every reused block the uncached block
+      is the teacher at the student's input; the per-channel scale/shift maps are the ridge
+      least-squares solution (:class:`_LstsqFit`), refitted after each trajectory so later
+      trajectories follow the corrected student. ``train_steps`` counts trajectories (capped at 8:
+      the fit is closed-form, more trajectories only add statistics).
+    - ``method="adam"``: output-level distillation. At each call that reuses a block, the loss is the
+      MSE between the student's and the teacher's guided velocity at the student's x, and one Adam step
+      (``lr``) updates the parameters; ``train_steps`` counts these updates.
+
+    ``val_loss_before/after``: the velocity MSE against the teacher over one held-out trajectory (seed
+    ``seed - 1``) at the zero init (= plain caching) and after training; parameters that do not lower
+    it are not kept (zeros are returned, ``kept: false``). Returns (state dict, training info).
     """
     import copy
     import time
@@ -533,8 +593,10 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
                 m = ScaleShift(int(c))
                 state[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone()
                 state[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone()
-    info = {"train_steps": int(train_steps), "lr": lr, "delta": delta, "seed": seed, "val_seed": seed - 1,
-            "val_loss_before": None, "val_loss_after": None}
+    if method not in ("lstsq", "adam"):
+        raise HastenError(f"unknown scale-shift training method {method!r}: lstsq | adam")
+    info = {"method": method, "train_steps": int(train_steps), "lr": lr if method == "adam" else None,
+            "delta": delta, "seed": seed, "val_seed": seed - 1, "val_loss_before": None, "val_loss_after": None}
     if not state:
         return state, info
     teacher = HastenPipeline(copy.deepcopy(pipe.transformer).requires_grad_(False), num_classes=pipe.num_classes,
@@ -584,7 +646,21 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
 
         t0, traj = time.perf_counter(), 0
         val_before = sum(trajectory(seed - 1, False)) / max(1, sum(not all(c) for c in zip(*masks, strict=False)))
-        while len(losses) < train_steps:
+        if method == "lstsq":
+            for p in params:
+                p.requires_grad_(False)
+            fit = _LstsqFit(mods[0].feat_dim)
+            handle.block_cache_states[0].shared["fit"] = fit
+            for traj in range(1, min(train_steps, 8) + 1):
+                g = torch.Generator().manual_seed(seed + traj - 1)
+                with torch.no_grad():
+                    pipe(labs, num_inference_steps=plan["steps"], guidance_scale=scale, generator=g,
+                         schedule=plan.get("time_schedule") or "linear", solver=plan["solver"])
+                fit.solve(handle.block_cache_states)
+                if progress is not None:
+                    progress(f"scale-shift: {traj} trajectories fitted")
+            handle.block_cache_states[0].shared["fit"] = None
+        while method == "adam" and len(losses) < train_steps:
             trajectory(seed + traj, True)
             traj += 1
             if progress is not None:
