@@ -107,7 +107,7 @@ def judge_metrics(head: JudgeHead, feats: torch.Tensor, labels: torch.Tensor) ->
             "reject_rate_on_wrong": round(float((~acc[neg]).float().mean()), 4)}
 
 
-def train_judge_from_folder(out: Path, n_problems: int = 1500, seed: int = 0, n_val: int = 100) -> dict:
+def train_judge_from_folder(out: Path, n_problems: int = 1000, seed: int = 0, n_val: int = 100) -> dict:
     """Build data from the shipped target in ``out/target`` (train split), train, report on val, save."""
     from ..io import write_json
     from .train import load_lm

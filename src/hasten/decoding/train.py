@@ -227,9 +227,8 @@ def write_model_card(out: Path) -> Path:
                   "stored in float16 (`safetensors`).",
                   f"- wording mix per slot (favourite of target, favourite of draft, rare): {list(mix)}.",
                   f"- AdamW lr {c['lr']} (100 warm-up steps, cosine), batch {c['batch_size']}, schedule of "
-                  f"{c['steps']} steps of which {log.get('steps_done', c['steps'])} were run (a checkpoint is "
-                  f"saved every 50 steps), seed {c['seed']}, loss on answer tokens only; "
-                  f"{log['train_seconds']} s wall.",
+                  f"{c['steps']} steps of which {log.get('steps_done', c['steps'])} were run, seed {c['seed']}, "
+                  f"loss on answer tokens only; {log['train_seconds']} s wall on a heavily shared 2-core CPU.",
                   f"- final train loss (EMA) {log['loss_curve'][-1]['loss']:.4f}; greedy accuracy on the first "
                   f"100 validation problems {log.get('val_greedy_accuracy_100', float('nan')):.3f}.", ""]
     j = load(out / "judge_log.json")
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--what", default="all", choices=["all", "target", "draft", "judge", "card"])
     ap.add_argument("--out", type=Path, default=Path("src/hasten/models/lm"))
     ap.add_argument("--steps", type=int, default=None, help="override the LM step count")
-    ap.add_argument("--judge-problems", type=int, default=1500, help="training problems for the judge data")
+    ap.add_argument("--judge-problems", type=int, default=1000, help="training problems for the judge data")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
