@@ -112,6 +112,8 @@ def compare(rows: list[dict]) -> None:
     for r in rows:
         r["nfe_saving"] = round(1 - r["nfe"] / base["nfe"], 4)
         r["speedup"] = round(base["wall_s"] / r["wall_s"], 3)
+        if "cpu_s" in r and "cpu_s" in base:
+            r["cpu_speedup"] = round(base["cpu_s"] / r["cpu_s"], 3)
         r["fd_ratio_vs_cfg"] = round(r["fd_digits"] / base["fd_digits"], 4)
         r["accuracy_drop_points"] = round(100 * (base["class_accuracy"] - r["class_accuracy"]), 2)
         r["within_quality_bounds"] = r["fd_ratio_vs_cfg"] <= 1.05 and r["accuracy_drop_points"] <= 1.0
@@ -137,6 +139,7 @@ def run(args, out_path: Path) -> dict:
     pipes, handles = {}, {}
     images: dict[str, list[torch.Tensor]] = {n: [] for n in configs}
     wall = dict.fromkeys(configs, 0.0)
+    cpu = dict.fromkeys(configs, 0.0)
     for k, lab in enumerate(batches):
         last = k == len(batches) - 1
         for name, make in configs.items():
@@ -145,14 +148,16 @@ def run(args, out_path: Path) -> dict:
                 handles[name] = make(pipes[name])
             print(f"batch {k + 1}/{len(batches)}: {name}", file=sys.stderr, flush=True)
             gen = torch.Generator().manual_seed(args.seed + k)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = pipes[name](lab, num_inference_steps=args.steps, generator=gen)
             wall[name] += time.perf_counter() - t0
+            cpu[name] += time.process_time() - c0
             images[name].append(res.images)
             if last:
                 ref = torch.cat(images["cfg"])
                 nfe = handles[name].report(log=False)["nfe"]
                 result["rows"].append(score(name, torch.cat(images[name]), labels, ref, nfe, wall[name]))
+                result["rows"][-1]["cpu_s"] = round(cpu[name], 3)
                 compare(result["rows"])
                 result["gamma_profile"] = rec.profile()
                 write_json(out_path, result)
@@ -173,6 +178,7 @@ def timing(args, out_path: Path) -> dict:
     pipes = {n: copy.deepcopy(pipe) for n in configs}
     handles = {n: make(pipes[n]) for n, make in configs.items()}
     times: dict[str, list[float]] = {n: [] for n in configs}
+    cpus: dict[str, list[float]] = {n: [] for n in configs}
     nfe = {}
     for name in configs:  # warm-up, not timed
         pipes[name](labels[:4], num_inference_steps=args.steps, generator=torch.Generator().manual_seed(99))
@@ -180,17 +186,21 @@ def timing(args, out_path: Path) -> dict:
         for name in configs:
             print(f"rep {rep + 1}/{args.timing_reps}: {name}", file=sys.stderr, flush=True)
             handles[name].clear_report()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             pipes[name](labels, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
             times[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.process_time() - c0)
             nfe[name] = handles[name].report(log=False)["nfe"]
     rows = []
     for name in configs:
         ratios = [c / t for c, t in zip(times["cfg"], times[name], strict=True)]
+        cpu_ratios = [c / t for c, t in zip(cpus["cfg"], cpus[name], strict=True)]
         rows.append({"config": name, "nfe": nfe[name], "wall_s": [round(t, 3) for t in times[name]],
                      "wall_median_s": round(statistics.median(times[name]), 3),
                      "speedup_median": round(statistics.median(ratios), 3),
-                     "speedup_min": round(min(ratios), 3), "speedup_max": round(max(ratios), 3)})
+                     "speedup_min": round(min(ratios), 3), "speedup_max": round(max(ratios), 3),
+                     "cpu_s": [round(t, 3) for t in cpus[name]],
+                     "cpu_speedup_median": round(statistics.median(cpu_ratios), 3)})
         handles[name].disable()
     result = {"benchmark": "guidance-timing", "model": args.model, "steps": args.steps,
               "samples": args.samples, "reps": args.timing_reps, "threads": args.threads, "rows": rows,
@@ -258,7 +268,8 @@ def main() -> None:
     if args.timing_reps:
         for r in timing(args, Path(args.out))["rows"]:
             print(f"{r['config']:32s} NFE {r['nfe']:6.2f}  median wall {r['wall_median_s']:7.2f}s  "
-                  f"speedup x{r['speedup_median']:.2f} [{r['speedup_min']:.2f}, {r['speedup_max']:.2f}]")
+                  f"speedup x{r['speedup_median']:.2f} [{r['speedup_min']:.2f}, {r['speedup_max']:.2f}]  "
+                  f"CPU-time speedup x{r['cpu_speedup_median']:.2f}")
         return
     if args.plot_only:
         import json
