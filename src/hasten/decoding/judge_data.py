@@ -127,3 +127,40 @@ def train_judge_from_folder(out: Path, n_problems: int = 1000, seed: int = 0, n_
             "train_seconds": round(time.time() - t0, 1)}
     write_json(out / "judge_log.json", info)
     return info
+
+
+def calibrate_threshold(target, draft, head: JudgeHead, problems: list, deltas: tuple[float, ...],
+                        max_drop_points: float = 0.5, k: int = 4) -> dict:
+    """Pick the judge threshold on VALIDATION problems (never the test split).
+
+    For each probability threshold ``delta`` (ascending) run Judge Decoding and compare its task
+    accuracy with target-only greedy on the same problems; choose the smallest ``delta`` whose
+    accuracy drop is at most ``max_drop_points`` (smaller delta = more tokens accepted = faster).
+    """
+    from .judge import prob_to_logit
+    from .speculative import autoregressive_generate, generate
+    from .train import decode
+
+    def acc_and_mal(fn) -> tuple[float, float]:
+        ok, acc_tok, drafts = 0, 0, 0
+        for p in problems:
+            x = torch.tensor([encode(task.prompt_text(p))])
+            out = fn(x)
+            ok += task.check(p, decode(out.new_tokens.tolist()))
+            acc_tok += out.stats.accepted_tokens
+            drafts += out.stats.drafts
+        return ok / len(problems), (1 + acc_tok / drafts) if drafts else 1.0
+
+    base, _ = acc_and_mal(lambda x: autoregressive_generate(target, x, 96, eos_token_id=EOS))
+    rows, chosen = [], None
+    for delta in sorted(deltas):
+        thr = prob_to_logit(delta)
+        acc, mal = acc_and_mal(lambda x, t=thr: generate(target, draft, x, 96, num_draft_tokens=k, judge=head,
+                                                          threshold=t, eos_token_id=EOS))
+        drop = 100 * (base - acc)
+        rows.append({"delta": delta, "threshold_logit": thr, "accuracy": acc, "drop_points": round(drop, 2),
+                     "mean_accepted_length": round(mal, 3)})
+        if chosen is None and drop <= max_drop_points:
+            chosen = delta
+    return {"problems": len(problems), "target_greedy_accuracy": base, "max_drop_points": max_drop_points,
+            "rows": rows, "chosen_delta": chosen}

@@ -235,8 +235,7 @@ def write_model_card(out: Path) -> Path:
     if j:
         lines += ["## judge (`judge.safetensors`)", "",
                   "- `JudgeHead`: one linear unit on the frozen target's last hidden state (hidden size + 1 "
-                  "parameters), threshold logit "
-                  f"{j['threshold_logit']} (probability delta = 0.5, the paper's choice).",
+                  f"parameters), threshold logit {j['threshold_logit']:.4f}.",
                   "- data (`judge_data.py`): correct continuations in uniformly mixed wordings (all tokens "
                   "label 1) and three corrupted copies per problem (one replaced character: a digit in 2/3 of "
                   "cases, any character otherwise; label 0; tokens after the error dropped); "
@@ -248,15 +247,42 @@ def write_model_card(out: Path) -> Path:
                   f"{j['metrics']['val']['accept_rate_on_correct']:.3f} of correct "
                   f"tokens, rejects {j['metrics']['val']['reject_rate_on_wrong']:.3f} of wrong ones "
                   f"(train: {j['metrics']['train']['accept_rate_on_correct']:.3f} / "
-                  f"{j['metrics']['train']['reject_rate_on_wrong']:.3f}).", ""]
+                  f"{j['metrics']['train']['reject_rate_on_wrong']:.3f}), both at the paper's delta = 0.5.", ""]
+        c = j.get("calibration")
+        if c:
+            lines += ["- threshold: the smallest probability delta in "
+                      f"{[r['delta'] for r in c['rows']]} whose Judge Decoding accuracy on the "
+                      f"{c['problems']} validation problems is at most {c['max_drop_points']} points below target-only "
+                      f"greedy ({100 * c['target_greedy_accuracy']:.1f}%): delta = {c['chosen_delta']}. Sweep "
+                      "(delta: accuracy, mean accepted length): "
+                      + "; ".join(f"{r['delta']}: {100 * r['accuracy']:.1f}%, {r['mean_accepted_length']:.2f}"
+                                  for r in c["rows"]) + ".", ""]
     lines += ["Decoding figures on the held-out test split: `benchmarks/decode/results.md`.", ""]
     text = "\n".join(lines)
     return atomic_write(out / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(text))
 
 
+def calibrate_folder(out: Path, deltas: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
+    """Choose the shipped judge's threshold on the validation split and store it in the head and its log."""
+    from ..io import write_json
+    from .judge import JudgeHead, prob_to_logit
+    from .judge_data import calibrate_threshold
+
+    head = JudgeHead.load(out / "judge.safetensors")
+    c = calibrate_threshold(load_lm(out / "target"), load_lm(out / "draft"), head, task.splits()["val"], deltas)
+    delta = c["chosen_delta"] if c["chosen_delta"] is not None else max(deltas)
+    head.threshold = prob_to_logit(delta)
+    head.save(out / "judge.safetensors")
+    log = json.loads((out / "judge_log.json").read_text())
+    log["threshold_logit"], log["calibration"] = head.threshold, c
+    write_json(out / "judge_log.json", log)
+    print(f"judge threshold: delta {delta} (logit {head.threshold:.4f}) chosen on the validation split")
+    return c
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--what", default="all", choices=["all", "target", "draft", "judge", "card"])
+    ap.add_argument("--what", default="all", choices=["all", "target", "draft", "judge", "calibrate", "card"])
     ap.add_argument("--out", type=Path, default=Path("src/hasten/models/lm"))
     ap.add_argument("--steps", type=int, default=None, help="override the LM step count")
     ap.add_argument("--judge-problems", type=int, default=1000, help="training problems for the judge data")
@@ -283,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
 
         info = train_judge_from_folder(args.out, n_problems=args.judge_problems)
         print(f"judge: {json.dumps(info['metrics'])}")
+    if args.what in ("all", "judge", "calibrate"):
+        calibrate_folder(args.out)
     logs = {n: json.loads((args.out / n / "train_log.json").read_text())
             for n in ("target", "draft") if (args.out / n / "train_log.json").is_file()}
     if logs:
