@@ -15,6 +15,11 @@ which stream. Known families:
 [1] SD3's last joint block returns ``None`` for the context stream; a reused block returns ``None`` there too.
 Flux's single-stream blocks take and return both streams separately (they concatenate inside).
 
+Limitation: caches are per row of the transformer batch, so pipelines that batch classifier-free
+guidance into one call (hasten, DiT, PixArt, SD3, CogVideoX, Wan) keep conditional and unconditional
+residuals apart; a pipeline that sends the two branches as separate calls with the same rows (Flux's
+``true_cfg_scale``) would share one cache between branches and is not supported by Block Caching.
+
 Any other model: pass the blocks explicitly, ``hasten.accelerate(model, ..., blocks=[...])``, as
 modules (their forward returns one tensor, the first argument's stream), dotted names such as
 ``"layers.3"``, or :class:`BlockSpec` objects for tuple-returning blocks.
