@@ -3,6 +3,8 @@
 . "$(dirname "$0")/venv.sh"
 cd "$ROOT"
 ruff check src tests benchmarks scripts
+# Smoke test of the benchmark harness (no figures asserted): every configuration runs or records its error.
+hasten bench --model digits --out "$(mktemp -d)" --quick --threads 1
 set +e
 python -m pytest "$@"
 rc=$?
