@@ -11,6 +11,7 @@ from diffusers import DiTTransformer2DModel
 import hasten
 from hasten.api import accelerate_from_specs, parse_spec
 from hasten.plans import save_plan
+from hasten.testing import run_cli
 
 STEPS = 6
 
@@ -158,22 +159,6 @@ def _write_tiny_model(folder):
     return folder
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    import sys
-
-    from hasten.cli import main
-
-    old = sys.argv
-    sys.argv = ["hasten", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_calibrate_and_generate(tmp_path, capsys):

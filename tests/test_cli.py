@@ -6,22 +6,8 @@ import sys
 
 import pytest
 
-from hasten.cli import main
 from hasten.pipeline import HastenPipeline
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["hasten", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+from hasten.testing import run_cli
 
 
 def test_generate_writes_grid_and_reports_nfe(tmp_path, capsys):

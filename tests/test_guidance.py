@@ -28,6 +28,7 @@ from hasten.methods.guidance import (
 )
 from hasten.pipeline import HastenPipeline, cfg_combine, make_schedule, sample_euler
 from hasten.plans import check_plan, new_plan, save_plan
+from hasten.testing import run_cli
 
 torch.set_num_threads(1)
 
@@ -339,22 +340,6 @@ def test_specs(pipe, tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    import sys
-
-    from hasten.cli import main
-
-    old = sys.argv
-    sys.argv = ["hasten", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_generate_with_ag_reports_the_real_nfe(pipe, tmp_path, capsys):

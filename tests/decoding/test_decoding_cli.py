@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from hasten.cli import main
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["hasten", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+from hasten.testing import run_cli
 
 
 def test_decode_json_speculative_and_judge(capsys):
