@@ -6,13 +6,11 @@ Everything here uses fake configurations or a 2-block random DiT; nothing downlo
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from hasten.cli import main
 from hasten.errors import HastenError
 from hasten.eval.bench import baseline_config, diffusers_peer_config, run_bench
 from hasten.eval.bench_harness import (
@@ -26,6 +24,7 @@ from hasten.eval.bench_harness import (
 from hasten.eval.bench_report import pareto_front
 from hasten.eval.bench_results import load_results, new_record, quality_levels, validate_results
 from hasten.pipeline import HastenPipeline
+from hasten.testing import run_cli
 from hasten.train import digits_transformer_config
 
 
@@ -204,17 +203,6 @@ def test_counters_count_rows_and_blocks_and_peers_install_exactly():
     assert not hasattr(pipe.transformer, "_diffusers_hook")
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    old = sys.argv
-    sys.argv = ["hasten", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -224,7 +212,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
 ])
 def test_bad_arguments_give_one_line_errors(tmp_path, capsys, args, message):
-    code, err = run_cli(capsys, "bench", "--out", str(tmp_path / "o"), *args)
+    code, _, err = run_cli(capsys, "bench", "--out", str(tmp_path / "o"), *args)
     assert code == 2
     assert err.strip().startswith("error:") and message in err and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
@@ -233,9 +221,9 @@ def test_bad_arguments_give_one_line_errors(tmp_path, capsys, args, message):
 def test_out_must_be_a_folder(tmp_path, capsys):
     f = tmp_path / "file.json"
     f.write_text("{}")
-    code, err = run_cli(capsys, "bench", "--out", str(f))
+    code, _, err = run_cli(capsys, "bench", "--out", str(f))
     assert code == 2 and "is not a folder" in err
-    code, err = run_cli(capsys, "bench", "--out", str(tmp_path / "missing" / "deeper"))
+    code, _, err = run_cli(capsys, "bench", "--out", str(tmp_path / "missing" / "deeper"))
     assert code == 2 and "does not exist" in err
 
 

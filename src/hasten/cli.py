@@ -42,6 +42,14 @@ def parse_labels(spec: str, per_label: int) -> list[int]:
     return [lab for lab in labels for _ in range(per_label)]
 
 
+def check_sampling_options(steps: int, cfg: float | None) -> None:
+    """Fail before loading anything when --steps or --cfg cannot be sampled with."""
+    if steps < 1:
+        raise HastenError(f"--steps must be >= 1, got {steps}")
+    if cfg is not None and cfg < 0:
+        raise HastenError(f"--cfg must be >= 0, got {cfg}")
+
+
 def emit(payload: dict, as_json: bool, text_lines: list[str]) -> None:
     if as_json:
         typer.echo(json.dumps(payload))
@@ -71,10 +79,7 @@ def generate(
     from .pipeline import load_pipeline
 
     check_writable(out)
-    if steps < 1:
-        raise HastenError(f"--steps must be >= 1, got {steps}")
-    if cfg is not None and cfg < 0:
-        raise HastenError(f"--cfg must be >= 0, got {cfg}")
+    check_sampling_options(steps, cfg)
     pipe = load_pipeline(model)
     label_list = parse_labels(labels, per_label)
     pipe.check_labels(label_list)
@@ -118,10 +123,7 @@ def evaluate(
 
     if samples < 10:
         raise HastenError(f"--samples must be >= 10, got {samples}")
-    if steps < 1:
-        raise HastenError(f"--steps must be >= 1, got {steps}")
-    if cfg is not None and cfg < 0:
-        raise HastenError(f"--cfg must be >= 0, got {cfg}")
+    check_sampling_options(steps, cfg)
     if batch_size < 1:
         raise HastenError(f"--batch-size must be >= 1, got {batch_size}")
     pipe = load_pipeline(model)
