@@ -366,6 +366,16 @@ def test_cli_calibrate_linear_ag(pipe, tmp_path, capsys):
     assert code == 0, stdout
     plan = load_linear_ag_plan(out)
     assert plan["trajectories"] == 200 and plan["steps"] == 4 and set(plan["coefficients"]) == {"1"}
+    assert plan["threshold"] == 0.991
+    code, stdout, _ = run_cli(capsys, "calibrate", "--model", str(model), "--method", "linear-ag", "--steps", "4",
+                              "--seeds", seeds, "--threshold", "0.97", "--out", str(out))
+    assert code == 0, stdout
+    assert load_linear_ag_plan(out)["threshold"] == 0.97
+    for bad in (("--method", "linear-ag", "--threshold", "nan"), ("--method", "block-cache", "--threshold", "0.9")):
+        code, _, err = run_cli(capsys, "calibrate", "--model", str(model), *bad, "--steps", "4", "--seeds", seeds,
+                               "--out", str(tmp_path / "y.json"))
+        assert code == 2 and err.count("\n") == 1 and "threshold" in err
+        assert not (tmp_path / "y.json").exists()
     code, _, err = run_cli(capsys, "calibrate", "--model", str(model), "--method", "linear-ag", "--steps", "4",
                            "--out", str(tmp_path / "x.json"))
     assert code == 2 and err.count("\n") == 1 and "200 trajectories" in err

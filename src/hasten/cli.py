@@ -200,6 +200,7 @@ def calibrate_cmd(
     model: str = typer.Option("digits", help="embedded model name or a save_pretrained folder"),
     method: str = typer.Option("block-cache", help="method to calibrate (block-cache, ...)"),
     delta: float = typer.Option(None, help="block-cache: threshold of the accumulated-change rule (Eq. 7)"),
+    threshold: float = typer.Option(None, help="linear-ag: AG threshold stored in the plan (default 0.991)"),
     plot: Path = typer.Option(None, help="PNG of the change curves and the schedule"),
     scale_shift: bool = typer.Option(False, "--scale-shift", help="block-cache: train scale-shift alignment"),
     train_steps: int = typer.Option(200, help="block-cache: scale-shift optimisation steps"),
@@ -221,6 +222,10 @@ def calibrate_cmd(
     if steps < 1:
         raise HastenError(f"--steps must be >= 1, got {steps}")
     options = {"delta": delta, "scale_shift": scale_shift, "train_steps": train_steps}
+    if threshold is not None:
+        if method != "linear-ag":
+            raise HastenError(f"--threshold is an option of --method linear-ag, not {method}")
+        options["threshold"] = threshold
     res = calibrate_cli(model, method, out, options, plot=plot, steps=steps, solver=solver, schedule=schedule,
                         guidance_scale=cfg, labels=None if labels is None else parse_labels(labels, 1),
                         seeds=seed_list)
