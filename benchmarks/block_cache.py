@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compose-steps", default="25", help="step counts also run with caching")
     ap.add_argument("--compose-deltas", default="0.2,0.5")
     ap.add_argument("--ss-delta", type=float, default=0.5)
-    ap.add_argument("--ss-train-steps", type=int, default=300)
+    ap.add_argument("--ss-train-steps", type=int, default=1000)
+    ap.add_argument("--ss-method", choices=["adam", "lstsq"], default="adam")
+    ap.add_argument("--ss-lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--err-samples", type=int, default=200, help="samples for the per-block reuse error")
     ap.add_argument("--configs", default="", help="run only these configurations (full-50 is always run); "
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if want_ss:
         t0 = time.perf_counter()
         ss_state, ss_info = train_scale_shift(pipe, plans[steps], delta=a.ss_delta,
-                                              train_steps=a.ss_train_steps, progress=None)
+                                              train_steps=a.ss_train_steps, method=a.ss_method, lr=a.ss_lr,
+                                              progress=None)
         ss_info["wall_s"] = round(time.perf_counter() - t0, 1)
         from safetensors.torch import save_file
 

@@ -203,7 +203,7 @@ def calibrate_cmd(
     threshold: float = typer.Option(None, help="linear-ag: AG threshold stored in the plan (default 0.991)"),
     plot: Path = typer.Option(None, help="PNG of the change curves and the schedule"),
     scale_shift: bool = typer.Option(False, "--scale-shift", help="block-cache: train scale-shift alignment"),
-    train_steps: int = typer.Option(200, help="block-cache: scale-shift optimisation steps"),
+    train_steps: int = typer.Option(1000, help="block-cache: scale-shift Adam updates"),
     steps: int = typer.Option(50, help="sampling steps the plan is for"),
     solver: str = typer.Option("euler", help="euler | heun"),
     schedule: str = typer.Option("linear", help="linear | linear-quadratic"),

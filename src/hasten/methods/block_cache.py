@@ -498,6 +498,10 @@ def calibrate(run, cfg: BlockCache) -> dict:
 
 
 # --------------------------------------------------------------------------- scale-shift training
+SS_TRAIN_STEPS = 1000  # Adam updates (see train_scale_shift)
+SS_LR = 1e-4
+
+
 class _LstsqFit:
     """Sufficient statistics for the least-squares scale-shift fit of every reused block and stream.
 
@@ -548,23 +552,25 @@ class _LstsqFit:
 
 
 # --------------------------------------------------------------------------- scale-shift training
-def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps: int = 200,
-                      labels: Sequence[int] | None = None, seed: int = 3000, lr: float = 1e-3,
-                      progress=None, method: str = "lstsq") -> tuple[dict[str, torch.Tensor], dict]:
+def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps: int = SS_TRAIN_STEPS,
+                      labels: Sequence[int] | None = None, seed: int = 3000, lr: float = SS_LR,
+                      progress=None, method: str = "adam") -> tuple[dict[str, torch.Tensor], dict]:
     """Distil scale-shift parameters for ``plan`` (at ``delta``) on a hasten pipeline (paper Sec. 3.3).
 
     Student: the pipeline with Block Caching + scale-shift (zero-initialised = plain caching);
     teacher: the same transformer without caching. Trajectories are always the student's own (its
     output advances x); only the scale-shift parameters change (the transformer is frozen).
 
-    - ``method="lstsq"`` (default): block-level distillation. At every reused block the uncached block
-      is the teacher at the student's input; the per-channel scale/shift maps are the ridge
-      least-squares solution (:class:`_LstsqFit`), refitted after each trajectory so later
-      trajectories follow the corrected student. ``train_steps`` counts trajectories (capped at 8:
-      the fit is closed-form, more trajectories only add statistics).
-    - ``method="adam"``: output-level distillation. At each call that reuses a block, the loss is the
-      MSE between the student's and the teacher's guided velocity at the student's x, and one Adam step
-      (``lr``) updates the parameters; ``train_steps`` counts these updates.
+    - ``method="adam"`` (default, the paper's output-level distillation): at each call that reuses a
+      block, the loss is the MSE between the student's and the teacher's guided velocity at the
+      student's x, and one Adam step (``lr``) updates the parameters; ``train_steps`` counts these
+      updates. On the digits model at delta 0.15, lr 1e-4 and 1000 updates (21 trajectories, 3.5 min
+      on one core) lower the held-out velocity error by 47%; lr 3e-4 and above diverge.
+    - ``method="lstsq"``: block-level distillation. At every reused block the uncached block is the
+      teacher at the student's input; the per-channel scale/shift maps are the ridge least-squares
+      solution (:class:`_LstsqFit`), refitted after each trajectory. ``train_steps`` counts trajectories
+      (capped at 8). It lowers each block's own error but, on the digits model, not the output error
+      (block errors partly cancel under plain caching), so it is not the default.
 
     ``val_loss_before/after``: the velocity MSE against the teacher over one held-out trajectory (seed
     ``seed - 1``) at the zero init (= plain caching) and after training; parameters that do not lower
@@ -695,8 +701,8 @@ def cli_calibrate(run, options: dict, out: Path) -> dict:
 
         from ..io import atomic_write
 
-        state, info = train_scale_shift(run.target, plan, train_steps=int(options.get("train_steps") or 200),
-                                        labels=run.conditions)
+        steps = int(options.get("train_steps") or SS_TRAIN_STEPS)
+        state, info = train_scale_shift(run.target, plan, train_steps=steps, labels=run.conditions)
         ss_path = Path(out).with_suffix(".scale_shift.safetensors")
         atomic_write(ss_path, lambda tmp: save_file(state, tmp))
         plan["scale_shift_file"] = ss_path.name
@@ -710,13 +716,13 @@ def from_spec(opts: dict[str, str], ctx) -> BlockCache:
 
     Options: ``plan=PATH``, ``delta=D`` (with a plan: re-derive the schedule from its curves),
     ``scale_shift=1|0|PATH`` (1: the plan's parameters if trained for this delta, else trained now on
-    the fly, ``train_steps=N`` updates, default 200), ``train_steps=N``.
+    the fly, ``train_steps=N`` Adam updates, default 1000), ``train_steps=N``.
     """
     unknown = set(opts) - {"plan", "delta", "scale_shift", "train_steps"}
     if unknown:
         raise HastenError(f"unknown block-cache option {sorted(unknown)[0]!r}: use plan=PATH or delta=NUMBER")
     try:
-        train_steps = int(opts.get("train_steps", 200))
+        train_steps = int(opts.get("train_steps", SS_TRAIN_STEPS))
     except ValueError:
         raise HastenError(f"block-cache train_steps must be an integer, got {opts['train_steps']!r}") from None
     delta = None
