@@ -10,8 +10,11 @@ Protocol (issue 3):
 - calibration uses other seeds (1000, 1001) and every class; one plan per step count, the schedule
   for each delta is derived from the plan's L1rel curves (Eq. 7);
 - wall time: ``--reps`` interleaved repetitions (every configuration once per repetition, in rotating
-  order) on ``--time-samples`` samples; the median is reported, speedup = median(uncached) / median;
-- overhead: a plan that recomputes every block (delta = 0) against no hooks at all;
+  order) on ``--time-samples`` samples; speedup = median over repetitions of T(uncached) / T(config)
+  within the repetition (the machine's speed drifts between repetitions);
+- overhead: a plan that recomputes every block (delta = 0) against no hooks at all, from
+  ``--overhead-pairs`` adjacent pairs of short runs in ABBA order (the machine's speed drifts by
+  tens of percent over minutes, so only back-to-back pairs resolve a few percent); the median ratio;
 - realized vs ideal: ideal = T_full (1 - p k), with k the share of block evaluations skipped and p the
   share of the uncached wall time spent in blocks, measured as 1 - T(all blocks reused after call 0)
   / T_full;
@@ -66,6 +69,58 @@ def sample(pipe, method, steps: int, samples: int, batch: int, seed: int):
     return images, labels, rep, (info["wall_s"], time.process_time() - c0)
 
 
+def hidden_state_error(pipe, method, steps: int, samples: int, batch: int, seed: int) -> list[float]:
+    """Per block: the relative L1 error of the accelerated model's block output against the UNCACHED
+    model's output of the same block, both run on the accelerated trajectory's x_t (the teacher is an
+    uncached copy called on the same arguments at every call), averaged over calls 1..T-1. Unlike the
+    ``measure`` mode's reuse error (a reused residual against the block recomputed on the accelerated
+    model's own, already perturbed input), this includes the error carried in from earlier blocks."""
+    import copy
+
+    teacher = copy.deepcopy(pipe.transformer)  # before accelerate: a plain, uncached copy
+    blocks_s, blocks_t = pipe.transformer.transformer_blocks, teacher.transformer_blocks
+    n = len(blocks_s)
+    outs_s: list = [None] * n
+    outs_t: list = [None] * n
+    sums, calls = [0.0] * n, [0]
+    hooks = [b.register_forward_hook(lambda _m, _a, o, i=i: outs_s.__setitem__(i, o)) for i, b in enumerate(blocks_s)]
+    hooks += [b.register_forward_hook(lambda _m, _a, o, i=i: outs_t.__setitem__(i, o)) for i, b in enumerate(blocks_t)]
+
+    def after(_mod, args, kwargs, _out):
+        if calls[0] % steps != 0:  # call 0 of each run computes everything: no error by construction
+            with torch.no_grad():
+                teacher(*args, **kwargs)
+            for i in range(n):
+                sums[i] += float((outs_s[i] - outs_t[i]).abs().sum() / outs_t[i].abs().sum())
+        calls[0] += 1
+
+    hooks.append(pipe.transformer.register_forward_hook(after, with_kwargs=True))
+    try:
+        sample(pipe, method, steps, samples, batch, seed)
+    finally:
+        for h in hooks:
+            h.remove()
+    counted = calls[0] - calls[0] // steps
+    return [round(x / counted, 6) for x in sums]
+
+
+def overhead_pairs(pipe, method, steps: int, pairs: int, samples: int, seed: int) -> dict:
+    """T(hooks) / T(no hooks) over ``pairs`` back-to-back pairs of short runs, order ABBA."""
+    ratios, cpu_ratios = [], []
+    for k in range(pairs):
+        order = (None, method) if k % 2 == 0 else (method, None)
+        wall, cpu = {}, {}
+        for m in order:
+            _, _, _, (w, c) = sample(pipe, m, steps, samples, samples, seed)
+            wall[m is None], cpu[m is None] = w, c
+        ratios.append(wall[False] / wall[True])
+        cpu_ratios.append(cpu[False] / cpu[True])
+    q = statistics.quantiles(ratios, n=4)
+    return {"pairs": pairs, "samples": samples, "median_ratio": round(statistics.median(ratios), 4),
+            "quartiles": [round(q[0], 4), round(q[2], 4)],
+            "median_cpu_ratio": round(statistics.median(cpu_ratios), 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits")
@@ -83,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ss-method", choices=["adam", "lstsq"], default="adam")
     ap.add_argument("--ss-lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--overhead-pairs", type=int, default=40)
+    ap.add_argument("--overhead-samples", type=int, default=10)
     ap.add_argument("--err-samples", type=int, default=200, help="samples for the per-block reuse error")
     ap.add_argument("--configs", default="", help="run only these configurations (full-50 is always run); "
                     "with --reps 0: quality only (no timing, no per-block error, no plot)")
@@ -92,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes to check the script runs")
     a = ap.parse_args(argv)
     if a.quick:
-        a.samples, a.batch, a.time_samples, a.reps = 40, 20, 20, 2
+        a.samples, a.batch, a.time_samples, a.reps, a.overhead_pairs = 40, 20, 20, 2, 4
         a.deltas, a.fewer_steps, a.compose_deltas, a.ss_train_steps = "0.5,1.5", "25", "0.5", 20
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -201,9 +258,21 @@ def main(argv: list[str] | None = None) -> int:
                               min(a.samples, a.err_samples), a.batch, a.seed)
         block_err[label] = rep["methods"]["block-cache"]["reuse_error"]
     payload["scale_shift"]["per_block_reuse_error"] = block_err
+    hidden_err = {label: hidden_state_error(pipe, make_method(plans, steps, a.ss_delta, ss), steps,
+                                            min(a.samples, a.err_samples), a.batch, a.seed)
+                  for label, ss in (("plain", None), ("scale_shift", ss_state))}
+    payload["scale_shift"]["per_block_error_vs_uncached_model"] = hidden_err
+    log(f"per-block error against the uncached model at delta {a.ss_delta}: {hidden_err}")
     payload["scale_shift"]["per_block_reuse_error_samples"] = min(a.samples, a.err_samples)
     save()
     log(f"per-block reuse error at delta {a.ss_delta}: {block_err}")
+
+    # ---------------------------------------------------------------- overhead (back-to-back pairs)
+    if a.overhead_pairs > 0:
+        payload["overhead_pairs"] = overhead_pairs(pipe, make_method(plans, steps, 0.0), steps, a.overhead_pairs,
+                                                   a.overhead_samples, a.seed)
+        save()
+        log(f"overhead pairs: {payload['overhead_pairs']}")
 
     # ---------------------------------------------------------------- timing (interleaved)
     times: dict[str, list[float]] = {name: [] for name, *_ in configs}
@@ -218,25 +287,29 @@ def main(argv: list[str] | None = None) -> int:
         payload["timings_partial"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
         save()
         log(f"timing repetition {rep_i + 1}/{a.reps} done")
+    # speedup = median over repetitions of the paired ratio T(full, rep) / T(config, rep): the machine's
+    # speed drifts by tens of percent over minutes, which a ratio of medians would fold into the figure
+    def paired(series: dict[str, list[float]], name: str) -> float:
+        return statistics.median(f / c for f, c in zip(series["full-50"], series[name], strict=True))
+
     med = {k: statistics.median(v) for k, v in times.items()}
     cmed = {k: statistics.median(v) for k, v in cpus.items()}
-    t_full, c_full = med["full-50"], cmed["full-50"]
-    p_blocks = 1 - cmed["all-reused-after-call-0-50"] / c_full
+    p_blocks = 1 - 1 / paired(cpus, "all-reused-after-call-0-50")
     for name, _s, d, _ in configs:
         r = results[name]
         r["wall_s_median"] = round(med[name], 4)
         r["wall_s_all"] = [round(t, 4) for t in times[name]]
-        r["speedup"] = round(t_full / med[name], 4)
+        r["speedup"] = round(paired(times, name), 4)
         r["cpu_s_median"] = round(cmed[name], 4)
         r["cpu_s_all"] = [round(t, 4) for t in cpus[name]]
-        r["cpu_speedup"] = round(c_full / cmed[name], 4)
+        r["cpu_speedup"] = round(paired(cpus, name), 4)
         if "block_evals_skipped" in r and d is not None and d < 1e9:
             ideal = 1 / (1 - p_blocks * r["block_evals_skipped"])
             r["ideal_speedup_amdahl"] = round(ideal, 4)
             r["realized_over_ideal_cpu"] = round(r["cpu_speedup"] / ideal, 4)
             r["realized_over_ideal_wall"] = round(r["speedup"] / ideal, 4)
-    overhead = med["recompute-all-50"] / t_full - 1
-    overhead_cpu = cmed["recompute-all-50"] / c_full - 1
+    overhead = 1 / paired(times, "recompute-all-50") - 1
+    overhead_cpu = 1 / paired(cpus, "recompute-all-50") - 1
 
     # ---------------------------------------------------------------- frontier plot
     import matplotlib
