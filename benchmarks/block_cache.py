@@ -251,21 +251,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {out} (quality only)")
         return 0
 
-    # ---------------------------------------------------------------- per-block reuse error: ss vs plain
-    block_err = {}
+    # ---------------------------------------------------------------- per-block error: ss vs plain
+    n_err = min(a.samples, a.err_samples)
+    reuse_err, hidden_err = {}, {}
     for label, ss in (("plain", None), ("scale_shift", ss_state)):
-        _, _, rep, _ = sample(pipe, make_method(plans, steps, a.ss_delta, ss, measure=True), steps,
-                              min(a.samples, a.err_samples), a.batch, a.seed)
-        block_err[label] = rep["methods"]["block-cache"]["reuse_error"]
-    payload["scale_shift"]["per_block_reuse_error"] = block_err
-    hidden_err = {label: hidden_state_error(pipe, make_method(plans, steps, a.ss_delta, ss), steps,
-                                            min(a.samples, a.err_samples), a.batch, a.seed)
-                  for label, ss in (("plain", None), ("scale_shift", ss_state))}
-    payload["scale_shift"]["per_block_error_vs_uncached_model"] = hidden_err
-    log(f"per-block error against the uncached model at delta {a.ss_delta}: {hidden_err}")
-    payload["scale_shift"]["per_block_reuse_error_samples"] = min(a.samples, a.err_samples)
+        _, _, rep, _ = sample(pipe, make_method(plans, steps, a.ss_delta, ss, measure=True), steps, n_err,
+                              a.batch, a.seed)
+        reuse_err[label] = rep["methods"]["block-cache"]["reuse_error"]
+        hidden_err[label] = hidden_state_error(pipe, make_method(plans, steps, a.ss_delta, ss), steps, n_err,
+                                               a.batch, a.seed)
+    payload["scale_shift"].update(per_block_reuse_error=reuse_err, per_block_error_vs_uncached_model=hidden_err,
+                                  per_block_reuse_error_samples=n_err)
     save()
-    log(f"per-block reuse error at delta {a.ss_delta}: {block_err}")
+    log(f"per-block reuse error at delta {a.ss_delta}: {reuse_err}")
+    log(f"per-block error against the uncached model at delta {a.ss_delta}: {hidden_err}")
 
     # ---------------------------------------------------------------- overhead (back-to-back pairs)
     if a.overhead_pairs > 0:

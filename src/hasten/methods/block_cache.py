@@ -551,7 +551,6 @@ class _LstsqFit:
                 mod.proj.weight.copy_(torch.cat([w[:, :f], w[:, f:]], 0).to(mod.proj.weight.dtype))
 
 
-# --------------------------------------------------------------------------- scale-shift training
 def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps: int = SS_TRAIN_STEPS,
                       labels: Sequence[int] | None = None, seed: int = 3000, lr: float = SS_LR,
                       progress=None, method: str = "adam") -> tuple[dict[str, torch.Tensor], dict]:
@@ -651,7 +650,8 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
             return seen
 
         t0, traj = time.perf_counter(), 0
-        val_before = sum(trajectory(seed - 1, False)) / max(1, sum(not all(c) for c in zip(*masks, strict=False)))
+        val = trajectory(seed - 1, False)  # the loss at every call that reuses a block
+        val_before = sum(val) / max(1, len(val))
         if method == "lstsq":
             for p in params:
                 p.requires_grad_(False)
