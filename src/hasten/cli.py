@@ -60,14 +60,16 @@ def emit(payload: dict, as_json: bool, text_lines: list[str]) -> None:
 
 @app.command()
 def generate(
-    model: str = typer.Option("digits", help="embedded model name or a save_pretrained folder"),
-    labels: str = typer.Option("0-9", help="class labels, e.g. 0-9 or 1,3,5"),
-    per_label: int = typer.Option(4, help="images per label"),
+    model: str = typer.Option("digits", help="embedded model name (digits, shapes) or a save_pretrained folder"),
+    prompt: list[str] = typer.Option([], help="text prompt (text-to-image models; repeatable)"),
+    prompts: Path = typer.Option(None, help="a file with one prompt per line (text-to-image models)"),
+    labels: str = typer.Option("0-9", help="class labels, e.g. 0-9 or 1,3,5 (class-conditional models)"),
+    per_label: int = typer.Option(4, help="images per label (or per prompt)"),
     steps: int = typer.Option(50, help="sampling steps"),
     cfg: float = typer.Option(None, help="classifier-free guidance scale (default: the model's)"),
     seed: int = typer.Option(0, help="random seed for the initial noise"),
     schedule: str = typer.Option("linear", help="linear | linear-quadratic"),
-    solver: str = typer.Option("euler", help="euler | heun"),
+    solver: str = typer.Option("euler", help="euler | heun (class-conditional models)"),
     accel: list[str] = typer.Option([], help="acceleration method spec, e.g. block-cache:delta=0.5 (repeatable)"),
     out: Path = typer.Option(Path("grid.png"), help="PNG grid to write"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -80,45 +82,91 @@ def generate(
 
     check_writable(out)
     check_sampling_options(steps, cfg)
+    if per_label < 1:
+        raise HastenError(f"--per-label must be >= 1, got {per_label}")
+    text = read_prompts(prompt, prompts)
     pipe = load_pipeline(model)
-    label_list = parse_labels(labels, per_label)
-    pipe.check_labels(label_list)
+    is_text = hasattr(pipe, "encode_prompt")
+    if is_text and not text:
+        raise HastenError(f"model {model!r} is text-to-image: give --prompt TEXT or --prompts FILE")
+    if not is_text and text:
+        raise HastenError(f"model {model!r} is class-conditional: give --labels, not prompts")
+    if is_text:
+        conds = pipe.check_prompts([p for p in text for _ in range(per_label)])
+    else:
+        conds = parse_labels(labels, per_label)
+        pipe.check_labels(conds)
     handle = None
     if accel:
         from .api import accelerate_from_specs
 
         handle = accelerate_from_specs(pipe, accel, steps=steps, solver=solver, schedule=schedule,
                                        guidance_scale=cfg)
-    gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    result = pipe(label_list, num_inference_steps=steps, guidance_scale=cfg, generator=gen,
-                  schedule=schedule, solver=solver)
+    if is_text:
+        from .eval.shapes_eval import initial_noise
+
+        scale = pipe.default_guidance_scale if cfg is None else cfg
+        sigmas = None
+        if schedule == "linear-quadratic":
+            from .pipelines.shapes import linear_quadratic_sigmas
+
+            sigmas = linear_quadratic_sigmas(steps)
+        elif schedule != "linear":
+            raise HastenError(f"unknown schedule {schedule!r}; choose one of linear, linear-quadratic")
+        images = pipe(conds, num_inference_steps=steps, guidance_scale=scale, sigmas=sigmas,
+                      latents=initial_noise(pipe, len(conds), seed), output_type="pt").images
+        requested_nfe, calls = steps * (2 if scale > 1 else 1), steps
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        result = pipe(conds, num_inference_steps=steps, guidance_scale=cfg, generator=gen,
+                      schedule=schedule, solver=solver)
+        images, requested_nfe, calls = result.images, result.nfe, result.transformer_calls
     wall = time.perf_counter() - t0
     report = handle.report() if handle is not None else None
-    nfe = report["nfe"] if report is not None else result.nfe
-    result.save_grid(out, nrow=per_label if per_label > 1 else None)
-    payload = {"out": str(out), "images": len(label_list), "steps": steps, "wall_s": round(wall, 4),
-               "nfe": nfe, "transformer_calls": result.transformer_calls}
+    nfe = report["nfe"] if report is not None else requested_nfe
+    from .pipeline import save_grid
+
+    save_grid(images, out, nrow=per_label if per_label > 1 else None)
+    payload = {"out": str(out), "images": len(conds), "steps": steps, "wall_s": round(wall, 4),
+               "nfe": nfe, "transformer_calls": calls}
     if report is not None:
         payload["report"] = report
-    emit(payload, as_json, [f"wrote {out} ({len(label_list)} images)",
+    emit(payload, as_json, [f"wrote {out} ({len(conds)} images)",
                             f"wall time {wall:.2f} s, NFE per image {nfe:g}"])
+
+
+def read_prompts(prompt: list[str], prompts_file: Path | None) -> list[str]:
+    """--prompt values, then the non-empty lines of --prompts FILE."""
+    text = list(prompt)
+    if prompts_file is not None:
+        try:
+            lines = Path(prompts_file).read_text().splitlines()
+        except OSError as e:
+            raise HastenError(f"cannot read --prompts {prompts_file}: {e.strerror or e}") from None
+        text += [ln.strip() for ln in lines if ln.strip()]
+        if not text:
+            raise HastenError(f"--prompts {prompts_file} holds no prompt")
+    for p in text:
+        if not p.strip():
+            raise HastenError("empty --prompt")
+    return text
 
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Option("digits", help="embedded model name or a save_pretrained folder"),
-    samples: int = typer.Option(1000, help="number of samples (spread evenly over the classes)"),
+    model: str = typer.Option("digits", help="embedded model name (digits, shapes) or a save_pretrained folder"),
+    samples: int = typer.Option(1000, help="number of samples (digits: spread over the classes; shapes: "
+                                           "held-out captions)"),
     steps: int = typer.Option(50, help="sampling steps"),
     cfg: float = typer.Option(None, help="guidance scale (default: the model's)"),
     seed: int = typer.Option(0, help="random seed"),
-    schedule: str = typer.Option("linear", help="linear | linear-quadratic"),
-    solver: str = typer.Option("euler", help="euler | heun"),
+    schedule: str = typer.Option("linear", help="linear | linear-quadratic (digits)"),
+    solver: str = typer.Option("euler", help="euler | heun (digits)"),
     batch_size: int = typer.Option(100, help="images per sampling batch"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Sample, then print class accuracy, FD-digits and the real-vs-real FD reference."""
-    from .eval.metrics import evaluate_pipeline
+    """Sample, then score: digits: class accuracy and FD-digits; shapes: prompt adherence and FD-shapes."""
     from .pipeline import load_pipeline
 
     if samples < 10:
@@ -127,6 +175,20 @@ def evaluate(
     if batch_size < 1:
         raise HastenError(f"--batch-size must be >= 1, got {batch_size}")
     pipe = load_pipeline(model)
+    if hasattr(pipe, "encode_prompt"):
+        from .eval.shapes_eval import evaluate_shapes
+
+        res = evaluate_shapes(pipe, samples=samples, steps=steps, guidance_scale=cfg, seed=seed,
+                              batch_size=batch_size)
+        lines = [f"adherence        {res['adherence']:.4f}"]
+        lines += [f"  {cat:<15}{v:.4f}" for cat, v in res["adherence_per_category"].items()]
+        lines += [f"FD-shapes        {res['fd_shapes']:.4f}",
+                  f"real-vs-real FD  {res['fd_real_vs_real']:.4f}  (held-out vs held-out, same n)",
+                  f"wall time        {res['wall_s']:.1f} s, NFE per image {res['nfe']:g}"]
+        emit(res, as_json, lines)
+        return
+    from .eval.metrics import evaluate_pipeline
+
     res = evaluate_pipeline(pipe, samples=samples, steps=steps, guidance_scale=cfg, seed=seed,
                             schedule=schedule, solver=solver, batch_size=batch_size)
     emit(res, as_json, [f"class accuracy   {res['class_accuracy']:.4f}",
@@ -138,30 +200,50 @@ def evaluate(
 
 @app.command("train")
 def train_cmd(
-    out: Path = typer.Option(..., help="output folder (save_pretrained layout)"),
-    steps: int = typer.Option(6000, help="optimisation steps"),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(5e-4),
+    out: Path = typer.Option(..., help="output folder (save_pretrained layout; checkpoints inside, resumable)"),
+    model: str = typer.Option(None, help="digits | shapes (the model to train; default digits)"),
+    steps: int = typer.Option(None, help="optimisation steps (digits 6000, shapes transformer 8000, "
+                                        "classifier 1500, shapes-encoder 2000)"),
+    batch_size: int = typer.Option(None, help="batch size (digits 64, shapes 64)"),
+    lr: float = typer.Option(None, help="learning rate (digits 5e-4, shapes 5e-4)"),
     seed: int = typer.Option(0),
-    what: str = typer.Option("digits", help="digits (the DiT) | classifier (the evaluator's CNN)"),
+    what: str = typer.Option(None, help="classifier (digits evaluator CNN) | shapes-encoder (FD-shapes CNN)"),
 ) -> None:
-    """Train the default digits model (Movie Gen flow matching) or the evaluator's classifier."""
-    if steps < 1:
+    """Train a default model (Movie Gen flow matching) or an evaluator network. Re-running resumes (shapes)."""
+    if steps is not None and steps < 1:
         raise HastenError(f"--steps must be >= 1, got {steps}")
-    if what == "digits":
+    if what is not None and model is not None:
+        raise HastenError("give --model or --what, not both")
+    target = what or model or "digits"
+    if target == "digits":
         from .train import TrainConfig, train
 
         out.mkdir(parents=True, exist_ok=True)
-        log = train(out, TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed))
+        log = train(out, TrainConfig(steps=steps or 6000, batch_size=batch_size or 64, lr=lr or 5e-4, seed=seed))
         typer.echo(f"wrote {out}: final loss {log['loss_curve'][-1]['loss']:.4f} in {log['train_seconds']} s")
-    elif what == "classifier":
+    elif target == "shapes":
+        from .train_shapes import TransformerTrainConfig, train_shapes
+
+        cfg = TransformerTrainConfig(seed=seed)
+        for name, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+            if v is not None:
+                setattr(cfg, name, v)
+        out.mkdir(parents=True, exist_ok=True)
+        log = train_shapes(out, tr_cfg=cfg)
+        typer.echo(f"wrote {out}: final loss {log['loss_curve'][-1]['loss']:.4f} in {log['train_seconds']} s")
+    elif target == "classifier":
         from .eval.classifier import train_classifier
 
         out.mkdir(parents=True, exist_ok=True)
-        info = train_classifier(out, steps=steps, seed=seed)
+        info = train_classifier(out, steps=steps or 1500, seed=seed)
         typer.echo(f"wrote {out}: held-out accuracy {info['held_out_accuracy']:.4f}")
+    elif target == "shapes-encoder":
+        from .eval.scene_encoder import train_encoder
+
+        info = train_encoder(out, steps=steps or 2000, seed=seed)
+        typer.echo(f"wrote {out}: held-out exact-count accuracy {info['held_out']['count_exact_accuracy']:.4f}")
     else:
-        raise HastenError(f"unknown --what {what!r}: digits | classifier")
+        raise HastenError(f"unknown model {target!r}: --model digits | shapes, --what classifier | shapes-encoder")
 
 
 @app.command("bench")

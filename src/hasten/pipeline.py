@@ -33,7 +33,7 @@ SIGMA_MIN = 1e-5
 TIME_SCALE = 1000.0
 PIPELINE_CONFIG = "hasten_pipeline.json"
 MODELS_DIR = Path(__file__).parent / "models"
-EMBEDDED = {"digits": MODELS_DIR / "digits"}
+EMBEDDED = {"digits": MODELS_DIR / "digits", "shapes": MODELS_DIR / "shapes"}
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -223,7 +223,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     key = str(name_or_path)
     if key in EMBEDDED:
         folder = EMBEDDED[key]
-        if not (folder / PIPELINE_CONFIG).is_file():
+        if not ((folder / PIPELINE_CONFIG).is_file() or (folder / "model_index.json").is_file()):
             raise HastenError(f"the embedded model {key!r} is missing its weights in {folder}; "
                               "reinstall hasten or train it with `hasten train`")
         return folder
@@ -234,9 +234,23 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
                       f"({', '.join(sorted(EMBEDDED))}) or a folder written by save_pretrained")
 
 
-def load_pipeline(name_or_path: str | os.PathLike = "digits") -> HastenPipeline:
-    """Load the embedded default (``"digits"``) or a local folder written by ``save_pretrained``."""
+def load_pipeline(name_or_path: str | os.PathLike = "digits"):
+    """Load an embedded model (``"digits"``, ``"shapes"``) or a local folder written by ``save_pretrained``.
+
+    A folder with a diffusers ``model_index.json`` (``shapes``) loads as a ``ShapesPipeline`` in float32;
+    a folder with ``hasten_pipeline.json`` (``digits``) as a ``HastenPipeline``.
+    """
     folder = resolve_model(name_or_path)
+    if (folder / "model_index.json").is_file():
+        from .pipelines.shapes import ShapesPipeline
+
+        try:
+            pipe = ShapesPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise HastenError(f"cannot load model from {folder}: {first}") from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     meta_path = folder / PIPELINE_CONFIG
     if not meta_path.is_file() or not (folder / "transformer").is_dir():
         raise HastenError(f"{folder} is not a hasten model folder: expected {PIPELINE_CONFIG} and transformer/")

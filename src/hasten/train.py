@@ -22,7 +22,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 from tqdm.auto import tqdm
 
-from .data import IMAGE_SIZE, NUM_CLASSES, digits
+from .data.digits import IMAGE_SIZE, NUM_CLASSES, digits
 from .pipeline import SIGMA_MIN, TIME_SCALE, HastenPipeline
 
 

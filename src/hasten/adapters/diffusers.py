@@ -102,7 +102,8 @@ def discover_blocks(model: nn.Module, explicit: Sequence | None = None) -> list[
         if not specs:
             raise HastenError(f"the explicit block list is empty; {HOW}")
         return specs
-    family = FAMILIES.get(type(model).__name__)
+    # The class or its nearest known base (a subclass such as hasten's ShapesTransformer2DModel of SD3).
+    family = next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
     if family is None:
         raise HastenError(f"hasten does not know the blocks of {type(model).__name__}; {HOW}")
     specs: list[BlockSpec] = []

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..data import digits
+from ..data.digits import digits
 from ..errors import HastenError
 from ..io import atomic_write
 

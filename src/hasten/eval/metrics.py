@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import NUM_CLASSES, digits
+from ..data.digits import NUM_CLASSES, digits
 from .classifier import load_classifier
 
 

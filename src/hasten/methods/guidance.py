@@ -77,6 +77,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "PixArtAlphaPipeline": {"uncond_first": True},
     "PixArtSigmaPipeline": {"uncond_first": True},
     "StableDiffusion3Pipeline": {"uncond_first": True},
+    "ShapesPipeline": {"uncond_first": True},
 }
 
 
