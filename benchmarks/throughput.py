@@ -1,6 +1,11 @@
-"""Sampling throughput (images/s) and peak memory of the default model at batch 1, 16 and 64.
+"""Sampling throughput (images/s) and peak memory of an embedded model, end to end.
 
-    python benchmarks/throughput.py --out benchmarks/results/throughput.json
+    python benchmarks/throughput.py --out benchmarks/results/throughput.json                 # digits: 1, 16, 64
+    python benchmarks/throughput.py --model shapes --out benchmarks/results/throughput_shapes.json  # 1, 16
+
+For ``shapes`` the time is end to end (text encoder + denoiser + VAE decode, as ``pipe(prompts)``
+runs them) and ``denoiser_share`` is the share of it spent inside the transformer (timed by forward
+hooks), beside the text encoder's and the VAE decoder's shares.
 
 Each batch size runs in its own subprocess. ``peak_rss_mb`` is that process's peak resident memory
 while sampling (a thread polls /proc every 2 ms); ``peak_extra_mb`` is that peak minus the resident
@@ -28,15 +33,36 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(batch: int, steps: int, reps: int, threads: int) -> dict:
+def part_timers(pipe) -> dict[str, list[float]]:
+    """Wall time spent in the text encoder, the transformer and the VAE decoder (forward hooks)."""
+    acc: dict[str, list[float]] = {}
+    for name, module in (("text_encoder", pipe.text_encoder), ("denoiser", pipe.transformer),
+                         ("vae_decode", pipe.vae.decoder)):
+        acc[name] = [0.0]
+        start = [0.0]
+        module.register_forward_pre_hook(lambda m, a, s=start: s.__setitem__(0, time.perf_counter()))
+        module.register_forward_hook(lambda m, a, o, s=start, t=acc[name]: t.__setitem__(
+            0, t[0] + time.perf_counter() - s[0]))
+    return acc
+
+
+def measure(batch: int, steps: int, reps: int, threads: int, model: str = "digits") -> dict:
     import torch
 
     from hasten import load_pipeline
 
     torch.set_num_threads(threads)
-    pipe = load_pipeline("digits")
-    labels = torch.arange(batch) % 10
-    pipe([0], num_inference_steps=2)  # warm-up at batch 1
+    pipe = load_pipeline(model)
+    text = hasattr(pipe, "encode_prompt")
+    if text:
+        from hasten.eval.shapes_eval import eval_scenes
+
+        conds = [s.caption for s in eval_scenes(batch)]
+        parts = part_timers(pipe)
+        pipe(conds[:1], num_inference_steps=2)  # warm-up at batch 1
+    else:
+        conds = torch.arange(batch) % 10
+        pipe([0], num_inference_steps=2)  # warm-up at batch 1
     base = rss_mb()
     peak, done = [base], threading.Event()
 
@@ -47,18 +73,29 @@ def measure(batch: int, steps: int, reps: int, threads: int) -> dict:
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    times = []
+    times, shares = [], []
     for r in range(reps + 1):
+        if text:
+            for v in parts.values():
+                v[0] = 0.0
         t0 = time.perf_counter()
-        pipe(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(r))
+        pipe(conds, num_inference_steps=steps, generator=torch.Generator().manual_seed(r))
+        wall = time.perf_counter() - t0
         if r:
-            times.append(time.perf_counter() - t0)
+            times.append(wall)
+            if text:
+                shares.append({k: v[0] / wall for k, v in parts.items()})
     done.set()
     poller.join()
     peak = peak[0]
     med = statistics.median(times)
-    return {"batch": batch, "steps": steps, "wall_s_median": med, "images_per_s": batch / med,
-            "peak_rss_mb": peak, "peak_extra_mb": peak - base, "reps": reps}
+    row = {"model": model, "batch": batch, "steps": steps, "wall_s_median": med, "images_per_s": batch / med,
+           "peak_rss_mb": peak, "peak_extra_mb": peak - base, "reps": reps}
+    if text:
+        row["guidance_scale"] = pipe.default_guidance_scale
+        for k in shares[0]:
+            row[f"{k}_share" if k != "denoiser" else "denoiser_share"] = statistics.median(s[k] for s in shares)
+    return row
 
 
 def main() -> None:
@@ -67,23 +104,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="digits", help="digits | shapes")
+    ap.add_argument("--batches", default=None, help="comma-separated (default: digits 1,16,64; shapes 1,16)")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.steps, args.reps, args.threads)))
+        print(json.dumps(measure(args.one, args.steps, args.reps, args.threads, args.model)))
         return
     import torch
 
     rows = []
-    for batch in (1, 16, 64):
+    batches = args.batches or ("1,16,64" if args.model == "digits" else "1,16")
+    for batch in (int(b) for b in batches.split(",")):
         r = subprocess.run([sys.executable, __file__, "--one", str(batch), "--steps", str(args.steps),
-                            "--reps", str(args.reps), "--threads", str(args.threads)],
+                            "--reps", str(args.reps), "--threads", str(args.threads), "--model", args.model],
                            capture_output=True, text=True, check=True)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(rows[-1])
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
-    result = {"benchmark": "sampling throughput, default digits model, 50 Euler steps, CFG",
+    what = ("end to end: text encoder + denoiser + VAE decode" if args.model == "shapes" else "denoiser")
+    result = {"benchmark": f"sampling throughput, embedded {args.model} model, {args.steps} Euler steps, CFG, {what}",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": {
                   "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__},
               "rows": rows}

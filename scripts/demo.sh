@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: generate digits with the embedded default model and show the speed-up, in one process.
+# The main job: text-to-image with the embedded shapes model, plain and accelerated side by side, in one process.
 . "$(dirname "$0")/venv.sh"
 cd "$ROOT"
 python scripts/demo.py --out "$ROOT/runs" "$@"

@@ -151,6 +151,8 @@ def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: S
         target.check_labels(conds)
         need = min(MIN_CONDITIONS, target.num_classes)
     else:
+        if prompts is None and hasattr(target, "calibration_prompts"):
+            prompts = target.calibration_prompts()  # an embedded text-to-image model knows its domain
         if prompts is None:
             raise HastenError("calibrating a diffusers pipeline needs prompts=[...] (at least 8)")
         conds, need = list(prompts), MIN_CONDITIONS
@@ -201,9 +203,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, opts
 
 
-def accelerate_from_specs(pipe: Any, specs: Sequence[str], steps: int, solver: str = "euler",
-                          schedule: str | None = "linear", guidance_scale: float | None = None) -> Handle:
-    """``hasten generate --accel ...``: build each method from its spec, then :func:`accelerate`."""
+def configs_from_specs(pipe: Any, specs: Sequence[str], steps: int, solver: str = "euler",
+                       schedule: str | None = "linear", guidance_scale: float | None = None) -> list:
+    """The method config of each ``--accel`` spec (calibrating once where a spec asks for it)."""
     from .methods import by_name
 
     ctx = SpecContext(pipe, int(steps), solver, schedule, guidance_scale)
@@ -214,7 +216,13 @@ def accelerate_from_specs(pipe: Any, specs: Sequence[str], steps: int, solver: s
         if info.from_spec is None:
             raise HastenError(f"method {name!r} cannot be given as --accel")
         configs.append(info.from_spec(opts, ctx))
-    return accelerate(pipe, *configs)
+    return configs
+
+
+def accelerate_from_specs(pipe: Any, specs: Sequence[str], steps: int, solver: str = "euler",
+                          schedule: str | None = "linear", guidance_scale: float | None = None) -> Handle:
+    """``hasten generate --accel ...``: build each method from its spec, then :func:`accelerate`."""
+    return accelerate(pipe, *configs_from_specs(pipe, specs, steps, solver, schedule, guidance_scale))
 
 
 def calibrate_cli(model: str, method: str, out: Any, options: dict, plot: Any = None, steps: int = 50,

@@ -155,6 +155,13 @@ class ShapesPipeline(DiffusionPipeline):
             pipe.name = str(meta.get("name", folder.name))
         return pipe
 
+    def calibration_prompts(self, n: int = 10) -> list[str]:
+        """Captions for calibrating acceleration plans: the first ``n`` of a fixed calibration range of
+        the scene grammar (seeds 40M + i: neither training nor evaluation captions)."""
+        from ..data.shapes import sample_scene
+
+        return [sample_scene(40_000_000 + i).caption for i in range(n)]
+
     # ------------------------------------------------------------------ pieces
     @property
     def latent_shape(self) -> tuple[int, int, int]:
