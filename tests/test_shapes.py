@@ -240,3 +240,113 @@ def test_transformer_training_resumes_exactly(tmp_path):
     for (n, p), q in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
         assert torch.equal(p, q), n
     assert [c["loss"] for c in full["loss_curve"]] == [c["loss"] for c in resumed["loss_curve"]]
+
+
+# --------------------------------------------------------------------------- CLI and bench
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_shapes")
+    tiny_pipe.save_pretrained(folder)
+    return folder
+
+
+def test_cli_generate_with_prompts(tiny_folder, tmp_path, capsys):
+    import json
+
+    from hasten.testing import run_cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\nthree blue squares\n")
+    out = tmp_path / "g.png"
+    code, stdout, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--prompt", "a green triangle",
+                                "--prompts", str(prompts), "--per-label", "2", "--steps", "2", "--cfg", "4",
+                                "--out", str(out), "--json")
+    assert code == 0, err
+    payload = json.loads(stdout)
+    assert payload["images"] == 6 and payload["nfe"] == 4 and out.is_file()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--labels", "0-2"], "text-to-image: give --prompt"),
+    (["--prompt", " "], "empty"),
+    (["--prompts", "/nonexistent/prompts.txt"], "cannot read --prompts"),
+    (["--prompt", "a red circle", "--steps", "0"], "--steps must be >= 1"),
+])
+def test_cli_generate_bad_input(tiny_folder, tmp_path, capsys, args, match):
+    from hasten.testing import run_cli
+
+    out = tmp_path / "g.png"
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--out", str(out), *args)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_prompts_on_a_class_model_is_an_error(tmp_path, capsys):
+    from hasten.testing import run_cli
+
+    code, _, err = run_cli(capsys, "generate", "--model", "digits", "--prompt", "a red circle",
+                           "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "class-conditional" in err
+
+
+def test_text_quality_levels_gate_adherence_and_fd():
+    from hasten.eval.bench_results import new_record, quality_levels
+
+    recs = [new_record("ref", "baseline", {}, speedup=1.0, psnr=100.0, fd_shapes=10.0, adherence=0.90),
+            new_record("fast-but-off", "hasten", {}, speedup=5.0, psnr=41.0, fd_shapes=10.1, adherence=0.85),
+            new_record("ok", "hasten", {}, speedup=2.0, psnr=41.0, fd_shapes=10.2, adherence=0.895),
+            new_record("fd-off", "peer", {}, speedup=3.0, psnr=41.0, fd_shapes=12.0, adherence=0.95)]
+    rows = {r["level"].split(" ")[0]: r for r in quality_levels(recs, "ref")}
+    assert rows["psnr>=40"]["hasten"]["name"] == "ok"  # the faster one loses 5 points of adherence
+    assert rows["psnr>=40"]["peer"] is None  # FD-shapes 20% above the reference
+    assert "fd_shapes<=10.5" in rows
+
+
+class FakeTextScorer:
+    def psnr(self, a, b):
+        return 100.0 if torch.equal(a, b) else 30.0
+
+    def ssim(self, a, b):
+        return 1.0
+
+    def quality(self, images, idx):
+        return {"fd_shapes": 1.0, "adherence": 0.5}
+
+
+def test_bench_runs_on_a_text_to_image_pipeline(tiny_pipe, tmp_path):
+    from hasten.eval.bench import run_bench
+    from hasten.eval.bench_results import load_results
+
+    res = run_bench("tiny-shapes", tmp_path / "b", quick=True, samples=10, batch_size=5, pipe=tiny_pipe,
+                    scorer=FakeTextScorer())
+    names = [r["name"] for r in res["records"]]
+    assert names[0] == "cfg @50" and any(n.startswith("block-cache") for n in names)
+    ref = res["records"][0]
+    assert ref["speedup"] == 1.0 and ref["adherence"] == 0.5 and ref["nfe"] == 100
+    bc = next(r for r in res["records"] if r["name"].startswith("block-cache"))
+    assert bc["error"] is None and bc["nfe"] == 100 and bc["block_evals"] <= ref["block_evals"]
+    assert load_results(tmp_path / "b" / "results.json")["model"] == "tiny-shapes"
+
+
+def test_block_caching_on_the_text_to_image_pipeline(tiny_pipe):
+    """Exact at delta 0 (bitwise), and above the smallest change it really skips blocks (counted)."""
+    import hasten
+    from hasten.methods.block_cache import BlockCache
+
+    plan = hasten.calibrate(tiny_pipe, BlockCache(delta=0.0), steps=6, seeds=(1000, 1001))
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    prompts = ["a red circle", "two blue squares"]
+    calls = []
+    hooks = [b.attn.to_q.register_forward_hook(lambda m, a, o: calls.append(1))  # leaf: runs only when computed
+             for b in tiny_pipe.transformer.transformer_blocks]
+    try:
+        ref = tiny_pipe(prompts, num_inference_steps=6, latents=noise, output_type="latent").images
+        n_ref = len(calls)
+        for delta, exact in ((0.0, True), (10.0, False)):
+            calls.clear()
+            with hasten.accelerate(tiny_pipe, BlockCache(delta=delta, plan=plan)):
+                out = tiny_pipe(prompts, num_inference_steps=6, latents=noise, output_type="latent").images
+            assert torch.equal(out, ref) == exact
+            assert (len(calls) == n_ref) if exact else (len(calls) < n_ref)
+    finally:
+        for h in hooks:
+            h.remove()

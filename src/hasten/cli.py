@@ -326,8 +326,19 @@ from .decoding.cli import register as _register_decoding  # noqa: E402
 _register_decoding(app)
 
 
+def quiet_loading() -> None:
+    """No per-file progress bars from diffusers / transformers while a model loads (the CLI's output is
+    its own lines; a bad-input run prints exactly one)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main() -> None:
     """Console entry point: HastenError becomes one line on stderr and exit code 2."""
+    quiet_loading()
     try:
         app(standalone_mode=True)
     except HastenError as e:

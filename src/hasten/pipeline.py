@@ -245,7 +245,7 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
         from .pipelines.shapes import ShapesPipeline
 
         try:
-            pipe = ShapesPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+            pipe = ShapesPipeline.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HastenError(f"cannot load model from {folder}: {first}") from None

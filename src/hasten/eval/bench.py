@@ -97,9 +97,10 @@ def _sampler(pipe: HastenPipeline, steps: int, guidance_scale: float | None = No
 class HastenAssets:
     """Plans for hasten's calibrated methods, made once per step count and kept in ``folder``."""
 
-    def __init__(self, pipe: HastenPipeline, folder: Path):
+    def __init__(self, pipe: HastenPipeline, folder: Path, copier: Callable = copy_pipeline):
         self.pipe = pipe
         self.folder = folder
+        self.copier = copier
         self._plans: dict[tuple[str, int], Path] = {}
 
     def plan(self, method: str, steps: int) -> Path:
@@ -114,7 +115,7 @@ class HastenAssets:
             from ..plans import save_plan
         except ImportError as e:
             raise Unavailable(f"hasten.api has no calibrate in this build ({e})") from None
-        own = copy_pipeline(self.pipe)
+        own = self.copier(self.pipe)
         if method == "block-cache":
             from ..methods.block_cache import BlockCache
 
@@ -297,9 +298,13 @@ def build_records(configs: Sequence[BenchConfig], measured: dict[str, Measuremen
             images = torch.cat(m.images)
             labels = torch.cat([b.labels for b in batches])[: images.shape[0]]
             vals.update(psnr=_round(scorer.psnr(images, ref_images[: images.shape[0]]), 4),
-                        ssim=_round(scorer.ssim(images, ref_images[: images.shape[0]]), 5),
-                        fd_digits=_round(scorer.fd_digits(images), 5),
-                        class_accuracy=_round(scorer.class_accuracy(images, labels), 4))
+                        ssim=_round(scorer.ssim(images, ref_images[: images.shape[0]]), 5))
+            if hasattr(scorer, "quality"):  # text-to-image: FD-shapes and adherence
+                q = scorer.quality(images, labels)
+                vals.update(fd_shapes=_round(q["fd_shapes"], 5), adherence=_round(q["adherence"], 4))
+            else:
+                vals.update(fd_digits=_round(scorer.fd_digits(images), 5),
+                            class_accuracy=_round(scorer.class_accuracy(images, labels), 4))
         records.append(new_record(c.name, c.family, c.params, **vals))
     return records
 
@@ -525,10 +530,21 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     pipe = pipe if pipe is not None else load_pipeline(model)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    assets = HastenAssets(pipe, out / "plans")
-    configs = list(configs) if configs is not None else digits_configs(pipe, assets, quick=quick, peers=peers)
-    batches = make_batches(n, bs, seed, pipe.num_classes)
-    warm = make_batches(budget.warmup_samples, budget.warmup_samples, seed + 10_000, pipe.num_classes)[0]
+    if hasattr(pipe, "encode_prompt"):  # text-to-image (shapes): see hasten.eval.bench_shapes
+        from .bench_shapes import EvalSet, ShapesScorer, copy_shapes, shapes_configs
+
+        data = EvalSet(pipe, n, seed)
+        assets = HastenAssets(pipe, out / "plans", copier=copy_shapes)
+        configs = list(configs) if configs is not None else shapes_configs(pipe, data, assets, quick, peers)
+        batches = make_batches(n, bs, seed, n)  # "labels" are indices into the evaluation captions
+        warm = Batch(torch.arange(min(budget.warmup_samples, n)), seed)
+        scorer = scorer if scorer is not None else ShapesScorer(data)
+        realistic = False if realistic is None else realistic
+    else:
+        assets = HastenAssets(pipe, out / "plans")
+        configs = list(configs) if configs is not None else digits_configs(pipe, assets, quick=quick, peers=peers)
+        batches = make_batches(n, bs, seed, pipe.num_classes)
+        warm = make_batches(budget.warmup_samples, budget.warmup_samples, seed + 10_000, pipe.num_classes)[0]
     measured = run_interleaved(configs, batches, warmup=warm, timer=timer, rss=RssSampler(), progress=say)
     say("scoring")
     records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer())

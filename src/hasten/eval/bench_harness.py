@@ -75,7 +75,8 @@ class WorkCounter:
         if isinstance(embed, nn.Module):
             self._handles.append(embed.register_forward_hook(self._count("rows")))
         for block in _blocks(transformer):
-            q = getattr(getattr(block, "attn1", None), "to_q", None)
+            attn = getattr(block, "attn1", None) or getattr(block, "attn", None)  # DiT / SD3 joint blocks
+            q = getattr(attn, "to_q", None)
             ff = getattr(block, "ff", None)
             lin = None if ff is None else next((m for m in ff.modules() if isinstance(m, nn.Linear)), None)
             if isinstance(q, nn.Module) and lin is not None:

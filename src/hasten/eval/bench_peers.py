@@ -176,7 +176,12 @@ def calibrate_mag_ratios(pipe: HastenPipeline, steps: int, calibration: dict) ->
     with contextlib.redirect_stdout(buf):
         cal(labels, num_inference_steps=steps, generator=gen,
             guidance_scale=calibration.get("guidance_scale"))
-    lists = re.findall(r"\[[^\[\]]*\]", buf.getvalue())
+    return parse_mag_ratios(buf.getvalue(), steps)
+
+
+def parse_mag_ratios(printed: str, steps: int) -> list[float]:
+    """The ratios diffusers' MagCache calibration printed (the last list in ``printed``)."""
+    lists = re.findall(r"\[[^\[\]]*\]", printed)
     if not lists:
         raise RuntimeError("MagCache calibration printed no ratios")
     ratios = [float(r) for r in ast.literal_eval(lists[-1])]

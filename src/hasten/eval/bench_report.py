@@ -67,8 +67,9 @@ def markdown(results: dict) -> str:
 
 def _table(records: list[dict], with_quality: bool) -> list[str]:
     head = ["name", "family", "speedup", "wall s (median/batch)", "NFE", "block evals", "peak RSS MB"]
+    text = any(r.get("adherence") is not None for r in records)
     if with_quality:
-        head += ["PSNR", "SSIM", "FD-digits", "class acc"]
+        head += ["PSNR", "SSIM", "FD-shapes", "adherence"] if text else ["PSNR", "SSIM", "FD-digits", "class acc"]
     head.append("error")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {f: i for i, f in enumerate(("baseline", "hasten", "peer"))}
@@ -76,8 +77,9 @@ def _table(records: list[dict], with_quality: bool) -> list[str]:
         cells = [f"`{r['name']}`", r["family"], _fmt(r["speedup"], ".2f"), _fmt(r["wall_s_median"], ".3f"),
                  _fmt(r["nfe"], ".4g"), _fmt(r["block_evals"], ".4g"), _fmt(r["peak_rss_mb"], ".0f")]
         if with_quality:
-            cells += [_fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f"), _fmt(r["fd_digits"], ".3f"),
-                      _fmt(r["class_accuracy"], ".3f")]
+            q = ("fd_shapes", "adherence") if text else ("fd_digits", "class_accuracy")
+            cells += [_fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f"), _fmt(r.get(q[0]), ".3f"),
+                      _fmt(r.get(q[1]), ".3f")]
         cells.append((r["error"] or "").replace("|", "/"))
         out.append("| " + " | ".join(cells) + " |")
     return out
@@ -97,8 +99,10 @@ def plot_pareto(path: str | os.PathLike, results: dict) -> Path:
 
     recs = [r for r in results["records"] if r["error"] is None and r["speedup"] is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fd_key = "fd_shapes" if any(r.get("fd_shapes") is not None for r in recs) else "fd_digits"
+    fd_name = "FD-shapes" if fd_key == "fd_shapes" else "FD-digits"
     panels: list[tuple[str, Callable[[dict], float | None], bool, str]] = [
-        ("fd_digits", lambda r: r["fd_digits"], False, "FD-digits vs held-out (lower is better)"),
+        ("fd", lambda r: r.get(fd_key), False, f"{fd_name} vs held-out (lower is better)"),
         ("psnr", lambda r: None if r["psnr"] is None else min(r["psnr"], PSNR_PLOT_CAP), True,
          f"PSNR vs full run, dB (higher is better; reference drawn at {PSNR_PLOT_CAP:g})")]
     for ax, (_key, get, higher, xlabel) in zip(axes, panels, strict=True):
@@ -115,7 +119,7 @@ def plot_pareto(path: str | os.PathLike, results: dict) -> Path:
         if _key == "psnr":
             for lv in (40, 35, 30):
                 ax.axvline(lv, color="k", lw=0.5, ls=":")
-        elif ref and ref.startswith("fd<="):
+        elif ref and ref.split("<=")[0] in ("fd", "fd_shapes"):
             ax.axvline(float(ref.split("<=")[1].split()[0]), color="k", lw=0.5, ls=":")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("speedup vs full-step CFG baseline (paired, median)")

@@ -17,8 +17,10 @@ from ..io import write_json
 SCHEMA = "hasten-bench/1"
 FAMILIES = ("baseline", "hasten", "peer")
 RECORD_FIELDS = ("name", "family", "params", "wall_s_median", "speedup", "nfe", "block_evals", "peak_rss_mb",
-                 "psnr", "ssim", "fd_digits", "class_accuracy", "error")
+                 "psnr", "ssim", "fd_digits", "class_accuracy", "fd_shapes", "adherence", "error")
 NUMERIC_FIELDS = RECORD_FIELDS[3:-1]
+OPTIONAL_FIELDS = ("fd_shapes", "adherence")  # text-to-image quality; absent in older digits results
+ADHERENCE_TOLERANCE = 0.01  # text-to-image gates: adherence at most 1 point below the reference
 TOP_FIELDS = ("schema", "date", "machine", "model", "protocol", "records", "quality_levels", "realistic")
 MACHINE_FIELDS = ("cpu", "cores", "torch")
 PSNR_LEVELS = (40.0, 35.0, 30.0)
@@ -47,7 +49,7 @@ def _check_number(where: str, value: Any) -> None:
 def validate_record(rec: Any, where: str = "record") -> None:
     if not isinstance(rec, dict):
         raise HastenError(f"{where} must be an object")
-    missing = [f for f in RECORD_FIELDS if f not in rec]
+    missing = [f for f in RECORD_FIELDS if f not in rec and f not in OPTIONAL_FIELDS]
     if missing:
         raise HastenError(f"{where} lacks field {missing[0]!r}")
     extra = sorted(set(rec) - set(RECORD_FIELDS))
@@ -60,7 +62,7 @@ def validate_record(rec: Any, where: str = "record") -> None:
     if not isinstance(rec["params"], dict):
         raise HastenError(f"{where} ({rec['name']}): params must be an object")
     for f in NUMERIC_FIELDS:
-        _check_number(f"{where} ({rec['name']}).{f}", rec[f])
+        _check_number(f"{where} ({rec['name']}).{f}", rec.get(f))
     if rec["error"] is not None and not isinstance(rec["error"], str):
         raise HastenError(f"{where} ({rec['name']}): error must be a string or null")
 
@@ -116,7 +118,10 @@ def load_results(path: str | os.PathLike) -> dict:
 def quality_levels(records: list[dict], reference: str) -> list[dict]:
     """For each quality level, the fastest configuration of each group that reaches it.
 
-    Levels: PSNR against the reference run >= 40, 35, 30 dB; FD-digits within 5 % of the reference's.
+    Levels: PSNR against the reference run >= 40, 35, 30 dB; FD (FD-shapes where the reference has it,
+    else FD-digits) within 5 % of the reference's. On a text-to-image model (the reference has an
+    adherence) every level also requires adherence at most 1 point below the reference's and the PSNR
+    levels FD within 5 % too: the gates of a text-to-image bench.
     Groups: ``hasten``; ``peer``; ``fewer_steps`` (the baseline family: the reference itself counts,
     at speedup 1). ``hasten_fastest`` is true when hasten's fastest is faster than both others' (a
     group with no configuration at the level counts as beaten); ``None`` when hasten has none.
@@ -124,12 +129,24 @@ def quality_levels(records: list[dict], reference: str) -> list[dict]:
     ref = next((r for r in records if r["name"] == reference), None)
     if ref is None:
         raise HastenError(f"no reference record {reference!r}")
+    fd_key = "fd_shapes" if ref.get("fd_shapes") is not None else "fd_digits"
+    fd_bound = None if ref[fd_key] is None else ref[fd_key] * (1 + FD_TOLERANCE)
+    text = ref.get("adherence") is not None
+
+    def gate(r: dict) -> bool:
+        if not text:
+            return True
+        return (r.get("adherence") is not None and r["adherence"] >= ref["adherence"] - ADHERENCE_TOLERANCE
+                and r.get(fd_key) is not None and fd_bound is not None and r[fd_key] <= fd_bound)
+
+    suffix = " + adherence, FD" if text else ""
     levels: list[tuple[str, Any]] = [
-        (f"psnr>={lv:g}", lambda r, lv=lv: r["psnr"] is not None and r["psnr"] >= lv) for lv in PSNR_LEVELS]
-    if ref["fd_digits"] is not None:
-        bound = ref["fd_digits"] * (1 + FD_TOLERANCE)
-        levels.append((f"fd<={bound:.4g} (reference +{FD_TOLERANCE:.0%})",
-                       lambda r, b=bound: r["fd_digits"] is not None and r["fd_digits"] <= b))
+        (f"psnr>={lv:g}{suffix}", lambda r, lv=lv: r["psnr"] is not None and r["psnr"] >= lv and gate(r))
+        for lv in PSNR_LEVELS]
+    if fd_bound is not None:
+        label = "fd" if fd_key == "fd_digits" else fd_key
+        levels.append((f"{label}<={fd_bound:.4g} (reference +{FD_TOLERANCE:.0%}){suffix}",
+                       lambda r, b=fd_bound: r.get(fd_key) is not None and r[fd_key] <= b and gate(r)))
     groups = {"hasten": "hasten", "peer": "peer", "fewer_steps": "baseline"}
     out = []
     for label, ok in levels:
@@ -139,7 +156,7 @@ def quality_levels(records: list[dict], reference: str) -> list[dict]:
                      and r["speedup"] is not None and ok(r)]
             best = max(cands, key=lambda r: r["speedup"], default=None)
             row[key] = None if best is None else {"name": best["name"], "speedup": best["speedup"],
-                                                  "psnr": best["psnr"], "fd_digits": best["fd_digits"]}
+                                                  "psnr": best["psnr"], fd_key: best.get(fd_key)}
         h = row["hasten"]
         others = [row[k]["speedup"] for k in ("peer", "fewer_steps") if row[k] is not None]
         row["hasten_fastest"] = None if h is None else all(h["speedup"] > s for s in others)

@@ -144,10 +144,14 @@ class ShapesPipeline(DiffusionPipeline):
         index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
         if "text_encoder" not in kwargs and index.get("text_encoder", [None])[0] is None:
             kwargs["text_encoder"], kwargs["tokenizer"] = load_text_encoder()
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))  # applied after loading, any version
         if "transformer" not in kwargs:  # a class outside diffusers' loadable libraries: load it here
-            dtype = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
-            kwargs["transformer"] = ShapesTransformer2DModel.from_pretrained(folder / "transformer", **dtype)
+            kwargs["transformer"] = ShapesTransformer2DModel.from_pretrained(folder / "transformer")
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if dtype is not None:
+            for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+                if module is not None:
+                    module.to(dtype)
         meta_path = folder / HASTEN_CONFIG
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
