@@ -135,7 +135,8 @@ def test_results_json_round_trip_and_schema_errors(tmp_path):
     assert loaded == json.loads(json.dumps(res))
     rec = loaded["records"][1]
     assert set(rec) == {"name", "family", "params", "wall_s_median", "speedup", "nfe", "block_evals",
-                        "peak_rss_mb", "psnr", "ssim", "fd_digits", "class_accuracy", "error"}
+                        "peak_rss_mb", "psnr", "ssim", "fd_digits", "class_accuracy", "fd_shapes", "adherence",
+                        "error"}
     assert {"cpu", "cores", "torch"} <= set(loaded["machine"]) and loaded["date"]
     bad = json.loads(json.dumps(res))
     bad["records"][0]["family"] = "rival"
