@@ -202,7 +202,7 @@ def evaluate(
 def train_cmd(
     out: Path = typer.Option(..., help="output folder (save_pretrained layout; checkpoints inside, resumable)"),
     model: str = typer.Option(None, help="digits | shapes (the model to train; default digits)"),
-    steps: int = typer.Option(None, help="optimisation steps (digits 6000, shapes transformer 8000, "
+    steps: int = typer.Option(None, help="optimisation steps (digits 6000, shapes transformer 5000, "
                                         "classifier 1500, shapes-encoder 2000)"),
     batch_size: int = typer.Option(None, help="batch size (digits 64, shapes 64)"),
     lr: float = typer.Option(None, help="learning rate (digits 5e-4, shapes 5e-4)"),

@@ -14,6 +14,8 @@ velocity negated (Movie Gen's v = X_1 - X_0 = x - e). The training t (hence sigm
 sigmoid(N(0, 1)), as in Movie Gen; the transformer sees ``timestep = 1000 sigma`` as in SD3.
 Captions are dropped (replaced by the empty caption's embedding) with probability 0.1 for
 classifier-free guidance; the kept weights are an EMA; AdamW with linear warm-up and cosine decay.
+The transformer's forward runs under CPU bf16 autocast (``bf16_autocast``; parameters, optimiser
+state, EMA and the loss stay fp32); sampling runs in fp32.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class VAETrainConfig:
 
 @dataclass
 class TransformerTrainConfig:
-    steps: int = 8000
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 5e-4
     warmup: int = 300
@@ -78,6 +80,7 @@ class TransformerTrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 50
+    bf16_autocast: bool = True  # CPU bf16 matmuls (avx512_bf16): ~1.3x faster steps; weights, EMA, loss fp32
     model: dict = field(default_factory=transformer_config)
 
 
@@ -322,7 +325,8 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         text = torch.where(drop.view(-1, 1, 1), e_tok.expand_as(text), text)
         pooled = torch.where(drop.view(-1, 1), e_pool.expand_as(pooled), pooled)
-        loss = flow_matching_loss(model, z, text, pooled, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            loss = flow_matching_loss(model, z, text, pooled, gen).float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
