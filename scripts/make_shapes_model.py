@@ -184,7 +184,8 @@ evaluation captions: held-out seeds 50,000,000 + i.
   scaling {vae_log['latent_stats']['scaling_factor']:.4f} (SD3 convention, measured on 2048 scenes).
   Reconstruction PSNR on 500 held-out scenes: mean {vr['psnr_db_mean']:.1f} dB (min {vr['psnr_db_min']:.1f}).
 - Transformer: {log['num_parameters']:,} parameters: {mc['num_layers']} joint blocks,
-  {mc['num_attention_heads']} heads x {mc['attention_head_dim']}, patch {mc['patch_size']} (64 image tokens), qk RMSNorm,
+  {mc['num_attention_heads']} heads x {mc['attention_head_dim']}, patch {mc['patch_size']} (64 image tokens),
+  qk RMSNorm,
   24 MiniLM tokens (384-d, padding zeroed) + mean-pooled embedding. Shipped in fp16 (loaded as fp32).
 - Recipe: Movie Gen flow matching in diffusers' convention (x_sigma = (1 - sigma) x + sigma e,
   target e - x, t = 1 - sigma logit-normal), caption dropout {tc['caption_dropout']} (to ""), AdamW lr
