@@ -350,3 +350,17 @@ def test_block_caching_on_the_text_to_image_pipeline(tiny_pipe):
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_cli_eval_on_a_text_to_image_model(tiny_folder, capsys):
+    import json
+
+    from hasten.testing import run_cli
+
+    code, stdout, err = run_cli(capsys, "eval", "--model", str(tiny_folder), "--samples", "10", "--steps", "2",
+                                "--batch-size", "5", "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert 0 <= res["adherence"] <= 1 and set(res["adherence_per_category"]) <= {
+        "single_object", "two_object", "counting", "colour_binding", "position"}
+    assert res["fd_shapes"] > 0 and res["fd_real_vs_real"] >= 0 and res["nfe"] == 4
