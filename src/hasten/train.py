@@ -64,6 +64,14 @@ def flow_matching_loss(model: DiTTransformer2DModel, x1: torch.Tensor, y: torch.
     return (pred - target).pow(2).mean()
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """EMA of the weights with warm-up: decay min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - d)
+
+
 def train(out: str | Path | None, cfg: TrainConfig, model_config: dict | None = None,
           progress: bool = True, data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Train, save the EMA model with ``save_pretrained`` under ``out`` (if given); return the log."""
@@ -86,10 +94,7 @@ def train(out: str | Path | None, cfg: TrainConfig, model_config: dict | None = 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        ema_update(ema, model, step, cfg.ema_decay)
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             mean = sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:])

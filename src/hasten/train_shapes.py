@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.shapes import HELD_OUT_SEED0, render, sample_scene, to_model_space
+from .data.shapes import HELD_OUT_SEED0, render, sample_scene, scenes, to_model_space
 from .errors import HastenError
 
 
@@ -112,8 +112,7 @@ def scene_batch(step: int, batch: int, seed: int) -> tuple[list, np.ndarray]:
     base = (seed % 5) * 10_000_000 + step * batch
     if base + batch > HELD_OUT_SEED0:
         raise HastenError("too many training scenes for the seed range")
-    sc = [sample_scene(base + i) for i in range(batch)]
-    return sc, np.stack([render(s) for s in sc])
+    return scenes(range(base, base + batch))
 
 
 # --------------------------------------------------------------------------- VAE
@@ -197,7 +196,7 @@ def latent_stats(vae, n: int = 2048, batch: int = 256) -> dict:
 def reconstruction_metrics(vae, n: int = 500) -> dict:
     """PSNR (dB, images in [0, 1]) of decode(encode mean) on ``n`` held-out scenes."""
     seeds = range(HELD_OUT_SEED0 + 900_000, HELD_OUT_SEED0 + 900_000 + n)
-    imgs = np.stack([render(sample_scene(s)) for s in seeds])
+    _, imgs = scenes(seeds)
     x = torch.from_numpy(to_model_space(imgs))
     rec = torch.cat([vae.decode(vae.encode(x[i:i + 100]).latent_dist.mean).sample for i in range(0, n, 100)])
     mse = ((rec.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
@@ -292,6 +291,7 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
     replacement and the unconditional branch at sampling time.
     """
     from .pipelines.shapes import ShapesTransformer2DModel
+    from .train import ema_update
 
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -334,10 +334,7 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
         sched.step()
         if not math.isfinite(loss.item()):
             raise HastenError(f"transformer loss diverged at step {step}")
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        ema_update(ema, model, step, cfg.ema_decay)
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             curve.append({"step": step + 1, "loss": float(np.mean(losses)), "elapsed_s": round(time.time() - t0, 1)})

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.shapes import COLOURS, HELD_OUT_SEED0, IMAGE_SIZE, SHAPES, render, sample_scene, to_model_space
+from ..data.shapes import COLOURS, HELD_OUT_SEED0, IMAGE_SIZE, SHAPES, scenes, to_model_space
 from ..errors import HastenError
 
 ENCODER_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes_encoder"
@@ -76,8 +76,8 @@ def train_encoder(out: str | Path | None = None, steps: int = 2000, batch_size: 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     t0, curve, losses = time.time(), [], []
     for step in tqdm(range(steps), disable=not progress, desc="scene encoder", dynamic_ncols=True):
-        sc = [sample_scene(30_000_000 + step * batch_size + i) for i in range(batch_size)]
-        x = torch.from_numpy(to_model_space(np.stack([render(s) for s in sc])))
+        sc, imgs = scenes(range(30_000_000 + step * batch_size, 30_000_000 + (step + 1) * batch_size))
+        x = torch.from_numpy(to_model_space(imgs))
         counts, cells = targets(sc)
         pc, pl = model(x)
         loss = F.mse_loss(pc, counts) + F.binary_cross_entropy_with_logits(pl, cells)
@@ -104,8 +104,8 @@ def train_encoder(out: str | Path | None = None, steps: int = 2000, batch_size: 
 @torch.no_grad()
 def held_out_check(model: SceneEncoder, n: int = 1000) -> dict:
     """Exact-count accuracy (rounded count outputs all right) on held-out scenes."""
-    sc = [sample_scene(HELD_OUT_SEED0 + 800_000 + i) for i in range(n)]
-    x = torch.from_numpy(to_model_space(np.stack([render(s) for s in sc])))
+    sc, imgs = scenes(range(HELD_OUT_SEED0 + 800_000, HELD_OUT_SEED0 + 800_000 + n))
+    x = torch.from_numpy(to_model_space(imgs))
     counts, _ = targets(sc)
     pc = torch.cat([model(x[i:i + 250])[0] for i in range(0, n, 250)])
     return {"count_exact_accuracy": float((pc.round() == counts).all(1).float().mean()), "n": n}
@@ -134,5 +134,5 @@ def encoder_features(images01: torch.Tensor, batch_size: int = 500) -> torch.Ten
 
 def rendered(seed0: int, n: int) -> torch.Tensor:
     """n held-out rendered scenes from seed0 as (n, 3, 64, 64) in [0, 1]."""
-    imgs = np.stack([render(sample_scene(seed0 + i)) for i in range(n)])
+    _, imgs = scenes(range(seed0, seed0 + n))
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
