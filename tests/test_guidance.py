@@ -261,9 +261,12 @@ def test_linear_ag_uses_past_estimates(pipe):
 
 
 def test_calibrate_linear_ag_writes_a_valid_plan(pipe, tmp_path):
-    plan = calibrate(pipe, LinearAG(threshold=0.99), labels=list(range(10)) * 10, seeds=[0, 1], steps=6)
+    plan = calibrate(pipe, LinearAG(threshold=0.99), labels=list(range(10)) * 10, seeds=[0, 1, 2], steps=6)
     assert plan["method"] == "linear-ag" and plan["trajectories"] == 200 and plan["calls"] == 6
+    assert plan["held_out_seeds"] == [2] and plan["seeds"] == [0, 1] and plan["threshold"] == 0.99
     assert set(plan["coefficients"]) == {"1"}
+    held = plan["held_out"]["1"]  # the regression's error on trajectories it was not fitted on
+    assert 0 < held["rel_err"] < held["rel_err_cond_only"]
     assert all(math.isfinite(v) for v in plan["coefficients"]["1"])
     assert plan["r2"]["1"] > 0.5
     path = save_plan(tmp_path / "lag.json", plan)
@@ -275,8 +278,10 @@ def test_calibrate_linear_ag_writes_a_valid_plan(pipe, tmp_path):
 
 
 def test_calibrate_needs_200_trajectories(pipe):
-    with pytest.raises(HastenError, match="200 trajectories"):
+    with pytest.raises(HastenError, match="200 fitting trajectories"):
         calibrate(pipe, LinearAG(), labels=list(range(10)), seeds=[0, 1], steps=4)
+    with pytest.raises(HastenError, match="200 fitting trajectories"):  # 20 seeds: 4 are held out
+        calibrate(pipe, LinearAG(), labels=list(range(10)), seeds=list(range(20)), steps=4)
 
 
 # --------------------------------------------------------------------------- plan errors
@@ -360,13 +365,15 @@ def test_cli_generate_with_ag_reports_the_real_nfe(pipe, tmp_path, capsys):
 def test_cli_calibrate_linear_ag(pipe, tmp_path, capsys):
     model = pipe.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "lag.json"
-    seeds = ",".join(str(s) for s in range(20))
+    seeds = ",".join(str(s) for s in range(24))
     code, stdout, _ = run_cli(capsys, "calibrate", "--model", str(model), "--method", "linear-ag", "--steps", "4",
-                              "--seeds", seeds, "--out", str(out), "--json")
+                              "--seeds", seeds, "--min-psnr", "30", "--out", str(out), "--json")
     assert code == 0, stdout
     plan = load_linear_ag_plan(out)
     assert plan["trajectories"] == 200 and plan["steps"] == 4 and set(plan["coefficients"]) == {"1"}
-    assert plan["threshold"] == 0.991
+    cal = plan["calibration"]  # the second half's AG threshold was searched for the target
+    assert cal["min_psnr_db"] == 30 and cal["met"] and cal["psnr_db"] >= 30
+    assert any(e["threshold"] == plan["threshold"] for e in cal["search"])
     code, stdout, _ = run_cli(capsys, "calibrate", "--model", str(model), "--method", "linear-ag", "--steps", "4",
                               "--seeds", seeds, "--threshold", "0.97", "--out", str(out))
     assert code == 0, stdout
@@ -378,5 +385,94 @@ def test_cli_calibrate_linear_ag(pipe, tmp_path, capsys):
         assert not (tmp_path / "y.json").exists()
     code, _, err = run_cli(capsys, "calibrate", "--model", str(model), "--method", "linear-ag", "--steps", "4",
                            "--out", str(tmp_path / "x.json"))
-    assert code == 2 and err.count("\n") == 1 and "200 trajectories" in err
+    assert code == 2 and err.count("\n") == 1 and "200 fitting trajectories" in err
     assert not (tmp_path / "x.json").exists()
+
+
+# --------------------------------------------------------------------------- calibrated AG threshold
+
+
+def test_calibrated_ag_threshold_meets_its_target_and_is_reproducible(pipe):
+    from hasten.methods.guidance import pooled_psnr
+
+    plan = calibrate(pipe, AdaptiveGuidance(min_psnr=30), seeds=[5, 6], steps=6)
+    cal = plan["calibration"]
+    assert plan["method"] == "ag" and plan["guidance_scale"] == 3.0 and cal["met"]
+    assert cal["psnr_db"] >= 30 and cal["nfe"] < 12  # it switches some samples, and keeps the target
+    again = calibrate(pipe, AdaptiveGuidance(min_psnr=30), seeds=[5, 6], steps=6)
+    assert again["threshold"] == plan["threshold"] and again["calibration"]["search"] == cal["search"]
+    # the plan's threshold reproduces the calibration figure on the calibration seeds
+    labels = list(range(10))
+    ref = torch.cat([sample(pipe, steps=6, seed=s, labels=labels).images for s in (5, 6)])
+    with accelerate(pipe, AdaptiveGuidance(plan=plan)) as h:
+        imgs = torch.cat([sample(pipe, steps=6, seed=s, labels=labels).images for s in (5, 6)])
+        rep = h.report(log=False)
+    assert pooled_psnr(imgs, ref) == pytest.approx(cal["psnr_db"], abs=1e-3)
+    assert rep["nfe"] == pytest.approx(cal["nfe"], abs=1e-3)
+    assert rep["methods"]["adaptive-guidance"]["threshold"] == plan["threshold"]
+    # a stricter target switches later (more NFE); an unreachable-by-switching target never switches
+    strict = calibrate(pipe, AdaptiveGuidance(min_psnr=60), seeds=[5, 6], steps=6)
+    assert strict["calibration"]["nfe"] >= cal["nfe"] and strict["calibration"]["psnr_db"] >= 60
+
+
+def test_ag_plan_refuses_another_guidance_scale_or_model(pipe, tmp_path):
+    plan = calibrate(pipe, AdaptiveGuidance(min_psnr=30), seeds=[5, 6], steps=4)
+    path = save_plan(tmp_path / "ag.json", plan)
+    with accelerate(pipe, AdaptiveGuidance(plan=path)):
+        with pytest.raises(HastenError, match="guidance scale 3, not 2"):
+            sample(pipe, steps=4, guidance_scale=2.0)
+    other = HastenPipeline(tiny_dit(layers=3), num_classes=10, guidance_scale=3.0)
+    with pytest.raises(HastenError, match="another model"):
+        accelerate(other, AdaptiveGuidance(plan=path))
+    with pytest.raises(HastenError, match="not both"):
+        AdaptiveGuidance(threshold=0.9, plan=path)
+    with pytest.raises(HastenError, match="min_psnr"):
+        AdaptiveGuidance(min_psnr=-3)
+
+
+def test_default_ag_uses_the_plan_shipped_with_the_model(pipe, tmp_path):
+    from hasten.pipeline import load_pipeline
+
+    folder = pipe.save_pretrained(tmp_path / "m")
+    loaded = load_pipeline(folder)
+    plan = calibrate(loaded, AdaptiveGuidance(min_psnr=30), seeds=[5, 6], steps=4)
+    (folder / "plans").mkdir()
+    save_plan(folder / "plans" / "ag-cfg3.json", plan)
+    with accelerate(loaded, AdaptiveGuidance()) as h:
+        sample(loaded, steps=4)
+        rep = h.report(log=False)["methods"]["adaptive-guidance"]
+    assert rep["threshold"] == plan["threshold"] and rep["threshold_source"].endswith("ag-cfg3.json")
+    with accelerate(loaded, AdaptiveGuidance()):
+        with pytest.raises(HastenError, match="no calibrated threshold for this model at guidance 2"):
+            sample(loaded, steps=4, guidance_scale=2.0)
+
+
+def test_shipped_digits_plans_match_the_shipped_model():
+    from hasten.pipeline import load_pipeline
+    from hasten.plans import shipped_plans
+
+    digits = load_pipeline("digits")
+    ag = shipped_plans(digits, "ag", digits.transformer)
+    assert [p["guidance_scale"] for p in ag] == [3.0] and ag[0]["calibration"]["met"]
+    assert ag[0]["calibration"]["psnr_db"] >= 35 and ag[0]["calibration"]["nfe"] < 100
+    with accelerate(digits, AdaptiveGuidance()) as h:
+        digits([0, 1], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+        assert h.report(log=False)["methods"]["adaptive-guidance"]["threshold"] == ag[0]["threshold"]
+    lag = shipped_plans(digits, "linear-ag", digits.transformer)
+    assert len(lag) == 1 and lag[0]["calibration"]["psnr_db"] >= 35
+
+
+def test_switch_decisions_are_logged_per_sample_and_call(pipe):
+    with accelerate(pipe, AdaptiveGuidance(threshold=-1)) as h:
+        sample(pipe, steps=3)
+        log = h.report()["log"]
+    first, second = log[0]["adaptive-guidance"], log[1]["adaptive-guidance"]
+    assert len(first["gamma"]) == len(LABELS) and all(g is not None for g in first["gamma"])
+    assert first["switched_after"] == [True] * len(LABELS)
+    assert second["uncond_rows"] == 0 and "gamma" not in second  # nothing measured once all switched
+
+
+def test_two_batch_shrinking_guidance_methods_are_refused(pipe):
+    plan = make_plan(pipe, 6, (1.0, 0, 0, 0))
+    with pytest.raises(HastenError, match="both shrink the guidance batch"):
+        accelerate(pipe, AdaptiveGuidance(threshold=0.9), LinearAG(plan=plan))

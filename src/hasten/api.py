@@ -105,14 +105,29 @@ class CalibrationRun:
         return self.target(prompt=list(self.conditions), num_inference_steps=self.steps, generator=gen,
                            output_type="latent", **kwargs)
 
+    def images(self, seed: int) -> torch.Tensor:
+        """One run's output as images in [0, 1] (what PSNR targets are measured on): hasten's pipeline
+        returns them; a diffusers pipeline is asked for ``output_type="pt"``; a runner's return value is
+        taken as it is."""
+        if self.runner is not None:
+            return torch.as_tensor(self.runner(int(seed)))
+        if self.kind == "hasten":
+            return self.run(seed).images
+        gen = torch.Generator().manual_seed(int(seed))
+        kwargs = dict(self.pipeline_kwargs)
+        if self.guidance_scale is not None:
+            kwargs["guidance_scale"] = self.guidance_scale
+        return self.target(prompt=list(self.conditions), num_inference_steps=self.steps, generator=gen,
+                           output_type="pt", **kwargs).images
+
     def run_all(self) -> None:
         for s in self.seeds:
             self.run(s)
 
     def plan_fields(self) -> dict:
         gs = self.guidance_scale
-        if gs is None and self.kind == "hasten":
-            gs = self.target.default_guidance_scale
+        if gs is None:
+            gs = getattr(self.target, "default_guidance_scale", None)
         return {"solver": self.solver, "steps": self.steps, "time_schedule": self.schedule,
                 "guidance_scale": gs,
                 "conditions": [c if isinstance(c, (int, str)) else str(c) for c in self.conditions],
@@ -249,7 +264,7 @@ def calibrate_cli(model: str, method: str, out: Any, options: dict, plot: Any = 
         if info.plot is None:
             raise HastenError(f"method {method!r} has no plot")
     pipe = load_pipeline(model)
-    if labels is None:
+    if labels is None and hasattr(pipe, "num_classes"):
         labels = list(range(pipe.num_classes))
     run_args = dict(labels=labels, seeds=seeds, steps=steps, solver=solver, schedule=schedule,
                     guidance_scale=guidance_scale)
@@ -266,7 +281,8 @@ def calibrate_cli(model: str, method: str, out: Any, options: dict, plot: Any = 
     save_plan(out, plan)
     summary = {"out": str(out), "method": method, "model": model, "steps": steps, "solver": solver,
                "calls": plan.get("calls")}
-    for key in ("delta", "ideal_speedup", "scale_shift_file", "scale_shift_train"):
+    for key in ("delta", "ideal_speedup", "scale_shift_file", "scale_shift_train", "threshold", "guidance_scale",
+                "calibration", "held_out"):
         if key in plan:
             summary[key] = plan[key]
     if plot is not None:

@@ -282,7 +282,10 @@ def calibrate_cmd(
     model: str = typer.Option("digits", help="embedded model name or a save_pretrained folder"),
     method: str = typer.Option("block-cache", help="method to calibrate (block-cache, ...)"),
     delta: float = typer.Option(None, help="block-cache: threshold of the accumulated-change rule (Eq. 7)"),
-    threshold: float = typer.Option(None, help="linear-ag: AG threshold stored in the plan (default 0.991)"),
+    threshold: float = typer.Option(None, help="linear-ag: a fixed AG threshold for the second half instead "
+                                    "of the search for --min-psnr"),
+    min_psnr: float = typer.Option(None, help="ag / linear-ag: calibrate the AG threshold to keep this PSNR "
+                                   "(dB) against CFG on the calibration runs (default 35)"),
     plot: Path = typer.Option(None, help="PNG of the change curves and the schedule"),
     scale_shift: bool = typer.Option(False, "--scale-shift", help="block-cache: train scale-shift alignment"),
     train_steps: int = typer.Option(1000, help="block-cache: scale-shift Adam updates"),
@@ -308,6 +311,10 @@ def calibrate_cmd(
         if method != "linear-ag":
             raise HastenError(f"--threshold is an option of --method linear-ag, not {method}")
         options["threshold"] = threshold
+    if min_psnr is not None:
+        if method not in ("ag", "adaptive-guidance", "linear-ag"):
+            raise HastenError(f"--min-psnr is an option of --method ag / linear-ag, not {method}")
+        options["min_psnr"] = min_psnr
     res = calibrate_cli(model, method, out, options, plot=plot, steps=steps, solver=solver, schedule=schedule,
                         guidance_scale=cfg, labels=None if labels is None else parse_labels(labels, 1),
                         seeds=seed_list)
@@ -316,6 +323,12 @@ def calibrate_cmd(
         lines.append(f"delta {res.get('delta')}: ideal speedup {res['ideal_speedup']:.2f}x (share of block work)")
     if "scale_shift_file" in res:
         lines.append(f"scale-shift parameters: {res['scale_shift_file']}")
+    if "calibration" in res:
+        c = res["calibration"]
+        met = "" if c["met"] else f" (target {c['min_psnr_db']} dB not met even without switching)"
+        lines.append(f"AG threshold {res['threshold']:.6g} at guidance {res.get('guidance_scale')}: "
+                     f"{c['psnr_db']:.2f} dB against CFG, {c['nfe']:.1f} NFE per image on the calibration "
+                     f"runs{met}")
     if "plot" in res:
         lines.append(f"wrote {res['plot']}")
     emit(res, as_json, lines)

@@ -29,6 +29,9 @@ outermost layer), before any method wrapper runs:
   hasten's pipeline with CFG that is ``[uncond rows; cond rows]``, 2 B rows).
 - ``handle.timestep``: the ``timestep`` argument of the call as sent (a tensor or a number).
 - ``handle.log_entry``: the decision-log dict of this call; methods add their decision under their key.
+- ``handle.guidance_scale``: the run's classifier-free guidance scale when the pipeline tells it
+  (hasten's pipeline through ``velocity_fn``; diffusers pipelines through ``pipe._guidance_scale``,
+  read at ``set_timesteps``); ``None`` otherwise.
 
 **Batch shrinking.** ``handle.active_rows`` is ``None`` (all ``full_batch`` rows are sent) or a
 ``LongTensor`` of indices into the full guidance batch, sorted ascending, naming the rows that are
@@ -132,6 +135,7 @@ class Handle:
         self.timestep: Any = None
         self.active_rows: torch.Tensor | None = None
         self.num_samples: int | None = None
+        self.guidance_scale: float | None = None  # of the current run, when the pipeline tells it
         self.log_entry: dict | None = None
         # bookkeeping
         self._undo: list[tuple[Any, str, Any]] = []
@@ -203,6 +207,8 @@ class Handle:
 
             def velocity_fn(labels, *a, **k):
                 self.reset(num_samples=len(labels))
+                gs = a[0] if a else k.get("guidance_scale")
+                self.guidance_scale = None if gs is None else float(gs)
                 return orig_vfn(labels, *a, **k)
 
             self.set_attr(pipe, "velocity_fn", velocity_fn)
@@ -212,6 +218,8 @@ class Handle:
 
             def set_timesteps(*a, **k):
                 self.reset()
+                gs = getattr(self.pipeline, "_guidance_scale", None)  # set by diffusers pipelines' __call__
+                self.guidance_scale = float(gs) if isinstance(gs, (int, float)) else None
                 return orig_st(*a, **k)
 
             self.set_attr(sched, "set_timesteps", set_timesteps)

@@ -250,6 +250,7 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise HastenError(f"cannot load model from {folder}: {first}") from None
         pipe.set_progress_bar_config(disable=True)
+        pipe.model_dir = folder  # calibrated plans shipped with the model live in folder/plans
         return pipe
     meta_path = folder / PIPELINE_CONFIG
     if not meta_path.is_file() or not (folder / "transformer").is_dir():
@@ -263,9 +264,11 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
     if int(meta.get("num_classes", -1)) != transformer.config.num_embeds_ada_norm:
         raise HastenError(f"{folder}: {PIPELINE_CONFIG} says {meta.get('num_classes')} classes but the "
                           f"transformer has {transformer.config.num_embeds_ada_norm}")
-    return HastenPipeline(transformer, num_classes=meta["num_classes"],
+    pipe = HastenPipeline(transformer, num_classes=meta["num_classes"],
                           guidance_scale=float(meta.get("guidance_scale", 3.0)),
                           name=str(meta.get("name", folder.name)))
+    pipe.model_dir = folder
+    return pipe
 
 
 # --------------------------------------------------------------------------- images

@@ -117,3 +117,38 @@ def check_call_timestep(plan: dict, call_index: int, t: float | None) -> None:
         raise HastenError(f"call {call_index} of this run has timestep {t:g} but the plan expects {want:g}: "
                           f"the plan was made for {plan['steps']} {plan['solver']} steps "
                           f"({plan.get('time_schedule')} schedule); calibrate for this run's settings")
+
+
+def check_guidance(plan: dict, guidance_scale: float | None) -> None:
+    """Raise when a run's guidance scale (``None``: unknown, not checked) differs from the plan's."""
+    want = plan.get("guidance_scale")
+    if guidance_scale is None or want is None:
+        return
+    if not math.isclose(float(guidance_scale), float(want), rel_tol=1e-6, abs_tol=1e-9):
+        raise HastenError(f"this {plan['method']} plan was calibrated at guidance scale {want:g}, not "
+                          f"{guidance_scale:g}: calibrate again with --cfg {guidance_scale:g}")
+
+
+def model_folder(pipeline: Any) -> Path | None:
+    """Where a pipeline was loaded from (``hasten.load_pipeline`` or diffusers ``from_pretrained``)."""
+    folder = getattr(pipeline, "model_dir", None)
+    if folder is None:
+        folder = getattr(getattr(pipeline, "config", None), "_name_or_path", None)
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
+def shipped_plans(pipeline: Any, method: str, model: nn.Module) -> list[dict]:
+    """The valid ``method`` plans for ``model`` in ``<model folder>/plans/*.json`` (calibrated by
+    ``hasten calibrate`` and shipped with the model); unreadable or foreign files are skipped."""
+    folder = model_folder(pipeline)
+    if folder is None or not (folder / "plans").is_dir():
+        return []
+    found = []
+    for path in sorted((folder / "plans").glob("*.json")):
+        try:
+            plan = load_plan(path, method)
+            check_plan(plan, model)
+        except HastenError:
+            continue
+        found.append(plan)
+    return found

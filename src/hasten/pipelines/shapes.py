@@ -236,6 +236,7 @@ class ShapesPipeline(DiffusionPipeline):
             latents = randn_tensor((b, *self.latent_shape), generator=generator, device=device, dtype=torch.float32)
         else:
             latents = latents.to(device=device, dtype=torch.float32).clone()
+        self._guidance_scale = scale  # read by hooks (as diffusers pipelines expose it)
         if sigmas is not None:
             self.scheduler.set_timesteps(sigmas=list(sigmas), device=device)
         else:
