@@ -247,3 +247,24 @@ def test_shared_installs_are_removed_exactly():
     assert all(r["peak_rss_mb"] > 0 for r in records)
     after = run_one(Prepared(sample=_sampler(pipe, steps)), batch)
     assert torch.equal(before, after)
+
+
+def test_guidance_suite_calibrates_ag_and_linear_ag_at_the_requested_guidance(tmp_path):
+    """``--suite guidance --cfg 3``: CFG, guidance off, AG and LinearAG (calibrated plans and the paper's
+    0.991), every configuration at guidance 3 and each plan made for it."""
+    pipe = tiny_pipeline()
+    res = run_bench("tiny", tmp_path, pipe=pipe, scorer=FakeScorer(), samples=4, batch_size=4, realistic=False,
+                    suite="guidance", guidance_scale=3.0)
+    names = [r["name"] for r in res["records"]]
+    assert names == ["cfg @50", "no-guidance @50", "ag @50", "linear-ag @50", "ag:threshold=0.991 @50",
+                     "linear-ag:threshold=0.991 @50"]
+    recs = {r["name"]: r for r in res["records"]}
+    assert all(r["error"] is None for r in recs.values()), [r["error"] for r in recs.values()]
+    assert recs["cfg @50"]["nfe"] == 100 and recs["no-guidance @50"]["nfe"] == 50
+    assert recs["linear-ag @50"]["nfe"] < 100  # regressed calls run one row
+    assert res["protocol"]["guidance_scale"] == 3.0 and res["protocol"]["suite"] == "guidance"
+    for name in ("ag-50.json", "linear-ag-50.json"):
+        plan = json.loads((tmp_path / "plans" / name).read_text())
+        assert plan["guidance_scale"] == 3.0 and plan["calibration"]["min_psnr_db"] == 35.0
+    with pytest.raises(HastenError, match="unknown suite"):
+        run_bench("tiny", tmp_path, pipe=pipe, suite="fast")

@@ -258,6 +258,9 @@ def bench_cmd(
     realistic: bool = typer.Option(None, "--realistic/--no-realistic",
                                    help="the DiT-XL/2-size overhead check (default: on, off with --quick)"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)"),
+    suite: str = typer.Option("default", help="default (every method, solvers, peers) | guidance (AG and "
+                              "LinearAG, calibrated and at the paper's threshold)"),
+    cfg: float = typer.Option(None, help="guidance scale for every configuration (default: the model's)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Benchmark hasten's methods against fewer steps and peer caches, interleaved, in one process."""
@@ -265,10 +268,17 @@ def bench_cmd(
 
     check_args(out, samples, batch_size, threads)
     res = run_bench(model, out, quick=quick, samples=samples, batch_size=batch_size, seed=seed, peers=peers,
-                    realistic=realistic, threads=threads,
+                    realistic=realistic, threads=threads, suite=suite, guidance_scale=cfg,
                     progress=None if as_json else (lambda m: typer.echo(m, err=True)))
     lines = [f"wrote {out}/results.json, results.md, pareto.png ({len(res['records'])} configurations, "
              f"{res['protocol']['total_wall_s']:.0f} s)"]
+    if suite == "guidance":
+        for r in res["records"]:
+            if r.get("error"):
+                lines.append(f"{r['name']:<36} error: {r['error']}")
+            else:
+                lines.append(f"{r['name']:<36} NFE {r['nfe']:6.1f}  PSNR {r['psnr']:6.2f} dB  "
+                             f"speed-up {r['speedup']:.2f}x")
     for row in res["quality_levels"]:
         h = row["hasten"]
         lines.append(f"{row['level']:<28} hasten {'-' if h is None else format(h['speedup'], '.2f') + 'x'}"

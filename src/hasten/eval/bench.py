@@ -55,7 +55,8 @@ from .bench_results import SCHEMA, new_record, quality_levels
 
 SOLVER, SCHEDULE = "euler", "linear"
 CALIBRATION_SEEDS = (1000, 1001)  # Block Caching plans: 2 seeds x every class
-LINEAR_AG_SEEDS = tuple(range(2000, 2020))  # LinearAG: 20 seeds x 10 classes = 200 trajectories
+LINEAR_AG_SEEDS = tuple(range(2000, 2024))  # LinearAG: 20 fitting seeds (x 10 classes = 200) + 4 held out
+AG_SEEDS = (3000, 3001, 3002, 3003)  # AG threshold search (calibration conditions x 4 seeds)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ class HastenAssets:
 
             plan = calibrate(own, LinearAG(), steps=steps, solver=SOLVER, schedule=SCHEDULE,
                              seeds=LINEAR_AG_SEEDS)
+        elif method == "ag":
+            from ..methods.guidance import AdaptiveGuidance
+
+            plan = calibrate(own, AdaptiveGuidance(), steps=steps, solver=SOLVER, schedule=SCHEDULE, seeds=AG_SEEDS)
         else:
             raise Unavailable(f"no plan recipe for {method!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +144,7 @@ class HastenAssets:
 
             if not hasattr(block_cache, "train_scale_shift"):
                 raise Unavailable("Block Caching scale-shift training is not in this build")
-        if name in ("block-cache", "linear-ag"):
+        if name in ("block-cache", "linear-ag") or (name == "ag" and "threshold" not in rest and "plan" not in rest):
             path = self.plan(name, steps)
             return f"{name}:plan={path}" + (f",{rest}" if rest else "")
         return spec
@@ -249,6 +254,31 @@ def digits_configs(pipe: HastenPipeline, assets: HastenAssets | None, quick: boo
         cfgs.append(diffusers_peer_config(pipe, "first-block-cache", {"threshold": th}, 15))
     cfgs.append(cache_dit_config(pipe, {"threshold": 0.2, "Fn": 1, "Bn": 0, "warmup_steps": 3}, 15))
     return cfgs
+
+
+def guidance_configs(pipe: Any, assets: HastenAssets, data: Any = None) -> list[BenchConfig]:
+    """``--suite guidance``: Adaptive Guidance and LinearAG at the run's guidance scale, 50 Euler steps.
+
+    The reference is CFG; beside it: guidance off (what dropping guidance everywhere gives), AG and
+    LinearAG with thresholds calibrated for 35 dB on calibration seeds (plans made first, untimed), and
+    both at the paper's fixed threshold 0.991 (what a fixed number does on this model)."""
+    full = 50
+    if data is not None:  # text-to-image (shapes)
+        from . import bench_shapes as bs
+
+        base = [bs.baseline_config(pipe, data, full), bs.baseline_config(pipe, data, full, guidance="off")]
+
+        def hc(specs: list[str]) -> BenchConfig:
+            return bs.hasten_config(pipe, data, specs, full, assets)
+    else:
+        off = baseline_config(pipe, full, guidance_scale=1.0)
+        off = BenchConfig(f"no-guidance @{full}", "baseline", {"steps": full, "guidance": "off"}, off.setup)
+        base = [baseline_config(pipe, full), off]
+
+        def hc(specs: list[str]) -> BenchConfig:
+            return hasten_config(pipe, specs, full, assets)
+    return base + [hc(["ag"]), hc(["linear-ag"]), hc(["ag:threshold=0.991"]),
+                   hc(["linear-ag:threshold=0.991"])]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -515,8 +545,13 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
               batch_size: int | None = None, seed: int = 0, peers: bool = True, realistic: bool | None = None,
               threads: int | None = None, progress: Callable[[str], None] | None = None,
               configs: Sequence[BenchConfig] | None = None, scorer: Any = None,
-              pipe: HastenPipeline | None = None, timer: Callable[[], float] = time.perf_counter) -> dict:
-    """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``."""
+              pipe: HastenPipeline | None = None, timer: Callable[[], float] = time.perf_counter,
+              suite: str = "default", guidance_scale: float | None = None) -> dict:
+    """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``.
+
+    ``suite``: ``default`` (every method, solvers and peers) or ``guidance`` (:func:`guidance_configs`);
+    ``guidance_scale``: run every configuration (and calibrate every plan) at this scale instead of
+    the model's default."""
     from ..pipeline import load_pipeline
 
     out = Path(out)
@@ -527,7 +562,13 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     bs = min(batch_size or budget.batch_size, n)
     if threads is not None:
         torch.set_num_threads(threads)
+    if suite not in ("default", "guidance"):
+        raise HastenError(f"unknown suite {suite!r}: default | guidance")
     pipe = pipe if pipe is not None else load_pipeline(model)
+    if guidance_scale is not None:
+        if not (guidance_scale >= 1.0):
+            raise HastenError(f"--cfg must be >= 1, got {guidance_scale}")
+        pipe.default_guidance_scale = float(guidance_scale)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if hasattr(pipe, "encode_prompt"):  # text-to-image (shapes): see hasten.eval.bench_shapes
@@ -535,28 +576,35 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
 
         data = EvalSet(pipe, n, seed)
         assets = HastenAssets(pipe, out / "plans", copier=copy_shapes)
-        configs = list(configs) if configs is not None else shapes_configs(pipe, data, assets, quick, peers)
+        if configs is None:
+            configs = (guidance_configs(pipe, assets, data) if suite == "guidance"
+                       else shapes_configs(pipe, data, assets, quick, peers))
+        configs = list(configs)
         batches = make_batches(n, bs, seed, n)  # "labels" are indices into the evaluation captions
         warm = Batch(torch.arange(min(budget.warmup_samples, n)), seed)
         scorer = scorer if scorer is not None else ShapesScorer(data)
         realistic = False if realistic is None else realistic
     else:
         assets = HastenAssets(pipe, out / "plans")
-        configs = list(configs) if configs is not None else digits_configs(pipe, assets, quick=quick, peers=peers)
+        if configs is None:
+            configs = (guidance_configs(pipe, assets) if suite == "guidance"
+                       else digits_configs(pipe, assets, quick=quick, peers=peers))
+        configs = list(configs)
         batches = make_batches(n, bs, seed, pipe.num_classes)
         warm = make_batches(budget.warmup_samples, budget.warmup_samples, seed + 10_000, pipe.num_classes)[0]
     measured = run_interleaved(configs, batches, warmup=warm, timer=timer, rss=RssSampler(), progress=say)
     say("scoring")
     records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer())
     levels = quality_levels(records, configs[0].name)
-    do_real = budget.realistic if realistic is None else realistic
+    do_real = (budget.realistic and suite == "default") if realistic is None else realistic
     results = {
         "schema": SCHEMA, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "model": model,
         "protocol": {"samples": n, "batch_size": bs, "reps": len(batches), "seed": seed,
                      "warmup_samples": budget.warmup_samples, "guidance_scale": pipe.default_guidance_scale,
                      "solver": SOLVER, "schedule": SCHEDULE, "reference": configs[0].name, "quick": quick,
-                     "calibration_seeds": {"block-cache": list(CALIBRATION_SEEDS),
+                     "suite": suite,
+                     "calibration_seeds": {"block-cache": list(CALIBRATION_SEEDS), "ag": list(AG_SEEDS),
                                            "linear-ag": [LINEAR_AG_SEEDS[0], LINEAR_AG_SEEDS[-1]]},
                      "total_wall_s": round(time.perf_counter() - t_start, 1)},
         "records": records, "quality_levels": levels, "realistic": None}
