@@ -253,7 +253,7 @@ def test_guidance_suite_calibrates_ag_and_linear_ag_at_the_requested_guidance(tm
     """``--suite guidance --cfg 3``: CFG, guidance off, AG and LinearAG (calibrated plans and the paper's
     0.991), every configuration at guidance 3 and each plan made for it."""
     pipe = tiny_pipeline()
-    res = run_bench("tiny", tmp_path, pipe=pipe, scorer=FakeScorer(), samples=4, batch_size=4, realistic=False,
+    res = run_bench("tiny", tmp_path, pipe=pipe, scorer=FakeScorer(), samples=10, batch_size=10, realistic=False,
                     suite="guidance", guidance_scale=3.0)
     names = [r["name"] for r in res["records"]]
     assert names == ["cfg @50", "no-guidance @50", "ag @50", "linear-ag @50", "ag:threshold=0.991 @50",

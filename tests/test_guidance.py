@@ -424,6 +424,9 @@ def test_ag_plan_refuses_another_guidance_scale_or_model(pipe, tmp_path):
     other = HastenPipeline(tiny_dit(layers=3), num_classes=10, guidance_scale=3.0)
     with pytest.raises(HastenError, match="another model"):
         accelerate(other, AdaptiveGuidance(plan=path))
+    retrained = HastenPipeline(tiny_dit(seed=1), num_classes=10, guidance_scale=3.0)  # same config
+    with pytest.raises(HastenError, match="other weights"):
+        accelerate(retrained, AdaptiveGuidance(plan=path))
     with pytest.raises(HastenError, match="not both"):
         AdaptiveGuidance(threshold=0.9, plan=path)
     with pytest.raises(HastenError, match="min_psnr"):
@@ -460,6 +463,17 @@ def test_shipped_digits_plans_match_the_shipped_model():
         assert h.report(log=False)["methods"]["adaptive-guidance"]["threshold"] == ag[0]["threshold"]
     lag = shipped_plans(digits, "linear-ag", digits.transformer)
     assert len(lag) == 1 and lag[0]["calibration"]["psnr_db"] >= 35
+
+
+def test_shipped_shapes_ag_plan_matches_the_shipped_model():
+    """``AdaptiveGuidance()`` on ``shapes`` at its shipped guidance: the plan calibrated for these weights."""
+    from hasten.pipeline import load_pipeline
+    from hasten.plans import shipped_plans
+
+    shapes = load_pipeline("shapes")
+    ag = shipped_plans(shapes, "ag", shapes.transformer)
+    assert [p["guidance_scale"] for p in ag] == [shapes.default_guidance_scale]
+    assert ag[0]["calibration"]["met"] and ag[0]["calibration"]["psnr_db"] >= 35
 
 
 def test_switch_decisions_are_logged_per_sample_and_call(pipe):

@@ -8,7 +8,8 @@ Generic for every calibrated method (Block Caching, LinearAG, ...). A plan is a 
      "calls": 50, "timesteps": [0.0, 20.0, ...],      # as sent to the transformer, per call
      ...method fields...}
 
-Validation (:func:`check_plan`) rejects another model (config hash), another method, another solver,
+Validation (:func:`check_plan`) rejects another model (config hash), other weights (weights hash; plans
+written before it was recorded carry none and skip that check), another method, another solver,
 step count or time schedule. While running, :func:`check_call_timestep` compares each call's timestep
 with the plan's, so a plan applied through the Python API to a run with another step count fails at
 the first call whose timestep differs (call 1 at the latest), not silently.
@@ -23,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import HastenError
@@ -41,11 +43,22 @@ def config_hash(model: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def weights_hash(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of the model's parameters and buffers as float32, in state-dict order:
+    a plan calibrated on some weights is refused for others with the same config (a retrained model)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def new_plan(method: str, model: nn.Module, *, solver: str, steps: int, time_schedule: str | None,
              guidance_scale: float | None, timesteps: list[float], **fields: Any) -> dict:
     """A plan dict for ``method`` on ``model`` (``timesteps``: one per denoiser call of a run)."""
     plan = {"hasten_plan": PLAN_VERSION, "method": method,
-            "model": {"class": type(model).__name__, "config_hash": config_hash(model)},
+            "model": {"class": type(model).__name__, "config_hash": config_hash(model),
+                      "weights_hash": weights_hash(model)},
             "solver": solver, "steps": int(steps), "time_schedule": time_schedule,
             "guidance_scale": guidance_scale, "calls": len(timesteps),
             "timesteps": [float(t) for t in timesteps]}
@@ -94,6 +107,10 @@ def check_plan(plan: dict, model: nn.Module, steps: int | None = None, solver: s
     if have != want:
         raise HastenError(f"this plan was calibrated for another model ({plan['model'].get('class')} "
                           f"config {have}), not this {type(model).__name__} (config {want})")
+    have_w = plan["model"].get("weights_hash")
+    if have_w is not None and have_w != weights_hash(model):
+        raise HastenError(f"this plan was calibrated for other weights of this {type(model).__name__} "
+                          f"(weights {have_w}): calibrate again for these weights")
     if steps is not None and int(steps) != plan["steps"]:
         raise HastenError(f"this plan was calibrated for {plan['steps']} steps, not {steps}: "
                           f"calibrate again with --steps {steps}")
