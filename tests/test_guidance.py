@@ -455,12 +455,14 @@ def test_shipped_digits_plans_match_the_shipped_model():
     from hasten.plans import shipped_plans
 
     digits = load_pipeline("digits")
-    ag = shipped_plans(digits, "ag", digits.transformer)
-    assert [p["guidance_scale"] for p in ag] == [3.0] and ag[0]["calibration"]["met"]
-    assert ag[0]["calibration"]["psnr_db"] >= 35 and ag[0]["calibration"]["nfe"] < 100
-    with accelerate(digits, AdaptiveGuidance()) as h:
-        digits([0, 1], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
-        assert h.report(log=False)["methods"]["adaptive-guidance"]["threshold"] == ag[0]["threshold"]
+    ag = {p["guidance_scale"]: p for p in shipped_plans(digits, "ag", digits.transformer)}
+    assert sorted(ag) == [digits.default_guidance_scale, 3.0]  # the model's default and strong guidance
+    for p in ag.values():
+        assert p["calibration"]["met"] and p["calibration"]["psnr_db"] >= 35 and p["calibration"]["nfe"] < 100
+    for gs in ag:
+        with accelerate(digits, AdaptiveGuidance()) as h:
+            digits([0, 1], num_inference_steps=2, guidance_scale=gs, generator=torch.Generator().manual_seed(0))
+            assert h.report(log=False)["methods"]["adaptive-guidance"]["threshold"] == ag[gs]["threshold"]
     lag = shipped_plans(digits, "linear-ag", digits.transformer)
     assert len(lag) == 1 and lag[0]["calibration"]["psnr_db"] >= 35
 
