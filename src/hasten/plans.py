@@ -136,12 +136,17 @@ def check_call_timestep(plan: dict, call_index: int, t: float | None) -> None:
                           f"({plan.get('time_schedule')} schedule); calibrate for this run's settings")
 
 
+def same_guidance(a: float, b: float) -> bool:
+    """Whether two guidance scales are the same one (up to float round-off of JSON and CLI parsing)."""
+    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+
+
 def check_guidance(plan: dict, guidance_scale: float | None) -> None:
     """Raise when a run's guidance scale (``None``: unknown, not checked) differs from the plan's."""
     want = plan.get("guidance_scale")
     if guidance_scale is None or want is None:
         return
-    if not math.isclose(float(guidance_scale), float(want), rel_tol=1e-6, abs_tol=1e-9):
+    if not same_guidance(guidance_scale, want):
         raise HastenError(f"this {plan['method']} plan was calibrated at guidance scale {want:g}, not "
                           f"{guidance_scale:g}: calibrate again with --cfg {guidance_scale:g}")
 

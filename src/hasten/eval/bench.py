@@ -83,6 +83,8 @@ def baseline_config(pipe: HastenPipeline, steps: int, guidance_scale: float | No
         own = copy_pipeline(pipe)
         return Prepared(sample=_sampler(own, steps, guidance_scale), transformer=own.transformer)
 
+    if guidance_scale == 1.0:  # one branch: guidance off
+        return BenchConfig(f"no-guidance @{steps}", "baseline", {"steps": steps, "guidance": "off"}, setup)
     return BenchConfig(f"cfg @{steps}", "baseline", {"steps": steps, "guidance": "cfg"}, setup)
 
 
@@ -271,9 +273,7 @@ def guidance_configs(pipe: Any, assets: HastenAssets, data: Any = None) -> list[
         def hc(specs: list[str]) -> BenchConfig:
             return bs.hasten_config(pipe, data, specs, full, assets)
     else:
-        off = baseline_config(pipe, full, guidance_scale=1.0)
-        off = BenchConfig(f"no-guidance @{full}", "baseline", {"steps": full, "guidance": "off"}, off.setup)
-        base = [baseline_config(pipe, full), off]
+        base = [baseline_config(pipe, full), baseline_config(pipe, full, guidance_scale=1.0)]
 
         def hc(specs: list[str]) -> BenchConfig:
             return hasten_config(pipe, specs, full, assets)

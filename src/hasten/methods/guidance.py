@@ -523,11 +523,14 @@ def load_ag_plan(plan: str | os.PathLike | dict) -> dict:
     return p
 
 
-def _plan_resolver(plan: dict) -> Callable[[float | None], tuple[float, str]]:
+def _plan_resolver(plan: dict, threshold: float | None = None) -> Callable[[float | None], tuple[float, str]]:
+    """Each run: check its guidance scale against the plan's, then use ``threshold`` or the plan's."""
     from ..plans import check_guidance
 
     def resolve(guidance_scale: float | None) -> tuple[float, str]:
         check_guidance(plan, guidance_scale)
+        if threshold is not None:
+            return threshold, "fixed"
         return float(plan["threshold"]), plan.get("_path", "plan")
 
     return resolve
@@ -535,14 +538,13 @@ def _plan_resolver(plan: dict) -> Callable[[float | None], tuple[float, str]]:
 
 def _shipped_resolver(handle: Any) -> Callable[[float | None], tuple[float, str]]:
     """``AdaptiveGuidance()``: the AG plan shipped with the model for the run's guidance scale."""
-    from ..plans import shipped_plans
+    from ..plans import same_guidance, shipped_plans
 
     plans = shipped_plans(handle.pipeline, AG, handle.transformer) if handle.pipeline is not None else []
 
     def resolve(guidance_scale: float | None) -> tuple[float, str]:
         for p in plans:
-            if guidance_scale is not None and math.isclose(float(p["guidance_scale"]), guidance_scale,
-                                                           rel_tol=1e-6, abs_tol=1e-9):
+            if guidance_scale is not None and same_guidance(p["guidance_scale"], guidance_scale):
                 return float(p["threshold"]), p.get("_path", "shipped plan")
         have = ", ".join(f"{float(p['guidance_scale']):g}" for p in plans) or "none"
         at = "an unknown guidance scale" if guidance_scale is None else f"guidance {guidance_scale:g}"
@@ -580,19 +582,15 @@ def install_adaptive_guidance(handle: Any, config: AdaptiveGuidance) -> None:
 
 def install_linear_ag(handle: Any, config: LinearAG) -> None:
     """Install LinearAG: check the plan against the model (and each run's guidance), then wrap calls."""
-    from ..plans import check_guidance, check_plan
+    from ..plans import check_plan
 
     if config.plan is None:
         raise HastenError("LinearAG needs a plan: make one with `hasten calibrate --method linear-ag`")
     plan = load_linear_ag_plan(config.plan)
     check_plan(plan, handle.transformer)
     thr = float(plan["threshold"]) if config.threshold is None else config.threshold
-
-    def resolve(guidance_scale: float | None) -> tuple[float, str]:
-        check_guidance(plan, guidance_scale)
-        return thr, "fixed" if config.threshold is not None else plan.get("_path", "plan")
-
-    rt = GuidanceRuntime(handle, LINEAR_AG, _layout(handle, config.uncond_first), thr, plan, resolve=resolve)
+    rt = GuidanceRuntime(handle, LINEAR_AG, _layout(handle, config.uncond_first), thr, plan,
+                         resolve=_plan_resolver(plan, config.threshold))
     _install_runtime(handle, rt)
 
 
@@ -611,7 +609,6 @@ class LinearAGRecorder:
         self.holdout = False  # set by the caller for each run
         self.run_timesteps: list[list[float | None]] = []
         self.trajectories = 0
-        self.held_trajectories = 0
         self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def new_run(self) -> None:
@@ -631,11 +628,8 @@ class LinearAGRecorder:
         ts = self.run_timesteps[-1]
         j = len(ts)
         ts.append(_scalar(self.handle.timestep))
-        if j == 0:
-            if self.holdout:
-                self.held_trajectories += b
-            else:
-                self.trajectories += b
+        if j == 0 and not self.holdout:
+            self.trajectories += b
         if j % 2 == 1 and self.prev is not None:
             eqs = self.held if self.holdout else self.eqs
             eqs.setdefault(j, NormalEquations(len(REGRESSORS))).add(linear_ag_design(c, *self.prev), u)
@@ -693,43 +687,52 @@ def _candidates(gammas: Sequence[float], max_points: int = 256) -> list[float]:
 
 
 def search_threshold(run: Any, make_config: Callable[[float], Any], name: str, min_psnr: float,
-                     seeds: Sequence[int]) -> dict:
+                     seeds: Sequence[int], never_is_cfg: bool = False) -> dict:
     """The smallest AG threshold (most calls saved) whose images on ``seeds`` stay within ``min_psnr`` dB
     (pooled) of plain CFG's, by bisection over the gammas the method measures when it never switches.
 
     PSNR falls as the threshold falls (earlier switches) up to noise; bisection finds a feasible point
-    on that boundary with about log2(#candidates) runs. Returns the threshold and the search log.
+    on that boundary with about log2(#candidates) runs. ``never_is_cfg``: the never-switching run is
+    bitwise CFG (AG), so it serves as the reference instead of separate CFG runs. Returns the threshold,
+    the search log and the transformer's timesteps in one run.
     """
     from ..api import accelerate
 
-    with torch.no_grad():
-        ref = {s: run.images(s) for s in seeds}
-
-    def evaluate(threshold: float) -> tuple[float, float, list[float]]:
+    def evaluate(threshold: float) -> tuple[torch.Tensor, float, list[dict]]:
         with accelerate(run.target, make_config(threshold)) as h, torch.no_grad():
-            imgs = [run.images(s) for s in seeds]
+            imgs = torch.cat([run.images(s) for s in seeds])
             rep = h.report()
-        gam = [g for e in rep["log"] for g in (e.get(name, {}).get("gamma") or []) if g is not None]
-        psnr = pooled_psnr(torch.cat(imgs), torch.cat([ref[s] for s in seeds]))
-        return psnr, float(rep["nfe"]), gam
+        return imgs, float(rep["nfe"]), rep["log"]
 
     never = 2.0
-    psnr_never, nfe_never, gammas = evaluate(never)
+    imgs_never, nfe_never, calls = evaluate(never)
+    if never_is_cfg:
+        ref = imgs_never
+    else:
+        with torch.no_grad():
+            ref = torch.cat([run.images(s) for s in seeds])
+    timesteps = [e["t"] for e in calls if e["run"] == calls[0]["run"]]
+    psnr_never = pooled_psnr(imgs_never, ref)
     log = [{"threshold": never, "psnr_db": round(psnr_never, 3), "nfe": round(nfe_never, 3)}]
+    found = {"threshold": never, "psnr_db": psnr_never, "nfe": nfe_never, "search": log, "met": False,
+             "timesteps": timesteps}
     if psnr_never < min_psnr:
-        return {"threshold": never, "psnr_db": psnr_never, "nfe": nfe_never, "search": log, "met": False}
+        return found
+    gammas = [g for e in calls for g in (e.get(name, {}).get("gamma") or []) if g is not None]
     cand = _candidates(gammas)
-    lo, hi, best = 0, len(cand), (never, psnr_never, nfe_never)
+    lo, hi = 0, len(cand)
     while lo < hi:
         mid = (lo + hi) // 2
-        psnr, nfe, _ = evaluate(cand[mid])
+        imgs, nfe, _ = evaluate(cand[mid])
+        psnr = pooled_psnr(imgs, ref)
         log.append({"threshold": cand[mid], "psnr_db": round(psnr, 3), "nfe": round(nfe, 3)})
         if psnr >= min_psnr:
-            hi, best = mid, (cand[mid], psnr, nfe)
+            hi = mid
+            found.update(threshold=cand[mid], psnr_db=psnr, nfe=nfe)
         else:
             lo = mid + 1
-    thr, psnr, nfe = best
-    return {"threshold": thr, "psnr_db": psnr, "nfe": nfe, "search": log, "met": True}
+    found["met"] = True
+    return found
 
 
 def _search_summary(found: dict, min_psnr: float, seeds: Sequence[int]) -> dict:
@@ -746,33 +749,12 @@ def calibrate_ag(run: Any, config: AdaptiveGuidance) -> dict:
 
     t0 = time.perf_counter()
     found = search_threshold(run, lambda thr: AdaptiveGuidance(threshold=thr, uncond_first=config.uncond_first),
-                             "adaptive-guidance", config.min_psnr, run.seeds)
-    with torch.no_grad():
-        ts = _timesteps_of(run)
-    return new_plan(AG, run.transformer, timesteps=ts, **run.plan_fields(), threshold=found["threshold"],
-                    calibration=_search_summary(found, config.min_psnr, run.seeds),
+                             "adaptive-guidance", config.min_psnr, run.seeds, never_is_cfg=True)
+    if not found["timesteps"] or any(t is None for t in found["timesteps"]):
+        raise HastenError("the calibration runs sent no readable timestep to the transformer")
+    return new_plan(AG, run.transformer, timesteps=found["timesteps"], **run.plan_fields(),
+                    threshold=found["threshold"], calibration=_search_summary(found, config.min_psnr, run.seeds),
                     calibration_s=round(time.perf_counter() - t0, 1))
-
-
-def _timesteps_of(run: Any) -> list[float]:
-    """The timesteps the transformer receives in one run of ``run`` (first seed)."""
-    from ..api import accelerate
-    from ..hooks import _scalar
-
-    ts: list[float] = []
-
-    def record(inner: Callable, *args: Any, **kwargs: Any) -> Any:
-        ts.append(_scalar(h.timestep))
-        return inner(*args, **kwargs)
-
-    h = accelerate(run.target)
-    try:
-        h.wrap_call(record, "timesteps")
-        h.reset()
-        run.run(run.seeds[0])
-    finally:
-        h.disable()
-    return [t for t in ts if t is not None]
 
 
 def calibrate_linear_ag(run: Any, config: LinearAG) -> dict:
