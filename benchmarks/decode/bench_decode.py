@@ -1,8 +1,9 @@
-"""Record the decoding benchmark: ``python benchmarks/decode/bench_decode.py [--problems N] [--reps R]``.
+"""Record the decoding benchmark: ``python benchmarks/decode/bench_decode.py [--problems N]``.
 
-Same as ``hasten bench-decode --out benchmarks/decode``: target-only (transformers and hasten loops),
-transformers assisted generation (same k, and its defaults), hasten speculative and hasten Judge
-Decoding, side by side in one process on the held-out test split, one CPU thread, interleaved.
+Same as ``hasten bench-decode --out benchmarks/decode``: latency per completed answer (median, p90)
+and accuracy for target-only (transformers and hasten loops), transformers assisted generation (its
+defaults and its best ``num_assistant_tokens``), hasten speculative (greedy and sampling) and hasten
+Judge Decoding, side by side in one process on the held-out test split, one CPU thread, interleaved.
 Writes ``results.json`` and ``results.md`` next to this file.
 """
 
@@ -17,9 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--problems", type=int, default=None, help="first N held-out problems (default: all 300)")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--tune-problems", type=int, default=16, help="validation problems for choosing settings")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args()
 
@@ -27,7 +27,7 @@ def main() -> None:
     from hasten.decoding.bench import markdown_table, run_benchmark, write_results
 
     models = load_shipped(threads=1)
-    r = run_benchmark(models, k=args.k, n_problems=args.problems, reps=args.reps)
+    r = run_benchmark(models, n_problems=args.problems, tune_problems=args.tune_problems)
     write_results(r, args.out)
     print(markdown_table(r))
 

@@ -141,7 +141,7 @@ def test_dataset_builder_labels_and_trainer():
     from hasten.decoding.train import DRAFT, make_model
 
     target = make_model(DRAFT).eval()  # any model with the task vocabulary
-    probs = task.splits()["train"][:6]
+    probs = task.train_problems(random.Random(0), 6, task.splits()["held_out_keys"])
     feats, labels = build_judge_dataset(target, probs, n_wrong=3)
     # one correct answer per problem (all tokens + <eos> labelled 1), one 0-label per wrong answer
     n_pos = sum(len(task.answer_text(p, choice={s: 0 for s in task.SLOTS})) >= 0 for p in probs)
@@ -154,16 +154,26 @@ def test_dataset_builder_labels_and_trainer():
 
 
 def test_task_wordings_check_and_tokenizer():
-    from hasten.decoding.train import decode, encode
+    from hasten.decoding.task import decode, encode
 
-    p = task.Problem(97, 38)
+    p = task.Problem(template=0, name=0, item=0, a=347, b=285, c=169)
+    assert task.prompt_text(p) == ("mia has 347 apples. she buys 285 more and then gives away 169. "
+                                   "how many apples does she have now?\n")
+    canonical = task.answer_text(p, choice={s: 0 for s in task.SLOTS})
+    assert canonical == ("347 + 285: 7 + 5 = 12, 4 + 8 + 1 = 13, 3 + 2 + 1 = 6, so 632. "
+                         "632 - 169: 2 - 9 = 3 borrow, 3 - 6 - 1 = 6 borrow, 6 - 1 - 1 = 4, so 463. answer 463.")
     texts = {task.answer_text(p, choice={s: i for s in task.SLOTS}) for i in range(3)}
     assert len(texts) == 3 and all(task.check(p, t) for t in texts)
-    assert not task.check(p, "ones 7+8=15, tens 9+3+1=13, so 134.")
+    assert not task.check(p, canonical.replace("463", "473"))
     tok = task.build_tokenizer()
-    s = task.prompt_text(p) + next(iter(texts))
-    assert tok(s)["input_ids"] == encode(s) and decode(encode(s)) == s
-    sp = task.splits()
-    assert not set(sp["test"]) & set(sp["train"]) and len(sp["test"]) == 300
     rng = random.Random(0)
-    assert task.check(p, task.answer_text(p, rng=rng, mix=task.DRAFT_MIX))
+    for q in task.train_problems(rng, 200, set()):  # every answer is in the closed vocabulary
+        s = task.prompt_text(q) + task.answer_text(q, rng=rng, mix=task.UNIFORM_MIX)
+        assert tok(s)["input_ids"] == encode(s) and decode(encode(s)) == s and task.check(q, s)
+        assert task.parse_prompt(task.prompt_text(q)) == q
+    with pytest.raises(ValueError, match="vocabulary"):
+        encode("what is 23*45?")
+    sp = task.splits()
+    assert len(sp["test"]) == 300 and not set(sp["test"]) & set(sp["val"])
+    assert not any((q.template, q.a, q.b, q.c) in sp["held_out_keys"]
+                   for q in task.train_problems(random.Random(1), 2000, sp["held_out_keys"]))

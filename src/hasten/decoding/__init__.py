@@ -1,7 +1,8 @@
 """LLM decoding acceleration: speculative decoding and Judge Decoding for transformers causal LMs."""
 
+from .hf import custom_generate
 from .judge import JudgeHead, prob_to_logit
 from .speculative import DecodingStats, SpeculativeOutput, autoregressive_generate, generate, verify
 
-__all__ = ["DecodingStats", "JudgeHead", "SpeculativeOutput", "autoregressive_generate", "generate",
+__all__ = ["custom_generate", "DecodingStats", "JudgeHead", "SpeculativeOutput", "autoregressive_generate", "generate",
            "prob_to_logit", "verify"]

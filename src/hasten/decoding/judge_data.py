@@ -5,9 +5,9 @@ Labelling (our choice, the paper leaves details open): for each training problem
 * one CORRECT continuation: the worked answer with every slot's wording drawn uniformly from all
   three (``task.UNIFORM_MIX``), so alternative wordings appear in every combination; every answer
   token (and the final ``<eos>``) is labelled 1 = "acceptable";
-* ``n_wrong`` WRONG continuations: the same text with ONE answer character replaced -- a digit by
-  another digit (a wrong sum, carry or copied operand; ``digit_frac`` of them) or any character by
-  another character (a malformed step). The replaced token is labelled 0 = "must be rejected". The
+* ``n_wrong`` WRONG continuations: the same text with ONE answer token replaced -- a digit by
+  another digit (a wrong column sum, carry, borrow, copied operand or result; ``digit_frac`` of them)
+  or any token by another token (a malformed step). The replaced token is labelled 0 = "must be rejected". The
   tokens before it equal the correct continuation's prefix (same hidden states, already labelled 1)
   and the tokens after the first error are dropped: once an answer is wrong, what follows has no
   well-defined label.
@@ -27,12 +27,13 @@ import torch
 
 from . import task
 from .judge import JudgeHead
-from .train import EOS, PAD, VOCAB, encode
+from .task import EOS, PAD, VOCAB, encode
 
 __all__ = ["build_judge_dataset", "train_judge", "judge_metrics", "train_judge_from_folder"]
 
-_DIGITS = [VOCAB[c] for c in "0123456789"]
-_CHARS = [VOCAB[c] for c in task.CHARS if c != "\n"]
+_DIGITS = [VOCAB[d] for d in "0123456789"]
+_SPACED_DIGITS = [VOCAB[" " + d] for d in "0123456789"]
+_TOKENS = [i for t, i in VOCAB.items() if i > EOS and t != "\n"]
 
 
 def _examples(problems, rng: random.Random, n_wrong: int, digit_frac: float):
@@ -43,15 +44,16 @@ def _examples(problems, rng: random.Random, n_wrong: int, digit_frac: float):
         an = encode(task.answer_text(p, rng=rng, mix=task.UNIFORM_MIX)) + [EOS]
         seq = pr + an
         out.append((seq, [(i, 1) for i in range(len(pr), len(seq))]))
-        digit_pos = [len(pr) + i for i, t in enumerate(an) if t in _DIGITS]
+        digit_pos = [len(pr) + i for i, t in enumerate(an) if t in _DIGITS or t in _SPACED_DIGITS]
         any_pos = list(range(len(pr), len(seq) - 1))
         for _ in range(n_wrong):
             if rng.random() < digit_frac:
                 pos = rng.choice(digit_pos)
-                new = rng.choice([d for d in _DIGITS if d != seq[pos]])
+                same_kind = _DIGITS if seq[pos] in _DIGITS else _SPACED_DIGITS
+                new = rng.choice([d for d in same_kind if d != seq[pos]])
             else:
                 pos = rng.choice(any_pos)
-                new = rng.choice([c for c in _CHARS if c != seq[pos]])
+                new = rng.choice([c for c in _TOKENS if c != seq[pos]])
             bad = seq[:pos] + [new]
             out.append((bad, [(pos, 0)]))
     return out
@@ -115,7 +117,8 @@ def train_judge_from_folder(out: Path, n_problems: int = 1000, seed: int = 0, n_
     t0 = time.time()
     target = load_lm(out / "target")
     sp = task.splits()
-    ftr, ytr = build_judge_dataset(target, sp["train"][:n_problems], seed=seed)
+    train = task.train_problems(random.Random(10_000 + seed), n_problems, sp["held_out_keys"])
+    ftr, ytr = build_judge_dataset(target, train, seed=seed)
     fva, yva = build_judge_dataset(target, sp["val"][:n_val], seed=seed + 1)
     head, curve = train_judge(ftr, ytr, seed=seed)
     head.meta = {"target": "hasten/models/lm/target", "train_problems": n_problems, "seed": seed}
@@ -151,11 +154,12 @@ def calibrate_threshold(target, draft, head: JudgeHead, problems: list, deltas: 
             drafts += out.stats.drafts
         return ok / len(problems), (1 + acc_tok / drafts) if drafts else 1.0
 
-    base, _ = acc_and_mal(lambda x: autoregressive_generate(target, x, 96, eos_token_id=EOS))
+    base, _ = acc_and_mal(lambda x: autoregressive_generate(target, x, task.MAX_NEW_TOKENS, eos_token_id=EOS))
     rows, chosen = [], None
     for delta in sorted(deltas):
         thr = prob_to_logit(delta)
-        acc, mal = acc_and_mal(lambda x, t=thr: generate(target, draft, x, 96, num_draft_tokens=k, judge=head,
+        acc, mal = acc_and_mal(lambda x, t=thr: generate(target, draft, x, task.MAX_NEW_TOKENS, num_draft_tokens=k,
+                                                          judge=head,
                                                           threshold=t, eos_token_id=EOS))
         drop = 100 * (base - acc)
         rows.append({"delta": delta, "threshold_logit": thr, "accuracy": acc, "drop_points": round(drop, 2),

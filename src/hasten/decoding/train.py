@@ -1,15 +1,18 @@
-"""Train the shipped decoding models (target LM, draft LM, judge head) on the addition task.
+"""Train the shipped decoding models (target LM, draft LM, judge head) on the word-problem task.
 
-Reproduce everything (CPU, one thread, about 15 minutes)::
+Reproduce everything (2 CPU threads, about 100 minutes; re-running resumes from ``runs/decode``)::
 
-    OMP_NUM_THREADS=1 python -m hasten.decoding.train --what all --out src/hasten/models/lm
+    python -m hasten.decoding.train --what all --out src/hasten/models/lm
 
-* target: Llama, ~1.8M parameters, trained on all wordings (``task.TARGET_MIX``);
-* draft: Llama, ~0.1M parameters, trained mostly on the draft's wording (``task.DRAFT_MIX``);
-* judge: ``JudgeHead`` on the frozen target, data from ``judge_data.build_judge_dataset``.
+* target: Llama, ~33.6M parameters, trained on all wordings (``task.TARGET_MIX``);
+* draft: Llama, ~1.0M parameters, trained mostly on the draft's wording (``task.DRAFT_MIX``);
+* judge: ``JudgeHead`` on the frozen target, data from ``judge_data.build_judge_dataset``; its
+  threshold is chosen on validation problems.
 
-Every model is trained on the ``train`` split only; ``val`` picks nothing but is reported, ``test``
-is held out for the benchmark. Weights are written in float16 (loaded as float32 for CPU decoding).
+The sizes are chosen for the cost ratio of deployments: at batch 1 on one CPU thread a target
+decoding step costs about 20x a draft step (measured by ``hasten bench-decode``, ``cost_ratio``).
+Training problems are drawn fresh at every step and never equal a held-out (``test`` / ``val``)
+problem. Weights are written in float16 (loaded as float32 for CPU decoding).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from . import task
 __all__ = ["LMConfig", "TARGET", "DRAFT", "encode", "train_lm", "load_lm", "load_tokenizer",
            "greedy_accuracy"]
 
-VOCAB = {t: i for i, t in enumerate(task.SPECIAL + tuple(task.CHARS))}
-PAD, BOS, EOS = 0, 1, 2
+from .task import BOS, EOS, PAD, VOCAB, decode, encode  # noqa: F401  (re-exported)
+
+CHECKPOINTS = Path("runs/decode")  # resumable training state, outside git
 
 
 @dataclass
@@ -42,20 +46,18 @@ class LMConfig:
     intermediate: int
     mix: tuple[float, float, float]
     steps: int
-    batch_size: int = 64
-    lr: float = 3e-3
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 150
     seed: int = 0
 
 
-TARGET = LMConfig("target", hidden_size=192, layers=4, heads=6, intermediate=512, mix=task.TARGET_MIX,
-                  steps=500, batch_size=32, seed=0)
-DRAFT = LMConfig("draft", hidden_size=64, layers=2, heads=4, intermediate=192, mix=task.DRAFT_MIX,
-                 steps=1200, batch_size=32, seed=1)
-
-
-def encode(text: str) -> list[int]:
-    """Character ids, identical to ``task.build_tokenizer()`` (checked in the tests)."""
-    return [VOCAB[c] for c in text]
+# ~33.6M parameters: about 20x the draft's wall time per token at batch 1 on one CPU thread
+TARGET = LMConfig("target", hidden_size=512, layers=8, heads=8, intermediate=2048, mix=task.TARGET_MIX,
+                  steps=1500, batch_size=32, lr=1e-3, seed=0)
+# ~1.0M parameters
+DRAFT = LMConfig("draft", hidden_size=192, layers=2, heads=6, intermediate=576, mix=task.DRAFT_MIX,
+                 steps=1500, batch_size=32, lr=3e-3, seed=1)
 
 
 def make_model(cfg: LMConfig):
@@ -63,47 +65,78 @@ def make_model(cfg: LMConfig):
 
     lc = LlamaConfig(vocab_size=len(VOCAB), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate,
                      num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                     num_key_value_heads=cfg.heads, max_position_embeddings=128, tie_word_embeddings=True,
+                     num_key_value_heads=cfg.heads, max_position_embeddings=256, tie_word_embeddings=True,
                      pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(lc)
 
 
-def batch(problems: list, rng: random.Random, mix, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and labels (prompt and padding masked with -100) for ``size`` random problems."""
+def batch(problems: list, rng: random.Random, mix) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels (prompt and padding masked with -100) for ``problems``."""
     rows, labs = [], []
-    for p in rng.sample(problems, size):
+    for p in problems:
         pr = encode(task.prompt_text(p))
         an = encode(task.answer_text(p, rng=rng, mix=mix)) + [EOS]
         rows.append(pr + an)
         labs.append([-100] * len(pr) + an)
     n = max(map(len, rows))
-    ids = torch.full((size, n), PAD)
-    lab = torch.full((size, n), -100)
+    ids = torch.full((len(rows), n), PAD)
+    lab = torch.full((len(rows), n), -100)
     for i, (r, la) in enumerate(zip(rows, labs, strict=True)):
         ids[i, :len(r)] = torch.tensor(r)
         lab[i, :len(la)] = torch.tensor(la)
     return ids, lab
 
 
-def train_lm(cfg: LMConfig, out: Path, progress: bool = True, ckpt_every: int = 50) -> dict:
-    """Train one LM with AdamW + cosine schedule; saves fp16 weights, config and the loss curve."""
+def _bf16_ok() -> bool:
+    """bfloat16 autocast pays off on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def train_lm(cfg: LMConfig, out: Path, progress: bool = True, ckpt_every: int = 50,
+             ckpt_dir: Path = CHECKPOINTS, bf16: bool | None = None) -> dict:
+    """Train one LM (AdamW, warm-up + cosine, loss on answer tokens); resumable.
+
+    The full training state (weights, optimiser, schedule, data RNG, loss curve) is checkpointed to
+    ``ckpt_dir/<name>/state.pt`` every ``ckpt_every`` steps (written to a temporary file, then
+    renamed); re-running continues from it. fp16 weights go to ``out/<name>`` at every checkpoint.
+    """
     from tqdm import tqdm
 
-    sp = task.splits()
+    from ..io import atomic_write
+
+    bf16 = _bf16_ok() if bf16 is None else bf16
+    held = task.splits()["held_out_keys"]
     model = make_model(cfg).train()
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-    curve = []
-    t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress)
-    ema = None
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
+        * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
+    curve: list[dict] = []
+    start, secs, ema = 0, 0.0, None
+    state_file = Path(ckpt_dir) / cfg.name / "state.pt"
+    if state_file.is_file():
+        st = torch.load(state_file, weights_only=False)
+        if st["config"] != asdict(cfg):
+            raise SystemExit(f"{state_file} was made with another config; delete it to start over")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        rng.setstate(st["rng"])
+        start, secs, ema, curve = st["step"], st["seconds"], st["ema"], st["curve"]
+        print(f"resuming {cfg.name} from step {start} ({secs:.0f} s trained)")
+    t0 = time.time() - secs
+    bar = tqdm(range(start, cfg.steps), desc=f"train {cfg.name}", disable=not progress,
+               initial=start, total=cfg.steps)
     for step in bar:
-        ids, lab = batch(sp["train"], rng, cfg.mix, cfg.batch_size)
-        loss = model(input_ids=ids, labels=lab).loss
+        ids, lab = batch(task.train_problems(rng, cfg.batch_size, held), rng, cfg.mix)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -113,12 +146,19 @@ def train_lm(cfg: LMConfig, out: Path, progress: bool = True, ckpt_every: int = 
         if step % 25 == 0 or step == cfg.steps - 1:
             curve.append({"step": step, "loss": round(ema, 5)})
             bar.set_postfix(loss=f"{ema:.4f}")
-        if ckpt_every and step % ckpt_every == ckpt_every - 1 and step < cfg.steps - 1:
-            _save(model, cfg, out, curve, time.time() - t0, step + 1)  # a usable model at any time
-    return _save(model, cfg, out, curve, time.time() - t0, cfg.steps)
+        if (step + 1) % ckpt_every == 0 or step == cfg.steps - 1:
+            st = {"config": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
+                  "sched": sched.state_dict(), "rng": rng.getstate(), "step": step + 1,
+                  "seconds": time.time() - t0, "ema": ema, "curve": curve}
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(state_file, lambda tmp, st=st: torch.save(st, tmp))
+            _save(model, cfg, out, curve, time.time() - t0, step + 1, bf16)
+    if start >= cfg.steps:
+        _save(model, cfg, out, curve, secs, cfg.steps, bf16)
+    return json.loads((out / cfg.name / "train_log.json").read_text())
 
 
-def _save(model, cfg: LMConfig, out: Path, curve: list, secs: float, done: int) -> dict:
+def _save(model, cfg: LMConfig, out: Path, curve: list, secs: float, done: int, bf16: bool = False) -> dict:
     """Write fp16 weights + config + log to ``out/<name>`` (also used for the periodic checkpoints)."""
     from ..io import write_json
 
@@ -131,6 +171,7 @@ def _save(model, cfg: LMConfig, out: Path, curve: list, secs: float, done: int) 
     model.train(was_training)
     n_params = sum(p.numel() for p in model.parameters())
     log = {"config": asdict(cfg), "params": n_params, "steps_done": done, "train_seconds": round(secs, 1),
+           "bf16_autocast": bf16, "threads": torch.get_num_threads(),
            "loss_curve": curve}
     write_json(dest / "train_log.json", log)
     return log
@@ -171,13 +212,6 @@ def greedy_accuracy(model, problems: list, max_new_tokens: int = 80) -> float:
     return ok / len(problems)
 
 
-_INV = {i: t for t, i in VOCAB.items()}
-
-
-def decode(ids: list[int]) -> str:
-    return "".join(_INV[i] for i in ids if i > EOS)
-
-
 def plot_curves(out: Path, logs: dict[str, dict]) -> None:
     import matplotlib
 
@@ -206,15 +240,17 @@ def write_model_card(out: Path) -> Path:
 
     sp = task.splits()
     lines = ["# hasten decoding models: target LM, draft LM, judge head", "",
-             "Made here from scratch (no downloaded weights) for the addition task of "
-             "`hasten/decoding/task.py`: prompt `a+b\\n` with `a, b in [0, 99]`; a worked answer whose six "
-             "kinds of slot each have three wordings (`task.SLOTS`); correct when the last integer equals "
-             "`a + b`. Character-level tokenizer (`tokenizer.json`, 47 ids, built in code).", "",
-             f"Data split (`task.splits(seed=0)`): {len(sp['test'])} held-out test problems (benchmark only), "
-             f"{len(sp['val'])} validation problems (reported, never trained on), {len(sp['train'])} training "
-             "problems. Answers are generated on the fly from the training problems.", "",
-             "Reproduce (CPU, one thread): `OMP_NUM_THREADS=1 python -m hasten.decoding.train --what all "
-             "--out src/hasten/models/lm`; benchmark: `hasten bench-decode --out benchmarks/decode`.", "",
+             "Made here from scratch (no downloaded weights) for the task of `hasten/decoding/task.py`: "
+             "two-step arithmetic word problems (five templates, a 3-digit start amount, 2-3 digit changes, "
+             "additions with carries and subtractions with borrows) with a worked, column-by-column answer "
+             "whose four kinds of slot each have three wordings (`task.SLOTS`); correct when the last integer "
+             f"equals the answer. Word/digit tokenizer (`tokenizer.json`, {len(task.VOCAB)} ids, built in code).",
+             "",
+             f"Data (`task.splits(seed=0)`): {len(sp['test'])} held-out test problems (benchmark only) and "
+             f"{len(sp['val'])} validation problems (threshold and settings are chosen on them); training "
+             "problems are drawn fresh at every step and never equal a held-out one.", "",
+             "Reproduce (2 CPU threads, resumable from `runs/decode`): `python -m hasten.decoding.train --what "
+             "all --out src/hasten/models/lm`; benchmark: `hasten bench-decode --out benchmarks/decode`.", "",
              "![loss curves](loss_curves.png)", ""]
     for name, mix in (("target", task.TARGET_MIX), ("draft", task.DRAFT_MIX)):
         log = load(out / name / "train_log.json")
@@ -226,21 +262,25 @@ def write_model_card(out: Path) -> Path:
                   f"{c['layers']} layers, {c['heads']} heads, MLP {c['intermediate']}, tied embeddings, "
                   "stored in float16 (`safetensors`).",
                   f"- wording mix per slot (favourite of target, favourite of draft, rare): {list(mix)}.",
-                  f"- AdamW lr {c['lr']} (100 warm-up steps, cosine), batch {c['batch_size']}, schedule of "
-                  f"{c['steps']} steps of which {log.get('steps_done', c['steps'])} were run, seed {c['seed']}, "
-                  f"loss on answer tokens only; {log['train_seconds']} s wall on a heavily shared 2-core CPU.",
+                  f"- AdamW lr {c['lr']} ({c.get('warmup', 100)} warm-up steps, cosine to 10%), batch "
+                  f"{c['batch_size']}, {log.get('steps_done', c['steps'])} of {c['steps']} steps, seed {c['seed']}, "
+                  f"loss on answer tokens only, bf16 autocast {log.get('bf16_autocast', False)}; "
+                  f"{log['train_seconds']} s wall on {log.get('threads', 1)} threads of a 2-core CPU.",
+                  f"- size on disk: {(out / name / 'model.safetensors').stat().st_size / 1e6:.1f} MB (float16).",
                   f"- final train loss (EMA) {log['loss_curve'][-1]['loss']:.4f}; greedy accuracy on the first "
-                  f"100 validation problems {log.get('val_greedy_accuracy_100', float('nan')):.3f}.", ""]
+                  f"100 validation problems {log.get('val_greedy_accuracy_100', float('nan')):.3f} "
+                  "(the held-out test accuracy is in `benchmarks/decode/results.md`).", ""]
     j = load(out / "judge_log.json")
     if j:
         lines += ["## judge (`judge.safetensors`)", "",
                   "- `JudgeHead`: one linear unit on the frozen target's last hidden state (hidden size + 1 "
                   f"parameters), threshold logit {j['threshold_logit']:.4f}.",
-                  "- data (`judge_data.py`): correct continuations in uniformly mixed wordings (all tokens "
-                  "label 1) and three corrupted copies per problem (one replaced character: a digit in 2/3 of "
-                  "cases, any character otherwise; label 0; tokens after the error dropped); "
-                  f"{j['train']['tokens']:,} labelled tokens ({j['train']['wrong_tokens']:,} wrong) from the "
-                  f"first {j.get('train_problems', 1500):,} training problems, seed 0.",
+                  "- data (`judge_data.py`): correct continuations in uniformly mixed wordings, i.e. correct "
+                  "answers phrased unlike the target's favourite (all tokens label 1), and three corrupted "
+                  "copies per problem (one replaced token: a digit by another digit in 2/3 of cases, any token "
+                  "otherwise; label 0; tokens after the error dropped); "
+                  f"{j['train']['tokens']:,} labelled tokens ({j['train']['wrong_tokens']:,} wrong) from "
+                  f"{j.get('train_problems', 1000):,} training problems, seed 0.",
                   "- class-weighted logistic regression, Adam lr 0.05, 600 full-batch steps, seed 0; "
                   f"final loss {j['loss_curve'][-1]['loss']:.4f}.",
                   f"- validation ({j.get('val_problems', 200)} problems): accepts "
@@ -250,7 +290,7 @@ def write_model_card(out: Path) -> Path:
                   f"{j['metrics']['train']['reject_rate_on_wrong']:.3f}), both at the paper's delta = 0.5.", ""]
         c = j.get("calibration")
         if c:
-            lines += ["- threshold: the smallest probability delta in "
+            lines += [f"- threshold, for k = {c.get('k', 4)} drafted tokens: the smallest probability delta in "
                       f"{[r['delta'] for r in c['rows']]} whose Judge Decoding accuracy on the "
                       f"{c['problems']} validation problems is at most {c['max_drop_points']} points below target-only "
                       f"greedy ({100 * c['target_greedy_accuracy']:.1f}%): delta = {c['chosen_delta']}. Sweep "
@@ -262,16 +302,21 @@ def write_model_card(out: Path) -> Path:
     return atomic_write(out / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(text))
 
 
-def calibrate_folder(out: Path, deltas: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
-    """Choose the shipped judge's threshold on the validation split and store it in the head and its log."""
+def calibrate_folder(out: Path, deltas: tuple[float, ...] = (0.5, 0.7, 0.9, 0.97), k: int = 8,
+                     n_problems: int = 100) -> dict:
+    """Choose the shipped judge's threshold on validation problems and store it (with ``k``) in the head."""
     from ..io import write_json
     from .judge import JudgeHead, prob_to_logit
     from .judge_data import calibrate_threshold
 
+    torch.set_num_threads(1)  # decoding is measured on one thread
     head = JudgeHead.load(out / "judge.safetensors")
-    c = calibrate_threshold(load_lm(out / "target"), load_lm(out / "draft"), head, task.splits()["val"], deltas)
+    c = calibrate_threshold(load_lm(out / "target"), load_lm(out / "draft"), head,
+                            task.splits()["val"][:n_problems], deltas, k=k)
+    c["k"] = k
     delta = c["chosen_delta"] if c["chosen_delta"] is not None else max(deltas)
     head.threshold = prob_to_logit(delta)
+    head.meta["k"] = k
     head.save(out / "judge.safetensors")
     log = json.loads((out / "judge_log.json").read_text())
     log["threshold_logit"], log["calibration"] = head.threshold, c
@@ -285,9 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--what", default="all", choices=["all", "target", "draft", "judge", "calibrate", "card"])
     ap.add_argument("--out", type=Path, default=Path("src/hasten/models/lm"))
     ap.add_argument("--steps", type=int, default=None, help="override the LM step count")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training")
+    ap.add_argument("--ckpt-dir", type=Path, default=CHECKPOINTS, help="resumable training state (outside git)")
     ap.add_argument("--judge-problems", type=int, default=1000, help="training problems for the judge data")
+    ap.add_argument("--judge-k", type=int, default=8, help="drafted tokens per round the judge threshold is set for")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     tok = task.build_tokenizer()
     tok.backend_tokenizer.save(str(args.out / "tokenizer.json"))
@@ -296,9 +344,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.what in ("all", cfg.name):
             if args.steps:
                 cfg.steps = args.steps
-            logs[cfg.name] = train_lm(cfg, args.out)
+            logs[cfg.name] = train_lm(cfg, args.out, ckpt_dir=args.ckpt_dir)
             model = load_lm(args.out / cfg.name)
-            acc = greedy_accuracy(model, task.splits()["val"][:100])
+            torch.set_num_threads(1)  # decoding is measured on one thread
+            acc = greedy_accuracy(model, task.splits()["val"][:100], max_new_tokens=task.MAX_NEW_TOKENS)
+            torch.set_num_threads(args.threads)
             logs[cfg.name]["val_greedy_accuracy_100"] = acc
             from ..io import write_json
 
@@ -310,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         info = train_judge_from_folder(args.out, n_problems=args.judge_problems)
         print(f"judge: {json.dumps(info['metrics'])}")
     if args.what in ("all", "judge", "calibrate"):
-        calibrate_folder(args.out)
+        calibrate_folder(args.out, k=args.judge_k)
     logs = {n: json.loads((args.out / n / "train_log.json").read_text())
             for n in ("target", "draft") if (args.out / n / "train_log.json").is_file()}
     if logs:
