@@ -20,9 +20,9 @@ def test_decode_json_speculative_and_judge(capsys):
     assert st["target_forwards"] < st["new_tokens"] and st["mean_accepted_length"] == 1 + st["accepted_tokens"] / st[
         "drafts"]
     code, out, _ = run_cli(capsys, "decode", "--prompt", PROMPT, "--judge", "--json")
-    judge = json.loads(out)
-    assert code == 0 and judge["mode"] == "judge"
-    assert judge["stats"]["judge_accepted_tokens"] > 0
+    assert code == 0 and json.loads(out)["mode"] == "judge"
+    code, out, _ = run_cli(capsys, "decode", "--prompt", PROMPT, "--judge", "--delta", "0.5", "--json")
+    assert code == 0 and json.loads(out)["stats"]["judge_accepted_tokens"] > 0  # a lenient judge keeps more
     code, out, _ = run_cli(capsys, "decode", "--prompt", PROMPT, "--judge", "--delta", "1", "--json")
     assert json.loads(out)["text"] == spec["text"]  # delta = 1 is standard speculative decoding
 

@@ -5,7 +5,7 @@ Reproduce everything (2 CPU threads, about 100 minutes; re-running resumes from 
     python -m hasten.decoding.train --what all --out src/hasten/models/lm
 
 * target: Llama, ~33.6M parameters, trained on all wordings (``task.TARGET_MIX``);
-* draft: Llama, ~1.0M parameters, trained mostly on the draft's wording (``task.DRAFT_MIX``);
+* draft: Llama, ~0.51M parameters, one layer, trained mostly on the draft's wording (``task.DRAFT_MIX``);
 * judge: ``JudgeHead`` on the frozen target, data from ``judge_data.build_judge_dataset``; its
   threshold is chosen on validation problems.
 
@@ -55,9 +55,12 @@ class LMConfig:
 # ~33.6M parameters: about 20x the draft's wall time per token at batch 1 on one CPU thread
 TARGET = LMConfig("target", hidden_size=512, layers=8, heads=8, intermediate=2048, mix=task.TARGET_MIX,
                   steps=1500, batch_size=32, lr=1e-3, seed=0)
-# ~1.0M parameters
-DRAFT = LMConfig("draft", hidden_size=192, layers=2, heads=6, intermediate=576, mix=task.DRAFT_MIX,
-                 steps=1500, batch_size=32, lr=3e-3, seed=1)
+# ~0.51M parameters, ONE layer: a two-layer draft of 1.0M parameters (same recipe, 1500 steps) reached
+# 99% greedy accuracy on the validation problems, as good as the target, which makes no test of a judge;
+# with one layer the draft is cheap (~0.5 ms per token) and often wrong (23%), as real drafts are on hard
+# tasks, while its wording and most of its digits still agree with the target's.
+DRAFT = LMConfig("draft", hidden_size=192, layers=1, heads=6, intermediate=576, mix=task.DRAFT_MIX,
+                 steps=1200, batch_size=32, lr=3e-3, seed=1)
 
 
 def make_model(cfg: LMConfig):
@@ -259,14 +262,16 @@ def write_model_card(out: Path) -> Path:
         c = log["config"]
         lines += [f"## {name}", "",
                   f"- transformers `LlamaForCausalLM`, {log['params']:,} parameters, hidden {c['hidden_size']}, "
-                  f"{c['layers']} layers, {c['heads']} heads, MLP {c['intermediate']}, tied embeddings, "
+                  f"{c['layers']} layer{'s' if c['layers'] > 1 else ''}, {c['heads']} heads, MLP {c['intermediate']}, "
+                  "tied embeddings, "
                   "stored in float16 (`safetensors`).",
                   f"- wording mix per slot (favourite of target, favourite of draft, rare): {list(mix)}.",
                   f"- AdamW lr {c['lr']} ({c.get('warmup', 100)} warm-up steps, cosine to 10%), batch "
                   f"{c['batch_size']}, {log.get('steps_done', c['steps'])} of {c['steps']} steps, seed {c['seed']}, "
                   f"loss on answer tokens only, bf16 autocast {log.get('bf16_autocast', False)}; "
-                  f"{log['train_seconds']} s wall on {log.get('threads', 1)} threads of a 2-core CPU.",
+                  f"{log['train_seconds']} s wall on {log.get('threads', 1)} thread(s) of a 2-core CPU.",
                   f"- size on disk: {(out / name / 'model.safetensors').stat().st_size / 1e6:.1f} MB (float16).",
+                  *([f"- {log['note']}."] if log.get("note") else []),
                   f"- final train loss (EMA) {log['loss_curve'][-1]['loss']:.4f}; greedy accuracy on the first "
                   f"100 validation problems {log.get('val_greedy_accuracy_100', float('nan')):.3f} "
                   "(the held-out test accuracy is in `benchmarks/decode/results.md`).", ""]
@@ -276,12 +281,14 @@ def write_model_card(out: Path) -> Path:
                   "- `JudgeHead`: one linear unit on the frozen target's last hidden state (hidden size + 1 "
                   f"parameters), threshold logit {j['threshold_logit']:.4f}.",
                   "- data (`judge_data.py`): correct continuations in uniformly mixed wordings, i.e. correct "
-                  "answers phrased unlike the target's favourite (all tokens label 1), and three corrupted "
-                  "copies per problem (one replaced token: a digit by another digit in 2/3 of cases, any token "
-                  "otherwise; label 0; tokens after the error dropped); "
+                  f"answers phrased unlike the target's favourite (all tokens label 1), and {j.get('n_wrong', 3)} "
+                  "corrupted copies per problem (one replaced token: a digit by another digit in "
+                  f"{round(100 * j.get('digit_frac', 0.67))}% of cases, any token otherwise; label 0; tokens after "
+                  "the error dropped); "
                   f"{j['train']['tokens']:,} labelled tokens ({j['train']['wrong_tokens']:,} wrong) from "
                   f"{j.get('train_problems', 1000):,} training problems, seed 0.",
-                  "- class-weighted logistic regression, Adam lr 0.05, 600 full-batch steps, seed 0; "
+                  "- class-weighted logistic regression on standardised features (folded into the head), "
+                  "full-batch L-BFGS, L2 1e-4; "
                   f"final loss {j['loss_curve'][-1]['loss']:.4f}.",
                   f"- validation ({j.get('val_problems', 200)} problems): accepts "
                   f"{j['metrics']['val']['accept_rate_on_correct']:.3f} of correct "
@@ -302,7 +309,7 @@ def write_model_card(out: Path) -> Path:
     return atomic_write(out / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(text))
 
 
-def calibrate_folder(out: Path, deltas: tuple[float, ...] = (0.5, 0.7, 0.9, 0.97), k: int = 8,
+def calibrate_folder(out: Path, deltas: tuple[float, ...] = (0.7, 0.9, 0.97, 0.99, 0.997, 0.999), k: int = 8,
                      n_problems: int = 100) -> dict:
     """Choose the shipped judge's threshold on validation problems and store it (with ``k``) in the head."""
     from ..io import write_json
@@ -332,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the LM step count")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training")
     ap.add_argument("--ckpt-dir", type=Path, default=CHECKPOINTS, help="resumable training state (outside git)")
-    ap.add_argument("--judge-problems", type=int, default=1000, help="training problems for the judge data")
+    ap.add_argument("--judge-problems", type=int, default=600, help="training problems for the judge data")
     ap.add_argument("--judge-k", type=int, default=8, help="drafted tokens per round the judge threshold is set for")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
