@@ -160,14 +160,13 @@ def calibrate_threshold(target, draft, head: JudgeHead, problems: list, deltas: 
     """
     from .judge import prob_to_logit
     from .speculative import autoregressive_generate, generate
-    from .train import decode
 
     def acc_and_mal(fn) -> tuple[float, float]:
         ok, acc_tok, drafts = 0, 0, 0
         for p in problems:
             x = torch.tensor([encode(task.prompt_text(p))])
             out = fn(x)
-            ok += task.check(p, decode(out.new_tokens.tolist()))
+            ok += task.check(p, task.decode(out.new_tokens.tolist()))
             acc_tok += out.stats.accepted_tokens
             drafts += out.stats.drafts
         return ok / len(problems), (1 + acc_tok / drafts) if drafts else 1.0

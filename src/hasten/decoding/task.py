@@ -144,9 +144,8 @@ def parse_prompt(text: str) -> Problem | None:
             pattern = pattern.replace(rf"\{{{key}\}}", f"(?P<{key}>{rx})", 1).replace(rf"\{{{key}\}}", f"(?P={key})")
         m = re.fullmatch(pattern, text)
         names = [n for n, _ in NAMES]
-        if m and m["i"] in ITEMS and (m.groupdict().get("n") or names[0]) in names:
-            p = Problem(t, names.index(m.groupdict().get("n") or names[0]), ITEMS.index(m["i"]),
-                        int(m["a"]), int(m["b"]), int(m["c"]))
+        if m and m["i"] in ITEMS and m["n"] in names:  # every template names a person
+            p = Problem(t, names.index(m["n"]), ITEMS.index(m["i"]), int(m["a"]), int(m["b"]), int(m["c"]))
             return p if all(r >= 0 for *_, r in p.steps) else None
     return None
 
@@ -227,7 +226,7 @@ DIGIT_IDS = tuple(VOCAB[d] for d in "0123456789") + tuple(VOCAB[" " + d] for d i
 
 
 def tokenize(text: str) -> list[str]:
-    """Split ``text`` into vocabulary tokens (raises KeyError-free ValueError on foreign text)."""
+    """Split ``text`` into vocabulary tokens; ValueError for text outside the task's vocabulary."""
     toks = _TOKEN.findall(text)
     if "".join(toks) != text or any(t not in VOCAB for t in toks):
         bad = sorted({t for t in toks if t not in VOCAB} or {text})

@@ -29,10 +29,9 @@ import torch
 
 from . import task
 
-__all__ = ["LMConfig", "TARGET", "DRAFT", "encode", "train_lm", "load_lm", "load_tokenizer",
-           "greedy_accuracy"]
+__all__ = ["LMConfig", "TARGET", "DRAFT", "train_lm", "load_lm", "load_tokenizer", "greedy_accuracy"]
 
-from .task import BOS, EOS, PAD, VOCAB, decode, encode  # noqa: F401  (re-exported)
+from .task import BOS, EOS, PAD, VOCAB, decode, encode
 
 CHECKPOINTS = Path("runs/decode")  # resumable training state, outside git
 
@@ -203,7 +202,7 @@ def load_lm(folder: Path):
 
 
 @torch.inference_mode()
-def greedy_accuracy(model, problems: list, max_new_tokens: int = 80) -> float:
+def greedy_accuracy(model, problems: list, max_new_tokens: int = task.MAX_NEW_TOKENS) -> float:
     """Task accuracy of target-only greedy decoding (lean loop) on ``problems``."""
     from .speculative import autoregressive_generate
 
@@ -354,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             logs[cfg.name] = train_lm(cfg, args.out, ckpt_dir=args.ckpt_dir)
             model = load_lm(args.out / cfg.name)
             torch.set_num_threads(1)  # decoding is measured on one thread
-            acc = greedy_accuracy(model, task.splits()["val"][:100], max_new_tokens=task.MAX_NEW_TOKENS)
+            acc = greedy_accuracy(model, task.splits()["val"][:100])
             torch.set_num_threads(args.threads)
             logs[cfg.name]["val_greedy_accuracy_100"] = acc
             from ..io import write_json
