@@ -208,9 +208,9 @@ def test_cfg_rows_keep_conditional_and_unconditional_caches_apart():
 
     def swapped_keep(self, args, kwargs, out, rows):
         orig_keep(self, args, kwargs, out, rows)
-        if rows is None and self.cache[0] is not None:
-            u, c = self.cache[0].chunk(2)
-            self.cache[0] = torch.cat([c, u])
+        if rows is None and self.slot.cache[0] is not None:
+            u, c = self.slot.cache[0].chunk(2)
+            self.slot.cache[0] = torch.cat([c, u])
 
     try:
         type(states[0]).keep = swapped_keep

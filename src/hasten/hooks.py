@@ -3,6 +3,13 @@
 ``hasten.accelerate(target, *methods)`` builds one :class:`Handle` and asks every method to install
 itself through it. This module is the contract between the handle and the methods.
 
+Mechanism. hasten registers diffusers ``ModelHook`` objects in the model's ``HookRegistry`` (the
+mechanism behind ``enable_cache``, group offloading and layerwise casting): one hook named
+``hasten`` on the transformer and one per wrapped block. The registry chains hooks and unlinks any
+one of them without disturbing the others, so hasten can be installed and removed in any order
+relative to diffusers' caches, offloading and accelerate's CPU-offload hooks. The transformer hook
+is stateful, so diffusers' ``cache_context(name)`` reaches it: that name is the call's *branch*.
+
 Contract (stable; methods in ``hasten.methods`` build against it)
 ------------------------------------------------------------------
 **Installing.** A method is a config dataclass plus ``install(handle, config)``. It never assigns to
@@ -10,11 +17,10 @@ the target itself: it asks the handle, which records how to undo every change, s
 ``handle.disable()`` (or leaving ``with hasten.accelerate(...)``) restores the target bitwise:
 
 - ``handle.wrap_call(fn, name)``: ``fn(inner, *args, **kwargs)`` intercepts every transformer call.
-  Wrappers nest in install order, the first installed is the OUTERMOST (so pass guidance methods that
-  shrink the batch before block methods, or simply in any order: ``accelerate`` sorts methods by their
-  ``level`` attribute: "call" before "block" before "token").
-- ``handle.wrap_block(module, fn, name)``: ``fn(orig_forward, *args, **kwargs)`` replaces one block's
-  forward (instance attribute; the class and the state dict are untouched).
+  Wrappers nest in install order, the first installed is the OUTERMOST (``accelerate`` sorts methods
+  by their ``level``: "call" before "block" before "token", so guidance wraps caching).
+- ``handle.wrap_block(module, fn, name)``: ``fn(inner_forward, *args, **kwargs)`` replaces one block's
+  forward (a hook in the block's registry; the class and the state dict are untouched).
 - ``handle.set_attr(obj, name, value)``: any other reversible attribute change.
 - ``handle.on_run_start(fn)``: ``fn()`` is called when a new sampling run starts.
 - ``handle.add_report(name, fn)``: ``fn() -> dict`` is merged into ``handle.report()["methods"][name]``.
@@ -22,42 +28,51 @@ the target itself: it asks the handle, which records how to undo every change, s
 **Per-call state, read by methods.** Set by the handle at the entry of each transformer call (the
 outermost layer), before any method wrapper runs:
 
-- ``handle.call_index``: index of the current denoiser call within the current run (0, 1, ...). With
-  Euler and batched CFG it is the step index; with Heun a step makes two calls (2 i and 2 i + 1).
+- ``handle.branch``: the diffusers cache-context name of the call (``"cond"``, ``"uncond"``,
+  ``"cond_uncond"``, ...), or ``None`` when the pipeline sets none.
+- ``handle.stream``: ``(branch, full_batch)``. Calls of one stream form one trajectory: pipelines
+  that send the guidance branches as separate calls (Wan, Flux true CFG, QwenImage) make two
+  streams, a pipeline that batches them makes one (rows ``[uncond; cond]`` or ``[cond; uncond]``);
+  an extra call with another batch size (SD3 skip-layer guidance) is a stream of its own instead of
+  resetting the others. ``handle.primary`` is False for such extra streams (no context name and a
+  batch other than the run's first call's); block methods compute them in full.
+- ``handle.call_index``: index of the current call within the current run *in its stream* (0, 1,
+  ...). With Euler it is the step index for every layout; with Heun a step makes two calls.
 - ``handle.run_index``: runs since the handle was made (0, 1, ...).
-- ``handle.full_batch``: rows of the call as the pipeline sent it (the full guidance batch; for
-  hasten's pipeline with CFG that is ``[uncond rows; cond rows]``, 2 B rows).
-- ``handle.timestep``: the ``timestep`` argument of the call as sent (a tensor or a number).
+- ``handle.full_batch``: rows of the call as the pipeline sent it.
+- ``handle.timestep``: the ``timestep`` argument as sent (a number, a (B,) or a per-token (B, L)
+  tensor); ``handle.t`` is its scalar reading (the largest value of the first row: per-token
+  timesteps give the noised tokens' level).
 - ``handle.log_entry``: the decision-log dict of this call; methods add their decision under their key.
 - ``handle.guidance_scale``: the run's classifier-free guidance scale when the pipeline tells it
   (hasten's pipeline through ``velocity_fn``; diffusers pipelines through ``pipe._guidance_scale``,
   read at ``set_timesteps``); ``None`` otherwise.
 
 **Batch shrinking.** ``handle.active_rows`` is ``None`` (all ``full_batch`` rows are sent) or a
-``LongTensor`` of indices into the full guidance batch, sorted ascending, naming the rows that are
-actually sent to the inner forward, in that order. A call-level method that drops rows (Adaptive
-Guidance stops sending the unconditional row of switched samples) sets it before calling ``inner``
-with the sliced arguments (:func:`slice_rows` slices every batch-sized tensor) and must restore it to
-``None`` before returning (use ``try/finally``). Block methods index their per-row caches with it, so
-conditional and unconditional caches are never mixed and shrinking never misaligns rows. Only one
-method may shrink the batch in a call (nesting two shrinkers is an error).
+``LongTensor`` of indices into the call's rows, sorted ascending, naming the rows that are actually
+sent to the inner forward, in that order. A call-level method that drops rows (Adaptive Guidance
+stops sending the unconditional row of switched samples) sets it before calling ``inner`` with the
+sliced arguments (:func:`slice_rows`) and restores it to ``None`` before returning (``try/finally``).
+Block methods index their per-row caches with it. Only one method may shrink the batch.
 
-**Runs.** The call index is reset to 0 at the start of each run:
-- hasten pipeline target: at every ``pipe(...)`` (the handle wraps ``pipe.velocity_fn``, which the
-  pipeline calls once per run); ``num_samples`` is then the number of labels;
-- diffusers pipeline target: at every ``scheduler.set_timesteps`` (called once per run by diffusers
-  pipelines);
-- bare transformer: when the timestep moves against the direction of the current run (diffusers
-  timesteps fall 999 -> 0, hasten's flow time rises 0 -> 1000; a repeated timestep, as in Heun, is not
-  a new run), or on ``handle.reset()``. Call ``handle.reset()`` between runs if in doubt.
+**Runs.** The call index is reset at the start of each run: at every ``pipe(...)`` of hasten's
+pipeline (its ``velocity_fn``), at every ``scheduler.set_timesteps`` of a diffusers pipeline, on
+``handle.reset()``, and (any target) when the timestep moves against the direction of the current
+run (diffusers timesteps fall 999 -> 0, hasten's flow time rises 0 -> 1000; a repeated timestep, as
+in Heun or a second branch, is not a new run).
 
-**Counting.** NFE = rows actually sent to the transformer (after shrinking) / ``num_samples``, so a CFG
-step counts 2 and Adaptive Guidance's saving shows. ``num_samples`` is the number of labels for
-hasten's pipeline, else the first call's batch size in the run (then one call counts 1).
+**Counting.** ``report()["nfe"]`` = transformer rows actually sent (after shrinking) per sample, per
+run, whatever is installed: a CFG step counts 2 whether the branches are batched or separate calls.
+Samples per run: the number of labels for hasten's pipeline; otherwise the rows of the run's first
+call, halved when that call is a batched guidance call (its two halves of ``hidden_states`` are
+identical, as every diffusers pipeline builds them with ``cat([latents] * 2)``).
+
+**Log.** ``report()["log"]`` holds one entry per call, the newest ``log_limit`` (default 10,000) only.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import time
@@ -65,12 +80,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import HookFunctionReference, StateManager
 from torch import nn
 
 from .errors import HastenError
 
 _MISSING = object()
-_OWNER_ATTR = "_hasten_handle"
+HOOK_NAME = "hasten"
+LOG_LIMIT = 10_000
 
 
 def _arg_position(fn: Callable, name: str) -> int | None:
@@ -103,50 +121,177 @@ def slice_rows(args: tuple, kwargs: dict, rows: torch.Tensor, full_batch: int) -
 
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == full_batch:
-            return v.index_select(0, rows)
+            return v.index_select(0, rows.to(v.device))
         return v
 
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 def _scalar(t: Any) -> float | None:
+    """One number for a call's timestep: a number, a (B,) tensor's first value, or for per-token
+    timesteps (B, L) the largest value of the first row (the level of the tokens being denoised)."""
     if isinstance(t, torch.Tensor):
-        return float(t.reshape(-1)[0]) if t.numel() else None
+        if not t.numel():
+            return None
+        return float(t[0].max()) if t.dim() >= 2 else float(t.reshape(-1)[0])
     if isinstance(t, (int, float)):
         return float(t)
     return None
+
+
+def row_timesteps(t: Any, rows: int) -> torch.Tensor:
+    """One timestep per row (float32): a scalar is repeated, per-token (B, L) timesteps give each row's
+    largest value."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    if t.dim() >= 2:
+        t = t.flatten(1).amax(1)
+    t = t.reshape(-1)
+    return t.expand(rows) if t.numel() == 1 else t
+
+
+def is_batched_guidance(hidden_states: Any) -> bool:
+    """Whether a call's rows are ``cat([latents] * 2)``: an even batch with identical halves."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() == 0:
+        return False
+    n = hidden_states.shape[0]
+    return n >= 2 and n % 2 == 0 and torch.equal(hidden_states[: n // 2], hidden_states[n // 2:])
+
+
+class _BranchContext(StateManager):
+    """Receives the cache context diffusers sets with ``transformer.cache_context(name)``."""
+
+    def __init__(self) -> None:
+        super().__init__(dict)
+
+    @property
+    def name(self) -> str | None:
+        ctx = self._context
+        return None if ctx is None else getattr(ctx, "name", ctx)
+
+
+class _CallHook(ModelHook):
+    """The transformer-level hook: runs the handle's call path around the inner forward."""
+
+    _is_stateful = True  # so that diffusers' cache_context reaches ``branch``
+
+    def __init__(self, handle: Handle):
+        super().__init__()
+        self.handle = handle
+        self.branch = _BranchContext()
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.handle._forward(self.fn_ref.original_forward, *args, **kwargs)
+
+    def _set_context(self, module: nn.Module, name: str | None) -> None:  # diffusers < 0.36
+        self.branch._context = name
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.handle.reset()
+        return module
+
+
+class _BlockHook(ModelHook):
+    """A block-level hook: ``fn(inner_forward, *args, **kwargs)``."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.fn_ref.original_forward, *args, **kwargs)
+
+
+def _registry(module: nn.Module) -> HookRegistry:
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+class _KeptRef(HookFunctionReference):
+    """The function reference of a hasten hook (it has ``new_forward``).
+
+    When a hook registered before ours is removed, diffusers' ``remove_hook`` re-links the chain by
+    assigning our reference's ``forward``, which for a ``new_forward`` hook would drop the hook
+    itself; here that assignment re-links ``original_forward``, what our ``new_forward`` calls.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "forward" and self.__dict__.get("_kept"):
+            name = "original_forward"
+        object.__setattr__(self, name, value)
+
+
+def register_hook(module: nn.Module, hook: ModelHook, name: str) -> Callable[[], None]:
+    """Register ``hook`` in ``module``'s HookRegistry; returns the function that removes it.
+
+    Removal leaves every other hook working whatever the order: other registry hooks (diffusers'
+    caches, group offloading) and a wrapper installed on top of ours by accelerate's
+    ``add_hook_to_module`` (which calls ``module._old_forward``).
+    """
+    fresh = "_diffusers_hook" not in module.__dict__ and "forward" not in module.__dict__
+    registry = _registry(module)
+    registry.register_hook(hook, name)
+    registry.invalidate_child_registries_cache()
+    hook.fn_ref.__class__ = _KeptRef
+    hook.fn_ref._kept = True
+    ours = module.__dict__.get("forward")  # the registry's outermost wrapper right now
+
+    def remove() -> None:
+        if name not in registry.hooks:
+            return
+        outer = module.__dict__.get("forward")
+        covered = registry._hook_order[-1] == name and outer is not ours
+        registry.remove_hook(name, recurse=False)
+        registry.invalidate_child_registries_cache()
+        if covered:  # something wrapped our forward from outside the registry: re-link it, keep it
+            restored = module.__dict__.get("forward")
+            object.__setattr__(module, "forward", outer)
+            if module.__dict__.get("_old_forward") is ours:  # accelerate's hook calls _old_forward
+                object.__setattr__(module, "_old_forward", restored)
+        elif fresh and not registry.hooks:  # the module is exactly as we found it
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_diffusers_hook", None)
+
+    return remove
 
 
 class Handle:
     """What ``hasten.accelerate`` returns: the installed methods, their state, the report, and undo."""
 
     def __init__(self, target: Any, transformer: nn.Module, pipeline: Any = None, kind: str = "transformer",
-                 blocks: Any = None):
+                 blocks: Any = None, log_limit: int = LOG_LIMIT):
         self.target = target
         self.transformer = transformer
         self.pipeline = pipeline
         self.kind = kind  # "hasten" | "diffusers" | "transformer"
         self.explicit_blocks = blocks
+        self.log_limit = int(log_limit)
         self.methods: list[Any] = []
         # per-call state (see the module docstring)
         self.call_index = -1
         self.run_index = -1
         self.full_batch = 0
+        self.branch: str | None = None
+        self.stream: tuple[str | None, int] = (None, 0)
+        self.primary = True
         self.timestep: Any = None
+        self.t: float | None = None
         self.active_rows: torch.Tensor | None = None
         self.num_samples: int | None = None
         self.guidance_scale: float | None = None  # of the current run, when the pipeline tells it
         self.log_entry: dict | None = None
         # bookkeeping
-        self._undo: list[tuple[Any, str, Any]] = []
+        self._undo: list[Callable[[], None]] = []
         self._call_wrappers: list[tuple[str, Callable]] = []
         self._run_start_fns: list[Callable[[], None]] = []
         self._reports: dict[str, Callable[[], dict]] = {}
         self._blocks = None
         self._enabled = False
         self._pending_reset = True
+        self._pending_samples: int | None = None
+        self._run_clock: float | None = None
         self._run_t: list[float] = []  # timesteps seen in this run (for run detection)
-        self._orig_forward = None
+        self._stream_calls: dict[tuple, int] = {}
+        self._first_batch = 0
+        self._hook: _CallHook | None = None
         self._chain: Callable | None = None
         self._ts_pos: int | None = None
         self._hs_pos: int | None = None
@@ -156,18 +301,34 @@ class Handle:
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """Set ``obj.name = value`` (instance attribute) and record how to undo it."""
         old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
-        self._undo.append((obj, name, old))
+
+        def undo() -> None:
+            if old is _MISSING:
+                try:
+                    object.__delattr__(obj, name) if isinstance(obj, nn.Module) else delattr(obj, name)
+                except AttributeError:
+                    pass
+            elif isinstance(obj, nn.Module):
+                object.__setattr__(obj, name, old)
+            else:
+                setattr(obj, name, old)
+
+        self._undo.append(undo)
         object.__setattr__(obj, name, value) if isinstance(obj, nn.Module) else setattr(obj, name, value)
 
+    def _register(self, module: nn.Module, hook: ModelHook, name: str) -> None:
+        self._undo.append(register_hook(module, hook, name))
+
     def wrap_block(self, module: nn.Module, fn: Callable, name: str = "") -> None:
-        """Replace ``module.forward`` by ``functools.partial(fn, orig_forward)``; undone by ``disable``."""
-        orig = module.forward
-        self.set_attr(module, "forward", functools.partial(fn, orig))
+        """Hook ``module``: its forward becomes ``fn(inner_forward, *args, **kwargs)``; undone by ``disable``."""
+        registry = module.__dict__.get("_diffusers_hook")
+        k = 0 if registry is None else sum(1 for n in registry.hooks if n.startswith(HOOK_NAME))
+        self._register(module, _BlockHook(fn), f"{HOOK_NAME}.{k}")
 
     def wrap_call(self, fn: Callable, name: str) -> None:
         """Intercept whole transformer calls: ``fn(inner, *args, **kwargs)``; first installed = outermost."""
         self._call_wrappers.append((name, fn))
-        self._build_chain()
+        self._undo.append(lambda: self._call_wrappers.remove((name, fn)))
 
     def on_run_start(self, fn: Callable[[], None]) -> None:
         self._run_start_fns.append(fn)
@@ -183,24 +344,27 @@ class Handle:
             self._blocks = discover_blocks(self.transformer, self.explicit_blocks)
         return self._blocks
 
+    @property
+    def device(self) -> torch.device:
+        """The transformer's device (where methods create their tensors)."""
+        p = next(iter(self.transformer.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
     # ------------------------------------------------------------------ install / undo
     def _install_core(self) -> None:
         tr = self.transformer
-        owner = tr.__dict__.get(_OWNER_ATTR)
-        if owner is not None and owner._enabled:
+        registry = tr.__dict__.get("_diffusers_hook")
+        if registry is not None and HOOK_NAME in registry.hooks:
             raise HastenError("this model is already accelerated by another handle: "
                               "call disable() on that handle first")
         self._enabled = True
-        self.set_attr(tr, _OWNER_ATTR, self)
-        orig = tr.forward
-        self._orig_forward = orig
         cls_forward = functools.partial(type(tr).forward, tr)  # the class's signature, not a wrapper's
         self._ts_pos = _arg_position(cls_forward, "timestep")
         self._hs_pos = _arg_position(cls_forward, "hidden_states")
         if self._hs_pos is None:
             self._hs_pos = 0
-        self._build_chain()
-        self.set_attr(tr, "forward", self._forward)
+        self._hook = _CallHook(self)
+        self._register(tr, self._hook, HOOK_NAME)
         if self.kind == "hasten":
             pipe = self.pipeline
             orig_vfn = pipe.velocity_fn
@@ -227,16 +391,7 @@ class Handle:
     def disable(self) -> None:
         """Undo every change, newest first: the target computes exactly as before ``accelerate``."""
         while self._undo:
-            obj, name, old = self._undo.pop()
-            if old is _MISSING:
-                try:
-                    delattr(obj, name) if not isinstance(obj, nn.Module) else object.__delattr__(obj, name)
-                except AttributeError:
-                    pass
-            elif isinstance(obj, nn.Module):
-                object.__setattr__(obj, name, old)
-            else:
-                setattr(obj, name, old)
+            self._undo.pop()()
         self._enabled = False
 
     @property
@@ -251,7 +406,7 @@ class Handle:
 
     # ------------------------------------------------------------------ runs
     def reset(self, num_samples: int | None = None) -> None:
-        """Start a new run at the next call: call index back to 0, per-run caches dropped."""
+        """Start a new run at the next call: call indices back to 0, per-run caches dropped."""
         self._pending_reset = True
         self._pending_samples = num_samples
         self._run_clock = time.perf_counter()
@@ -259,11 +414,12 @@ class Handle:
     def _start_run(self) -> None:
         self._pending_reset = False
         self.run_index += 1
-        self.call_index = -1
         self._run_t = []
-        self.num_samples = getattr(self, "_pending_samples", None)
+        self._stream_calls = {}
+        self._first_batch = 0
+        self.num_samples = self._pending_samples
         self._pending_samples = None
-        start = getattr(self, "_run_clock", None)
+        start = self._run_clock
         self._run_start = start if start is not None else time.perf_counter()
         self._run_clock = None
         self._counters["runs"] += 1
@@ -271,8 +427,8 @@ class Handle:
             fn()
 
     def _detect_new_run(self, t: float | None) -> bool:
-        """Bare-transformer rule: the timestep moved against the direction of the current run."""
-        if t is None or self.kind != "transformer" or not self._run_t:
+        """The timestep moved against the direction of the current run."""
+        if t is None or len(self._run_t) < 2:
             return False
         first, last = self._run_t[0], self._run_t[-1]
         if last == first:
@@ -281,63 +437,76 @@ class Handle:
         return (t - last) * direction < 0
 
     # ------------------------------------------------------------------ the call path
-    def _build_chain(self) -> None:
-        if self._orig_forward is None:
-            return
-        orig, hs_pos, counters = self._orig_forward, self._hs_pos, self._counters
-
-        def innermost(*args, **kwargs):
-            hs = get_arg(args, kwargs, "hidden_states", hs_pos)
-            counters["rows"] += int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1
-            return orig(*args, **kwargs)
-
-        chain = innermost
-        for _, fn in reversed(self._call_wrappers):
-            chain = functools.partial(fn, chain)
-        self._chain = chain
-
-    def _forward(self, *args, **kwargs):
+    def _forward(self, inner_forward: Callable, *args: Any, **kwargs: Any) -> Any:
         hs = get_arg(args, kwargs, "hidden_states", self._hs_pos)
         ts = get_arg(args, kwargs, "timestep", self._ts_pos)
         t = _scalar(ts)
         if self._pending_reset or self._detect_new_run(t):
             self._start_run()
-        self.call_index += 1
         if t is not None:
             self._run_t.append(t)
-        self.full_batch = int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1
-        if self.num_samples is None:
-            self.num_samples = self.full_batch
-        self.timestep = ts
+        rows = int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1
+        branch = self._hook.branch.name if self._hook is not None else None
+        if not self._first_batch:
+            self._first_batch = rows
+            if self.num_samples is None:
+                self.num_samples = rows // 2 if branch is None and is_batched_guidance(hs) else rows
+        stream = (branch, rows)
+        n = self._stream_calls.get(stream, 0)
+        self._stream_calls[stream] = n + 1
+        self.branch, self.stream, self.call_index = branch, stream, n
+        self.primary = branch is not None or rows == self._first_batch
+        self.full_batch = rows
+        self.timestep, self.t = ts, t
         self.active_rows = None
-        entry = {"run": self.run_index, "call": self.call_index, "t": t, "rows": self.full_batch}
+        entry = {"run": self.run_index, "call": n, "t": t, "rows": rows}
+        if branch is not None:
+            entry["branch"] = branch
         self.log_entry = entry
         self._log.append(entry)
         c = self._counters
         c["calls"] += 1
         rows_before = c["rows"]
+        chain = self._chain_for(inner_forward)
         t0 = time.perf_counter()
         try:
-            out = self._chain(*args, **kwargs)
+            out = chain(*args, **kwargs)
         finally:
             self.active_rows = None
             t1 = time.perf_counter()
             c["transformer_s"] += t1 - t0
             self._run_end = t1
-            self._samples_rows[self.run_index] = self.num_samples
         entry["rows_sent"] = c["rows"] - rows_before
-        c["nfe"] += (c["rows"] - rows_before) / max(self.num_samples, 1)
+        c["nfe"] += (c["rows"] - rows_before) / max(self.num_samples or 1, 1)
         self._run_walls[self.run_index] = self._run_end - self._run_start
         return out
+
+    def _chain_for(self, inner_forward: Callable) -> Callable:
+        """The method wrappers around ``inner_forward`` (cached while neither changes)."""
+        key = (inner_forward, len(self._call_wrappers))
+        if self._chain is not None and self._chain_key == key:
+            return self._chain
+        hs_pos, counters = self._hs_pos, self._counters
+
+        def innermost(*args, **kwargs):
+            hs = get_arg(args, kwargs, "hidden_states", hs_pos)
+            counters["rows"] += int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1
+            return inner_forward(*args, **kwargs)
+
+        chain = innermost
+        for _, fn in reversed(self._call_wrappers):
+            chain = functools.partial(fn, chain)
+        self._chain, self._chain_key = chain, key
+        return chain
 
     # ------------------------------------------------------------------ report
     def clear_report(self) -> None:
         """Forget the log and counters (the installed methods stay)."""
-        self._log: list[dict] = []
+        self._log: collections.deque[dict] = collections.deque(maxlen=self.log_limit)
         self._counters = {"runs": 0, "calls": 0, "rows": 0, "nfe": 0.0, "transformer_s": 0.0}
         self._run_walls: dict[int, float] = {}
-        self._samples_rows: dict[int, int] = {}
-        self._build_chain()
+        self._chain = None
+        self._chain_key = None
 
     def report(self, log: bool = True) -> dict:
         """Counters and the per-call decision log since the handle was made (or ``clear_report``).

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import HastenError
+from ..hooks import row_timesteps
 from ..plans import check_call_timestep, check_plan, load_plan, new_plan
 from . import MethodInfo, register
 
@@ -142,11 +143,23 @@ def _positions(module: nn.Module, names: Sequence[str | None]) -> list[int | Non
     return [params.index(n) if n in params else None for n in names]
 
 
+class _Slot:
+    """The cached residuals of one block for one stream (see ``hasten.hooks``: a guidance branch sent as
+    its own call, or the rows of one batched call): per stream output, and which rows are valid."""
+
+    __slots__ = ("cache", "valid", "batch")
+
+    def __init__(self, n: int, batch: int):
+        self.cache: list[torch.Tensor | None] = [None] * n
+        self.valid: Any = None  # None: nothing cached, True: every row, BoolTensor: per row
+        self.batch = batch
+
+
 class _Block:
     """State and hook of one cached block (hot path: keep it lean)."""
 
-    __slots__ = ("handle", "index", "name", "names", "pos", "single", "main", "mask", "cache", "valid",
-                 "batch", "computed", "reused", "forced", "tokens", "ss", "shared", "err_sum", "err_n")
+    __slots__ = ("handle", "index", "name", "names", "pos", "single", "main", "mask", "slots", "slot",
+                 "computed", "reused", "forced", "tokens", "ss", "shared", "err_sum", "err_n")
 
     def __init__(self, handle, index, spec, mask, shared):
         self.handle, self.index, self.name = handle, index, spec.name
@@ -162,9 +175,8 @@ class _Block:
         self.reset()
 
     def reset(self) -> None:
-        self.cache: list[torch.Tensor | None] = [None] * len(self.names)
-        self.valid: Any = None  # None: nothing cached, True: every row, BoolTensor: per row
-        self.batch = 0
+        self.slots: dict[tuple, _Slot] = {}
+        self.slot: _Slot | None = None
 
     def inputs(self, args, kwargs) -> list[torch.Tensor | None]:
         xs = []
@@ -178,8 +190,9 @@ class _Block:
         return xs
 
     def ready(self, rows) -> bool:
-        v = self.valid
-        if v is None or self.batch != self.handle.full_batch:
+        slot = self.slot
+        v = None if slot is None else slot.valid
+        if v is None:
             return False
         if v is True:
             return True
@@ -187,8 +200,11 @@ class _Block:
 
     def __call__(self, orig, *args, **kwargs):
         h = self.handle
+        if not h.primary:
+            return orig(*args, **kwargs)  # an extra call of another batch size: computed in full
         n = h.call_index
         rows = h.active_rows
+        self.slot = self.slots.get(h.stream)
         dec = self.shared["decisions"]
         if n < len(self.mask) and not self.mask[n]:
             if self.ready(rows):
@@ -213,20 +229,21 @@ class _Block:
             self.tokens += first.shape[0] * first.shape[1]
         if n + 1 < len(self.mask) and not self.mask[n + 1]:
             self.keep(args, kwargs, out, rows)  # the next call reuses this block
-        elif self.valid is not None:
+        elif self.slot is not None and self.slot.valid is not None:
             self.drop(rows)  # never reuse a residual older than the latest computation
         return out
 
     def drop(self, rows) -> None:
+        slot = self.slot
         if rows is None:
-            self.valid = None
-            self.cache = [None] * len(self.names)
+            slot.valid = None
+            slot.cache = [None] * len(self.names)
             return
-        v = self.valid
+        v = slot.valid
         if v is True:
-            v = torch.ones(self.batch, dtype=torch.bool, device=rows.device)
+            v = torch.ones(slot.batch, dtype=torch.bool, device=rows.device)
         v[rows] = False
-        self.valid = v
+        slot.valid = v
 
     def measure(self, true, approx) -> None:
         t = (true,) if self.single else true
@@ -239,35 +256,34 @@ class _Block:
     def keep(self, args, kwargs, out, rows) -> None:
         xs = self.inputs(args, kwargs)
         outs = (out,) if self.single else out
-        full = self.handle.full_batch
-        if self.batch != full:
-            self.reset()
-            self.batch = full
+        h = self.handle
+        full = h.full_batch
+        slot = self.slot
+        if slot is None:
+            slot = self.slot = self.slots[h.stream] = _Slot(len(self.names), full)
         for k, (x, y) in enumerate(zip(xs, outs, strict=False)):
             if y is None or x is None:
-                self.cache[k] = None
+                slot.cache[k] = None
                 continue
             r = (y - x).detach()
             if rows is None:
-                self.cache[k] = r
+                slot.cache[k] = r
             else:
-                c = self.cache[k]
+                c = slot.cache[k]
                 if c is None or c.shape[1:] != r.shape[1:]:
                     c = r.new_zeros((full,) + tuple(r.shape[1:]))
                 c.index_copy_(0, rows, r)
-                self.cache[k] = c
+                slot.cache[k] = c
         if rows is None:
-            self.valid = True
-        elif self.valid is not True:
-            v = self.valid if isinstance(self.valid, torch.Tensor) else torch.zeros(full, dtype=torch.bool,
+            slot.valid = True
+        elif slot.valid is not True:
+            v = slot.valid if isinstance(slot.valid, torch.Tensor) else torch.zeros(full, dtype=torch.bool,
                                                                                      device=rows.device)
             v[rows] = True
-            self.valid = v
+            slot.valid = v
 
     def row_timesteps(self, rows) -> torch.Tensor:
-        t = torch.as_tensor(self.handle.timestep).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(self.handle.full_batch)
+        t = row_timesteps(self.handle.timestep, self.handle.full_batch) * self.shared.get("time_scale", 1.0)
         return t if rows is None else t.index_select(0, rows.to(t.device))
 
     def reuse(self, args, kwargs, rows):
@@ -275,8 +291,9 @@ class _Block:
         outs = []
         ss = self.ss
         t = self.row_timesteps(rows) if ss is not None else None
+        cache = self.slot.cache
         for k, x in enumerate(xs):
-            c = self.cache[k]
+            c = cache[k]
             if c is None:
                 outs.append(None)
                 continue
@@ -369,8 +386,8 @@ def install(handle, cfg: BlockCache) -> None:
     nblocks = len(blocks)
 
     def call(inner, *args, **kwargs):
-        if plan is not None:
-            check_call_timestep(plan, handle.call_index, handle.log_entry.get("t"))
+        if plan is not None and handle.primary:
+            check_call_timestep(plan, handle.call_index, handle.t)
         dec = bytearray(b"-" * nblocks)
         shared["decisions"] = dec
         try:
@@ -413,14 +430,14 @@ class _Recorder:
     def __init__(self, handle, blocks):
         self.handle = handle
         self.blocks = blocks
-        self.prev: list[list[torch.Tensor] | None] = [None] * len(blocks)
+        self.prev: dict[tuple, list[torch.Tensor]] = {}  # (block, stream) -> residuals of the last call
         self.sums: list[dict[int, float]] = [dict() for _ in blocks]
         self.counts: list[dict[int, int]] = [dict() for _ in blocks]
         self.pos = [_positions(b.module, b.outputs) for b in blocks]
         self.channels: list[list[int | None]] = [[None] * len(b.outputs) for b in blocks]
 
     def reset(self) -> None:
-        self.prev = [None] * len(self.blocks)
+        self.prev = {}
 
     def hook(self, i: int):
         spec = self.blocks[i]
@@ -428,13 +445,16 @@ class _Recorder:
 
         def fn(orig, *args, **kwargs):
             out = orig(*args, **kwargs)
+            if not self.handle.primary:
+                return out
             outs = (out,) if spec.single else out
             res = []
             for name, p, y in zip(spec.outputs, pos, outs, strict=False):
                 x = kwargs[name] if name in kwargs else (args[p] if p is not None and p < len(args) else None)
                 res.append(None if (x is None or y is None) else (y - x).detach().float())
             self.channels[i] = [None if r is None else int(r.shape[-1]) for r in res]
-            prev = self.prev[i]
+            key = (i, self.handle.stream)
+            prev = self.prev.get(key)
             n = self.handle.call_index
             if prev is not None and n > 0:
                 num = den = 0.0
@@ -447,7 +467,7 @@ class _Recorder:
                     rel = num / den.clamp_min(1e-12)
                     self.sums[i][n] = self.sums[i].get(n, 0.0) + float(rel.double().sum())
                     self.counts[i][n] = self.counts[i].get(n, 0) + rel.numel()
-            self.prev[i] = res
+            self.prev[key] = res
             return out
 
         return fn
@@ -475,8 +495,11 @@ def record_changes(run) -> tuple[list[list[float | None]], list[float], list[str
     finally:
         handle.disable()
     per_run: dict[int, list[float]] = {}
+    first: dict[int, tuple] = {}  # each run's first stream: the timesteps of one trajectory
     for e in log:
-        per_run.setdefault(e["run"], []).append(e["t"])
+        stream = first.setdefault(e["run"], (e.get("branch"), e["rows"]))
+        if (e.get("branch"), e["rows"]) == stream:
+            per_run.setdefault(e["run"], []).append(e["t"])
     lengths = {len(v) for v in per_run.values()}
     if len(lengths) != 1:
         raise HastenError(f"calibration runs made different numbers of denoiser calls: {sorted(lengths)}")
@@ -522,7 +545,7 @@ class _LstsqFit:
         phi = time_features(blk.row_timesteps(rows), self.f).double()  # (B, F)
         outer = phi[:, :, None] * phi[:, None, :]  # (B, F, F)
         for k, x in enumerate(blk.inputs(args, kwargs)):
-            c = blk.cache[k]
+            c = blk.slot.cache[k]
             y = trues[k]
             if c is None or y is None or x is None or blk.ss is None or blk.ss[k] is None:
                 continue
