@@ -75,8 +75,64 @@ def _wan():
                             {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
 
 
+def _hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                       num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                       patch_size_t=1, guidance_embeds=False, text_embed_dim=16,
+                                       pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+    return m, lambda g, b: (torch.randn(b, 4, 2, 4, 4, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g),
+                             "encoder_attention_mask": torch.ones(b, 5),
+                             "pooled_projections": torch.randn(b, 8, generator=g)})
+
+
+def _ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                                   attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=16)
+    return m, lambda g, b: (torch.randn(b, 2 * 4 * 4, 8, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g),
+                             "encoder_attention_mask": torch.ones(b, 5), "num_frames": 2, "height": 4, "width": 4})
+
+
+def _mochi():
+    from diffusers import MochiTransformer3DModel
+
+    m = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=4,
+                                max_sequence_length=5)
+    return m, lambda g, b: (torch.randn(b, 4, 2, 4, 4, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g),
+                             "encoder_attention_mask": torch.ones(b, 5)})
+
+
+def _sana():
+    from diffusers import SanaTransformer2DModel
+
+    m = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                               num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                               caption_channels=16, sample_size=8, patch_size=1)
+    return m, lambda g, b: (torch.randn(b, 4, 8, 8, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g)})
+
+
+def _qwen():
+    from diffusers import QwenImageTransformer2DModel
+
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+                                    num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+    return m, lambda g, b: (torch.randn(b, 16, 16, generator=g),
+                            {"encoder_hidden_states": torch.randn(b, 5, 16, generator=g),
+                             "encoder_hidden_states_mask": torch.ones(b, 5), "img_shapes": [(1, 4, 4)] * b})
+
+
 FAMILIES = {"dit": (_dit, 2), "pixart": (_pixart, 2), "sd3": (_sd3, 2), "flux": (_flux, 3),
-            "cogvideox": (_cogvideox, 2), "wan": (_wan, 2)}
+            "cogvideox": (_cogvideox, 2), "wan": (_wan, 2), "hunyuanvideo": (_hunyuan, 2), "ltx": (_ltx, 2),
+            "mochi": (_mochi, 2), "sana": (_sana, 2), "qwenimage": (_qwen, 2)}
+UNIT_TIME = {"flux", "qwenimage"}  # pipelines of these families pass t / 1000
 CALLS = 6
 
 
@@ -120,7 +176,7 @@ def test_family_exact_below_smallest_change_and_skips_above(family):
     model.eval()
     blocks = discover_blocks(model)
     assert len(blocks) == nblocks
-    run = _sampler(model, inputs, flux=family == "flux")
+    run = _sampler(model, inputs, flux=family in UNIT_TIME)
     ref = run(0)
     plan = hasten.calibrate(model, hasten.BlockCache(delta=0.5), runner=run, seeds=(1, 2), steps=CALLS)
     changes = [v for c in plan["l1rel"] for v in c if v is not None]
@@ -153,6 +209,34 @@ def test_bare_transformer_runs_reset_when_timestep_jumps_back():
         rep = h.report()
     assert rep["runs"] == 2 and [e["call"] for e in rep["log"]] == list(range(CALLS)) * 2
     assert rep["methods"]["block-cache"]["computed"] == [2, 2]
+
+
+def test_per_token_timesteps_are_read_per_row():
+    """Wan 2.2-style (B, L) timesteps: one trajectory per run, each row's level is its largest value."""
+    model, inputs = _wan()
+    g = torch.Generator().manual_seed(0)
+    x, kw = inputs(g, 2)
+    tokens = 2 * 4 * 4  # frames x (8 / 2) x (8 / 2)
+    with hasten.accelerate(model, hasten.BlockCache(schedule=[[True, False, False, True]] * 2)) as h, \
+            torch.no_grad():
+        for run in range(2):
+            for t in (900.0, 600.0, 300.0, 100.0):
+                ts = torch.full((2, tokens), t)
+                ts[:, :16] = 0.0  # a clean first frame, as in image-to-video
+                model(x, timestep=ts, **kw)
+        rep = h.report()
+    assert rep["runs"] == 2 and [e["t"] for e in rep["log"][:4]] == [900.0, 600.0, 300.0, 100.0]
+    assert rep["methods"]["block-cache"]["reused"] == [4, 4]
+    assert torch.equal(hasten.hooks.row_timesteps(ts, 2), torch.tensor([100.0, 100.0]))
+
+
+def test_peft_wrapped_model_keeps_its_blocks():
+    peft = pytest.importorskip("peft")
+    model, inputs = _sd3()
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["to_q", "to_v"]))
+    specs = discover_blocks(wrapped)
+    assert [s.name for s in specs] == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert specs[0].module is model.transformer_blocks[0]
 
 
 def test_unknown_model_needs_explicit_blocks():

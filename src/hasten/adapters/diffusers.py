@@ -2,27 +2,25 @@
 
 A block is ``B_i(x) = x + C_i(x)`` for each stream it carries. :class:`BlockSpec` says which forward
 arguments are the block's input streams and, for blocks returning a tuple, which output position holds
-which stream. Known families:
+which stream. Discovery, in order:
 
-| model class | blocks | outputs |
-|---|---|---|
-| DiTTransformer2DModel, PixArtTransformer2DModel | ``transformer_blocks`` | hidden_states |
-| SD3Transformer2DModel (joint) | ``transformer_blocks`` | (encoder_hidden_states, hidden_states) [1] |
-| FluxTransformer2DModel | ``transformer_blocks`` + ``single_transformer_blocks`` | (encoder_hs, hs) |
-| CogVideoXTransformer3DModel | ``transformer_blocks`` | (hidden_states, encoder_hidden_states) |
-| WanTransformer3DModel | ``blocks`` | hidden_states |
+1. ``blocks=[...]`` given to ``hasten.accelerate``: modules (their forward returns one tensor, the
+   first argument's stream), dotted names such as ``"layers.3"``, or :class:`BlockSpec` objects.
+2. diffusers' own block metadata (``diffusers.hooks._helpers.TransformerBlockRegistry``, what its
+   caches use): every top-level ``ModuleList`` of the model whose blocks are instances of a
+   registered block class, in the model's order, with the registered return indices and argument
+   names. This covers DiT, PixArt, SD3, Flux, CogVideoX, HunyuanVideo, LTX-Video, Mochi, QwenImage,
+   Wan and the other families diffusers registers, and any subclass of their blocks.
+3. The fallback table :data:`FAMILIES` (model class or a base of it -> ModuleList attributes), for
+   models whose blocks diffusers does not register (Sana).
 
-[1] SD3's last joint block returns ``None`` for the context stream; a reused block returns ``None`` there too.
-Flux's single-stream blocks take and return both streams separately (they concatenate inside).
+The model is unwrapped first: ``torch.compile`` (``_orig_mod``) and PEFT (``base_model.model``)
+wrappers are looked through, and LoRA-injected blocks keep their class.
 
-Limitation: caches are per row of the transformer batch, so pipelines that batch classifier-free
-guidance into one call (hasten, DiT, PixArt, SD3, CogVideoX, Wan) keep conditional and unconditional
-residuals apart; a pipeline that sends the two branches as separate calls with the same rows (Flux's
-``true_cfg_scale``) would share one cache between branches and is not supported by Block Caching.
-
-Any other model: pass the blocks explicitly, ``hasten.accelerate(model, ..., blocks=[...])``, as
-modules (their forward returns one tensor, the first argument's stream), dotted names such as
-``"layers.3"``, or :class:`BlockSpec` objects for tuple-returning blocks.
+Streams per family (output order): single-stream blocks return ``hidden_states``; joint blocks
+return ``(encoder_hidden_states, hidden_states)`` (SD3, Flux, QwenImage) or ``(hidden_states,
+encoder_hidden_states)`` (CogVideoX, HunyuanVideo, Mochi). SD3's and Mochi's last blocks may return
+``None`` for the context stream; a reused block returns ``None`` there too.
 """
 
 from __future__ import annotations
@@ -54,17 +52,10 @@ class BlockSpec:
 
 
 HS = ("hidden_states",)
-ENC_HS = ("encoder_hidden_states", "hidden_states")
-HS_ENC = ("hidden_states", "encoder_hidden_states")
 
-# class name -> list of (ModuleList attribute, outputs)
+# Fallback for models whose blocks diffusers' registry lacks: class name -> (ModuleList attribute, outputs)
 FAMILIES: dict[str, list[tuple[str, tuple[str | None, ...]]]] = {
-    "DiTTransformer2DModel": [("transformer_blocks", HS)],
-    "PixArtTransformer2DModel": [("transformer_blocks", HS)],
-    "SD3Transformer2DModel": [("transformer_blocks", ENC_HS)],
-    "FluxTransformer2DModel": [("transformer_blocks", ENC_HS), ("single_transformer_blocks", ENC_HS)],
-    "CogVideoXTransformer3DModel": [("transformer_blocks", HS_ENC)],
-    "WanTransformer3DModel": [("blocks", HS)],
+    "SanaTransformer2DModel": [("transformer_blocks", HS)],
 }
 
 HOW = ("pass blocks explicitly: hasten.accelerate(model, ..., blocks=[model.layers[0], ...]) "
@@ -95,18 +86,63 @@ def _resolve(model: nn.Module, item: object, i: int) -> BlockSpec:
     raise HastenError(f"cannot use {item!r} as a block; {HOW}")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``) and PEFT (``base_model.model``) wrappers."""
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and type(model).__name__.startswith("Peft"):
+            inner = getattr(getattr(model, "base_model", None), "model", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def _registered_outputs(block: nn.Module) -> tuple[str | None, ...] | None:
+    """The block's stream outputs from diffusers' TransformerBlockRegistry (``None``: not registered)."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
+        TransformerBlockRegistry._register()
+        registry = TransformerBlockRegistry._registry
+    except Exception:  # an older or newer diffusers without the registry: fall back to the table
+        return None
+    meta = next((registry[c] for c in type(block).__mro__ if c in registry), None)
+    if meta is None:
+        return None
+    named = {meta.return_hidden_states_index: meta.hidden_states_argument_name}
+    if meta.return_encoder_hidden_states_index is not None:
+        named[meta.return_encoder_hidden_states_index] = meta.encoder_hidden_states_argument_name
+    return tuple(named.get(k) for k in range(max(named) + 1))
+
+
+def _from_registry(model: nn.Module) -> list[BlockSpec]:
+    specs: list[BlockSpec] = []
+    for attr, child in model.named_children():
+        if not isinstance(child, nn.ModuleList) or len(child) == 0:
+            continue
+        outs = [_registered_outputs(b) for b in child]
+        if any(o is None for o in outs):
+            continue
+        specs += [BlockSpec(b, f"{attr}.{j}", o) for j, (b, o) in enumerate(zip(child, outs, strict=True))]
+    return specs
+
+
 def discover_blocks(model: nn.Module, explicit: Sequence | None = None) -> list[BlockSpec]:
     """The blocks of ``model`` in execution order (the explicit list if given)."""
+    model = unwrap(model)
     if explicit is not None:
         specs = [_resolve(model, item, i) for i, item in enumerate(explicit)]
         if not specs:
             raise HastenError(f"the explicit block list is empty; {HOW}")
         return specs
-    # The class or its nearest known base (a subclass such as hasten's ShapesTransformer2DModel of SD3).
+    specs = _from_registry(model)
+    if specs:
+        return specs
+    # The class or its nearest known base in the fallback table.
     family = next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
     if family is None:
         raise HastenError(f"hasten does not know the blocks of {type(model).__name__}; {HOW}")
-    specs: list[BlockSpec] = []
     for attr, outputs in family:
         for j, module in enumerate(getattr(model, attr)):
             specs.append(BlockSpec(module, f"{attr}.{j}", outputs))
