@@ -219,7 +219,7 @@ def test_per_token_timesteps_are_read_per_row():
     tokens = 2 * 4 * 4  # frames x (8 / 2) x (8 / 2)
     with hasten.accelerate(model, hasten.BlockCache(schedule=[[True, False, False, True]] * 2)) as h, \
             torch.no_grad():
-        for run in range(2):
+        for _ in range(2):
             for t in (900.0, 600.0, 300.0, 100.0):
                 ts = torch.full((2, tokens), t)
                 ts[:, :16] = 0.0  # a clean first frame, as in image-to-video
