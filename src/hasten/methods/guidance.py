@@ -51,7 +51,14 @@ because it is computed at this call anyway (free) and is by far the most correla
 an intercept because the paper speaks of *affine* maps. One scalar per regressor keeps the fit cheap,
 well-posed (N * D rows, 4 unknowns) and model-size independent.
 
-Covered pipelines (batch layout, see ``LAYOUTS``): hasten's ``HastenPipeline`` ([uncond; cond]),
+**Separate branch calls.** Pipelines that call the transformer once per branch inside diffusers'
+``cache_context("cond")`` / ``("uncond")`` (Wan, Flux with ``true_cfg_scale``, QwenImage,
+HunyuanVideo) are handled per step: the conditional call runs and its prediction is kept; the
+unconditional call sends only the samples still guided, and is skipped outright once every sample
+has switched (the kept conditional prediction is returned in its place, so the pipeline's formula
+gives c exactly). This needs the conditional call first, as those pipelines make it.
+
+Covered pipelines (batch layout, see ``LAYOUTS``; subclasses too): hasten's ``HastenPipeline`` ([uncond; cond]),
 diffusers ``DiTPipeline`` ([cond; uncond], learned sigma), ``PixArtAlphaPipeline``,
 ``PixArtSigmaPipeline`` and ``StableDiffusion3Pipeline`` ([uncond; cond], negative prompts in the
 unconditional half). SD3's skip-layer guidance calls are single-branch calls and pass through unchanged.
@@ -81,6 +88,7 @@ class GuidanceLayout:
     uncond_first: bool  # rows [uncond; cond] (most pipelines) or [cond; uncond] (diffusers DiTPipeline)
     null_label: int | None = None  # class-label models: the class id of the unconditional half
     learned_sigma: bool = False  # output has 2C channels; gamma uses the first C (the prediction)
+    separate: bool = False  # the branches are separate calls in cache_context("cond") / ("uncond")
 
     def halves(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(uncond row indices, cond row indices) into the guidance batch, each of length b."""
@@ -95,15 +103,22 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "PixArtSigmaPipeline": {"uncond_first": True},
     "StableDiffusion3Pipeline": {"uncond_first": True},
     "ShapesPipeline": {"uncond_first": True},
+    "LTXPipeline": {"uncond_first": True},
+    # one call per branch, the conditional first, inside cache_context("cond") / ("uncond")
+    "WanPipeline": {"uncond_first": True, "separate": True},
+    "FluxPipeline": {"uncond_first": True, "separate": True},
+    "QwenImagePipeline": {"uncond_first": True, "separate": True},
+    "HunyuanVideoPipeline": {"uncond_first": True, "separate": True},
 }
 
 
 def layout_for(pipe: Any) -> GuidanceLayout:
     """The guidance layout of a supported pipeline (hasten's or a covered diffusers pipeline)."""
-    name = type(pipe).__name__
-    if name not in LAYOUTS:
-        raise HastenError(f"guidance methods do not know how {name} batches classifier-free guidance; "
-                          f"supported pipelines: {', '.join(LAYOUTS)}")
+    name = next((c.__name__ for c in type(pipe).__mro__ if c.__name__ in LAYOUTS), None)  # or a subclass
+    if name is None:
+        raise HastenError(f"guidance methods do not know how {type(pipe).__name__} batches classifier-free "
+                          f"guidance; supported pipelines: {', '.join(LAYOUTS)}; for another pipeline that "
+                          "batches [uncond; cond] pass uncond_first=True")
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise HastenError(f"{name} has no transformer to intercept")
@@ -270,6 +285,7 @@ def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- method configs
 
 LINEAR_AG = "linear-ag"
+BRANCHES = ("cond", "uncond")  # diffusers' cache-context names of separate branch calls
 MIN_TRAJECTORIES = 200
 
 
@@ -373,7 +389,8 @@ def load_linear_ag_plan(plan: str | os.PathLike | dict) -> dict:
 
 def _layout(handle: Any, uncond_first: bool | None) -> GuidanceLayout:
     if uncond_first is not None:
-        base = layout_for(handle.pipeline) if type(handle.pipeline).__name__ in LAYOUTS else None
+        known = any(c.__name__ in LAYOUTS for c in type(handle.pipeline).__mro__)
+        base = layout_for(handle.pipeline) if known and handle.pipeline is not None else None
         return GuidanceLayout(type(handle.target).__name__, bool(uncond_first),
                               base.null_label if base else None, base.learned_sigma if base else False)
     if handle.pipeline is None:
@@ -402,6 +419,7 @@ class GuidanceRuntime:
         self.j = 0  # guidance calls so far in this run
         self.switched = self.rows = self.guided = self.switch_call = None
         self.prev_c = self.prev_u = None
+        self.kept_cond: tuple[int, torch.Tensor, Callable] | None = None
         self.regressed_done = 0
 
     def _start(self, b: int) -> None:
@@ -416,6 +434,8 @@ class GuidanceRuntime:
 
     def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
         layout = self.layout
+        if self.handle.branch in BRANCHES:
+            return self.separate_call(inner, *args, **kwargs)
         if not is_guidance_call(layout, args, kwargs):
             n = hidden_states_of(args, kwargs).shape[0]
             if self.rows is not None and n == self.b:
@@ -429,8 +449,6 @@ class GuidanceRuntime:
         elif b != self.b:
             raise HastenError(f"the guidance batch changed from {self.b} to {b} samples within one run")
         h = self.handle
-        if h.kind != "hasten":
-            h.num_samples = b  # NFE per sample, not per row of the guidance batch
         j = self.j
         self.j += 1
         regress = False
@@ -492,6 +510,77 @@ class GuidanceRuntime:
         if h.log_entry is not None:
             h.log_entry[self.name] = entry
         return rebuild(full)
+
+    def separate_call(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        """A pipeline that sends each branch as its own call (Wan, Flux true CFG, QwenImage): the
+        conditional call runs and its prediction is kept; the unconditional call of the same step sends
+        only the samples still guided (none: the call is skipped) and hands the kept conditional
+        prediction back for the others (u := c, so u + s (c - u) = c exactly)."""
+        h = self.handle
+        x = hidden_states_of(args, kwargs)
+        b = x.shape[0]
+        if self.b is None:
+            self._start(b)
+        elif b != self.b:
+            raise HastenError(f"the guidance batch changed from {self.b} to {b} samples within one run")
+        j = h.call_index  # the step: each branch is its own stream
+        if h.branch == "cond":
+            out = inner(*args, **kwargs)
+            pred, rebuild = unwrap_output(out)
+            self.kept_cond = (j, pred.detach(), rebuild)
+            self.rows += 1
+            return out
+        if self.kept_cond is None or self.kept_cond[0] != j:
+            raise HastenError("guidance on a pipeline with separate branch calls needs the conditional call of a "
+                              "step before its unconditional one")
+        _, c, rebuild = self.kept_cond
+        self.j = j + 1
+        regress = False
+        if self.plan is not None:
+            from ..plans import check_call_timestep
+
+            check_call_timestep(self.plan, j, h.t)
+            regress = j in self.regressed
+        need_u = ~self.switched & (not regress)
+        sent = need_u.nonzero().flatten()
+        if bool(need_u.all()):
+            u = unwrap_output(inner(*args, **kwargs))[0]
+        else:
+            u = c.clone()  # u := c for switched samples
+            if sent.numel():
+                h.active_rows = sent.to(x.device)
+                try:
+                    sub = unwrap_output(inner(*select_rows(args, sent, b), **select_rows(kwargs, sent, b)))[0]
+                finally:
+                    h.active_rows = None
+                u[sent.to(u.device)] = sub
+            if regress:
+                r = (~self.switched).to(u.device)
+                beta = self.plan["coefficients"][str(j)]
+                u[r] = regress_uncond(beta, c[r], self.prev_c[r], self.prev_u[r])
+                self.regressed_done += 1
+        self.rows += need_u.long()
+        self.guided += need_u.long()
+        self.skipped_rows += int((~need_u).sum())
+        self.switch_call[self.switched & (self.switch_call < 0)] = j
+        entry = {"uncond_rows": int(need_u.sum()), "switched": int(self.switched.sum()), "regressed": regress}
+        if bool(need_u.any()):
+            m = need_u.to(u.device)
+            gamma = cosine_per_sample(u[m], c[m]).cpu()
+            gamma_full = torch.full((b,), float("nan"), dtype=torch.float64)
+            gamma_full[need_u] = gamma
+            self.switched = ag_switch(self.switched, need_u, gamma_full, self.threshold)
+            entry["gamma"] = [None if math.isnan(g) else round(g, 6) for g in gamma_full.tolist()]
+            entry["switched_after"] = self.switched.tolist()
+            if self.plan is not None and (j + 1) in self.regressed:
+                if self.prev_c is None:
+                    self.prev_c, self.prev_u = c.clone(), u.detach().clone()
+                else:
+                    self.prev_c[m] = c[m]
+                    self.prev_u[m] = u[m].detach()
+        if h.log_entry is not None:
+            h.log_entry[self.name] = entry
+        return rebuild(u)
 
     def report(self) -> dict:
         """Per-sample switch calls and NFE of the last run; rows skipped over all runs."""
