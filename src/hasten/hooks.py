@@ -223,23 +223,42 @@ def register_hook(module: nn.Module, hook: ModelHook, name: str) -> Callable[[],
     """Register ``hook`` in ``module``'s HookRegistry; returns the function that removes it.
 
     Removal leaves every other hook working whatever the order: other registry hooks (diffusers'
-    caches, group offloading) and a wrapper installed on top of ours by accelerate's
-    ``add_hook_to_module`` (which calls ``module._old_forward``).
+    caches, group offloading) and accelerate's ``add_hook_to_module`` wrappers (CPU offload). Two
+    details make that true: diffusers' ``remove_hook`` re-links the next hook by assigning its
+    ``forward``, which silently drops a next hook that has ``new_forward`` (its caches do), so we
+    re-link that hook's ``original_forward`` instead; and accelerate's removal restores
+    ``forward = _old_forward``, so on a module it already wraps we register *under* its wrapper.
     """
     fresh = "_diffusers_hook" not in module.__dict__ and "forward" not in module.__dict__
+    # accelerate's add_hook_to_module (CPU offload) wraps forward and calls module._old_forward; its
+    # removal restores forward = _old_forward. Register under it, so that its removal keeps ours.
+    accel = module.__dict__.get("_hf_hook") is not None and "_old_forward" in module.__dict__
+    if accel:
+        accel_forward = module.__dict__.get("forward")
+        object.__setattr__(module, "forward", module.__dict__["_old_forward"])
     registry = _registry(module)
     registry.register_hook(hook, name)
     registry.invalidate_child_registries_cache()
     hook.fn_ref.__class__ = _KeptRef
     hook.fn_ref._kept = True
     ours = module.__dict__.get("forward")  # the registry's outermost wrapper right now
+    if accel:
+        object.__setattr__(module, "_old_forward", ours)
+        object.__setattr__(module, "forward", accel_forward)
 
     def remove() -> None:
         if name not in registry.hooks:
             return
         outer = module.__dict__.get("forward")
         covered = registry._hook_order[-1] == name and outer is not ours
+        index = registry._hook_order.index(name)
+        nxt = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
+        keep = None if nxt is None or nxt.original_forward is None else nxt.forward
         registry.remove_hook(name, recurse=False)
+        if keep is not None and nxt.forward is not keep:
+            # the next hook has a new_forward (diffusers' caches do): re-link what it calls, not itself
+            object.__setattr__(nxt, "original_forward", nxt.forward)
+            object.__setattr__(nxt, "forward", keep)
         registry.invalidate_child_registries_cache()
         if covered:  # something wrapped our forward from outside the registry: re-link it, keep it
             restored = module.__dict__.get("forward")
