@@ -364,3 +364,30 @@ def test_cli_eval_on_a_text_to_image_model(tiny_folder, capsys):
     assert 0 <= res["adherence"] <= 1 and set(res["adherence_per_category"]) <= {
         "single_object", "two_object", "counting", "colour_binding", "position"}
     assert res["fd_shapes"] > 0 and res["fd_real_vs_real"] >= 0 and res["nfe"] == 4
+
+
+def test_a_plan_from_another_scheduler_or_guidance_scale_is_refused(tiny_pipe):
+    import hasten
+    from diffusers import UniPCMultistepScheduler
+
+    from hasten.methods.block_cache import BlockCache
+
+    plan = hasten.calibrate(tiny_pipe, BlockCache(delta=0.5), steps=4, seeds=(1000, 1001))
+    assert plan["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler" and plan["guidance_scale"] is not None
+    with hasten.accelerate(tiny_pipe, BlockCache(plan=plan)):  # its own settings: accepted
+        tiny_pipe(["a red circle"], num_inference_steps=4, output_type="latent")
+        with pytest.raises(hasten.HastenError, match="calibrated at guidance scale"):
+            tiny_pipe(["a red circle"], num_inference_steps=4, guidance_scale=plan["guidance_scale"] + 1,
+                      output_type="latent")
+    original = tiny_pipe.scheduler
+    try:
+        tiny_pipe.scheduler = UniPCMultistepScheduler.from_config(original.config, prediction_type="flow_prediction",
+                                                                  use_flow_sigmas=True)
+        with pytest.raises(hasten.HastenError, match="calibrated with FlowMatchEulerDiscreteScheduler, not this "
+                                                     "pipeline's UniPCMultistepScheduler"):
+            hasten.accelerate(tiny_pipe, BlockCache(plan=plan))
+        tiny_pipe.scheduler = original.__class__.from_config(original.config, shift=original.config.shift + 1)
+        with pytest.raises(hasten.HastenError, match="of another configuration"):
+            hasten.accelerate(tiny_pipe, BlockCache(plan=plan))
+    finally:
+        tiny_pipe.scheduler = original

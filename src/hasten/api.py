@@ -128,8 +128,11 @@ class CalibrationRun:
         gs = self.guidance_scale
         if gs is None:
             gs = getattr(self.target, "default_guidance_scale", None)
-        return {"solver": self.solver, "steps": self.steps, "time_schedule": self.schedule,
-                "guidance_scale": gs,
+        from .plans import scheduler_fingerprint
+
+        scheduler = None if self.kind == "hasten" else scheduler_fingerprint(getattr(self.target, "scheduler", None))
+        return {"solver": self.solver, "scheduler": scheduler,
+                "steps": self.steps, "time_schedule": self.schedule, "guidance_scale": gs,
                 "conditions": [c if isinstance(c, (int, str)) else str(c) for c in self.conditions],
                 "seeds": list(self.seeds)}
 

@@ -8,9 +8,10 @@ Generic for every calibrated method (Block Caching, LinearAG, ...). A plan is a 
      "calls": 50, "timesteps": [0.0, 20.0, ...],      # as sent to the transformer, per call
      ...method fields...}
 
-Validation (:func:`check_plan`) rejects another model (config hash), other weights (weights hash; plans
-written before it was recorded carry none and skip that check), another method, another solver,
-step count or time schedule. While running, :func:`check_call_timestep` compares each call's timestep
+Validation (:func:`check_plan`) rejects another model (config hash), other weights (weights hash), another
+scheduler (class and config hash, for diffusers pipelines), another method, solver, step count or time
+schedule; :func:`check_guidance` rejects a run at another guidance scale (checked at every run, since the
+scale is a call argument). Plans written before a field was recorded skip that check. While running, :func:`check_call_timestep` compares each call's timestep
 with the plan's, so a plan applied through the Python API to a run with another step count fails at
 the first call whose timestep differs (call 1 at the latest), not silently.
 """
@@ -51,6 +52,28 @@ def weights_hash(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def scheduler_fingerprint(scheduler: Any) -> dict | None:
+    """``{"class", "config_hash"}`` of a diffusers scheduler (``None`` for anything without a config)."""
+    cfg = getattr(scheduler, "config", None)
+    if scheduler is None or cfg is None:
+        return None
+    items = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+    text = json.dumps({"class": type(scheduler).__name__, "config": items}, sort_keys=True, default=str)
+    return {"class": type(scheduler).__name__, "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def check_scheduler(plan: dict, scheduler: Any) -> None:
+    """Raise when ``scheduler`` (a pipeline's) is not the one the plan was calibrated with."""
+    want = plan.get("scheduler")
+    have = scheduler_fingerprint(scheduler)
+    if want is None or have is None or have == want:
+        return
+    same = have["class"] == want["class"]
+    raise HastenError(f"this {plan['method']} plan was calibrated with {want['class']}"
+                      f"{' of another configuration' if same else ''}, not this pipeline's {have['class']}: "
+                      "calibrate again with this scheduler")
 
 
 def new_plan(method: str, model: nn.Module, *, solver: str, steps: int, time_schedule: str | None,
@@ -100,8 +123,9 @@ def load_plan(path: str | os.PathLike | dict, method: str) -> dict:
 
 
 def check_plan(plan: dict, model: nn.Module, steps: int | None = None, solver: str | None = None,
-               schedule: str | None = None) -> None:
-    """Raise ``HastenError`` unless ``plan`` was calibrated for this model (and steps/solver/schedule)."""
+               schedule: str | None = None, scheduler: Any = None) -> None:
+    """Raise ``HastenError`` unless ``plan`` was calibrated for this model (and steps/solver/schedule and
+    the pipeline's ``scheduler`` object, when given)."""
     want = config_hash(model)
     have = plan["model"].get("config_hash") if isinstance(plan.get("model"), dict) else None
     if have != want:
@@ -119,6 +143,7 @@ def check_plan(plan: dict, model: nn.Module, steps: int | None = None, solver: s
     have_sched = plan.get("time_schedule")
     if schedule is not None and have_sched is not None and schedule != have_sched:
         raise HastenError(f"this plan was calibrated for the {have_sched} time schedule, not {schedule}")
+    check_scheduler(plan, scheduler)
 
 
 def check_call_timestep(plan: dict, call_index: int, t: float | None) -> None:
@@ -134,6 +159,13 @@ def check_call_timestep(plan: dict, call_index: int, t: float | None) -> None:
         raise HastenError(f"call {call_index} of this run has timestep {t:g} but the plan expects {want:g}: "
                           f"the plan was made for {plan['steps']} {plan['solver']} steps "
                           f"({plan.get('time_schedule')} schedule); calibrate for this run's settings")
+
+
+def check_run(plan: dict, handle: Any) -> None:
+    """The checks a plan needs at the start of every run: the run's guidance scale, and the pipeline's
+    scheduler (it may have been swapped since ``accelerate``)."""
+    check_guidance(plan, handle.guidance_scale)
+    check_scheduler(plan, getattr(handle.pipeline, "scheduler", None))
 
 
 def same_guidance(a: float, b: float) -> bool:
@@ -169,7 +201,7 @@ def shipped_plans(pipeline: Any, method: str, model: nn.Module) -> list[dict]:
     for path in sorted((folder / "plans").glob("*.json")):
         try:
             plan = load_plan(path, method)
-            check_plan(plan, model)
+            check_plan(plan, model, scheduler=getattr(pipeline, "scheduler", None))
         except HastenError:
             continue
         found.append(plan)

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..errors import HastenError
 from ..hooks import row_timesteps
-from ..plans import check_call_timestep, check_plan, load_plan, new_plan
+from ..plans import check_call_timestep, check_plan, check_run, load_plan, new_plan
 from . import MethodInfo, register
 
 METHOD = "block-cache"
@@ -309,7 +309,7 @@ def resolve_masks(cfg: BlockCache, handle) -> tuple[list[list[bool]], dict | Non
     """The compute masks for ``cfg`` on ``handle``'s transformer, and the plan (if any)."""
     if cfg.plan is not None:
         plan = load_plan(cfg.plan, METHOD)
-        check_plan(plan, handle.transformer)
+        check_plan(plan, handle.transformer, scheduler=getattr(handle.pipeline, "scheduler", None))
         if cfg.delta is not None:
             masks = schedule_from_changes(plan["l1rel"], cfg.delta)
         else:
@@ -387,6 +387,8 @@ def install(handle, cfg: BlockCache) -> None:
 
     def call(inner, *args, **kwargs):
         if plan is not None and handle.primary:
+            if handle.call_index == 0:
+                check_run(plan, handle)
             check_call_timestep(plan, handle.call_index, handle.t)
         dec = bytearray(b"-" * nblocks)
         shared["decisions"] = dec

@@ -403,9 +403,10 @@ class GuidanceRuntime:
     """The per-handle state of AG / LinearAG and the transformer-call wrapper (``handle.wrap_call``)."""
 
     def __init__(self, handle: Any, name: str, layout: GuidanceLayout, threshold: float | None,
-                 plan: dict | None = None, resolve: Callable[[float | None], tuple[float, str]] | None = None):
-        """``threshold`` fixed, or ``None`` with ``resolve(guidance_scale) -> (threshold, source)`` called
-        at the start of every run (a calibrated plan chosen for, or checked against, the run's guidance)."""
+                 plan: dict | None = None, resolve: Callable[[Any], tuple[float, str]] | None = None):
+        """``threshold`` fixed, or ``None`` with ``resolve(handle) -> (threshold, source)`` called at the
+        start of every run (a calibrated plan chosen for, or checked against, the run's guidance scale and
+        scheduler)."""
         self.handle, self.name, self.layout, self.threshold, self.plan = handle, name, layout, threshold, plan
         self.resolve = resolve
         self.source = "fixed" if resolve is None else None
@@ -424,7 +425,7 @@ class GuidanceRuntime:
 
     def _start(self, b: int) -> None:
         if self.resolve is not None:
-            self.threshold, self.source = self.resolve(self.handle.guidance_scale)
+            self.threshold, self.source = self.resolve(self.handle)
         self.b = b
         self.switched = torch.zeros(b, dtype=torch.bool)
         self.rows = torch.zeros(b, dtype=torch.long)
@@ -612,12 +613,13 @@ def load_ag_plan(plan: str | os.PathLike | dict) -> dict:
     return p
 
 
-def _plan_resolver(plan: dict, threshold: float | None = None) -> Callable[[float | None], tuple[float, str]]:
-    """Each run: check its guidance scale against the plan's, then use ``threshold`` or the plan's."""
-    from ..plans import check_guidance
+def _plan_resolver(plan: dict, threshold: float | None = None) -> Callable[[Any], tuple[float, str]]:
+    """Each run: check its guidance scale and scheduler against the plan's, then use ``threshold`` or the
+    plan's."""
+    from ..plans import check_run
 
-    def resolve(guidance_scale: float | None) -> tuple[float, str]:
-        check_guidance(plan, guidance_scale)
+    def resolve(handle: Any) -> tuple[float, str]:
+        check_run(plan, handle)
         if threshold is not None:
             return threshold, "fixed"
         return float(plan["threshold"]), plan.get("_path", "plan")
@@ -625,13 +627,14 @@ def _plan_resolver(plan: dict, threshold: float | None = None) -> Callable[[floa
     return resolve
 
 
-def _shipped_resolver(handle: Any) -> Callable[[float | None], tuple[float, str]]:
+def _shipped_resolver(handle: Any) -> Callable[[Any], tuple[float, str]]:
     """``AdaptiveGuidance()``: the AG plan shipped with the model for the run's guidance scale."""
     from ..plans import same_guidance, shipped_plans
 
     plans = shipped_plans(handle.pipeline, AG, handle.transformer) if handle.pipeline is not None else []
 
-    def resolve(guidance_scale: float | None) -> tuple[float, str]:
+    def resolve(handle: Any) -> tuple[float, str]:
+        guidance_scale = handle.guidance_scale
         for p in plans:
             if guidance_scale is not None and same_guidance(p["guidance_scale"], guidance_scale):
                 return float(p["threshold"]), p.get("_path", "shipped plan")
@@ -662,7 +665,7 @@ def install_adaptive_guidance(handle: Any, config: AdaptiveGuidance) -> None:
         rt = GuidanceRuntime(handle, "adaptive-guidance", layout, config.threshold)
     elif config.plan is not None:
         plan = load_ag_plan(config.plan)
-        check_plan(plan, handle.transformer)
+        check_plan(plan, handle.transformer, scheduler=getattr(handle.pipeline, "scheduler", None))
         rt = GuidanceRuntime(handle, "adaptive-guidance", layout, None, resolve=_plan_resolver(plan))
     else:
         rt = GuidanceRuntime(handle, "adaptive-guidance", layout, None, resolve=_shipped_resolver(handle))
@@ -676,7 +679,7 @@ def install_linear_ag(handle: Any, config: LinearAG) -> None:
     if config.plan is None:
         raise HastenError("LinearAG needs a plan: make one with `hasten calibrate --method linear-ag`")
     plan = load_linear_ag_plan(config.plan)
-    check_plan(plan, handle.transformer)
+    check_plan(plan, handle.transformer, scheduler=getattr(handle.pipeline, "scheduler", None))
     thr = float(plan["threshold"]) if config.threshold is None else config.threshold
     rt = GuidanceRuntime(handle, LINEAR_AG, _layout(handle, config.uncond_first), thr, plan,
                          resolve=_plan_resolver(plan, config.threshold))
