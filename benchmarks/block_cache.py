@@ -38,8 +38,9 @@ import torch
 import hasten
 from hasten.eval import metrics as M
 from hasten.io import atomic_write, write_json
-from hasten.methods.block_cache import ideal_speedup, plot, schedule_from_changes, train_scale_shift
+from hasten.methods.block_cache import ideal_speedup, plot, schedule_from_changes
 from hasten.plans import save_plan
+from hasten.scale_shift import train_scale_shift
 
 CAL_SEEDS = (1000, 1001)
 TIMING_ONLY = ("recompute-all-50", "all-reused-after-call-0-50")

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import hasten
-from hasten.api import configs_from_specs
 from hasten.eval.metrics import psnr, ssim
 from hasten.eval.shapes_eval import eval_scenes, initial_noise, score_images
 from hasten.pipeline import make_grid, save_grid
+from hasten.specs import configs_from_specs
 
 DEFAULT_ACCEL = ["block-cache:delta=0.1"]
 

@@ -1,4 +1,4 @@
-"""The public door: accelerate / calibrate / accelerate_from_specs, the report, the CLI calibrate command."""
+"""The public door: accelerate / calibrate, --accel specs (hasten.specs), the report, the CLI calibrate command."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 import hasten
-from hasten.api import accelerate_from_specs, parse_spec
 from hasten.plans import save_plan
+from hasten.specs import accelerate_from_specs, parse_spec
 from hasten.testing import run_cli
 
 STEPS = 6
@@ -122,7 +122,8 @@ def test_specs_plan_and_on_the_fly_calibration(tmp_path):
 def test_plot_and_scale_shift_training(tmp_path):
     from safetensors.torch import load_file
 
-    from hasten.methods.block_cache import plot, train_scale_shift
+    from hasten.methods.block_cache import plot
+    from hasten.scale_shift import train_scale_shift
 
     pipe = tiny_pipe(3)
     plan = hasten.calibrate(pipe, hasten.BlockCache(delta=0.6), steps=STEPS, seeds=(1, 2))
@@ -155,7 +156,7 @@ def test_plot_and_scale_shift_training(tmp_path):
 
 def test_scale_shift_adam_distils_the_output_and_trains_only_its_parameters():
     """The default (paper) trainer: Adam on the velocity MSE against the uncached model."""
-    from hasten.methods.block_cache import train_scale_shift
+    from hasten.scale_shift import train_scale_shift
 
     pipe = tiny_pipe(3)
     plan = hasten.calibrate(pipe, hasten.BlockCache(delta=0.6), steps=STEPS, seeds=(1, 2))

@@ -298,7 +298,7 @@ def test_plan_for_other_steps_is_rejected(pipe, tmp_path):
     plan = make_plan(pipe, 6, (1.0, 0, 0, 0))
     with pytest.raises(HastenError, match="6 steps, not 8"):
         check_plan(plan, pipe.transformer, steps=8)
-    from hasten.api import accelerate_from_specs
+    from hasten.specs import accelerate_from_specs
 
     path = save_plan(tmp_path / "p.json", plan)
     with pytest.raises(HastenError, match="6 steps, not 8"):
@@ -331,7 +331,7 @@ def test_corrupt_plans_give_clear_errors(pipe, tmp_path):
 
 
 def test_specs(pipe, tmp_path):
-    from hasten.api import accelerate_from_specs
+    from hasten.specs import accelerate_from_specs
 
     h = accelerate_from_specs(pipe, ["ag:threshold=0.5"], steps=4)
     assert h.methods[0].threshold == 0.5

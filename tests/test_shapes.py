@@ -367,9 +367,9 @@ def test_cli_eval_on_a_text_to_image_model(tiny_folder, capsys):
 
 
 def test_a_plan_from_another_scheduler_or_guidance_scale_is_refused(tiny_pipe):
-    import hasten
     from diffusers import UniPCMultistepScheduler
 
+    import hasten
     from hasten.methods.block_cache import BlockCache
 
     plan = hasten.calibrate(tiny_pipe, BlockCache(delta=0.5), steps=4, seeds=(1000, 1001))

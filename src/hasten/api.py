@@ -1,4 +1,4 @@
-"""The public door: ``accelerate``, ``calibrate`` and ``accelerate_from_specs``.
+"""The public door: ``accelerate`` and ``calibrate``.
 
     handle = hasten.accelerate(pipe, hasten.BlockCache(plan="plan.json"))   # or a diffusers pipeline,
     out = pipe([3, 5, 7])                                                  # or a bare transformer
@@ -24,24 +24,8 @@ import torch
 from torch import nn
 
 from .errors import HastenError
-from .hooks import Handle
-
-
-def resolve_target(target: Any) -> tuple[str, nn.Module, Any]:
-    """(kind, transformer, pipeline) for a hasten pipeline, a diffusers pipeline or a bare model."""
-    from .pipeline import HastenPipeline
-
-    if isinstance(target, HastenPipeline):
-        return "hasten", target.transformer, target
-    if isinstance(target, Handle):
-        raise HastenError("pass the pipeline or model to accelerate, not a handle")
-    tr = getattr(target, "transformer", None)
-    if isinstance(tr, nn.Module) and not isinstance(target, nn.Module):
-        return "diffusers", tr, target
-    if isinstance(target, nn.Module):
-        return "transformer", target, None
-    raise HastenError(f"cannot accelerate a {type(target).__name__}: pass a hasten pipeline, a diffusers "
-                      "pipeline or a diffusers transformer model")
+from .hooks import Handle, attach, resolve_target
+from .methods import LEVELS, info_for
 
 
 def accelerate(target: Any, *methods: Any, blocks: Sequence | None = None) -> Handle:
@@ -50,17 +34,17 @@ def accelerate(target: Any, *methods: Any, blocks: Sequence | None = None) -> Ha
     ``blocks`` lists the transformer blocks for models hasten does not know (modules, dotted names
     or :class:`hasten.adapters.BlockSpec`); see :mod:`hasten.adapters.diffusers`.
     """
-    from .methods import LEVELS, info_for
-
-    kind, transformer, pipeline = resolve_target(target)
     infos = [(info_for(m), m) for m in methods]
     names = [type(m).__name__ for m in methods]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise HastenError(f"method {sorted(dup)[0]} given twice")
+    shrinking = [type(m).__name__ for i, m in infos if i.level == "call"]
+    if len(shrinking) > 1:
+        raise HastenError(f"{shrinking[0]} and {shrinking[1]} cannot be combined: both shrink the guidance "
+                          "batch; choose one")
     infos.sort(key=lambda im: LEVELS.get(im[0].level, 1))
-    handle = Handle(target, transformer, pipeline, kind, blocks)
-    handle._install_core()
+    handle = attach(target, blocks)
     try:
         for info, cfg in infos:
             info.install(handle, cfg)
@@ -153,8 +137,6 @@ def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: S
     ``solver`` and ``schedule`` are then only recorded in the plan. Save the plan with
     :func:`hasten.plans.save_plan`.
     """
-    from .methods import info_for
-
     kind, transformer, _ = resolve_target(target)
     info = info_for(method)
     if info.calibrate is None:
@@ -188,107 +170,3 @@ def _check_counts(conds: Sequence, need: int, seeds: Sequence[int], steps: int) 
         raise HastenError(f"calibration needs at least {MIN_SEEDS} different seeds, got {len(set(seeds))}")
     if int(steps) < 1:
         raise HastenError(f"steps must be >= 1, got {steps}")
-
-
-def _check_conditions(pipe: Any, labels: Sequence[int], seeds: Sequence[int], steps: int) -> None:
-    pipe.check_labels(list(labels))
-    _check_counts(list(labels), min(MIN_CONDITIONS, pipe.num_classes), seeds, steps)
-
-
-@dataclass
-class SpecContext:
-    """What ``--accel`` spec parsers may use: the pipeline and the run settings."""
-
-    pipe: Any
-    steps: int
-    solver: str
-    schedule: str | None
-    guidance_scale: float | None
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"block-cache:delta=0.5,plan=p.json"`` -> ``("block-cache", {"delta": "0.5", "plan": "p.json"})``."""
-    name, _, rest = spec.strip().partition(":")
-    opts: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise HastenError(f"cannot read --accel {spec!r}: options are key=value, "
-                              "e.g. block-cache:delta=0.5")
-        opts[key.strip()] = value.strip()
-    if not name:
-        raise HastenError(f"cannot read --accel {spec!r}: expected NAME[:key=value,...]")
-    return name, opts
-
-
-def configs_from_specs(pipe: Any, specs: Sequence[str], steps: int, solver: str = "euler",
-                       schedule: str | None = "linear", guidance_scale: float | None = None) -> list:
-    """The method config of each ``--accel`` spec (calibrating once where a spec asks for it)."""
-    from .methods import by_name
-
-    ctx = SpecContext(pipe, int(steps), solver, schedule, guidance_scale)
-    configs = []
-    for spec in specs:
-        name, opts = parse_spec(spec)
-        info = by_name(name)
-        if info.from_spec is None:
-            raise HastenError(f"method {name!r} cannot be given as --accel")
-        configs.append(info.from_spec(opts, ctx))
-    return configs
-
-
-def accelerate_from_specs(pipe: Any, specs: Sequence[str], steps: int, solver: str = "euler",
-                          schedule: str | None = "linear", guidance_scale: float | None = None) -> Handle:
-    """``hasten generate --accel ...``: build each method from its spec, then :func:`accelerate`."""
-    return accelerate(pipe, *configs_from_specs(pipe, specs, steps, solver, schedule, guidance_scale))
-
-
-def calibrate_cli(model: str, method: str, out: Any, options: dict, plot: Any = None, steps: int = 50,
-                  solver: str = "euler", schedule: str = "linear", guidance_scale: float | None = None,
-                  labels: Sequence[int] | None = None, seeds: Sequence[int] = (1000, 1001)) -> dict:
-    """``hasten calibrate``: calibrate ``method`` (by name) on ``model``, write the plan (and plot).
-
-    ``options`` holds the method's CLI options (``delta``, ``scale_shift``, ``train_steps``, ...);
-    each method reads the ones it knows. Returns a summary dict for printing.
-    """
-    from pathlib import Path
-
-    from .io import check_writable
-    from .methods import by_name
-    from .pipeline import load_pipeline
-    from .plans import save_plan
-
-    info = by_name(method)
-    if info.calibrate is None:
-        raise HastenError(f"method {method!r} needs no calibration")
-    out = check_writable(Path(out))
-    if plot is not None:
-        plot = check_writable(Path(plot))
-        if info.plot is None:
-            raise HastenError(f"method {method!r} has no plot")
-    pipe = load_pipeline(model)
-    if labels is None and hasattr(pipe, "num_classes"):
-        labels = list(range(pipe.num_classes))
-    run_args = dict(labels=labels, seeds=seeds, steps=steps, solver=solver, schedule=schedule,
-                    guidance_scale=guidance_scale)
-    if info.cli_calibrate is not None:
-        kind, transformer, _ = resolve_target(pipe)
-        _check_conditions(pipe, labels, seeds, steps)
-        run = CalibrationRun(pipe, kind, transformer, list(labels), [int(s) for s in seeds], int(steps), solver,
-                             schedule, guidance_scale)
-        plan = info.cli_calibrate(run, options, out)
-    else:
-        if info.from_options is None:
-            raise HastenError(f"method {method!r} cannot be calibrated from the command line")
-        plan = calibrate(pipe, info.from_options(options), **run_args)
-    save_plan(out, plan)
-    summary = {"out": str(out), "method": method, "model": model, "steps": steps, "solver": solver,
-               "calls": plan.get("calls")}
-    for key in ("delta", "ideal_speedup", "scale_shift_file", "scale_shift_train", "threshold", "guidance_scale",
-                "calibration", "held_out"):
-        if key in plan:
-            summary[key] = plan[key]
-    if plot is not None:
-        info.plot(plan, plot)
-        summary["plot"] = str(plot)
-    return summary

@@ -98,7 +98,7 @@ def generate(
         pipe.check_labels(conds)
     handle = None
     if accel:
-        from .api import accelerate_from_specs
+        from .specs import accelerate_from_specs
 
         handle = accelerate_from_specs(pipe, accel, steps=steps, solver=solver, schedule=schedule,
                                        guidance_scale=cfg)
@@ -308,7 +308,7 @@ def calibrate_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Calibrate a method (Block Caching: record L1rel per block and call, derive the schedule)."""
-    from .api import calibrate_cli
+    from .specs import calibrate_cli
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]

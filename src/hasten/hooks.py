@@ -553,3 +553,26 @@ class Handle:
         state = "enabled" if self._enabled else "disabled"
         names = [type(m).__name__ for m in self.methods]
         return f"<hasten.Handle {state} on {type(self.transformer).__name__}: {names}>"
+
+
+def resolve_target(target: Any) -> tuple[str, nn.Module, Any]:
+    """(kind, transformer, pipeline) for hasten's pipeline (it has ``velocity_fn``), a diffusers pipeline
+    (its ``.transformer`` is accelerated) or a bare model."""
+    if isinstance(target, Handle):
+        raise HastenError("pass the pipeline or model to accelerate, not a handle")
+    tr = getattr(target, "transformer", None)
+    if isinstance(tr, nn.Module) and not isinstance(target, nn.Module):
+        return ("hasten" if callable(getattr(target, "velocity_fn", None)) else "diffusers"), tr, target
+    if isinstance(target, nn.Module):
+        return "transformer", target, None
+    raise HastenError(f"cannot accelerate a {type(target).__name__}: pass a hasten pipeline, a diffusers "
+                      "pipeline or a diffusers transformer model")
+
+
+def attach(target: Any, blocks: Any = None, log_limit: int = LOG_LIMIT) -> Handle:
+    """A handle installed on ``target`` with no method yet (``hasten.accelerate`` adds the methods;
+    calibration adds its recorders)."""
+    kind, transformer, pipeline = resolve_target(target)
+    handle = Handle(target, transformer, pipeline, kind, blocks, log_limit)
+    handle._install_core()
+    return handle

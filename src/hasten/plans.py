@@ -11,7 +11,8 @@ Generic for every calibrated method (Block Caching, LinearAG, ...). A plan is a 
 Validation (:func:`check_plan`) rejects another model (config hash), other weights (weights hash), another
 scheduler (class and config hash, for diffusers pipelines), another method, solver, step count or time
 schedule; :func:`check_guidance` rejects a run at another guidance scale (checked at every run, since the
-scale is a call argument). Plans written before a field was recorded skip that check. While running, :func:`check_call_timestep` compares each call's timestep
+scale is a call argument). Plans written before a field was recorded skip that check.
+While running, :func:`check_call_timestep` compares each call's timestep
 with the plan's, so a plan applied through the Python API to a run with another step count fails at
 the first call whose timestep differs (call 1 at the latest), not silently.
 """

@@ -9,7 +9,7 @@ The timing protocol and the counters are in :mod:`hasten.eval.bench_harness`, th
 :mod:`hasten.eval.bench_results`, the table and figure in :mod:`hasten.eval.bench_report`.
 
 hasten configurations are spec strings, as ``hasten generate --accel`` takes them, applied with
-:func:`hasten.api.accelerate_from_specs`. Methods that need a calibrated plan (Block Caching, LinearAG)
+:func:`hasten.specs.accelerate_from_specs`. Methods that need a calibrated plan (Block Caching, LinearAG)
 get one made here first, once per step count, from seeds the benchmark does not use, written to
 ``DIR/plans/`` and passed as ``plan=PATH``; the plan's cost is not timed (it is paid once per model).
 """
@@ -141,11 +141,6 @@ class HastenAssets:
     def resolve(self, spec: str, steps: int) -> str:
         """Add ``plan=PATH`` to the specs of methods that need one."""
         name, _, rest = spec.partition(":")
-        if name == "block-cache" and "scale_shift=1" in rest:  # trained by from_spec, untimed
-            from ..methods import block_cache
-
-            if not hasattr(block_cache, "train_scale_shift"):
-                raise Unavailable("Block Caching scale-shift training is not in this build")
         if name in ("block-cache", "linear-ag") or (name == "ag" and "threshold" not in rest and "plan" not in rest):
             path = self.plan(name, steps)
             return f"{name}:plan={path}" + (f",{rest}" if rest else "")
@@ -158,7 +153,7 @@ def hasten_config(pipe: HastenPipeline, specs: Sequence[str], steps: int, assets
 
     def setup() -> Prepared:
         try:
-            from ..api import accelerate_from_specs
+            from ..specs import accelerate_from_specs
         except ImportError as e:
             raise Unavailable(f"hasten.api is not in this build ({e})") from None
         resolved = [assets.resolve(s, steps) if assets is not None else s for s in specs]

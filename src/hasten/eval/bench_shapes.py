@@ -101,7 +101,7 @@ def hasten_config(pipe, data: EvalSet, specs: Sequence[str], steps: int, assets)
     specs = list(specs)
 
     def setup() -> Prepared:
-        from ..api import accelerate_from_specs
+        from ..specs import accelerate_from_specs
 
         resolved = [assets.resolve(s, steps) for s in specs]
         own = copy_shapes(pipe)

@@ -1,8 +1,8 @@
 """Acceleration methods: each is a config dataclass plus an ``install(handle, config)`` function.
 
-Every method module registers a :class:`MethodInfo` here under its spec/CLI name (``block-cache``,
+Every method module registers a :class:`MethodInfo` here under its name (``block-cache``,
 ``adaptive-guidance``, ``linear-ag``, ...). ``hasten.accelerate`` finds the installer by the config's
-type; ``hasten generate --accel NAME:k=v`` and ``hasten calibrate --method NAME`` find it by name.
+type; the CLI (``hasten.specs``) finds it by name.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HastenError
@@ -23,25 +23,19 @@ class MethodInfo:
     - ``install(handle, config)``: install the method through the handle (see ``hasten.hooks``).
     - ``level``: "call" (whole denoiser calls: guidance), "block" or "token"; ``accelerate`` installs
       call-level methods first, so they are the outermost wrappers.
-    - ``from_spec(options: dict[str, str], ctx: SpecContext) -> config``: build a config from a CLI spec
-      (may calibrate on the fly; ``ctx`` names the pipeline, steps, solver, schedule, guidance scale).
     - ``calibrate(run: CalibrationRun, config) -> plan dict``: calibrate on a pipeline.
-    - ``from_options(options: dict) -> config``: build a config from ``hasten calibrate`` options.
     - ``plot(plan, path)``: draw a calibrated plan.
-    - ``cli_calibrate(run, options, out) -> plan``: what ``hasten calibrate`` does (default: build the
-      config with ``from_options`` and call ``calibrate``); lets a method write files beside the plan.
+
+    How the CLI spells a method (``--accel NAME:k=v``, ``hasten calibrate`` options) is the CLI's
+    business: :mod:`hasten.specs`.
     """
 
     name: str
     config: type
     install: Callable[[Any, Any], None]
     level: str = "block"
-    from_spec: Callable[..., Any] | None = None
     calibrate: Callable[..., dict] | None = None
-    from_options: Callable[[dict], Any] | None = None
     plot: Callable[[dict, Any], Any] | None = None
-    extra: dict = field(default_factory=dict)
-    cli_calibrate: Callable[..., dict] | None = None
 
 
 REGISTRY: dict[str, MethodInfo] = {}

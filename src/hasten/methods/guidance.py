@@ -76,6 +76,8 @@ from typing import Any
 import torch
 
 from ..errors import HastenError
+from ..hooks import _scalar, attach
+from ..plans import check_call_timestep, check_plan, check_run, load_plan, new_plan, same_guidance, shipped_plans
 
 # --------------------------------------------------------------------------- batch layouts
 
@@ -366,7 +368,6 @@ class LinearAG:
 def load_linear_ag_plan(plan: str | os.PathLike | dict) -> dict:
     """Read and check a LinearAG plan: the generic plan checks plus one finite coefficient per regressor
     for every regressed call."""
-    from ..plans import load_plan
 
     p = load_plan(plan, LINEAR_AG)
     where = "plan" if isinstance(plan, dict) else str(plan)
@@ -454,8 +455,6 @@ class GuidanceRuntime:
         self.j += 1
         regress = False
         if self.plan is not None:
-            from ..hooks import _scalar
-            from ..plans import check_call_timestep
 
             check_call_timestep(self.plan, j, _scalar(h.timestep))
             regress = j in self.regressed
@@ -538,7 +537,6 @@ class GuidanceRuntime:
         self.j = j + 1
         regress = False
         if self.plan is not None:
-            from ..plans import check_call_timestep
 
             check_call_timestep(self.plan, j, h.t)
             regress = j in self.regressed
@@ -603,7 +601,6 @@ class GuidanceRuntime:
 
 def load_ag_plan(plan: str | os.PathLike | dict) -> dict:
     """Read and check an AG plan (``hasten calibrate --method ag``): the generic checks and a threshold."""
-    from ..plans import load_plan
 
     p = load_plan(plan, AG)
     thr = p.get("threshold")
@@ -616,7 +613,6 @@ def load_ag_plan(plan: str | os.PathLike | dict) -> dict:
 def _plan_resolver(plan: dict, threshold: float | None = None) -> Callable[[Any], tuple[float, str]]:
     """Each run: check its guidance scale and scheduler against the plan's, then use ``threshold`` or the
     plan's."""
-    from ..plans import check_run
 
     def resolve(handle: Any) -> tuple[float, str]:
         check_run(plan, handle)
@@ -629,7 +625,6 @@ def _plan_resolver(plan: dict, threshold: float | None = None) -> Callable[[Any]
 
 def _shipped_resolver(handle: Any) -> Callable[[Any], tuple[float, str]]:
     """``AdaptiveGuidance()``: the AG plan shipped with the model for the run's guidance scale."""
-    from ..plans import same_guidance, shipped_plans
 
     plans = shipped_plans(handle.pipeline, AG, handle.transformer) if handle.pipeline is not None else []
 
@@ -658,7 +653,6 @@ def _install_runtime(handle: Any, rt: GuidanceRuntime) -> None:
 
 def install_adaptive_guidance(handle: Any, config: AdaptiveGuidance) -> None:
     """Install AG through the handle: one call-level wrapper, a run-start reset and a report."""
-    from ..plans import check_plan
 
     layout = _layout(handle, config.uncond_first)
     if config.threshold is not None:
@@ -674,7 +668,6 @@ def install_adaptive_guidance(handle: Any, config: AdaptiveGuidance) -> None:
 
 def install_linear_ag(handle: Any, config: LinearAG) -> None:
     """Install LinearAG: check the plan against the model (and each run's guidance), then wrap calls."""
-    from ..plans import check_plan
 
     if config.plan is None:
         raise HastenError("LinearAG needs a plan: make one with `hasten calibrate --method linear-ag`")
@@ -708,7 +701,6 @@ class LinearAGRecorder:
         self.prev = None
 
     def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
-        from ..hooks import _scalar
 
         out = inner(*args, **kwargs)
         if not is_guidance_call(self.layout, args, kwargs):
@@ -788,10 +780,8 @@ def search_threshold(run: Any, make_config: Callable[[float], Any], name: str, m
     bitwise CFG (AG), so it serves as the reference instead of separate CFG runs. Returns the threshold,
     the search log and the transformer's timesteps in one run.
     """
-    from ..api import accelerate
-
     def evaluate(threshold: float) -> tuple[torch.Tensor, float, list[dict]]:
-        with accelerate(run.target, make_config(threshold)) as h, torch.no_grad():
+        with _accelerate(run.target, make_config(threshold)) as h, torch.no_grad():
             imgs = torch.cat([run.images(s) for s in seeds])
             rep = h.report()
         return imgs, float(rep["nfe"]), rep["log"]
@@ -837,7 +827,6 @@ def calibrate_ag(run: Any, config: AdaptiveGuidance) -> dict:
     (:func:`search_threshold` over every seed of ``run``), with the search and its cost recorded."""
     import time
 
-    from ..plans import new_plan
 
     t0 = time.perf_counter()
     found = search_threshold(run, lambda thr: AdaptiveGuidance(threshold=thr, uncond_first=config.uncond_first),
@@ -855,9 +844,6 @@ def calibrate_linear_ag(run: Any, config: LinearAG) -> dict:
     for ``config.min_psnr`` (or keep ``config.threshold``) and return the plan."""
     import time
 
-    from ..api import accelerate
-    from ..plans import new_plan
-
     t0 = time.perf_counter()
     seeds = list(run.seeds)
     n_held = max(1, len(seeds) // 6)
@@ -871,7 +857,7 @@ def calibrate_linear_ag(run: Any, config: LinearAG) -> dict:
                           f"held-out ones, got {len(run.conditions)} conditions x {len(seeds)} seeds "
                           f"({len(fit_seeds)} fitting): use at least {need} seeds "
                           f"(e.g. --seeds {','.join(str(1000 + s) for s in range(need))})")
-    handle = accelerate(run.target)
+    handle = attach(run.target)
     try:
         rec = LinearAGRecorder(handle, _layout(handle, config.uncond_first))
         handle.on_run_start(rec.new_run)
@@ -902,63 +888,28 @@ def calibrate_linear_ag(run: Any, config: LinearAG) -> dict:
     return plan
 
 
-# --------------------------------------------------------------------------- registry (specs, CLI)
+# --------------------------------------------------------------------------- registry
 
 
-def _only(opts: dict[str, str], allowed: set[str], name: str) -> None:
-    bad = sorted(set(opts) - allowed)
-    if bad:
-        raise HastenError(f"unknown option {bad[0]!r} for {name}; options: {', '.join(sorted(allowed))}")
-
-
-def ag_from_spec(opts: dict[str, str], ctx: Any = None) -> AdaptiveGuidance:
-    """``ag:threshold=0.99`` -> ``AdaptiveGuidance(0.99)``; ``ag:plan=FILE`` -> the calibrated threshold;
-    ``ag`` -> the plan shipped with the model for the run's guidance scale."""
-    from ..plans import check_guidance, check_plan
-
-    _only(opts, {"threshold", "plan"}, "ag")
-    if "plan" in opts:
-        if "threshold" in opts:
-            raise HastenError("ag takes threshold= or plan=, not both")
-        plan = load_ag_plan(opts["plan"])
-        if ctx is not None:
-            check_plan(plan, ctx.pipe.transformer)
-            check_guidance(plan, getattr(ctx, "guidance_scale", None))
-        return AdaptiveGuidance(plan=plan)
-    return AdaptiveGuidance(threshold=opts.get("threshold"))
-
-
-def ag_from_options(opts: dict) -> AdaptiveGuidance:
-    """``hasten calibrate --method ag [--min-psnr DB]``: the config to calibrate."""
-    return AdaptiveGuidance(min_psnr=opts.get("min_psnr") or DEFAULT_MIN_PSNR)
-
-
-def linear_ag_from_spec(opts: dict[str, str], ctx: Any = None) -> LinearAG:
-    """``linear-ag:plan=plan.json[,threshold=0.99]``; the plan is checked against the run's settings."""
-    from ..plans import check_plan
-
-    _only(opts, {"plan", "threshold"}, LINEAR_AG)
-    if "plan" not in opts:
-        raise HastenError("linear-ag needs plan=PATH: make one with `hasten calibrate --method linear-ag`")
-    plan = load_linear_ag_plan(opts["plan"])
-    if ctx is not None:
-        check_plan(plan, ctx.pipe.transformer, steps=ctx.steps, solver=ctx.solver, schedule=ctx.schedule)
-    return LinearAG(plan=plan, threshold=opts.get("threshold"))
-
-
-def linear_ag_from_options(opts: dict) -> LinearAG:
-    """``hasten calibrate --method linear-ag [--threshold T]``: the config to calibrate."""
-    return LinearAG(threshold=opts.get("threshold"), min_psnr=opts.get("min_psnr") or DEFAULT_MIN_PSNR)
+def _accelerate(target: Any, config: AdaptiveGuidance | LinearAG) -> Any:
+    """A handle on ``target`` with one guidance method (what calibration's searches run)."""
+    handle = attach(target)
+    try:
+        install = install_adaptive_guidance if isinstance(config, AdaptiveGuidance) else install_linear_ag
+        install(handle, config)
+        handle.methods.append(config)
+    except BaseException:
+        handle.disable()
+        raise
+    return handle
 
 
 def _register() -> None:
     from . import MethodInfo, register
 
     for name in ("ag", "adaptive-guidance"):
-        register(MethodInfo(name, AdaptiveGuidance, install_adaptive_guidance, level="call",
-                            from_spec=ag_from_spec, calibrate=calibrate_ag, from_options=ag_from_options))
-    register(MethodInfo(LINEAR_AG, LinearAG, install_linear_ag, level="call", from_spec=linear_ag_from_spec,
-                        calibrate=calibrate_linear_ag, from_options=linear_ag_from_options))
+        register(MethodInfo(name, AdaptiveGuidance, install_adaptive_guidance, level="call", calibrate=calibrate_ag))
+    register(MethodInfo(LINEAR_AG, LinearAG, install_linear_ag, level="call", calibrate=calibrate_linear_ag))
 
 
 _register()

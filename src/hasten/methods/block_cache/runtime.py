@@ -1,0 +1,334 @@
+"""Block Caching at run time: the per-block hook, the per-stream residual caches, scale-shift
+alignment, and ``install``."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import HastenError
+from ...hooks import row_timesteps
+from ...plans import check_call_timestep, check_plan, check_run, load_plan
+from .schedule import METHOD, BlockCache, ideal_speedup, schedule_from_changes
+
+
+# --------------------------------------------------------------------------- scale-shift
+def time_features(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
+    """Sinusoidal features of the transformer's timestep (any scale), shape (B, dim), unit norm per row."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float().reshape(-1, 1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1) / math.sqrt(half)
+
+
+class ScaleShift(nn.Module):
+    """Per-channel scale and shift from the timestep: ``r -> (1 + s(t)) r + b(t)``; zero-init = identity."""
+
+    def __init__(self, channels: int, feat_dim: int = 64):
+        super().__init__()
+        self.feat_dim = feat_dim
+        self.proj = nn.Linear(feat_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, residual: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ss = self.proj(time_features(t, self.feat_dim).to(residual.device)).to(residual.dtype)
+        shape = (ss.shape[0],) + (1,) * (residual.dim() - 2) + (ss.shape[1],)
+        s, b = ss.reshape(shape).chunk(2, dim=-1)
+        return residual * (1 + s) + b
+
+
+# --------------------------------------------------------------------------- the block hook
+def _positions(module: nn.Module, names: Sequence[str | None]) -> list[int | None]:
+    """Positions of the stream arguments in the block class's forward (instance wrappers are ignored)."""
+    params = [p.name for p in inspect.signature(type(module).forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    return [params.index(n) if n in params else None for n in names]
+
+
+class _Slot:
+    """The cached residuals of one block for one stream (see ``hasten.hooks``: a guidance branch sent as
+    its own call, or the rows of one batched call): per stream output, and which rows are valid."""
+
+    __slots__ = ("cache", "valid", "batch")
+
+    def __init__(self, n: int, batch: int):
+        self.cache: list[torch.Tensor | None] = [None] * n
+        self.valid: Any = None  # None: nothing cached, True: every row, BoolTensor: per row
+        self.batch = batch
+
+
+class _Block:
+    """State and hook of one cached block (hot path: keep it lean)."""
+
+    __slots__ = ("handle", "index", "name", "names", "pos", "single", "main", "mask", "slots", "slot",
+                 "computed", "reused", "forced", "tokens", "ss", "shared", "err_sum", "err_n")
+
+    def __init__(self, handle, index, spec, mask, shared):
+        self.handle, self.index, self.name = handle, index, spec.name
+        self.names = spec.outputs
+        self.pos = _positions(spec.module, spec.outputs)
+        self.single = spec.single
+        self.main = spec.outputs.index("hidden_states") if "hidden_states" in spec.outputs else 0
+        self.mask = list(mask)
+        self.shared = shared  # dict with "ss" modules per block/stream (or None) and the entry
+        self.ss: list[ScaleShift | None] | None = None
+        self.computed = self.reused = self.forced = self.tokens = 0
+        self.err_sum, self.err_n = 0.0, 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.slots: dict[tuple, _Slot] = {}
+        self.slot: _Slot | None = None
+
+    def inputs(self, args, kwargs) -> list[torch.Tensor | None]:
+        xs = []
+        for name, p in zip(self.names, self.pos, strict=False):
+            if name in kwargs:
+                xs.append(kwargs[name])
+            elif p is not None and p < len(args):
+                xs.append(args[p])
+            else:
+                xs.append(None)
+        return xs
+
+    def ready(self, rows) -> bool:
+        slot = self.slot
+        v = None if slot is None else slot.valid
+        if v is None:
+            return False
+        if v is True:
+            return True
+        return bool(v.all()) if rows is None else bool(v.index_select(0, rows).all())
+
+    def __call__(self, orig, *args, **kwargs):
+        h = self.handle
+        if not h.primary:
+            return orig(*args, **kwargs)  # an extra call of another batch size: computed in full
+        n = h.call_index
+        rows = h.active_rows
+        self.slot = self.slots.get(h.stream)
+        dec = self.shared["decisions"]
+        if n < len(self.mask) and not self.mask[n]:
+            if self.ready(rows):
+                self.reused += 1
+                if dec is not None:
+                    dec[self.index] = 82  # "R"
+                out = self.reuse(args, kwargs, rows)
+                if self.shared["measure"]:
+                    self.measure(orig(*args, **kwargs), out)
+                if self.shared.get("fit") is not None:
+                    self.shared["fit"](self, orig, args, kwargs, rows)
+                return out
+            self.forced += 1
+            if dec is not None:
+                dec[self.index] = 70  # "F": reuse scheduled, no cache for these rows
+        elif dec is not None:
+            dec[self.index] = 67  # "C"
+        out = orig(*args, **kwargs)
+        self.computed += 1
+        first = out if self.single else out[self.main]
+        if isinstance(first, torch.Tensor) and first.dim() >= 2:
+            self.tokens += first.shape[0] * first.shape[1]
+        if n + 1 < len(self.mask) and not self.mask[n + 1]:
+            self.keep(args, kwargs, out, rows)  # the next call reuses this block
+        elif self.slot is not None and self.slot.valid is not None:
+            self.drop(rows)  # never reuse a residual older than the latest computation
+        return out
+
+    def drop(self, rows) -> None:
+        slot = self.slot
+        if rows is None:
+            slot.valid = None
+            slot.cache = [None] * len(self.names)
+            return
+        v = slot.valid
+        if v is True:
+            v = torch.ones(slot.batch, dtype=torch.bool, device=rows.device)
+        v[rows] = False
+        slot.valid = v
+
+    def measure(self, true, approx) -> None:
+        t = (true,) if self.single else true
+        a = (approx,) if self.single else approx
+        num = sum(float((y - z).abs().sum()) for y, z in zip(t, a, strict=False) if y is not None and z is not None)
+        den = sum(float(y.abs().sum()) for y in t if y is not None)
+        self.err_sum += num / max(den, 1e-12)
+        self.err_n += 1
+
+    def keep(self, args, kwargs, out, rows) -> None:
+        xs = self.inputs(args, kwargs)
+        outs = (out,) if self.single else out
+        h = self.handle
+        full = h.full_batch
+        slot = self.slot
+        if slot is None:
+            slot = self.slot = self.slots[h.stream] = _Slot(len(self.names), full)
+        for k, (x, y) in enumerate(zip(xs, outs, strict=False)):
+            if y is None or x is None:
+                slot.cache[k] = None
+                continue
+            r = (y - x).detach()
+            if rows is None:
+                slot.cache[k] = r
+            else:
+                c = slot.cache[k]
+                if c is None or c.shape[1:] != r.shape[1:]:
+                    c = r.new_zeros((full,) + tuple(r.shape[1:]))
+                c.index_copy_(0, rows, r)
+                slot.cache[k] = c
+        if rows is None:
+            slot.valid = True
+        elif slot.valid is not True:
+            v = slot.valid if isinstance(slot.valid, torch.Tensor) else torch.zeros(full, dtype=torch.bool,
+                                                                                     device=rows.device)
+            v[rows] = True
+            slot.valid = v
+
+    def row_timesteps(self, rows) -> torch.Tensor:
+        t = row_timesteps(self.handle.timestep, self.handle.full_batch) * self.shared.get("time_scale", 1.0)
+        return t if rows is None else t.index_select(0, rows.to(t.device))
+
+    def reuse(self, args, kwargs, rows):
+        xs = self.inputs(args, kwargs)
+        outs = []
+        ss = self.ss
+        t = self.row_timesteps(rows) if ss is not None else None
+        cache = self.slot.cache
+        for k, x in enumerate(xs):
+            c = cache[k]
+            if c is None:
+                outs.append(None)
+                continue
+            r = c if rows is None else c.index_select(0, rows)
+            if ss is not None and ss[k] is not None:
+                r = ss[k](r, t)
+            outs.append(x + r)
+        return outs[0] if self.single else tuple(outs)
+
+
+# --------------------------------------------------------------------------- install
+def resolve_masks(cfg: BlockCache, handle) -> tuple[list[list[bool]], dict | None]:
+    """The compute masks for ``cfg`` on ``handle``'s transformer, and the plan (if any)."""
+    if cfg.plan is not None:
+        plan = load_plan(cfg.plan, METHOD)
+        check_plan(plan, handle.transformer, scheduler=getattr(handle.pipeline, "scheduler", None))
+        if cfg.delta is not None:
+            masks = schedule_from_changes(plan["l1rel"], cfg.delta)
+        else:
+            masks = [[bool(v) for v in m] for m in plan["schedule"]]
+        return masks, plan
+    if cfg.schedule is not None:
+        return [[bool(v) for v in m] for m in cfg.schedule], None
+    raise HastenError("BlockCache needs a plan: calibrate first (hasten.calibrate(pipe, "
+                      "BlockCache(delta=0.5), ...) or `hasten calibrate`), then BlockCache(plan=...); "
+                      "or give schedule=[[...]]")
+
+
+def _load_scale_shift(cfg: BlockCache, plan: dict | None, blocks) -> dict | None:
+    src = cfg.scale_shift
+    if src is False:
+        return None
+    if src is True and plan is not None and cfg.delta is not None and cfg.delta != plan.get("delta"):
+        raise HastenError(f"the plan's scale-shift parameters were trained for delta {plan.get('delta')}, "
+                          f"not {cfg.delta}: calibrate with --delta {cfg.delta} --scale-shift")
+    if src is None or src is True:
+        if plan is None or not plan.get("scale_shift_file"):
+            if src is True:
+                raise HastenError("scale_shift=True but the plan has no scale-shift parameters: "
+                                  "calibrate with --scale-shift")
+            return None
+        base = Path(plan.get("_path", ".")).parent if plan.get("_path") else Path(".")
+        src = base / plan["scale_shift_file"]
+    if isinstance(src, dict):
+        return src
+    from safetensors.torch import load_file
+
+    p = Path(src)
+    if not p.is_file():
+        raise HastenError(f"scale-shift file {p} not found")
+    try:
+        return load_file(str(p))
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise HastenError(f"cannot read scale-shift file {p}: {str(e).splitlines()[0]}") from None
+
+
+def build_scale_shift(state: dict, blocks, names) -> list[list[ScaleShift | None]]:
+    """ScaleShift modules per block and stream from a state dict with keys ``{i}.{k}.proj.weight``."""
+    mods = []
+    for i, spec in enumerate(blocks):
+        row = []
+        for k in range(len(spec.outputs)):
+            w = state.get(f"{i}.{k}.proj.weight")
+            if w is None:
+                row.append(None)
+                continue
+            m = ScaleShift(w.shape[0] // 2, w.shape[1])
+            m.load_state_dict({"proj.weight": w, "proj.bias": state[f"{i}.{k}.proj.bias"]})
+            row.append(m)
+        mods.append(row)
+    return mods
+
+
+def install(handle, cfg: BlockCache) -> None:
+    blocks = handle.blocks()
+    masks, plan = resolve_masks(cfg, handle)
+    if len(masks) != len(blocks):
+        raise HastenError(f"the schedule has {len(masks)} blocks but the model has {len(blocks)}")
+    shared: dict[str, Any] = {"decisions": None, "measure": bool(cfg.measure)}
+    states = [_Block(handle, i, spec, masks[i], shared) for i, spec in enumerate(blocks)]
+    ss_state = _load_scale_shift(cfg, plan, blocks)
+    if ss_state is not None and cfg.scale_shift is None and plan is not None and cfg.delta is not None \
+            and cfg.delta != plan.get("delta"):
+        ss_state = None  # the plan's parameters were trained for the plan's own delta (schedule)
+    if ss_state is not None:
+        device = next(iter(handle.transformer.parameters()), torch.zeros(())).device
+        for st, row in zip(states, build_scale_shift(ss_state, blocks, None), strict=False):
+            row = [None if m is None else m.to(device) for m in row]
+            st.ss = row if any(m is not None for m in row) else None
+    nblocks = len(blocks)
+
+    def call(inner, *args, **kwargs):
+        if plan is not None and handle.primary:
+            if handle.call_index == 0:
+                check_run(plan, handle)
+            check_call_timestep(plan, handle.call_index, handle.t)
+        dec = bytearray(b"-" * nblocks)
+        shared["decisions"] = dec
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            shared["decisions"] = None
+            handle.log_entry["block_cache"] = dec.decode()
+
+    def on_run() -> None:
+        for st in states:
+            st.reset()
+
+    handle.wrap_call(call, METHOD)
+    handle.on_run_start(on_run)
+    for st, spec in zip(states, blocks, strict=False):
+        handle.wrap_block(spec.module, st, spec.name)
+
+    def report() -> dict:
+        comp = [st.computed for st in states]
+        reu = [st.reused for st in states]
+        total = sum(comp) + sum(reu)
+        return {"blocks": [st.name for st in states], "computed": comp, "reused": reu,
+                "forced": [st.forced for st in states], "tokens_computed": sum(st.tokens for st in states),
+                "block_evals_skipped": round(sum(reu) / max(total, 1), 4),
+                "schedule_ideal_speedup": round(ideal_speedup(masks), 4),
+                "scale_shift": ss_state is not None,
+                "plan_delta": None if plan is None else plan.get("delta"),
+                "delta": cfg.delta if cfg.delta is not None else (plan or {}).get("delta"),
+                **({"reuse_error": [round(st.err_sum / st.err_n, 6) if st.err_n else None for st in states]}
+                   if cfg.measure else {})}
+
+    handle.add_report(METHOD, report)
+    handle.block_cache_states = states  # for tests and training
