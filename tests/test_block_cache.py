@@ -288,8 +288,8 @@ def test_plan_contents_and_validation(tmp_path, pipe, plan):
         hasten.accelerate(pipe, hasten.BlockCache(plan=str(tmp_path / "missing.json")))
     with pytest.raises(hasten.HastenError, match="delta must be"):
         hasten.BlockCache(delta=-0.1)
-    with pytest.raises(hasten.HastenError, match="needs a plan"):
-        hasten.accelerate(pipe, hasten.BlockCache(delta=0.5))
+    with pytest.raises(hasten.HastenError, match="needs delta="):
+        hasten.accelerate(pipe, hasten.BlockCache())
     with pytest.raises(hasten.HastenError, match="at least 8"):
         hasten.calibrate(pipe, hasten.BlockCache(delta=0.5), labels=[1, 2, 3], steps=STEPS)
     with pytest.raises(hasten.HastenError, match="at least 2 different seeds"):
@@ -311,3 +311,27 @@ def test_block_cache_on_a_copy_does_not_touch_the_original(pipe, plan):
     with hasten.accelerate(twin, hasten.BlockCache(plan=plan)):
         sample(twin)
         assert torch.equal(sample(pipe), ref)
+
+
+def test_delta_without_a_plan_calibrates_on_the_first_run(pipe, tmp_path, caplog):
+    ref0, ref1 = sample(pipe, seed=0), sample(pipe, seed=1)
+    with hasten.accelerate(pipe, hasten.BlockCache(delta=0.0)) as h:  # below every change: exact
+        assert torch.equal(sample(pipe, seed=0), ref0) and torch.equal(sample(pipe, seed=1), ref1)
+        assert h.report()["methods"]["block-cache"]["reused"] == [0, 0, 0]
+    with caplog.at_level("INFO", logger="hasten"), hasten.accelerate(pipe, hasten.BlockCache(delta=0.5)) as h:
+        first = sample(pipe, seed=0)
+        rep = h.report()["methods"]["block-cache"]
+        assert rep["calibrated_on_first_run"] == "pending" and rep["reused"] == [0, 0, 0]
+        second = sample(pipe, seed=1)
+        rep = h.report()["methods"]["block-cache"]
+        plan = h.block_cache_plan
+    assert torch.equal(first, ref0)  # the calibrating run computes every block
+    assert sum(rep["reused"]) > 0 and not torch.equal(second, ref1)  # the second run skips work
+    assert rep["calibrated_on_first_run"]["calls"] == STEPS and rep["calibrated_on_first_run"]["seconds"] > 0
+    assert "calibrated on the first run" in caplog.text
+    assert plan["calls"] == STEPS and plan["delta"] == 0.5
+    save_plan(tmp_path / "p.json", plan)  # the way to make it reproducible
+    with hasten.accelerate(pipe, hasten.BlockCache(plan=str(tmp_path / "p.json"))) as h:
+        again = sample(pipe, seed=1)
+        assert h.report()["methods"]["block-cache"]["reused"] == rep["reused"]
+    assert torch.equal(again, second)

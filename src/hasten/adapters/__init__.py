@@ -1,5 +1,5 @@
 """Model adapters: where the blocks of a transformer are and which streams each block carries."""
 
-from .diffusers import BlockSpec, discover_blocks
+from .diffusers import BlockSpec, arg_positions, discover_blocks, unwrap
 
-__all__ = ["BlockSpec", "discover_blocks"]
+__all__ = ["BlockSpec", "arg_positions", "discover_blocks", "unwrap"]

@@ -62,6 +62,15 @@ HOW = ("pass blocks explicitly: hasten.accelerate(model, ..., blocks=[model.laye
        "(modules returning one tensor, dotted names, or hasten.adapters.BlockSpec for tuple outputs)")
 
 
+def arg_positions(module: nn.Module, names: Sequence[str | None]) -> list[int | None]:
+    """Positions of the stream arguments in the block class's forward (instance wrappers are ignored)."""
+    import inspect
+
+    params = [p.name for p in inspect.signature(type(module).forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    return [params.index(n) if n in params else None for n in names]
+
+
 def _first_param(module: nn.Module) -> str:
     import inspect
 

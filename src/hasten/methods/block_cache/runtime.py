@@ -3,19 +3,22 @@ alignment, and ``install``."""
 
 from __future__ import annotations
 
-import inspect
+import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...adapters import arg_positions
 from ...errors import HastenError
 from ...hooks import row_timesteps
-from ...plans import check_call_timestep, check_plan, check_run, load_plan
-from .schedule import METHOD, BlockCache, ideal_speedup, schedule_from_changes
+from ...plans import check_call_timestep, check_plan, check_run, load_plan, new_plan, scheduler_fingerprint
+from .record import _Recorder
+from .schedule import CONVENTION, METHOD, BlockCache, ideal_speedup, schedule_from_changes
+
+log = logging.getLogger("hasten")
 
 
 # --------------------------------------------------------------------------- scale-shift
@@ -45,13 +48,6 @@ class ScaleShift(nn.Module):
 
 
 # --------------------------------------------------------------------------- the block hook
-def _positions(module: nn.Module, names: Sequence[str | None]) -> list[int | None]:
-    """Positions of the stream arguments in the block class's forward (instance wrappers are ignored)."""
-    params = [p.name for p in inspect.signature(type(module).forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
-    return [params.index(n) if n in params else None for n in names]
-
-
 class _Slot:
     """The cached residuals of one block for one stream (see ``hasten.hooks``: a guidance branch sent as
     its own call, or the rows of one batched call): per stream output, and which rows are valid."""
@@ -73,7 +69,7 @@ class _Block:
     def __init__(self, handle, index, spec, mask, shared):
         self.handle, self.index, self.name = handle, index, spec.name
         self.names = spec.outputs
-        self.pos = _positions(spec.module, spec.outputs)
+        self.pos = arg_positions(spec.module, spec.outputs)
         self.single = spec.single
         self.main = spec.outputs.index("hidden_states") if "hidden_states" in spec.outputs else 0
         self.mask = list(mask)
@@ -226,9 +222,10 @@ def resolve_masks(cfg: BlockCache, handle) -> tuple[list[list[bool]], dict | Non
         return masks, plan
     if cfg.schedule is not None:
         return [[bool(v) for v in m] for m in cfg.schedule], None
-    raise HastenError("BlockCache needs a plan: calibrate first (hasten.calibrate(pipe, "
-                      "BlockCache(delta=0.5), ...) or `hasten calibrate`), then BlockCache(plan=...); "
-                      "or give schedule=[[...]]")
+    if cfg.delta is not None:
+        return None, None  # calibrated on the first run
+    raise HastenError("BlockCache needs delta= (calibrated on the first run), a plan (hasten.calibrate(pipe, "
+                      "BlockCache(delta=0.5), ...) or `hasten calibrate`), or schedule=[[...]]")
 
 
 def _load_scale_shift(cfg: BlockCache, plan: dict | None, blocks) -> dict | None:
@@ -277,12 +274,29 @@ def build_scale_shift(state: dict, blocks, names) -> list[list[ScaleShift | None
 
 
 def install(handle, cfg: BlockCache) -> None:
+    """Install Block Caching: one hook per block and a call wrapper (plan checks, decision log).
+
+    ``BlockCache(delta=...)`` without a plan or schedule calibrates on the first run: that run computes
+    every block (its output is exact) while recording L1rel (Eq. 6) on its own inputs; the schedule for
+    ``delta`` (Eq. 7) applies from the second run on. The cost (the first run's time) is logged and
+    reported; ``handle.block_cache_plan`` holds the plan, to save with ``hasten.plans.save_plan`` for
+    reproducible runs (a calibration over several seeds and conditions, ``hasten.calibrate``, is the
+    better plan).
+    """
     blocks = handle.blocks()
     masks, plan = resolve_masks(cfg, handle)
+    first_run = masks is None
+    if first_run:
+        masks = [[] for _ in blocks]  # no schedule yet: every call computes every block
     if len(masks) != len(blocks):
         raise HastenError(f"the schedule has {len(masks)} blocks but the model has {len(blocks)}")
     shared: dict[str, Any] = {"decisions": None, "measure": bool(cfg.measure)}
     states = [_Block(handle, i, spec, masks[i], shared) for i, spec in enumerate(blocks)]
+    calibration: dict[str, Any] = {}
+    if first_run:
+        rec = _Recorder(handle, blocks)
+        for i, spec in enumerate(blocks):  # inside the caching hooks: sees every computed output
+            handle.wrap_block(spec.module, rec.hook(i), spec.name)
     ss_state = _load_scale_shift(cfg, plan, blocks)
     if ss_state is not None and cfg.scale_shift is None and plan is not None and cfg.delta is not None \
             and cfg.delta != plan.get("delta"):
@@ -308,6 +322,17 @@ def install(handle, cfg: BlockCache) -> None:
             handle.log_entry["block_cache"] = dec.decode()
 
     def on_run() -> None:
+        nonlocal plan
+        if first_run and rec.active and handle.run_index > 0:
+            plan = _plan_from_first_run(handle, rec, blocks, cfg.delta)
+            new_masks = [[bool(v) for v in m] for m in plan["schedule"]]
+            for st, m in zip(states, new_masks, strict=True):
+                st.mask = m
+            masks[:] = new_masks
+            calibration.update(plan["calibration"])
+            handle.block_cache_plan = plan
+            log.info("Block Caching calibrated on the first run: %d calls, %.2f s, ideal speedup %.2fx at delta %g",
+                     plan["calls"], calibration["seconds"], plan["ideal_speedup"], cfg.delta)
         for st in states:
             st.reset()
 
@@ -327,8 +352,28 @@ def install(handle, cfg: BlockCache) -> None:
                 "scale_shift": ss_state is not None,
                 "plan_delta": None if plan is None else plan.get("delta"),
                 "delta": cfg.delta if cfg.delta is not None else (plan or {}).get("delta"),
+                **({"calibrated_on_first_run": dict(calibration) or "pending"} if first_run else {}),
                 **({"reuse_error": [round(st.err_sum / st.err_n, 6) if st.err_n else None for st in states]}
                    if cfg.measure else {})}
 
     handle.add_report(METHOD, report)
     handle.block_cache_states = states  # for tests and training
+
+
+def _plan_from_first_run(handle, rec: _Recorder, blocks, delta: float) -> dict:
+    """The plan recorded during run 0 (every block computed): Eq. 6 curves, Eq. 7 schedule for ``delta``."""
+    rec.active = False
+    log_0 = [e for e in handle.report()["log"] if e["run"] == 0]
+    stream = (log_0[0].get("branch"), log_0[0]["rows"])
+    timesteps = [e["t"] for e in log_0 if (e.get("branch"), e["rows"]) == stream]
+    curves = rec.curves(len(timesteps))
+    masks = schedule_from_changes(curves, delta)
+    seconds = handle._run_walls.get(0, 0.0)
+    return new_plan(METHOD, handle.transformer, solver="first-run", steps=len(timesteps), time_schedule=None,
+                    guidance_scale=handle.guidance_scale,
+                    scheduler=scheduler_fingerprint(getattr(handle.pipeline, "scheduler", None)),
+                    timesteps=timesteps, delta=delta, blocks=[b.name for b in blocks], channels=rec.channels,
+                    index_convention=CONVENTION, ideal_speedup=round(ideal_speedup(masks), 4),
+                    schedule=[[int(v) for v in m] for m in masks],
+                    l1rel=[[None if v is None else round(v, 6) for v in c] for c in curves],
+                    calibration={"on": "the first run", "calls": len(timesteps), "seconds": round(seconds, 3)})
