@@ -131,7 +131,7 @@ def _scalar(t: Any) -> float | None:
     """One number for a call's timestep: a number, a (B,) tensor's first value, or for per-token
     timesteps (B, L) the largest value of the first row (the level of the tokens being denoised)."""
     if isinstance(t, torch.Tensor):
-        if not t.numel():
+        if not t.numel() or t.device.type == "meta":
             return None
         return float(t[0].max()) if t.dim() >= 2 else float(t.reshape(-1)[0])
     if isinstance(t, (int, float)):
@@ -151,7 +151,7 @@ def row_timesteps(t: Any, rows: int) -> torch.Tensor:
 
 def is_batched_guidance(hidden_states: Any) -> bool:
     """Whether a call's rows are ``cat([latents] * 2)``: an even batch with identical halves."""
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() == 0:
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() == 0 or hidden_states.is_meta:
         return False
     n = hidden_states.shape[0]
     return n >= 2 and n % 2 == 0 and torch.equal(hidden_states[: n // 2], hidden_states[n // 2:])

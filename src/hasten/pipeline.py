@@ -177,8 +177,18 @@ class HastenPipeline:
             raise HastenError(f"label {int(bad[0])} out of range: this model has classes 0-{self.num_classes - 1}")
         return labels
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
     def initial_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn((n, *self.image_shape), generator=generator)
+        """Noise drawn on the CPU (the same images on every device for a seed), then moved to the model's
+        device and dtype."""
+        return torch.randn((n, *self.image_shape), generator=generator).to(self.device, self.dtype)
 
     @torch.no_grad()
     def __call__(self, class_labels: Sequence[int] | torch.Tensor, num_inference_steps: int = 50,
@@ -186,14 +196,14 @@ class HastenPipeline:
                  schedule: str = "linear", solver: str = "euler",
                  latents: torch.Tensor | None = None) -> PipelineOutput:
         """Sample one image per label. Returns images in [0, 1] and the denoiser call counts."""
-        labels = self.check_labels(class_labels)
+        labels = self.check_labels(class_labels).to(self.device)
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         if scale < 0 or math.isnan(scale):
             raise HastenError(f"guidance scale must be >= 0, got {scale}")
         if solver not in SOLVERS:
             raise HastenError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         ts = make_schedule(schedule, int(num_inference_steps))
-        x = self.initial_noise(len(labels), generator) if latents is None else latents.clone()
+        x = self.initial_noise(len(labels), generator) if latents is None else latents.to(self.device, self.dtype)
         counter = {"calls": 0, "rows": 0}
         x = SOLVERS[solver](self.velocity_fn(labels, scale, counter), x, ts)
         images = ((x.clamp(-1, 1) + 1) / 2).float()

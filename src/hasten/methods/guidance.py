@@ -247,33 +247,42 @@ class NormalEquations:
     X^T X is near-singular)."""
 
     def __init__(self, k: int):
-        self.xtx = torch.zeros(k, k, dtype=torch.float64)
-        self.xty = torch.zeros(k, dtype=torch.float64)
+        self.k = k
+        self.xtx: torch.Tensor | None = None  # on the device of the data (created by the first ``add``)
+        self.xty: torch.Tensor | None = None
         self.yty = 0.0
         self.ysum = 0.0
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.flatten().double()
+        if self.xtx is None:
+            self.xtx = x.new_zeros(self.k, self.k)
+            self.xty = x.new_zeros(self.k)
         self.xtx += x.T @ x
         self.xty += x.T @ y
-        self.yty += float(y @ y)
-        self.ysum += float(y.sum())
+        self.yty = self.yty + (y @ y)  # tensors on the data's device: no sync per call
+        self.ysum = self.ysum + y.sum()
         self.rows += y.numel()
 
     def solve(self) -> torch.Tensor:
+        """The coefficients on the CPU (a 4-vector: what plans store); the small solve runs on the CPU
+        because ``gelsd`` is a CPU driver."""
         if self.rows == 0:
             raise HastenError("no calibration data was recorded for a regressed step")
-        return torch.linalg.lstsq(self.xtx, self.xty.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        self.yty, self.ysum = float(self.yty), float(self.ysum)
+        xtx, xty = self.xtx.cpu(), self.xty.cpu()
+        return torch.linalg.lstsq(xtx, xty.unsqueeze(1), driver="gelsd").solution.squeeze(1)
 
     def sse(self, beta: torch.Tensor) -> float:
         """Sum of squared residuals of ``beta`` on the accumulated data."""
-        return self.yty - 2 * float(beta @ self.xty) + float(beta @ self.xtx @ beta)
+        beta = beta.to(self.xtx.device, torch.float64)
+        return float(self.yty) - 2 * float(beta @ self.xty) + float(beta @ self.xtx @ beta)
 
     def r2(self, beta: torch.Tensor) -> float:
         """Coefficient of determination of ``beta`` on the accumulated data."""
         sse = self.sse(beta)
-        sst = self.yty - self.ysum**2 / max(self.rows, 1)
+        sst = float(self.yty) - float(self.ysum) ** 2 / max(self.rows, 1)
         return 1.0 - sse / sst if sst > 0 else 1.0
 
 
@@ -734,7 +743,7 @@ class LinearAGRecorder:
                 continue
             eq, b = self.held[j], torch.tensor(beta, dtype=torch.float64)
             diff, norm = self.held_cond[j]
-            errs[key] = {"r2": round(eq.r2(b), 6), "rel_err": round(math.sqrt(max(eq.sse(b), 0.0) / eq.yty), 6),
+            errs[key] = {"r2": round(eq.r2(b), 6), "rel_err": round(math.sqrt(max(eq.sse(b), 0.0) / float(eq.yty)), 6),
                          "rel_err_cond_only": round(math.sqrt(diff / norm), 6)}
         return errs
 
