@@ -179,11 +179,13 @@ class HastenPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        p = next(self.transformer.parameters(), None)
+        return torch.device("cpu") if p is None else p.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        p = next(self.transformer.parameters(), None)
+        return torch.float32 if p is None else p.dtype
 
     def initial_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Noise drawn on the CPU (the same images on every device for a seed), then moved to the model's
