@@ -369,6 +369,26 @@ class Handle:
         p = next(iter(self.transformer.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def compile(self, **compile_kwargs: Any) -> Handle:
+        """Regional ``torch.compile`` under hasten's hooks: each block's own computation (what runs below
+        every hasten hook of that block) is compiled; hasten's decisions stay eager around it, so no
+        decision is traced, guarded or recompiled per step. Supported order: ``accelerate`` first, then
+        ``handle.compile(...)`` (``compile_kwargs`` go to ``torch.compile``; default backend inductor).
+        Compiling the whole transformer over hasten's hooks is not supported (dynamo would trace the
+        per-call decisions). ``disable()`` removes the compiled functions with the hooks."""
+        for spec in self.blocks():
+            registry = spec.module.__dict__.get("_diffusers_hook")
+            names = [] if registry is None else [n for n in registry._hook_order if n.startswith(HOOK_NAME)]
+            if not names:  # no block method on this block: a pass-through hook to compile under
+                self.wrap_block(spec.module, lambda inner, *a, **k: inner(*a, **k), spec.name)
+                registry = spec.module.__dict__["_diffusers_hook"]
+                names = [n for n in registry._hook_order if n.startswith(HOOK_NAME)]
+            ref = registry.hooks[names[0]].fn_ref  # the innermost hasten hook
+            eager = ref.original_forward
+            ref.original_forward = torch.compile(eager, **compile_kwargs)
+            self._undo.append(lambda ref=ref, eager=eager: setattr(ref, "original_forward", eager))
+        return self
+
     # ------------------------------------------------------------------ install / undo
     def _install_core(self) -> None:
         tr = self.transformer
