@@ -6,21 +6,17 @@ import json
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 import hasten
 from hasten.plans import save_plan
 from hasten.specs import accelerate_from_specs, parse_spec
-from hasten.testing import run_cli
+from hasten.testing import run_cli, tiny_dit_pipe
 
 STEPS = 6
 
 
 def tiny_pipe(seed: int = 0) -> hasten.HastenPipeline:
-    torch.manual_seed(seed)
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
-                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-    return hasten.HastenPipeline(tr, guidance_scale=2.0)
+    return tiny_dit_pipe(guidance_scale=2.0, seed=seed)
 
 
 def sample(pipe, seed=0, labels=(0, 1, 2)):
@@ -204,3 +200,37 @@ def test_cli_calibrate_and_generate(tmp_path, capsys):
         code, stdout, err = run_cli(capsys, *args)
         assert code == 2, (args, stdout, err)
         assert err.count("\n") == 1 and err.startswith("error:") and "Traceback" not in err
+
+
+def test_log_is_bounded_and_handle_is_exported():
+    pipe = tiny_pipe()
+    h = hasten.hooks.attach(pipe, log_limit=4)
+    try:
+        sample(pipe)
+        rep = h.report()
+    finally:
+        h.disable()
+    assert rep["calls"] == STEPS and [e["call"] for e in rep["log"]] == [2, 3, 4, 5]  # the newest 4
+    assert hasten.Handle is type(h) and "Handle" in hasten.__all__
+
+
+def test_nfe_counts_rows_per_sample_for_batched_guidance_without_any_method():
+    """A diffusers-style batched CFG call (identical halves) counts 2 per sample, with or without AG."""
+    pipe = tiny_pipe()
+    tr = pipe.transformer
+    x = torch.randn(3, 1, 8, 8)
+    with hasten.accelerate(tr) as h, torch.no_grad():
+        for t in (900.0, 500.0):
+            tr(torch.cat([x, x]), timestep=torch.full((6,), t), class_labels=torch.tensor([10] * 3 + [1, 2, 3]))
+        assert h.report()["nfe"] == 4
+    with hasten.accelerate(tr) as h, torch.no_grad():
+        for t in (900.0, 500.0):  # three different samples: one row each
+            tr(torch.randn(3, 1, 8, 8), timestep=torch.full((3,), t), class_labels=torch.tensor([1, 2, 3]))
+        assert h.report()["nfe"] == 2
+
+
+def test_two_guidance_methods_together_are_refused(tmp_path):
+    pipe = tiny_pipe()
+    with pytest.raises(hasten.HastenError, match="both shrink the guidance batch"):
+        hasten.accelerate(pipe, hasten.AdaptiveGuidance(threshold=0.9), hasten.LinearAG(plan={"x": 1}))
+    assert "_diffusers_hook" not in pipe.transformer.__dict__  # nothing was installed

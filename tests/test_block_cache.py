@@ -8,21 +8,18 @@ import random
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 import hasten
 from hasten.methods.block_cache import ideal_speedup, schedule_from_changes
 from hasten.plans import check_call_timestep, save_plan
+from hasten.testing import tiny_dit_pipe
 
 STEPS = 8
 LABELS = list(range(10))
 
 
 def tiny_pipe(seed: int = 0, layers: int = 3) -> hasten.HastenPipeline:
-    torch.manual_seed(seed)
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
-                               num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-    return hasten.HastenPipeline(tr, guidance_scale=3.0)
+    return tiny_dit_pipe(layers=layers, seed=seed)
 
 
 def sample(pipe, seed=0, steps=STEPS, solver="euler", labels=LABELS):

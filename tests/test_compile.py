@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 import hasten
+from hasten.testing import tiny_dit_pipe
 
 STEPS = 6
 LABELS = list(range(10))
@@ -16,10 +16,7 @@ LABELS = list(range(10))
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
-                               num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-    return hasten.HastenPipeline(tr, guidance_scale=3.0)
+    return tiny_dit_pipe(layers=3)
 
 
 def sample(pipe, seed=0):

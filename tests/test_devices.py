@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 import hasten
 from hasten.methods.guidance import NormalEquations
+from hasten.testing import tiny_dit_pipe
 
 STEPS = 6
 LABELS = list(range(10))
 
 
 def tiny_pipe(dtype=torch.float32, device="cpu") -> hasten.HastenPipeline:
-    torch.manual_seed(0)
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=1,
-                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-    return hasten.HastenPipeline(tr.to(device, dtype), guidance_scale=3.0)
+    return tiny_dit_pipe(dtype=dtype, device=device)
 
 
 def sample(pipe, seed=0):

@@ -16,14 +16,13 @@ from hasten.pipeline import (
     sample_euler,
     sample_heun,
 )
+from hasten.testing import tiny_dit_pipe
 
 
 def tiny_pipe(seed: int = 0) -> HastenPipeline:
-    torch.manual_seed(seed)
-    t = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                              num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                              norm_num_groups=16)
-    return HastenPipeline(t, guidance_scale=2.0, name="tiny")
+    pipe = tiny_dit_pipe(head_dim=8, guidance_scale=2.0, seed=seed, norm_num_groups=16)
+    pipe.name = "tiny"
+    return pipe
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -24,3 +24,20 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         sys.argv = old
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def tiny_dit_pipe(layers: int = 2, head_dim: int = 16, guidance_scale: float = 3.0, seed: int = 0,
+                  dtype=None, device: str = "cpu", **config):
+    """A class-conditional ``HastenPipeline`` over a tiny random ``DiTTransformer2DModel`` (8x8x1 images,
+    16 tokens, 10 classes): the model most of hasten's tests run on. ``config`` overrides the DiT config."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    from .pipeline import HastenPipeline
+
+    torch.manual_seed(seed)
+    cfg = dict(num_attention_heads=2, attention_head_dim=head_dim, in_channels=1, out_channels=1, num_layers=layers,
+               sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    cfg.update(config)
+    tr = DiTTransformer2DModel(**cfg).to(device, dtype)
+    return HastenPipeline(tr, guidance_scale=guidance_scale)
