@@ -209,8 +209,10 @@ def make_batches(samples: int, batch_size: int, seed: int, num_classes: int) -> 
 
 def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], warmup: Batch | None = None,
                     timer: Callable[[], float] = time.perf_counter, rss: Any = None,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Measurement]:
-    """Set up every configuration, warm each up, then time batch k of every configuration in turn."""
+                    progress: Callable[[str], None] | None = None, abba: bool = False) -> dict[str, Measurement]:
+    """Set up every configuration, warm each up, then time batch k of every configuration in turn
+    (``abba``: in reverse order on odd batches, A B, B A, ..., so that a configuration's position in a
+    repetition does not favour it: what a small overhead needs)."""
     say = progress or (lambda _msg: None)
     rss = rss if rss is not None else NoRss()
     out = {c.name: Measurement(c.name) for c in configs}
@@ -232,7 +234,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 say(f"  {c.name}: {m.error}")
         for k, batch in enumerate(batches):
             say(f"batch {k + 1}/{len(batches)}")
-            for c in configs:
+            for c in (configs[::-1] if abba and k % 2 else configs):
                 p, m = prepared.get(c.name), out[c.name]
                 if p is None or m.error is not None:
                     continue
