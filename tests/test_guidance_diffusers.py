@@ -182,3 +182,20 @@ def test_unknown_pipeline_is_a_clear_error():
 
     with pytest.raises(HastenError, match="do not know how OtherPipeline"):
         accelerate(OtherPipeline(), AdaptiveGuidance())
+
+
+def test_calibration_runs_on_a_class_conditional_diffusers_pipeline():
+    """DiTPipeline takes class_labels=, not prompt=: calibration calls it the way it takes its conditions."""
+    import hasten
+
+    pipe, _ = build_dit()
+    pipe.set_progress_bar_config(disable=True)
+    plan = hasten.calibrate(pipe, hasten.BlockCache(delta=0.5), labels=list(range(8)), seeds=(1, 2), steps=STEPS,
+                            guidance_scale=4.0)
+    assert plan["calls"] == STEPS and plan["scheduler"]["class"] == "DDIMScheduler" and plan["guidance_scale"] == 4.0
+    ag = hasten.calibrate(pipe, AdaptiveGuidance(min_psnr=20.0), labels=list(range(8)), seeds=(1, 2), steps=STEPS,
+                          guidance_scale=4.0)
+    assert ag["calibration"]["met"] and ag["threshold"] <= 2.0
+    with accelerate(pipe, hasten.BlockCache(plan=plan), AdaptiveGuidance(plan=ag)) as h:
+        pipe(class_labels=[1, 2], num_inference_steps=STEPS, guidance_scale=4.0, output_type="pt")
+        assert h.report()["runs"] == 1

@@ -16,6 +16,7 @@ written in :mod:`hasten.hooks`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,8 +60,9 @@ def accelerate(target: Any, *methods: Any, blocks: Sequence | None = None) -> Ha
 class CalibrationRun:
     """How to run full-compute samples for calibration: one ``run(seed)`` per seed.
 
-    hasten pipeline: one batch with every label per seed. diffusers pipeline: ``pipe(prompt=prompts,
-    num_inference_steps=steps, generator=..., output_type="latent")`` per seed.
+    hasten pipeline: one batch with every label per seed. diffusers pipeline: ``pipe(prompt=prompts, ...)`` or
+    ``pipe(class_labels=labels, ...)`` (whichever it takes), ``num_inference_steps=steps``, a generator
+    seeded with the seed and ``output_type="latent"`` where the pipeline has one, per seed.
     """
 
     target: Any
@@ -78,16 +80,11 @@ class CalibrationRun:
     def run(self, seed: int) -> Any:
         if self.runner is not None:
             return self.runner(int(seed))
-        gen = torch.Generator().manual_seed(int(seed))
         if self.kind == "hasten":
-            return self.target(self.conditions, num_inference_steps=self.steps,
-                               guidance_scale=self.guidance_scale, generator=gen, schedule=self.schedule,
+            return self.target(self.conditions, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                               generator=torch.Generator().manual_seed(int(seed)), schedule=self.schedule,
                                solver=self.solver)
-        kwargs = dict(self.pipeline_kwargs)
-        if self.guidance_scale is not None:
-            kwargs["guidance_scale"] = self.guidance_scale
-        return self.target(prompt=list(self.conditions), num_inference_steps=self.steps, generator=gen,
-                           output_type="latent", **kwargs)
+        return self._diffusers_call(seed, "latent")
 
     def images(self, seed: int) -> torch.Tensor:
         """One run's output as images in [0, 1] (what PSNR targets are measured on): hasten's pipeline
@@ -97,12 +94,24 @@ class CalibrationRun:
             return torch.as_tensor(self.runner(int(seed)))
         if self.kind == "hasten":
             return self.run(seed).images
-        gen = torch.Generator().manual_seed(int(seed))
+        return self._diffusers_call(seed, "pt").images
+
+    def _diffusers_call(self, seed: int, output_type: str) -> Any:
+        """``pipe(prompt=...)`` for text-conditioned pipelines, ``pipe(class_labels=...)`` for class-conditional
+        ones (``DiTPipeline``): whichever the pipeline's ``__call__`` takes for these conditions."""
+        params = inspect.signature(type(self.target).__call__).parameters
+        labels = all(isinstance(c, int) for c in self.conditions)
+        key = "class_labels" if labels and "class_labels" in params else "prompt"
+        if key not in params:
+            raise HastenError(f"{type(self.target).__name__} takes neither prompt= nor class_labels=: pass "
+                              "runner=fn to hasten.calibrate (fn(seed) runs the pipeline once)")
         kwargs = dict(self.pipeline_kwargs)
         if self.guidance_scale is not None:
             kwargs["guidance_scale"] = self.guidance_scale
-        return self.target(prompt=list(self.conditions), num_inference_steps=self.steps, generator=gen,
-                           output_type="pt", **kwargs).images
+        if "output_type" in params:
+            kwargs["output_type"] = output_type if output_type != "latent" or key == "prompt" else "pt"
+        return self.target(**{key: list(self.conditions)}, num_inference_steps=self.steps,
+                           generator=torch.Generator().manual_seed(int(seed)), **kwargs)
 
     def run_all(self) -> None:
         for s in self.seeds:
@@ -150,11 +159,14 @@ def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: S
         conds = list(range(target.num_classes)) if labels is None else [int(x) for x in labels]
         target.check_labels(conds)
         need = min(MIN_CONDITIONS, target.num_classes)
+    elif labels is not None and prompts is None:  # a class-conditional diffusers pipeline (DiTPipeline)
+        conds, need = [int(x) for x in labels], MIN_CONDITIONS
     else:
         if prompts is None and hasattr(target, "calibration_prompts"):
             prompts = target.calibration_prompts()  # an embedded text-to-image model knows its domain
         if prompts is None:
-            raise HastenError("calibrating a diffusers pipeline needs prompts=[...] (at least 8)")
+            raise HastenError("calibrating a diffusers pipeline needs prompts=[...] (or labels=[...] for a "
+                              "class-conditional one), at least 8")
         conds, need = list(prompts), MIN_CONDITIONS
     _check_counts(conds, need, seeds, steps)
     seeds = [int(s) for s in seeds]
