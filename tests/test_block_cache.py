@@ -332,3 +332,11 @@ def test_delta_without_a_plan_calibrates_on_the_first_run(pipe, tmp_path, caplog
         again = sample(pipe, seed=1)
         assert h.report()["methods"]["block-cache"]["reused"] == rep["reused"]
     assert torch.equal(again, second)
+
+
+def test_scale_shift_time_features_see_unit_timesteps_on_the_0_1000_scale():
+    from hasten.methods.block_cache.runtime import time_scale
+
+    assert time_scale({"timesteps": [1.0, 0.75, 0.5]}) == 1000.0  # Flux-style t / 1000
+    assert time_scale({"timesteps": [999.0, 500.0]}) == 1.0
+    assert time_scale(None) == 1.0

@@ -266,8 +266,8 @@ def build_sana() -> tuple[Any, Run]:
     e = _embeds()
 
     def run(seed: int) -> torch.Tensor:
-        return pipe(prompt_embeds=e["pe"], prompt_attention_mask=e["mask"], negative_prompt_embeds=e["ne"],
-                    negative_prompt_attention_mask=e["mask"], height=256, width=256, use_resolution_binning=False,
+        return pipe(negative_prompt=None, prompt_embeds=e["pe"], prompt_attention_mask=e["mask"],
+                    negative_prompt_embeds=e["ne"], negative_prompt_attention_mask=e["mask"], height=256, width=256, use_resolution_binning=False,
                     num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent",
                     generator=_gen(seed)).images
 

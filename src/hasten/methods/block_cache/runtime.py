@@ -210,6 +210,13 @@ class _Block:
 
 
 # --------------------------------------------------------------------------- install
+def time_scale(plan: dict | None) -> float:
+    """Factor that brings the transformer's timesteps to the 0-1000 range the scale-shift features assume:
+    1000 for models called with t in [0, 1] (Flux, QwenImage and other pipelines pass t / 1000), else 1."""
+    ts = [abs(t) for t in (plan or {}).get("timesteps", []) if t is not None]
+    return 1000.0 if ts and max(ts) <= 1.5 else 1.0
+
+
 def resolve_masks(cfg: BlockCache, handle) -> tuple[list[list[bool]], dict | None]:
     """The compute masks for ``cfg`` on ``handle``'s transformer, and the plan (if any)."""
     if cfg.plan is not None:
@@ -290,7 +297,7 @@ def install(handle, cfg: BlockCache) -> None:
         masks = [[] for _ in blocks]  # no schedule yet: every call computes every block
     if len(masks) != len(blocks):
         raise HastenError(f"the schedule has {len(masks)} blocks but the model has {len(blocks)}")
-    shared: dict[str, Any] = {"decisions": None, "measure": bool(cfg.measure)}
+    shared: dict[str, Any] = {"decisions": None, "measure": bool(cfg.measure), "time_scale": time_scale(plan)}
     states = [_Block(handle, i, spec, masks[i], shared) for i, spec in enumerate(blocks)]
     calibration: dict[str, Any] = {}
     if first_run:
