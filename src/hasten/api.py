@@ -113,10 +113,6 @@ class CalibrationRun:
         return self.target(**{key: list(self.conditions)}, num_inference_steps=self.steps,
                            generator=torch.Generator().manual_seed(int(seed)), **kwargs)
 
-    def run_all(self) -> None:
-        for s in self.seeds:
-            self.run(s)
-
     def plan_fields(self) -> dict:
         gs = self.guidance_scale
         if gs is None:

@@ -271,8 +271,3 @@ def run_one(p: Prepared, batch: Batch) -> torch.Tensor:
         p.start_run()
     gen = torch.Generator().manual_seed(batch.seed)
     return p.sample(batch.labels, gen)
-
-
-def only_names(configs: Iterable[BenchConfig], names: Iterable[str]) -> list[BenchConfig]:
-    keep = set(names)
-    return [c for c in configs if c.name in keep]

@@ -8,7 +8,6 @@ type; the CLI (``hasten.specs``) finds it by name.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +40,7 @@ class MethodInfo:
 REGISTRY: dict[str, MethodInfo] = {}
 LEVELS = {"call": 0, "block": 1, "token": 2}
 
-# Method modules imported on first use (a module that exists but fails to import raises normally).
-METHOD_MODULES = ("block_cache", "guidance", "flexidit")
+METHOD_MODULES = ("block_cache", "guidance")  # imported on first use (they register themselves)
 
 
 def register(info: MethodInfo) -> MethodInfo:
@@ -52,8 +50,7 @@ def register(info: MethodInfo) -> MethodInfo:
 
 def load_all() -> dict[str, MethodInfo]:
     for mod in METHOD_MODULES:
-        if importlib.util.find_spec(f"{__name__}.{mod}") is not None:
-            importlib.import_module(f"{__name__}.{mod}")
+        importlib.import_module(f"{__name__}.{mod}")
     return REGISTRY
 
 
