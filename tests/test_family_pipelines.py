@@ -26,15 +26,9 @@ from hasten.testing_pipelines import BUILDERS, SEPARATE, STEPS, count_block_call
 
 torch.set_num_threads(1)
 
-# Pipelines that call ``scheduler.set_timesteps(sigmas=...)`` through diffusers' ``retrieve_timesteps``,
-# which first checks that the signature of ``set_timesteps`` has a ``sigmas`` parameter.
-PASS_SIGMAS = {"flux", "hunyuanvideo", "ltx", "mochi", "qwenimage"}
-# Pipelines that batch [uncond; cond] inside ``cache_context("cond_uncond")``.
-COND_UNCOND = {"cogvideox", "ltx", "mochi"}
-
-
 def _signature_hidden() -> bool:
-    """Whether hasten's wrapper of a diffusers pipeline's ``scheduler.set_timesteps`` hides its parameters."""
+    """Whether hasten's wrapper of a diffusers pipeline's ``scheduler.set_timesteps`` hides its parameters
+    (diffusers' ``retrieve_timesteps`` reads them before passing ``sigmas=``)."""
     target = SimpleNamespace(transformer=torch.nn.Linear(2, 2), scheduler=FlowMatchEulerDiscreteScheduler())
     handle = hasten.accelerate(target)
     try:
@@ -43,18 +37,7 @@ def _signature_hidden() -> bool:
         handle.disable()
 
 
-SIGNATURE_BUG = ("hasten wraps scheduler.set_timesteps as (*a, **k), so diffusers' retrieve_timesteps refuses "
-                 "sigmas= ('does not support custom sigmas schedules') under hasten")
-_HIDDEN = _signature_hidden()
-
-
-def _family(name: str):
-    marks = [pytest.mark.xfail(_HIDDEN and name in PASS_SIGMAS, reason=SIGNATURE_BUG, raises=ValueError,
-                               strict=True)]
-    return pytest.param(name, marks=marks, id=name)
-
-
-@pytest.fixture(scope="module", params=[_family(n) for n in BUILDERS])
+@pytest.fixture(scope="module", params=list(BUILDERS))
 def family(request):
     """(name, pipe, run, reference output, calibrated plan, number of blocks, streams per run)."""
     name = request.param
@@ -119,17 +102,14 @@ def test_block_cache_with_adaptive_guidance_on_separate_calls(family):
     assert torch.isfinite(out).all() and not torch.equal(out, f.ref)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    n in COND_UNCOND, strict=True, reason="a batched guidance call inside cache_context('cond_uncond') is "
-    "not recognised when counting samples, so its NFE is halved")) if n in COND_UNCOND else _family(n)
-    for n in BUILDERS])
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_plain_nfe_counts_both_branches(name):
+    """Batched (also inside cache_context("cond_uncond"): CogVideoX, LTX, Mochi) or separate calls: 2 per step."""
     pipe, run = BUILDERS[name]()
     with hasten.accelerate(pipe) as h:
         run(0)
         assert h.report()["nfe"] == 2 * STEPS
 
 
-@pytest.mark.xfail(strict=True, reason=SIGNATURE_BUG)
 def test_set_timesteps_keeps_its_signature():
     assert not _signature_hidden()

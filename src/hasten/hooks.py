@@ -65,7 +65,8 @@ in Heun or a second branch, is not a new run).
 run, whatever is installed: a CFG step counts 2 whether the branches are batched or separate calls.
 Samples per run: the number of labels for hasten's pipeline; otherwise the rows of the run's first
 call, halved when that call is a batched guidance call (its two halves of ``hidden_states`` are
-identical, as every diffusers pipeline builds them with ``cat([latents] * 2)``).
+identical, as every diffusers pipeline builds them with ``cat([latents] * 2)``; in no context or in
+a batched one such as LTX's ``"cond_uncond"``).
 
 **Log.** ``report()["log"]`` holds one entry per call, the newest ``log_limit`` (default 10,000) only.
 """
@@ -89,6 +90,7 @@ from .errors import HastenError
 _MISSING = object()
 HOOK_NAME = "hasten"
 LOG_LIMIT = 10_000
+SEPARATE_BRANCHES = ("cond", "uncond")  # cache-context names of guidance branches sent as separate calls
 
 
 def _arg_position(fn: Callable, name: str) -> int | None:
@@ -408,6 +410,7 @@ class Handle:
             pipe = self.pipeline
             orig_vfn = pipe.velocity_fn
 
+            @functools.wraps(orig_vfn)
             def velocity_fn(labels, *a, **k):
                 self.reset(num_samples=len(labels))
                 gs = a[0] if a else k.get("guidance_scale")
@@ -419,6 +422,7 @@ class Handle:
             sched = self.pipeline.scheduler
             orig_st = sched.set_timesteps
 
+            @functools.wraps(orig_st)  # diffusers' retrieve_timesteps reads its signature (sigmas=, timesteps=)
             def set_timesteps(*a, **k):
                 self.reset()
                 gs = getattr(self.pipeline, "_guidance_scale", None)  # set by diffusers pipelines' __call__
@@ -489,7 +493,8 @@ class Handle:
         if not self._first_batch:
             self._first_batch = rows
             if self.num_samples is None:
-                self.num_samples = rows // 2 if branch is None and is_batched_guidance(hs) else rows
+                batched = branch not in SEPARATE_BRANCHES and is_batched_guidance(hs)  # e.g. "cond_uncond"
+                self.num_samples = rows // 2 if batched else rows
         stream = (branch, rows)
         n = self._stream_calls.get(stream, 0)
         self._stream_calls[stream] = n + 1

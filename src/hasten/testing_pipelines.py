@@ -267,9 +267,9 @@ def build_sana() -> tuple[Any, Run]:
 
     def run(seed: int) -> torch.Tensor:
         return pipe(negative_prompt=None, prompt_embeds=e["pe"], prompt_attention_mask=e["mask"],
-                    negative_prompt_embeds=e["ne"], negative_prompt_attention_mask=e["mask"], height=256, width=256, use_resolution_binning=False,
-                    num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent",
-                    generator=_gen(seed)).images
+                    negative_prompt_embeds=e["ne"], negative_prompt_attention_mask=e["mask"], height=256, width=256,
+                    use_resolution_binning=False, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                    output_type="latent", generator=_gen(seed)).images
 
     return pipe, run
 

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from ..errors import HastenError
-from ..hooks import _scalar, attach
+from ..hooks import SEPARATE_BRANCHES, _scalar, attach
 from ..plans import check_call_timestep, check_plan, check_run, load_plan, new_plan, same_guidance, shipped_plans
 
 # --------------------------------------------------------------------------- batch layouts
@@ -296,7 +296,7 @@ def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- method configs
 
 LINEAR_AG = "linear-ag"
-BRANCHES = ("cond", "uncond")  # diffusers' cache-context names of separate branch calls
+BRANCHES = SEPARATE_BRANCHES  # diffusers' cache-context names of separate branch calls
 MIN_TRAJECTORIES = 200
 
 
