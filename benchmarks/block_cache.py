@@ -9,8 +9,9 @@ Protocol (issue 3):
   image with the uncached 50-step image from the same noise;
 - calibration uses other seeds (1000, 1001) and every class; one plan per step count, the schedule
   for each delta is derived from the plan's L1rel curves (Eq. 7);
-- wall time: ``--reps`` interleaved repetitions (every configuration once per repetition, in rotating
-  order) on ``--time-samples`` samples; speedup = median over repetitions of T(uncached) / T(config)
+- wall time: ``--reps`` interleaved repetitions by ``hasten bench``'s engine (every configuration on its
+  own copy, installed once, once per repetition, in rotating order) on ``--time-samples`` samples;
+  speedup = median over repetitions of T(uncached) / T(config)
   within the repetition (the machine's speed drifts between repetitions);
 - overhead: a plan that recomputes every block (delta = 0) against no hooks at all, from
   ``--overhead-pairs`` adjacent pairs of short runs in ABBA order (the machine's speed drifts by
@@ -105,17 +106,35 @@ def hidden_state_error(pipe, method, steps: int, samples: int, batch: int, seed:
     return [round(x / counted, 6) for x in sums]
 
 
+def engine_configs(pipe, named_methods: dict, steps_of: dict, samples: int, batch: int, seed: int) -> list:
+    """One ``hasten bench`` engine configuration per name: its own copy of the pipeline with its method
+    installed once (``None``: no hooks), sampling the first ``samples`` images of the evaluation set."""
+    import copy
+
+    from hasten.eval.bench_harness import BenchConfig, Prepared
+
+    def make(name: str) -> BenchConfig:
+        def setup() -> Prepared:
+            own = copy.deepcopy(pipe)
+            handle = hasten.accelerate(own, named_methods[name]) if named_methods[name] is not None else None
+            return Prepared(sample=lambda _inputs, _gen: M.sample_eval_set(own, samples, steps_of[name], seed=seed,
+                                                                           batch_size=batch)[0],
+                            close=handle.disable if handle is not None else None)
+
+        return BenchConfig(name, "hasten" if named_methods[name] is not None else "baseline", {}, setup)
+
+    return [make(name) for name in named_methods]
+
+
 def overhead_pairs(pipe, method, steps: int, pairs: int, samples: int, seed: int) -> dict:
-    """T(hooks) / T(no hooks) over ``pairs`` back-to-back pairs of short runs, order ABBA."""
-    ratios, cpu_ratios = [], []
-    for k in range(pairs):
-        order = (None, method) if k % 2 == 0 else (method, None)
-        wall, cpu = {}, {}
-        for m in order:
-            _, _, _, (w, c) = sample(pipe, m, steps, samples, samples, seed)
-            wall[m is None], cpu[m is None] = w, c
-        ratios.append(wall[False] / wall[True])
-        cpu_ratios.append(cpu[False] / cpu[True])
+    """T(hooks) / T(no hooks) over ``pairs`` back-to-back pairs of short runs, order ABBA (the engine's)."""
+    from hasten.eval.bench_harness import Batch, run_interleaved
+
+    cfgs = engine_configs(pipe, {"no hooks": None, "hooks": method}, {"no hooks": steps, "hooks": steps},
+                          samples, samples, seed)
+    got = run_interleaved(cfgs, [Batch(None, seed)] * pairs, order="abba")
+    ratios = [h / p for h, p in zip(got["hooks"].times, got["no hooks"].times, strict=True)]
+    cpu_ratios = [h / p for h, p in zip(got["hooks"].cpu_times, got["no hooks"].cpu_times, strict=True)]
     q = statistics.quantiles(ratios, n=4)
     return {"pairs": pairs, "samples": samples, "median_ratio": round(statistics.median(ratios), 4),
             "quartiles": [round(q[0], 4), round(q[2], 4)],
@@ -275,18 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"overhead pairs: {payload['overhead_pairs']}")
 
     # ---------------------------------------------------------------- timing (interleaved)
-    times: dict[str, list[float]] = {name: [] for name, *_ in configs}
-    cpus: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    # hasten bench's engine: every configuration on its own copy, installed once, in rotating order
+    from hasten.eval.bench_harness import Batch, run_interleaved
+
     methods = {name: make_method(plans, s, d, ss) for name, s, d, ss in configs}
-    for rep_i in range(a.reps):
-        order = configs[rep_i % len(configs):] + configs[:rep_i % len(configs)]
-        for name, s, _, _ in order:
-            _, _, _, (wall, cpu) = sample(pipe, methods[name], s, a.time_samples, a.batch, a.seed)
-            times[name].append(wall)
-            cpus[name].append(cpu)
-        payload["timings_partial"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
-        save()
-        log(f"timing repetition {rep_i + 1}/{a.reps} done")
+    timed = run_interleaved(engine_configs(pipe, methods, {name: s for name, s, *_ in configs}, a.time_samples,
+                                           a.batch, a.seed), [Batch(None, a.seed)] * a.reps, order="rotate",
+                            progress=lambda msg: log(f"timing {msg}"))
+    for m in timed.values():
+        if m.error:
+            raise RuntimeError(f"{m.name}: {m.error}")
+    times = {name: m.times for name, m in timed.items()}
+    cpus = {name: m.cpu_times for name, m in timed.items()}
     # speedup = median over repetitions of the paired ratio T(full, rep) / T(config, rep): the machine's
     # speed drifts by tens of percent over minutes, which a ratio of medians would fold into the figure
     def paired(series: dict[str, list[float]], name: str) -> float:

@@ -56,7 +56,7 @@ def measure(model: str, pairs: int) -> dict:
     configs = [BenchConfig("no hooks", "baseline", {}, lambda: Prepared(sampler(pipe, model, steps))),
                BenchConfig("hooks", "hasten", {}, lambda: Prepared(sampler(hooked, model, steps)))]
     batches = [Batch(torch.arange(n), seed) for seed in range(pairs)]
-    measured = run_interleaved(configs, batches, warmup=Batch(torch.arange(n), 10_000), abba=True,
+    measured = run_interleaved(configs, batches, warmup=Batch(torch.arange(n), 10_000), order="abba",
                                progress=lambda msg: print(f"{model}: {msg}", file=sys.stderr))
     rep = handle.report(log=False)
     handle.disable()

@@ -7,11 +7,12 @@ For ``shapes`` the time is end to end (text encoder + denoiser + VAE decode, as 
 runs them) and ``denoiser_share`` is the share of it spent inside the transformer (timed by forward
 hooks), beside the text encoder's and the VAE decoder's shares.
 
-Each batch size runs in its own subprocess. ``peak_rss_mb`` is that process's peak resident memory
-while sampling (a thread polls /proc every 2 ms); ``peak_extra_mb`` is that peak minus the resident
-memory after the model was loaded and warmed up at batch 1, i.e. what sampling itself adds.
-50 Euler steps with CFG (2 rows per image per step), median
-of ``--reps`` timed runs after one warm-up.
+Each batch size runs in its own subprocess, timed by ``hasten bench``'s engine
+(:func:`hasten.eval.bench_harness.run_interleaved`). ``peak_rss_mb`` is that process's peak resident
+memory while sampling (the engine's sampler, every 2 ms); ``peak_extra_mb`` is that peak minus the
+resident memory after the model was loaded and warmed up at batch 1, i.e. what sampling itself adds.
+50 Euler steps with CFG (2 rows per image per step), median of ``--reps`` timed runs after one
+untimed run at full size.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,9 +47,12 @@ def part_timers(pipe) -> dict[str, list[float]]:
 
 
 def measure(batch: int, steps: int, reps: int, threads: int, model: str = "digits") -> dict:
+    """One batch size, timed by ``hasten bench``'s engine (one configuration, ``reps`` repetitions after an
+    untimed one at full size) with its RSS sampler."""
     import torch
 
     from hasten import load_pipeline
+    from hasten.eval.bench_harness import Batch, BenchConfig, Prepared, RssSampler, run_interleaved
 
     torch.set_num_threads(threads)
     pipe = load_pipeline(model)
@@ -61,40 +64,35 @@ def measure(batch: int, steps: int, reps: int, threads: int, model: str = "digit
         parts = part_timers(pipe)
         pipe(conds[:1], num_inference_steps=2)  # warm-up at batch 1
     else:
-        conds = torch.arange(batch) % 10
+        conds = (torch.arange(batch) % 10).tolist()
         pipe([0], num_inference_steps=2)  # warm-up at batch 1
     base = rss_mb()
-    peak, done = [base], threading.Event()
+    shares = []
 
-    def poll() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            time.sleep(0.002)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    times, shares = [], []
-    for r in range(reps + 1):
+    def sample(inputs, gen):
         if text:
             for v in parts.values():
                 v[0] = 0.0
         t0 = time.perf_counter()
-        pipe(conds, num_inference_steps=steps, generator=torch.Generator().manual_seed(r))
-        wall = time.perf_counter() - t0
-        if r:
-            times.append(wall)
-            if text:
-                shares.append({k: v[0] / wall for k, v in parts.items()})
-    done.set()
-    poller.join()
-    peak = peak[0]
-    med = statistics.median(times)
+        out = pipe(inputs, num_inference_steps=steps, generator=gen)
+        if text:
+            wall = time.perf_counter() - t0
+            shares.append({k: v[0] / wall for k, v in parts.items()})
+        return out.images if isinstance(getattr(out, "images", None), torch.Tensor) else torch.zeros(1)
+
+    with RssSampler(interval_s=0.002) as rss:
+        got = run_interleaved([BenchConfig(model, "baseline", {"batch": batch}, lambda: Prepared(sample))],
+                              [Batch(conds, r) for r in range(1, reps + 1)], warmup=Batch(conds, 0), rss=rss)[model]
+    if got.error:
+        raise RuntimeError(got.error)
+    med = statistics.median(got.times)
     row = {"model": model, "batch": batch, "steps": steps, "wall_s_median": med, "images_per_s": batch / med,
-           "peak_rss_mb": peak, "peak_extra_mb": peak - base, "reps": reps}
+           "peak_rss_mb": got.peak_rss_mb, "peak_extra_mb": got.peak_rss_mb - base, "reps": reps}
     if text:
         row["guidance_scale"] = pipe.default_guidance_scale
-        for k in shares[0]:
-            row[f"{k}_share" if k != "denoiser" else "denoiser_share"] = statistics.median(s[k] for s in shares)
+        timed = shares[1:]  # the first entry is the untimed warm-up
+        for k in timed[0]:
+            row[f"{k}_share" if k != "denoiser" else "denoiser_share"] = statistics.median(s[k] for s in timed)
     return row
 
 

@@ -2,15 +2,16 @@
 accelerated side by side.
 
 In one process, on the same prompts and noise, it samples with the plain pipeline and with an
-accelerated one (interleaved repetitions, median wall time, end to end: text encoder, denoiser and
-VAE decode), writes one PNG with the two grids side by side (plain left, accelerated right), and
-prints the speed-up, the denoiser rows per image (NFE), the prompt adherence of both and the
-fidelity (PSNR/SSIM) of the accelerated images to the plain ones.
+accelerated copy through ``hasten bench``'s engine (interleaved repetitions, median wall time, end
+to end: text encoder, denoiser and VAE decode), writes one PNG with the two grids side by side
+(plain left, accelerated right), and prints the speed-up, the denoiser rows per image (NFE), the
+prompt adherence of both and the fidelity (PSNR/SSIM) of the accelerated images to the plain ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 import hasten
+from hasten.eval.bench_harness import Batch, BenchConfig, Prepared, run_interleaved
 from hasten.eval.metrics import psnr, ssim
 from hasten.eval.shapes_eval import eval_scenes, initial_noise, score_images
 from hasten.pipeline import make_grid, save_grid
@@ -47,29 +49,28 @@ def main() -> None:
     configs = configs_from_specs(pipe, specs, steps=args.steps)  # calibrates once where a spec needs it
     print(f"(calibration, once and not timed: {time.perf_counter() - t0:.1f} s)")
 
-    def run(accelerated: bool) -> tuple[torch.Tensor, float, float]:
-        h = hasten.accelerate(pipe, *configs) if accelerated else None
-        try:
-            t = time.perf_counter()
-            images = pipe(prompts, num_inference_steps=args.steps, latents=noise, output_type="pt").images
-            wall = time.perf_counter() - t
-            # transformer rows per image (a CFG step counts 2), whatever is installed
-            nfe = h.report()["rows_sent"] / len(prompts) if h is not None else 2 * args.steps
-            return images, wall, nfe
-        finally:
-            if h is not None:
-                h.disable()
+    # hasten bench's engine: each configuration on its own copy of the pipeline, installed once, warmed up,
+    # then timed in interleaved repetitions (A B, A B, ...) on the same prompts and noise
+    fast_pipe = copy.deepcopy(pipe)
+    handle = hasten.accelerate(fast_pipe, *configs)
 
-    run(False)  # warm-up
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(args.reps):  # interleaved: A B A B ...
-        for acc in (False, True):
-            images, wall, nfe = run(acc)
-            times[acc].append(wall)
-            if acc:
-                fast, fast_nfe = images, nfe
-            else:
-                base, base_nfe = images, nfe
+    def sampler(p):
+        return lambda prompts_, _gen: p(prompts_, num_inference_steps=args.steps, latents=noise,
+                                        output_type="pt").images
+
+    measured = run_interleaved(
+        [BenchConfig("plain", "baseline", {}, lambda: Prepared(sampler(pipe))),
+         BenchConfig("accelerated", "hasten", {"accel": specs}, lambda: Prepared(sampler(fast_pipe)))],
+        [Batch(prompts, 0)] * args.reps, warmup=Batch(prompts, 0))
+    for m in measured.values():
+        if m.error:
+            raise SystemExit(f"error: {m.name}: {m.error}")
+    base, fast = measured["plain"].images[-1], measured["accelerated"].images[-1]
+    # transformer rows per image and run (a CFG step counts 2), from hasten's report
+    rep = handle.report(log=False)
+    fast_nfe, base_nfe = rep["nfe"], 2 * args.steps
+    handle.disable()
+    times = {False: measured["plain"].times, True: measured["accelerated"].times}
     side = torch.cat([make_grid(base, nrow=8), torch.ones(3, make_grid(base, nrow=8).shape[1], 6),
                       make_grid(fast, nrow=8)], dim=2)
     path = save_grid(side[None], args.out / "demo_side_by_side.png", nrow=1, scale=3)

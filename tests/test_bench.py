@@ -101,7 +101,7 @@ def test_interleaving_order_is_a_b_c_per_batch():
                     warmup=make_batches(2, 2, 99, 10)[0], timer=clock)
     assert order == ["A", "B", "C", "A", "B", "C", "A", "B", "C"]  # warm-up row, then batch 0, batch 1
     order.clear()
-    run_interleaved([cfg("A"), cfg("B")], make_batches(6, 2, 0, 10), timer=clock, abba=True)
+    run_interleaved([cfg("A"), cfg("B")], make_batches(6, 2, 0, 10), timer=clock, order="abba")
     assert order == ["A", "B", "B", "A", "A", "B"]  # the order flips on odd batches
 
 

@@ -67,23 +67,41 @@ class _Counter:
 
 def run_interleaved(inputs: list[torch.Tensor], methods: list[Method], clock: Callable[[], float] = time.perf_counter,
                     counters: tuple = (), progress: bool = False) -> dict[str, list[dict]]:
-    """Run every method on every input, rotating the order per input; one record per (method, input).
+    """Run every method on every input through ``hasten bench``'s engine
+    (:func:`hasten.eval.bench_harness.run_interleaved`, order ``rotate``: the method that goes first
+    changes from one input to the next); one record per (method, input).
 
     A record holds ``latency_s`` (clock difference around the whole call), the new ``tokens``, hasten's
     ``stats`` (or None) and ``passes``: forward calls seen by each of ``counters`` during the call.
+    A method that raises stops the benchmark (every answer is needed for the figures).
     """
     from tqdm import tqdm
 
-    records: dict[str, list[dict]] = {m.name: [] for m in methods}
-    for i, x in enumerate(tqdm(inputs, desc="bench-decode", disable=not progress)):
-        r = i % len(methods)
-        for m in methods[r:] + methods[:r]:
+    from ..eval.bench_harness import Batch, BenchConfig, Prepared
+    from ..eval.bench_harness import run_interleaved as engine
+
+    extra: dict[str, list[dict]] = {m.name: [] for m in methods}
+
+    def config(m: Method) -> BenchConfig:
+        def sample(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             before = [c.n for c in counters]
-            t0 = clock()
-            toks, stats = m.run(x, i)
-            dt = clock() - t0
-            records[m.name].append({"latency_s": dt, "tokens": toks, "stats": stats,
-                                    "passes": [c.n - b for c, b in zip(counters, before, strict=True)]})
+            toks, stats = m.run(x, gen.initial_seed())  # the batch's seed is the problem's index
+            extra[m.name].append({"stats": stats, "passes": [c.n - b for c, b in zip(counters, before, strict=True)]})
+            return toks
+
+        return BenchConfig(m.name, "decoding", {}, lambda: Prepared(sample))
+
+    bar = tqdm(total=len(inputs), desc="bench-decode", disable=not progress)
+    measured = engine([config(m) for m in methods], [Batch(x, i) for i, x in enumerate(inputs)], timer=clock,
+                      order="rotate", progress=lambda msg: bar.update(1) if msg.startswith("batch ") else None)
+    bar.close()
+    records: dict[str, list[dict]] = {}
+    for m in methods:
+        got = measured[m.name]
+        if got.error:
+            raise RuntimeError(f"{m.name}: {got.error}")
+        records[m.name] = [{"latency_s": t, "tokens": toks, **e}
+                           for t, toks, e in zip(got.times, got.images, extra[m.name], strict=True)]
     return records
 
 

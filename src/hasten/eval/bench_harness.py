@@ -160,6 +160,7 @@ class Measurement:
 
     name: str
     times: list[float] = field(default_factory=list)  # one per timed batch, in batch order
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds of the same calls
     images: list[torch.Tensor] = field(default_factory=list)
     samples: int = 0
     rows: int = 0
@@ -196,7 +197,9 @@ def paired_speedup(base_times: Sequence[float], times: Sequence[float]) -> float
 
 @dataclass
 class Batch:
-    labels: torch.Tensor
+    """One repetition's inputs (``labels``: class labels, prompts or token ids) and its noise seed."""
+
+    labels: Any
     seed: int
 
 
@@ -207,12 +210,29 @@ def make_batches(samples: int, batch_size: int, seed: int, num_classes: int) -> 
     return [Batch(labels[s:s + batch_size], seed + k) for k, s in enumerate(range(0, samples, batch_size))]
 
 
+ORDERS = ("abc", "abba", "rotate")
+
+
+def _order(configs: Sequence[BenchConfig], k: int, order: str) -> Sequence[BenchConfig]:
+    """The configurations in the order batch ``k`` runs them: ``abc`` (A B C every batch), ``abba``
+    (reversed on odd batches: what a small overhead needs) or ``rotate`` (A B C, B C A, C A B, ...: each
+    configuration equally often first, as the decoding benchmark uses)."""
+    if order == "abba":
+        return configs[::-1] if k % 2 else configs
+    if order == "rotate":
+        r = k % max(len(configs), 1)
+        return [*configs[r:], *configs[:r]]
+    return configs
+
+
 def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], warmup: Batch | None = None,
                     timer: Callable[[], float] = time.perf_counter, rss: Any = None,
-                    progress: Callable[[str], None] | None = None, abba: bool = False) -> dict[str, Measurement]:
-    """Set up every configuration, warm each up, then time batch k of every configuration in turn
-    (``abba``: in reverse order on odd batches, A B, B A, ..., so that a configuration's position in a
-    repetition does not favour it: what a small overhead needs)."""
+                    progress: Callable[[str], None] | None = None, order: str = "abc") -> dict[str, Measurement]:
+    """Set up every configuration, warm each up, then time batch k of every configuration in turn, in the
+    ``order`` of :func:`_order`. A batch's ``labels`` are whatever the configurations' ``sample`` takes
+    (class labels, prompts, a prompt's token ids); outputs are kept (floating ones as float32, on the CPU)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     say = progress or (lambda _msg: None)
     rss = rss if rss is not None else NoRss()
     out = {c.name: Measurement(c.name) for c in configs}
@@ -234,20 +254,23 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 say(f"  {c.name}: {m.error}")
         for k, batch in enumerate(batches):
             say(f"batch {k + 1}/{len(batches)}")
-            for c in (configs[::-1] if abba and k % 2 else configs):
+            for c in _order(configs, k, order):
                 p, m = prepared.get(c.name), out[c.name]
                 if p is None or m.error is not None:
                     continue
                 try:
                     rss.start_window()
+                    c0 = time.process_time()
                     t0 = timer()
                     images = run_one(p, batch)
                     m.times.append(timer() - t0)
+                    m.cpu_times.append(time.process_time() - c0)
                     peak = rss.window_peak_mb()
                     if peak is not None:
                         m.peak_rss_mb = max(m.peak_rss_mb or 0.0, peak)
-                    m.images.append(images.detach().float().cpu())
-                    m.samples += len(batch.labels)
+                    out_k = images.detach().cpu() if torch.is_tensor(images) else images
+                    m.images.append(out_k.float() if torch.is_tensor(out_k) and out_k.is_floating_point() else out_k)
+                    m.samples += len(batch.labels) if hasattr(batch.labels, "__len__") else 1
                 except Exception as e:  # noqa: BLE001
                     m.error = error_text(e)
                     say(f"  {c.name}: {m.error}")
