@@ -80,9 +80,9 @@ def measure(batch: int, steps: int, reps: int, threads: int, model: str = "digit
             shares.append({k: v[0] / wall for k, v in parts.items()})
         return out.images if isinstance(getattr(out, "images", None), torch.Tensor) else torch.zeros(1)
 
-    with RssSampler(interval_s=0.002) as rss:
-        got = run_interleaved([BenchConfig(model, "baseline", {"batch": batch}, lambda: Prepared(sample))],
-                              [Batch(conds, r) for r in range(1, reps + 1)], warmup=Batch(conds, 0), rss=rss)[model]
+    got = run_interleaved([BenchConfig(model, "baseline", {"batch": batch}, lambda: Prepared(sample))],
+                          [Batch(conds, r) for r in range(1, reps + 1)], warmup=Batch(conds, 0),
+                          rss=RssSampler(interval_s=0.002))[model]
     if got.error:
         raise RuntimeError(got.error)
     med = statistics.median(got.times)
