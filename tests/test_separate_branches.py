@@ -147,3 +147,26 @@ def test_block_cache_and_adaptive_guidance_together(wan):
     assert counts == [3, 3] and rep["nfe"] == STEPS + 1
     assert rep["methods"]["block-cache"]["computed"] == [3, 3]
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_scale_shift_trains_on_a_diffusers_pipeline(wan):
+    """Scale-shift distillation through the calibration runner on a pipeline that is not hasten's own: it
+    updates, lowers the held-out error against the uncached model, and the trained parameters load."""
+    from hasten.api import calibration_run
+    from hasten.scale_shift import train_scale_shift
+
+    pipe, run = wan
+    plan = hasten.calibrate(pipe, hasten.BlockCache(delta=0.5), runner=run, seeds=(1, 2), steps=STEPS)
+    delta = 10.0  # every block reused after call 0: the most to align
+    runner = calibration_run(pipe, runner=run, seeds=(0, 1), steps=STEPS)
+    state, info = train_scale_shift(pipe, plan, delta=delta, train_steps=30, lr=3e-3, run=runner)
+    assert info["method"] == "adam-output" and info["trajectories"] >= 1
+    assert info["kept"] and info["val_loss_after"] < info["val_loss_before"]
+    assert any(float(v.abs().sum()) > 0 for v in state.values())
+    ref = run()
+    with hasten.accelerate(pipe, hasten.BlockCache(plan=plan, delta=delta)):
+        plain_err = (run() - ref).pow(2).mean()
+    with hasten.accelerate(pipe, hasten.BlockCache(plan=plan, delta=delta, scale_shift=state)) as h:
+        aligned_err = (run() - ref).pow(2).mean()
+        assert h.report()["methods"]["block-cache"]["scale_shift"]
+    assert torch.isfinite(aligned_err) and aligned_err != plain_err

@@ -135,17 +135,28 @@ def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: S
               runner: Callable[[int], Any] | None = None, **pipeline_kwargs: Any) -> dict:
     """Calibrate ``method`` on ``target`` from full-compute runs; returns the plan (a dict).
 
-    ``labels`` (hasten pipeline, default: every class) or ``prompts`` (diffusers pipeline) are the
-    conditions; at least 8 conditions (or all classes when the model has fewer) and 2 seeds.
-    ``runner(seed)`` replaces the pipeline call (needed for a bare transformer: it runs one sampling
-    loop over the conditions for that seed, calling the model once per denoiser call); ``steps``,
-    ``solver`` and ``schedule`` are then only recorded in the plan. Save the plan with
-    :func:`hasten.plans.save_plan`.
+    ``labels`` (hasten pipeline, default: every class; or a class-conditional diffusers pipeline) or
+    ``prompts`` (text-conditioned diffusers pipeline) are the conditions; at least 8 conditions (or all
+    classes when the model has fewer) and 2 seeds. ``runner(seed)`` replaces the pipeline call (needed for
+    a bare transformer: it runs one sampling loop over the conditions for that seed, calling the model
+    once per denoiser call); ``steps``, ``solver`` and ``schedule`` are then only recorded in the plan.
+    Save the plan with :func:`hasten.plans.save_plan`.
     """
-    kind, transformer, _ = resolve_target(target)
     info = info_for(method)
     if info.calibrate is None:
         raise HastenError(f"{type(method).__name__} needs no calibration")
+    run = calibration_run(target, labels, seeds, steps, solver, schedule, guidance_scale, prompts, runner,
+                          **pipeline_kwargs)
+    return info.calibrate(run, method)
+
+
+def calibration_run(target: Any, labels: Sequence | None = None, seeds: Sequence[int] = (0, 1), steps: int = 50,
+                    solver: str = "euler", schedule: str | None = "linear", guidance_scale: float | None = None,
+                    prompts: Sequence[str] | None = None, runner: Callable[[int], Any] | None = None,
+                    **pipeline_kwargs: Any) -> CalibrationRun:
+    """The checked :class:`CalibrationRun` for ``target`` (see :func:`calibrate` for the arguments): the one
+    runner that calibration and scale-shift training drive, whatever the pipeline."""
+    kind, transformer, _ = resolve_target(target)
     if kind == "transformer" and runner is None:
         raise HastenError("calibrating a bare transformer needs runner=fn (fn(seed) runs one sampling loop); "
                           "or pass a hasten or diffusers pipeline")
@@ -165,10 +176,8 @@ def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: S
                               "class-conditional one), at least 8")
         conds, need = list(prompts), MIN_CONDITIONS
     _check_counts(conds, need, seeds, steps)
-    seeds = [int(s) for s in seeds]
-    run = CalibrationRun(target, kind, transformer, conds, seeds, int(steps), solver, schedule,
-                         guidance_scale, pipeline_kwargs, runner)
-    return info.calibrate(run, method)
+    return CalibrationRun(target, kind, transformer, conds, [int(s) for s in seeds], int(steps), solver, schedule,
+                          guidance_scale, pipeline_kwargs, runner)
 
 
 def _check_counts(conds: Sequence, need: int, seeds: Sequence[int], steps: int) -> None:

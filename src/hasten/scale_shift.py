@@ -1,7 +1,11 @@
-"""Scale-shift training for Block Caching (paper Sec. 3.3) on hasten's class-conditional pipeline.
+"""Scale-shift training for Block Caching (paper Sec. 3.3): distil the per-block, per-stream scale and shift
+of reused residuals from the uncached model.
 
-Not part of the core (it drives ``HastenPipeline``'s own sampler); ``hasten calibrate --method
-block-cache --scale-shift`` and ``block-cache:scale_shift=1`` use it.
+Two drivers, one loss family: :func:`train_scale_shift_any` runs on any pipeline through the
+calibration runner (``hasten.api.calibration_run``: prompts or labels, any scheduler); on hasten's own
+class-conditional pipeline :func:`train_scale_shift` distils the guided velocity instead (and offers the
+block-level least-squares fit). ``hasten calibrate --method block-cache --scale-shift`` and
+``block-cache:scale_shift=1`` use them. Outside the core: the drivers run pipelines.
 """
 
 from __future__ import annotations
@@ -73,8 +77,9 @@ class _LstsqFit:
 
 def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps: int = SS_TRAIN_STEPS,
                       labels: Sequence[int] | None = None, seed: int = 3000, lr: float = SS_LR,
-                      progress=None, method: str = "adam") -> tuple[dict[str, torch.Tensor], dict]:
-    """Distil scale-shift parameters for ``plan`` (at ``delta``) on a hasten pipeline (paper Sec. 3.3).
+                      progress=None, method: str = "adam", run=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Distil scale-shift parameters for ``plan`` (at ``delta``) (paper Sec. 3.3). Any other pipeline than
+    hasten's own goes to :func:`train_scale_shift_any` (``run``: its calibration runner, optional).
 
     Student: the pipeline with Block Caching + scale-shift (zero-initialised = plain caching);
     teacher: the same transformer without caching. Trajectories are always the student's own (its
@@ -102,7 +107,10 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
     from .pipeline import SOLVERS, HastenPipeline, make_schedule
 
     if not isinstance(pipe, HastenPipeline):
-        raise HastenError("scale-shift training runs on a hasten pipeline")
+        if method != "adam":
+            raise HastenError("the least-squares scale-shift fit runs on hasten's own pipeline; use method='adam'")
+        return train_scale_shift_any(pipe, plan, delta=delta, train_steps=train_steps, seed=seed, lr=lr,
+                                     progress=progress, run=run)
     if train_steps < 1:
         raise HastenError(f"--train-steps must be >= 1, got {train_steps}")
     plan = load_plan(plan, METHOD)
@@ -208,4 +216,125 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
     finally:
         handle.disable()
         for n, p in pipe.transformer.named_parameters():
+            p.requires_grad_(grads[n])
+
+
+def zero_state(plan: dict, masks: list[list[bool]]) -> dict[str, torch.Tensor]:
+    """Zero-initialised (= plain caching) scale-shift parameters for every block and stream that is reused."""
+    state: dict[str, torch.Tensor] = {}
+    for i, chans in enumerate(plan["channels"]):
+        if all(masks[i]):
+            continue  # never reused: nothing to align
+        for k, c in enumerate(chans):
+            if c is not None:
+                m = ScaleShift(int(c))
+                state[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone()
+                state[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone()
+    return state
+
+
+def train_scale_shift_any(target, plan: dict, delta: float | None = None, train_steps: int = SS_TRAIN_STEPS,
+                          seed: int = 3000, lr: float = SS_LR, progress=None, run=None,
+                          **run_kwargs) -> tuple[dict[str, torch.Tensor], dict]:
+    """Distil scale-shift parameters for ``plan`` (at ``delta``) on any pipeline (paper Sec. 3.3).
+
+    The pipeline runs with Block Caching + scale-shift (the student, its own trajectories). At every
+    denoiser call where a block is reused, the same call is run again with every block computed (the
+    teacher: the uncached model at the student's input, no copy of the model needed), the loss is the
+    MSE between the two transformer outputs (all rows of the call: both guidance branches), and one Adam
+    step (``lr``) updates the scale-shift parameters only; ``train_steps`` counts updates. Runs come
+    from ``run`` or ``hasten.api.calibration_run(target, seeds=..., steps=plan's, **run_kwargs)``, one
+    seed per trajectory from ``seed`` on; seed ``seed - 1`` is held out: ``val_loss_before/after`` is
+    the mean loss over its reused calls at the zero init and after training, and parameters that do not
+    lower it are not kept (zeros, ``kept: false``). Returns (state dict, training info).
+    """
+    import time
+
+    from .api import accelerate, calibration_run
+    from .methods.guidance import unwrap_output
+
+    if train_steps < 1:
+        raise HastenError(f"--train-steps must be >= 1, got {train_steps}")
+    plan = load_plan(plan, METHOD)
+    delta = plan["delta"] if delta is None else float(delta)
+    masks = schedule_from_changes(plan["l1rel"], delta)
+    state = zero_state(plan, masks)
+    info = {"method": "adam-output", "train_steps": int(train_steps), "lr": lr, "delta": delta, "seed": seed,
+            "val_seed": seed - 1, "val_loss_before": None, "val_loss_after": None}
+    if not state:
+        return state, info
+    if run is None:
+        run = calibration_run(target, seeds=(seed - 1, seed), steps=plan["steps"], **run_kwargs)
+    transformer = run.transformer
+    grads = {n: p.requires_grad for n, p in transformer.named_parameters()}
+    transformer.requires_grad_(False)
+    handle = accelerate(target, BlockCache(plan=plan, delta=delta, scale_shift=state))
+    try:
+        states = handle.block_cache_states
+        shared = states[0].shared
+        params = [p for st in states if st.ss for m in st.ss if m is not None for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        mode = {"train": False, "losses": [], "updates": 0}
+
+        def distil(inner, *args, **kwargs):
+            n = handle.call_index
+            if not handle.primary or n >= len(masks[0]) or all(m[n] for m in masks) or (
+                    mode["train"] and mode["updates"] >= train_steps):
+                return inner(*args, **kwargs)
+            with torch.enable_grad():
+                out = inner(*args, **kwargs)
+                pred, rebuild = unwrap_output(out)
+                shared["bypass"] = True
+                try:
+                    with torch.no_grad():
+                        teacher = unwrap_output(inner(*args, **kwargs))[0]
+                finally:
+                    shared["bypass"] = False
+                loss = torch.nn.functional.mse_loss(pred.float(), teacher.float())
+                if mode["train"]:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    mode["updates"] += 1
+            mode["losses"].append(float(loss.detach()))
+            return rebuild(pred.detach())
+
+        handle.wrap_call(distil, "scale-shift-training")
+
+        def trajectory(traj_seed: int, train: bool) -> list[float]:
+            mode["train"], mode["losses"] = train, []
+            handle.reset()
+            run.run(traj_seed)
+            return mode["losses"]
+
+        t0, traj = time.perf_counter(), 0
+        val = trajectory(seed - 1, False)
+        val_before = sum(val) / max(1, len(val))
+        while mode["updates"] < train_steps:
+            before = mode["updates"]
+            trajectory(seed + traj, True)
+            traj += 1
+            if mode["updates"] == before:
+                raise HastenError("no denoiser call reused a block: nothing to train at this delta")
+            if progress is not None:
+                progress(f"scale-shift: {mode['updates']}/{train_steps} updates")
+        val = trajectory(seed - 1, False)
+        val_after = sum(val) / max(1, len(val))
+        trained = {}
+        for i, st in enumerate(states):
+            for k, m in enumerate(st.ss or []):
+                if m is not None:
+                    trained[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone().contiguous()
+                    trained[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone().contiguous()
+        kept = val_after < val_before
+        if not kept:  # never ship parameters that do worse than plain caching on held-out data
+            trained = {k: torch.zeros_like(v) for k, v in trained.items()}
+        info.update(val_loss_before=round(val_before, 8), val_loss_after=round(val_after, 8), kept=kept,
+                    trajectories=traj, seconds=round(time.perf_counter() - t0, 1))
+        return trained, info
+    finally:
+        handle.disable()
+        for n, p in transformer.named_parameters():
             p.requires_grad_(grads[n])

@@ -52,7 +52,7 @@ def block_cache_cli_calibrate(run, options: dict, out: Path) -> dict:
         from safetensors.torch import save_file
 
         steps = int(options.get("train_steps") or SS_TRAIN_STEPS)
-        state, info = train_scale_shift(run.target, plan, train_steps=steps, labels=run.conditions)
+        state, info = train_scale_shift(run.target, plan, train_steps=steps, labels=run.conditions, run=run)
         ss_path = Path(out).with_suffix(".scale_shift.safetensors")
         atomic_write(ss_path, lambda tmp: save_file(state, tmp))
         plan["scale_shift_file"] = ss_path.name

@@ -105,8 +105,8 @@ class _Block:
 
     def __call__(self, orig, *args, **kwargs):
         h = self.handle
-        if not h.primary:
-            return orig(*args, **kwargs)  # an extra call of another batch size: computed in full
+        if not h.primary or self.shared["bypass"]:
+            return orig(*args, **kwargs)  # an extra call of another batch size, or a teacher pass: in full
         n = h.call_index
         rows = h.active_rows
         self.slot = self.slots.get(h.stream)
@@ -297,7 +297,8 @@ def install(handle, cfg: BlockCache) -> None:
         masks = [[] for _ in blocks]  # no schedule yet: every call computes every block
     if len(masks) != len(blocks):
         raise HastenError(f"the schedule has {len(masks)} blocks but the model has {len(blocks)}")
-    shared: dict[str, Any] = {"decisions": None, "measure": bool(cfg.measure), "time_scale": time_scale(plan)}
+    shared: dict[str, Any] = {"decisions": None, "measure": bool(cfg.measure), "time_scale": time_scale(plan),
+                              "bypass": False}  # bypass: every block computes, caches untouched (a teacher pass)
     states = [_Block(handle, i, spec, masks[i], shared) for i, spec in enumerate(blocks)]
     calibration: dict[str, Any] = {}
     if first_run:
