@@ -37,12 +37,11 @@ from .bench_harness import (
     Prepared,
     RssSampler,
     Unavailable,
-    WorkCounter,
     error_text,
     make_batches,
     paired_speedup,
+    run_in_turn,
     run_interleaved,
-    run_one,
 )
 from .bench_peers import (
     DIFFUSERS_KINDS,
@@ -441,51 +440,30 @@ def realistic_configs(steps: int = REALISTIC_STEPS, num_blocks: int = 28, peers:
 def run_shared(pipe: HastenPipeline, configs: Sequence[SharedConfig], steps: int, batch: Batch,
                timer: Callable[[], float] = time.perf_counter, progress: Callable[[str], None] | None = None
                ) -> list[dict]:
-    """Each configuration in turn on ``pipe``: a baseline run, then install, one run, uninstall.
+    """Records for ``configs`` installed in turn on ``pipe`` (the engine's :func:`run_in_turn` mode)."""
 
-    The speedup of a configuration is its paired ratio with the baseline run just before it.
-    """
-    say = progress or (lambda _m: None)
-    counter = WorkCounter(pipe.transformer)
-    base = Prepared(sample=_sampler(pipe, steps))
-    run_one(base, batch)  # warm-up
-    base_times: list[float] = []
-    base_m = Measurement(f"cfg @{steps}")
-    records = []
-    with RssSampler() as rss:
-        for c in configs:
-            say(f"realistic: {c.name}")
-            counter.reset()
-            rss.start_window()
-            t0 = timer()
-            run_one(base, batch)
-            base_times.append(timer() - t0)
-            base_m.peak_rss_mb = max(base_m.peak_rss_mb or 0.0, rss.window_peak_mb())
-            base_m.rows, base_m.block_rows = counter.rows, (counter.attn_rows + counter.ff_rows) / 2
-            uninstall = None
-            try:
-                own, start, uninstall = c.install(pipe)
-                counter.reset()
-                rss.start_window()
-                t0 = timer()
-                run_one(Prepared(sample=_sampler(own, steps), start_run=start), batch)
-                t = timer() - t0
-                n = len(batch.labels)
-                records.append(new_record(
-                    c.name, c.family, c.params, wall_s_median=_round(t, 4),
-                    speedup=_round(base_times[-1] / t, 4), nfe=_round(counter.rows / n, 4),
-                    block_evals=_round((counter.attn_rows + counter.ff_rows) / 2 / n, 4),
-                    peak_rss_mb=_round(rss.window_peak_mb(), 1)))
-            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                records.append(new_record(c.name, c.family, c.params, error=error_text(e)))
-                say(f"  {records[-1]['error']}")
-            finally:
-                if uninstall is not None:
-                    uninstall()
-    counter.remove()
+    def installer(c: SharedConfig) -> Callable[[], tuple[Prepared, Callable[[], None]]]:
+        def install() -> tuple[Prepared, Callable[[], None]]:
+            own, start, uninstall = c.install(pipe)
+            return Prepared(sample=_sampler(own, steps), start_run=start), uninstall
+
+        return install
+
+    base_m, measured = run_in_turn(Prepared(sample=_sampler(pipe, steps)), [(c.name, installer(c)) for c in configs],
+                                   batch, pipe.transformer, timer, progress)
     n = len(batch.labels)
-    ref = new_record(base_m.name, "baseline", {"steps": steps, "guidance": "cfg"},
-                     wall_s_median=_round(statistics.median(base_times), 4) if base_times else None,
+    records = []
+    for k, c in enumerate(configs):
+        m = measured[c.name]
+        if m.error or not m.times:
+            records.append(new_record(c.name, c.family, c.params, error=m.error))
+            continue
+        t = m.times[0]
+        records.append(new_record(
+            c.name, c.family, c.params, wall_s_median=_round(t, 4), speedup=_round(base_m.times[k] / t, 4),
+            nfe=_round(m.rows / n, 4), block_evals=_round(m.block_rows / n, 4), peak_rss_mb=_round(m.peak_rss_mb, 1)))
+    ref = new_record(f"cfg @{steps}", "baseline", {"steps": steps, "guidance": "cfg"},
+                     wall_s_median=_round(statistics.median(base_m.times), 4) if base_m.times else None,
                      speedup=1.0, nfe=_round(base_m.rows / n, 4), block_evals=_round(base_m.block_rows / n, 4),
                      peak_rss_mb=_round(base_m.peak_rss_mb, 1))
     return [ref, *records]

@@ -294,3 +294,51 @@ def run_one(p: Prepared, batch: Batch) -> torch.Tensor:
         p.start_run()
     gen = torch.Generator().manual_seed(batch.seed)
     return p.sample(batch.labels, gen)
+
+
+def run_in_turn(base: Prepared, configs: Sequence[tuple[str, Callable[[], tuple[Prepared, Callable[[], None]]]]],
+                batch: Batch, counter_model: nn.Module | None = None, timer: Callable[[], float] = time.perf_counter,
+                progress: Callable[[str], None] | None = None) -> tuple[Measurement, dict[str, Measurement]]:
+    """The engine's mode for a model too big to copy: each configuration in turn on the one model, as
+    ``(name, install)`` with ``install() -> (prepared, uninstall)``: a baseline run, then install, one
+    run, uninstall. A configuration's speedup pairs its time with the baseline run just before it
+    (``paired_speedup(base.times[k], m.times)``). A baseline warm-up run comes first (untimed)."""
+    say = progress or (lambda _m: None)
+    counter = WorkCounter(counter_model) if counter_model is not None else None
+    base_m = Measurement("baseline")
+    out: dict[str, Measurement] = {}
+    run_one(base, batch)  # warm-up
+    with RssSampler() as rss:
+        for name, install in configs:
+            say(f"in turn: {name}")
+            for m, prepared in ((base_m, base), (None, None)):
+                if m is None:
+                    m = out[name] = Measurement(name)
+                    uninstall = None
+                    try:
+                        prepared, uninstall = install()
+                    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                        m.error = error_text(e)
+                        say(f"  {m.error}")
+                        break
+                try:
+                    if counter is not None:
+                        counter.reset()
+                    rss.start_window()
+                    t0 = timer()
+                    run_one(prepared, batch)
+                    m.times.append(timer() - t0)
+                    m.peak_rss_mb = max(m.peak_rss_mb or 0.0, rss.window_peak_mb())
+                    m.samples = len(batch.labels)
+                    if counter is not None:
+                        m.counted = counter.blocks_seen and counter.rows > 0
+                        m.rows, m.block_rows = counter.rows, (counter.attn_rows + counter.ff_rows) / 2
+                except Exception as e:  # noqa: BLE001
+                    m.error = error_text(e)
+                    say(f"  {m.error}")
+                finally:
+                    if m is not base_m and uninstall is not None:
+                        uninstall()
+    if counter is not None:
+        counter.remove()
+    return base_m, out
