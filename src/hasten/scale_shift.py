@@ -117,15 +117,7 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
     check_plan(plan, pipe.transformer)
     delta = plan["delta"] if delta is None else float(delta)
     masks = schedule_from_changes(plan["l1rel"], delta)
-    state: dict[str, torch.Tensor] = {}
-    for i, chans in enumerate(plan["channels"]):
-        if all(masks[i]):
-            continue  # never reused: nothing to align
-        for k, c in enumerate(chans):
-            if c is not None:
-                m = ScaleShift(int(c))
-                state[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone()
-                state[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone()
+    state = zero_state(plan, masks)
     if method not in ("lstsq", "adam"):
         raise HastenError(f"unknown scale-shift training method {method!r}: lstsq | adam")
     info = {"method": method, "train_steps": int(train_steps), "lr": lr if method == "adam" else None,
@@ -201,22 +193,28 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
                 progress(f"scale-shift: {len(losses)}/{train_steps} updates, loss {losses[-1]:.3g}")
         val = trajectory(seed - 1, False)
         val_after = sum(val) / max(1, len(val))
-        trained = {}
-        for i, st in enumerate(handle.block_cache_states):
-            for k, m in enumerate(st.ss or []):
-                if m is not None:
-                    trained[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone().contiguous()
-                    trained[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone().contiguous()
-        kept = val_after < val_before
-        if not kept:  # never ship parameters that do worse than plain caching on held-out data
-            trained = {k: torch.zeros_like(v) for k, v in trained.items()}
-        info.update(val_loss_before=round(val_before, 8), val_loss_after=round(val_after, 8), kept=kept,
-                    trajectories=traj, seconds=round(time.perf_counter() - t0, 1))
-        return trained, info
+        info.update(trajectories=traj, seconds=round(time.perf_counter() - t0, 1))
+        return _keep_if_better(handle.block_cache_states, val_before, val_after, info)
     finally:
         handle.disable()
         for n, p in pipe.transformer.named_parameters():
             p.requires_grad_(grads[n])
+
+
+def _keep_if_better(states, val_before: float, val_after: float, info: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained parameters of every block and stream, or zeros (plain caching) when they did not lower the
+    held-out loss: parameters that do worse than plain caching are never shipped."""
+    trained = {}
+    for i, st in enumerate(states):
+        for k, m in enumerate(st.ss or []):
+            if m is not None:
+                trained[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone().contiguous()
+                trained[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone().contiguous()
+    kept = val_after < val_before
+    if not kept:
+        trained = {k: torch.zeros_like(v) for k, v in trained.items()}
+    info.update(val_loss_before=round(val_before, 8), val_loss_after=round(val_after, 8), kept=kept)
+    return trained, info
 
 
 def zero_state(plan: dict, masks: list[list[bool]]) -> dict[str, torch.Tensor]:
@@ -322,18 +320,8 @@ def train_scale_shift_any(target, plan: dict, delta: float | None = None, train_
                 progress(f"scale-shift: {mode['updates']}/{train_steps} updates")
         val = trajectory(seed - 1, False)
         val_after = sum(val) / max(1, len(val))
-        trained = {}
-        for i, st in enumerate(states):
-            for k, m in enumerate(st.ss or []):
-                if m is not None:
-                    trained[f"{i}.{k}.proj.weight"] = m.proj.weight.detach().clone().contiguous()
-                    trained[f"{i}.{k}.proj.bias"] = m.proj.bias.detach().clone().contiguous()
-        kept = val_after < val_before
-        if not kept:  # never ship parameters that do worse than plain caching on held-out data
-            trained = {k: torch.zeros_like(v) for k, v in trained.items()}
-        info.update(val_loss_before=round(val_before, 8), val_loss_after=round(val_after, 8), kept=kept,
-                    trajectories=traj, seconds=round(time.perf_counter() - t0, 1))
-        return trained, info
+        info.update(trajectories=traj, seconds=round(time.perf_counter() - t0, 1))
+        return _keep_if_better(states, val_before, val_after, info)
     finally:
         handle.disable()
         for n, p in transformer.named_parameters():
