@@ -17,6 +17,7 @@ whole guidance batch at once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -246,6 +247,17 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
                       f"({', '.join(sorted(EMBEDDED))}) or a folder written by save_pretrained")
 
 
+class _EmptyFloat32Warning(logging.Filter):
+    """diffusers 0.42's ``ModelMixin.to(dtype)`` warns that modules "should be kept in float32" even when
+    there are none (``[]``): drop only that empty-list case, keep every real one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+_FLOAT32_FILTER = _EmptyFloat32Warning()
+
+
 def load_pipeline(name_or_path: str | os.PathLike = "digits"):
     """Load an embedded model (``"digits"``, ``"shapes"``) or a local folder written by ``save_pretrained``.
 
@@ -256,6 +268,9 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
     if (folder / "model_index.json").is_file():
         from .pipelines.shapes import ShapesPipeline
 
+        modeling = logging.getLogger("diffusers.models.modeling_utils")
+        if _FLOAT32_FILTER not in modeling.filters:
+            modeling.addFilter(_FLOAT32_FILTER)
         try:
             pipe = ShapesPipeline.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
