@@ -349,7 +349,13 @@ class Handle:
     def wrap_call(self, fn: Callable, name: str) -> None:
         """Intercept whole transformer calls: ``fn(inner, *args, **kwargs)``; first installed = outermost."""
         self._call_wrappers.append((name, fn))
-        self._undo.append(lambda: self._call_wrappers.remove((name, fn)))
+        self._chain = None
+
+        def undo() -> None:
+            self._call_wrappers.remove((name, fn))
+            self._chain = None
+
+        self._undo.append(undo)
 
     def on_run_start(self, fn: Callable[[], None]) -> None:
         self._run_start_fns.append(fn)
@@ -527,8 +533,7 @@ class Handle:
 
     def _chain_for(self, inner_forward: Callable) -> Callable:
         """The method wrappers around ``inner_forward`` (cached while neither changes)."""
-        key = (inner_forward, len(self._call_wrappers))
-        if self._chain is not None and self._chain_key == key:
+        if self._chain is not None and self._chain_key is inner_forward:  # reset when the wrappers change
             return self._chain
         hs_pos, counters = self._hs_pos, self._counters
 
@@ -540,7 +545,7 @@ class Handle:
         chain = innermost
         for _, fn in reversed(self._call_wrappers):
             chain = functools.partial(fn, chain)
-        self._chain, self._chain_key = chain, key
+        self._chain, self._chain_key = chain, inner_forward
         return chain
 
     # ------------------------------------------------------------------ report
