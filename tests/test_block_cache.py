@@ -157,7 +157,7 @@ def test_two_pipelines_accelerated_differently_keep_their_results(plan):
 # --------------------------------------------------------------------------- guidance rows
 def _shrink_to_cond_from(call: int):
     """A toy batch-shrinking method (what Adaptive Guidance does): from ``call`` on, send cond rows only."""
-    from hasten.hooks import slice_rows
+    from hasten.hooks import select_rows
 
     def install(handle):
         def wrapper(inner, *args, **kwargs):
@@ -167,7 +167,7 @@ def _shrink_to_cond_from(call: int):
             rows = torch.arange(full // 2, full)
             handle.active_rows = rows
             try:
-                a, k = slice_rows(args, kwargs, rows, full)
+                a, k = select_rows(args, rows, full), select_rows(kwargs, rows, full)
                 out = inner(*a, **k).sample
             finally:
                 handle.active_rows = None
@@ -229,7 +229,7 @@ def test_rows_without_a_cache_are_computed_not_reused():
     pipe = tiny_pipe(3)
     sched = [[True, True, False, False, False, False, False, False]] * 3
     with hasten.accelerate(pipe, hasten.BlockCache(schedule=sched)) as h:
-        from hasten.hooks import slice_rows
+        from hasten.hooks import select_rows
 
         def wrapper(inner, *args, **kwargs):  # calls 0-1 send the cond rows only, later calls all rows
             full = h.full_batch
@@ -238,7 +238,7 @@ def test_rows_without_a_cache_are_computed_not_reused():
             rows = torch.arange(full // 2, full)
             h.active_rows = rows
             try:
-                a, k = slice_rows(args, kwargs, rows, full)
+                a, k = select_rows(args, rows, full), select_rows(kwargs, rows, full)
                 out = inner(*a, **k).sample
             finally:
                 h.active_rows = None

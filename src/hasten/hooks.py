@@ -52,7 +52,7 @@ outermost layer), before any method wrapper runs:
 ``LongTensor`` of indices into the call's rows, sorted ascending, naming the rows that are actually
 sent to the inner forward, in that order. A call-level method that drops rows (Adaptive Guidance
 stops sending the unconditional row of switched samples) sets it before calling ``inner`` with the
-sliced arguments (:func:`slice_rows`) and restores it to ``None`` before returning (``try/finally``).
+sliced arguments (:func:`select_rows`) and restores it to ``None`` before returning (``try/finally``).
 Block methods index their per-row caches with it. Only one method may shrink the batch.
 
 **Runs.** The call index is reset at the start of each run: at every ``pipe(...)`` of hasten's
@@ -114,19 +114,17 @@ def get_arg(args: tuple, kwargs: dict, name: str, pos: int | None, default: Any 
     return default
 
 
-def slice_rows(args: tuple, kwargs: dict, rows: torch.Tensor, full_batch: int) -> tuple[tuple, dict]:
-    """Index dim 0 of every tensor argument whose first dimension is ``full_batch`` with ``rows``.
-
-    Tensors of other shapes (rotary embeddings, image ids, masks without a batch dim) pass unchanged;
-    so does everything that is not a tensor.
-    """
-
-    def cut(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == full_batch:
-            return v.index_select(0, rows.to(v.device))
-        return v
-
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+def select_rows(obj: Any, index: torch.Tensor, n: int) -> Any:
+    """Recursively take rows ``index`` of every tensor with a leading batch dimension ``n`` (args, kwargs,
+    nested dicts/lists/tuples); other values (rotary embeddings, image ids, masks without a batch dim,
+    non-tensors) pass through."""
+    if torch.is_tensor(obj):
+        return obj.index_select(0, index.to(obj.device)) if obj.dim() and obj.shape[0] == n else obj
+    if isinstance(obj, dict):
+        return {k: select_rows(v, index, n) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(select_rows(v, index, n) for v in obj)
+    return obj
 
 
 def _scalar(t: Any) -> float | None:
@@ -309,7 +307,7 @@ class Handle:
         self._pending_reset = True
         self._pending_samples: int | None = None
         self._run_clock: float | None = None
-        self._run_t: list[float] = []  # timesteps seen in this run (for run detection)
+        self._run_t: tuple[float, float] | None = None  # (first, last) timestep of this run (run detection)
         self._stream_calls: dict[tuple, int] = {}
         self._first_batch = 0
         self._hook: _CallHook | None = None
@@ -463,7 +461,7 @@ class Handle:
     def _start_run(self) -> None:
         self._pending_reset = False
         self.run_index += 1
-        self._run_t = []
+        self._run_t = None
         self._stream_calls = {}
         self._first_batch = 0
         self.num_samples = self._pending_samples
@@ -477,9 +475,9 @@ class Handle:
 
     def _detect_new_run(self, t: float | None) -> bool:
         """The timestep moved against the direction of the current run."""
-        if t is None or len(self._run_t) < 2:
+        if t is None or self._run_t is None:
             return False
-        first, last = self._run_t[0], self._run_t[-1]
+        first, last = self._run_t
         if last == first:
             return False  # direction not known yet (one timestep or repeats)
         direction = 1.0 if last > first else -1.0
@@ -493,7 +491,7 @@ class Handle:
         if self._pending_reset or self._detect_new_run(t):
             self._start_run()
         if t is not None:
-            self._run_t.append(t)
+            self._run_t = (t, t) if self._run_t is None else (self._run_t[0], t)
         rows = int(hs.shape[0]) if isinstance(hs, torch.Tensor) else 1
         branch = self._hook.branch.name if self._hook is not None else None
         if not self._first_batch:

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from ..errors import HastenError
-from ..hooks import SEPARATE_BRANCHES, _scalar, attach
+from ..hooks import SEPARATE_BRANCHES, attach, is_batched_guidance, select_rows
 from ..plans import check_call_timestep, check_plan, check_run, load_plan, new_plan, same_guidance, shipped_plans
 
 # --------------------------------------------------------------------------- batch layouts
@@ -149,9 +149,9 @@ def is_guidance_call(layout: GuidanceLayout, args: tuple, kwargs: dict) -> bool:
     latent input are identical (every covered pipeline builds it as ``cat([latents] * 2)``) and, for
     class-label models, whose unconditional half holds the null class."""
     x = hidden_states_of(args, kwargs)
-    n = x.shape[0]
-    if n % 2 or n == 0 or not torch.equal(x[: n // 2], x[n // 2:]):
+    if not is_batched_guidance(x):
         return False
+    n = x.shape[0]
     if layout.null_label is not None:
         labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
         if not torch.is_tensor(labels) or labels.shape[0] != n:
@@ -176,18 +176,6 @@ def rows_to_send(need_uncond: torch.Tensor, layout: GuidanceLayout) -> torch.Ten
     b = need_uncond.shape[0]
     uncond, cond = layout.halves(b)
     return torch.cat([uncond[need_uncond.cpu()], cond]).sort().values
-
-
-def select_rows(obj: Any, index: torch.Tensor, n: int) -> Any:
-    """Recursively take rows ``index`` of every tensor with a leading batch dimension ``n`` (args, kwargs,
-    nested dicts/lists/tuples); other values pass through."""
-    if torch.is_tensor(obj):
-        return obj.index_select(0, index.to(obj.device)) if obj.dim() and obj.shape[0] == n else obj
-    if isinstance(obj, dict):
-        return {k: select_rows(v, index, n) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(select_rows(v, index, n) for v in obj)
-    return obj
 
 
 def unwrap_output(out: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
@@ -296,7 +284,6 @@ def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- method configs
 
 LINEAR_AG = "linear-ag"
-BRANCHES = SEPARATE_BRANCHES  # diffusers' cache-context names of separate branch calls
 MIN_TRAJECTORIES = 200
 
 
@@ -445,7 +432,7 @@ class GuidanceRuntime:
 
     def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
         layout = self.layout
-        if self.handle.branch in BRANCHES:
+        if self.handle.branch in SEPARATE_BRANCHES:
             return self.separate_call(inner, *args, **kwargs)
         if not is_guidance_call(layout, args, kwargs):
             n = hidden_states_of(args, kwargs).shape[0]
@@ -464,8 +451,7 @@ class GuidanceRuntime:
         self.j += 1
         regress = False
         if self.plan is not None:
-
-            check_call_timestep(self.plan, j, _scalar(h.timestep))
+            check_call_timestep(self.plan, j, h.t)
             regress = j in self.regressed
         need_u = ~self.switched & (not regress)
         uncond, cond = layout.halves(b)
@@ -490,34 +476,9 @@ class GuidanceRuntime:
                 full[uncond.to(dev)[r]] = regress_uncond(beta, full[cond.to(dev)[r]], self.prev_c[r],
                                                          self.prev_u[r])
                 self.regressed_done += 1
-        self.rows += 1 + need_u.long()
-        self.guided += need_u.long()
-        self.skipped_rows += int((~need_u).sum())
-        self.switch_call[self.switched & (self.switch_call < 0)] = j  # first call run conditional-only by AG
-        entry = {"uncond_rows": int(need_u.sum()), "switched": int(self.switched.sum()), "regressed": regress}
-        if bool(need_u.any()):
-            dev = full.device
-            u_rows, c_rows = full[uncond.to(dev)], full[cond.to(dev)]
-            c_pred = c_rows[:, : c_rows.shape[1] // 2] if layout.learned_sigma else c_rows
-            u_pred = u_rows[:, : u_rows.shape[1] // 2] if layout.learned_sigma else u_rows
-            m = need_u.to(dev)
-            gamma = cosine_per_sample(u_pred[m], c_pred[m]).cpu()
-            gamma_full = torch.full((b,), float("nan"), dtype=torch.float64)
-            gamma_full[need_u] = gamma
-            self.switched = ag_switch(self.switched, need_u, gamma_full, self.threshold)
-            entry["gamma_min"] = round(float(gamma.min()), 6)
-            entry["gamma_max"] = round(float(gamma.max()), 6)
-            # per sample: gamma measured at this call (None: not measured) and whether it is switched now
-            entry["gamma"] = [None if math.isnan(g) else round(g, 6) for g in gamma_full.tolist()]
-            entry["switched_after"] = self.switched.tolist()
-            if self.plan is not None and (j + 1) in self.regressed:
-                if self.prev_c is None:  # the estimates the next (regressed) call regresses on
-                    self.prev_c, self.prev_u = c_rows.detach().clone(), u_rows.detach().clone()
-                else:
-                    self.prev_c[m] = c_rows[m].detach()
-                    self.prev_u[m] = u_rows[m].detach()
-        if h.log_entry is not None:
-            h.log_entry[self.name] = entry
+        self.rows += 1  # the conditional row of every sample
+        dev = full.device
+        self._measure(j, need_u, regress, full[uncond.to(dev)], full[cond.to(dev)])
         return rebuild(full)
 
     def separate_call(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -546,7 +507,6 @@ class GuidanceRuntime:
         self.j = j + 1
         regress = False
         if self.plan is not None:
-
             check_call_timestep(self.plan, j, h.t)
             regress = j in self.regressed
         need_u = ~self.switched & (not regress)
@@ -567,28 +527,41 @@ class GuidanceRuntime:
                 beta = self.plan["coefficients"][str(j)]
                 u[r] = regress_uncond(beta, c[r], self.prev_c[r], self.prev_u[r])
                 self.regressed_done += 1
+        self._measure(j, need_u, regress, u, c)  # the conditional row was counted at the conditional call
+        return rebuild(u)
+
+    def _measure(self, j: int, need_u: torch.Tensor, regress: bool, u_rows: torch.Tensor,
+                 c_rows: torch.Tensor) -> None:
+        """After guidance call ``j`` (both layouts): count the unconditional rows sent, measure gamma on the
+        samples that sent theirs, switch (AG), keep the estimates a next regressed call needs (LinearAG) and
+        log the decision. ``u_rows`` / ``c_rows``: the (B, ...) predictions handed back to the pipeline."""
+        h, layout = self.handle, self.layout
         self.rows += need_u.long()
         self.guided += need_u.long()
         self.skipped_rows += int((~need_u).sum())
-        self.switch_call[self.switched & (self.switch_call < 0)] = j
+        self.switch_call[self.switched & (self.switch_call < 0)] = j  # first call run conditional-only by AG
         entry = {"uncond_rows": int(need_u.sum()), "switched": int(self.switched.sum()), "regressed": regress}
         if bool(need_u.any()):
-            m = need_u.to(u.device)
-            gamma = cosine_per_sample(u[m], c[m]).cpu()
-            gamma_full = torch.full((b,), float("nan"), dtype=torch.float64)
+            c_pred = c_rows[:, : c_rows.shape[1] // 2] if layout.learned_sigma else c_rows
+            u_pred = u_rows[:, : u_rows.shape[1] // 2] if layout.learned_sigma else u_rows
+            m = need_u.to(u_rows.device)
+            gamma = cosine_per_sample(u_pred[m], c_pred[m]).cpu()
+            gamma_full = torch.full((need_u.shape[0],), float("nan"), dtype=torch.float64)
             gamma_full[need_u] = gamma
             self.switched = ag_switch(self.switched, need_u, gamma_full, self.threshold)
+            entry["gamma_min"] = round(float(gamma.min()), 6)
+            entry["gamma_max"] = round(float(gamma.max()), 6)
+            # per sample: gamma measured at this call (None: not measured) and whether it is switched now
             entry["gamma"] = [None if math.isnan(g) else round(g, 6) for g in gamma_full.tolist()]
             entry["switched_after"] = self.switched.tolist()
             if self.plan is not None and (j + 1) in self.regressed:
-                if self.prev_c is None:
-                    self.prev_c, self.prev_u = c.clone(), u.detach().clone()
+                if self.prev_c is None:  # the estimates the next (regressed) call regresses on
+                    self.prev_c, self.prev_u = c_rows.detach().clone(), u_rows.detach().clone()
                 else:
-                    self.prev_c[m] = c[m]
-                    self.prev_u[m] = u[m].detach()
+                    self.prev_c[m] = c_rows[m].detach()
+                    self.prev_u[m] = u_rows[m].detach()
         if h.log_entry is not None:
             h.log_entry[self.name] = entry
-        return rebuild(u)
 
     def report(self) -> dict:
         """Per-sample switch calls and NFE of the last run; rows skipped over all runs."""
@@ -720,7 +693,7 @@ class LinearAGRecorder:
         u, c = pred[uncond.to(pred.device)], pred[cond.to(pred.device)]
         ts = self.run_timesteps[-1]
         j = len(ts)
-        ts.append(_scalar(self.handle.timestep))
+        ts.append(self.handle.t)
         if j == 0 and not self.holdout:
             self.trajectories += b
         if j % 2 == 1 and self.prev is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ...errors import HastenError
 from ...hooks import attach
 from ...plans import new_plan
-from .record import _Recorder
+from .record import _Recorder, trajectory_timesteps
 from .schedule import CONVENTION, METHOD, BlockCache, ideal_speedup, schedule_from_changes
 
 
@@ -26,12 +26,7 @@ def record_changes(run) -> tuple[list[list[float | None]], list[float], list[str
         log = handle.report()["log"]
     finally:
         handle.disable()
-    per_run: dict[int, list[float]] = {}
-    first: dict[int, tuple] = {}  # each run's first stream: the timesteps of one trajectory
-    for e in log:
-        stream = first.setdefault(e["run"], (e.get("branch"), e["rows"]))
-        if (e.get("branch"), e["rows"]) == stream:
-            per_run.setdefault(e["run"], []).append(e["t"])
+    per_run = trajectory_timesteps(log)
     lengths = {len(v) for v in per_run.values()}
     if len(lengths) != 1:
         raise HastenError(f"calibration runs made different numbers of denoiser calls: {sorted(lengths)}")
@@ -44,9 +39,15 @@ def calibrate(run, cfg: BlockCache) -> dict:
     if cfg.delta is None:
         raise HastenError("calibration needs a threshold: BlockCache(delta=0.5)")
     curves, timesteps, names, channels = record_changes(run)
-    masks = schedule_from_changes(curves, cfg.delta)
-    return new_plan(METHOD, run.transformer, timesteps=timesteps, **run.plan_fields(), delta=cfg.delta,
-                    blocks=names, channels=channels, index_convention=CONVENTION,
-                    ideal_speedup=round(ideal_speedup(masks), 4),
+    return plan_from_changes(run.transformer, curves, timesteps, cfg.delta, names, channels, **run.plan_fields())
+
+
+def plan_from_changes(model, curves: list[list[float | None]], timesteps: list, delta: float, names: list[str],
+                      channels: list, **fields) -> dict:
+    """The Block Caching plan for recorded L1rel ``curves`` (Eq. 6): the schedule for ``delta`` (Eq. 7),
+    the curves themselves (to re-derive it for another delta) and ``fields`` (solver, steps, ...)."""
+    masks = schedule_from_changes(curves, delta)
+    return new_plan(METHOD, model, timesteps=timesteps, **fields, delta=delta, blocks=names, channels=channels,
+                    index_convention=CONVENTION, ideal_speedup=round(ideal_speedup(masks), 4),
                     schedule=[[int(v) for v in m] for m in masks],
                     l1rel=[[None if v is None else round(v, 6) for v in c] for c in curves])

@@ -60,3 +60,15 @@ class _Recorder:
     def curves(self, ncalls: int) -> list[list[float | None]]:
         return [[None] + [self.sums[i][n] / self.counts[i][n] if self.counts[i].get(n) else None
                           for n in range(1, ncalls)] for i in range(len(self.blocks))]
+
+
+def trajectory_timesteps(log) -> dict[int, list[float | None]]:
+    """Per run in a handle's call log, the timesteps of its first stream: one trajectory (the first branch
+    of a pipeline that sends the guidance branches as separate calls)."""
+    per_run: dict[int, list[float | None]] = {}
+    first: dict[int, tuple] = {}
+    for e in log:
+        stream = first.setdefault(e["run"], (e.get("branch"), e["rows"]))
+        if (e.get("branch"), e["rows"]) == stream:
+            per_run.setdefault(e["run"], []).append(e["t"])
+    return per_run

@@ -14,9 +14,10 @@ from torch import nn
 from ...adapters import arg_positions
 from ...errors import HastenError
 from ...hooks import row_timesteps
-from ...plans import check_call_timestep, check_plan, check_run, load_plan, new_plan, scheduler_fingerprint
-from .record import _Recorder
-from .schedule import CONVENTION, METHOD, BlockCache, ideal_speedup, schedule_from_changes
+from ...plans import check_call_timestep, check_plan, check_run, load_plan, scheduler_fingerprint
+from .calibrate import plan_from_changes
+from .record import _Recorder, trajectory_timesteps
+from .schedule import METHOD, BlockCache, ideal_speedup, schedule_from_changes
 
 log = logging.getLogger("hasten")
 
@@ -310,9 +311,8 @@ def install(handle, cfg: BlockCache) -> None:
             and cfg.delta != plan.get("delta"):
         ss_state = None  # the plan's parameters were trained for the plan's own delta (schedule)
     if ss_state is not None:
-        device = next(iter(handle.transformer.parameters()), torch.zeros(())).device
         for st, row in zip(states, build_scale_shift(ss_state, blocks, None), strict=False):
-            row = [None if m is None else m.to(device) for m in row]
+            row = [None if m is None else m.to(handle.device) for m in row]
             st.ss = row if any(m is not None for m in row) else None
     nblocks = len(blocks)
 
@@ -371,17 +371,11 @@ def install(handle, cfg: BlockCache) -> None:
 def _plan_from_first_run(handle, rec: _Recorder, blocks, delta: float) -> dict:
     """The plan recorded during run 0 (every block computed): Eq. 6 curves, Eq. 7 schedule for ``delta``."""
     rec.active = False
-    log_0 = [e for e in handle.report()["log"] if e["run"] == 0]
-    stream = (log_0[0].get("branch"), log_0[0]["rows"])
-    timesteps = [e["t"] for e in log_0 if (e.get("branch"), e["rows"]) == stream]
-    curves = rec.curves(len(timesteps))
-    masks = schedule_from_changes(curves, delta)
+    timesteps = trajectory_timesteps(e for e in handle.report()["log"] if e["run"] == 0)[0]
     seconds = handle._run_walls.get(0, 0.0)
-    return new_plan(METHOD, handle.transformer, solver="first-run", steps=len(timesteps), time_schedule=None,
-                    guidance_scale=handle.guidance_scale,
-                    scheduler=scheduler_fingerprint(getattr(handle.pipeline, "scheduler", None)),
-                    timesteps=timesteps, delta=delta, blocks=[b.name for b in blocks], channels=rec.channels,
-                    index_convention=CONVENTION, ideal_speedup=round(ideal_speedup(masks), 4),
-                    schedule=[[int(v) for v in m] for m in masks],
-                    l1rel=[[None if v is None else round(v, 6) for v in c] for c in curves],
-                    calibration={"on": "the first run", "calls": len(timesteps), "seconds": round(seconds, 3)})
+    return plan_from_changes(handle.transformer, rec.curves(len(timesteps)), timesteps, delta,
+                             [b.name for b in blocks], rec.channels, solver="first-run", steps=len(timesteps),
+                             time_schedule=None, guidance_scale=handle.guidance_scale,
+                             scheduler=scheduler_fingerprint(getattr(handle.pipeline, "scheduler", None)),
+                             calibration={"on": "the first run", "calls": len(timesteps),
+                                          "seconds": round(seconds, 3)})
