@@ -8,6 +8,7 @@ from torch import nn
 
 import hasten
 from hasten.adapters import BlockSpec, discover_blocks
+from hasten.testing_pipelines import count_block_calls
 
 
 def _dit():
@@ -155,19 +156,6 @@ def _sampler(model, inputs, flux: bool):
     return run
 
 
-def _count_forward_calls(blocks) -> list[int]:
-    counts = [0] * len(blocks)
-    for i, spec in enumerate(blocks):
-        orig = spec.module.forward
-
-        def counting(*a, _i=i, _orig=orig, **k):
-            counts[_i] += 1
-            return _orig(*a, **k)
-
-        spec.module.forward = counting
-    return counts
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_exact_below_smallest_change_and_skips_above(family):
     torch.manual_seed(0)
@@ -188,8 +176,7 @@ def test_family_exact_below_smallest_change_and_skips_above(family):
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
     assert rep["reused"] == [0] * nblocks and rep["computed"] == [CALLS] * nblocks
     # a large delta: blocks are reused and their forward is not called
-    counts = _count_forward_calls(blocks)
-    with hasten.accelerate(model, hasten.BlockCache(plan=plan, delta=10.0)) as h:
+    with count_block_calls(model) as counts, hasten.accelerate(model, hasten.BlockCache(plan=plan, delta=10.0)) as h:
         out = run(0)
         rep = h.report()["methods"]["block-cache"]
     assert rep["computed"] == [1] * nblocks and rep["reused"] == [CALLS - 1] * nblocks
@@ -255,9 +242,9 @@ def test_unknown_model_needs_explicit_blocks():
         hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * 3))
     x = torch.randn(2, 4)
     ref = [m(x, timestep=torch.tensor([t, t])) for t in (900.0, 800.0)]
-    counts = _count_forward_calls(discover_blocks(m, ["layers.0", "layers.1", "layers.2"]))
-    with hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * 3), blocks=["layers.0", "layers.1",
-                                                                                         "layers.2"]) as h:
+    names = ["layers.0", "layers.1", "layers.2"]
+    with count_block_calls(m, names) as counts, \
+            hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * 3), blocks=names) as h:
         a = m(x, timestep=torch.tensor([900.0, 900.0]))
         b = m(x, timestep=torch.tensor([800.0, 800.0]))
         assert h.report()["methods"]["block-cache"]["reused"] == [1, 1, 1]

@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
 import hasten
+from hasten.testing_pipelines import count_block_calls
 
 B, STEPS = 2, 4
 
@@ -35,25 +36,6 @@ def wan():
     return pipe, run
 
 
-def count_block_calls(pipe):
-    """Count forward calls of every block (installed before hasten, so only real computations count)."""
-    counts = [0] * len(pipe.transformer.blocks)
-    for i, blk in enumerate(pipe.transformer.blocks):
-        orig = blk.forward
-
-        def counting(*a, _i=i, _orig=orig, **k):
-            counts[_i] += 1
-            return _orig(*a, **k)
-
-        blk.forward = counting
-    return counts
-
-
-def uncount(pipe):
-    for blk in pipe.transformer.blocks:
-        blk.__dict__.pop("forward", None)
-
-
 def test_branches_are_streams_with_their_own_call_index(wan):
     pipe, run = wan
     with hasten.accelerate(pipe) as h:
@@ -70,15 +52,12 @@ def test_block_cache_keeps_one_cache_per_branch(wan):
     with hasten.accelerate(pipe, hasten.BlockCache(schedule=[[True] * STEPS] * 2)):
         assert torch.equal(run(), ref)  # nothing reused: bitwise
     sched = [[True, False, True, False]] * 2
-    counts = count_block_calls(pipe)
-    try:
+    with count_block_calls(pipe.transformer) as counts:
         with hasten.accelerate(pipe, hasten.BlockCache(schedule=sched)) as h:
             cached = run()
             states = h.block_cache_states
             assert set(states[0].slots) == {("cond", B), ("uncond", B)}
             rep = h.report()["methods"]["block-cache"]
-    finally:
-        uncount(pipe)
     assert counts == [2 * 2] * 2 and rep["reused"] == [2 * 2] * 2  # per branch: computed at 0, 2
     # the same schedule with ONE cache shared by both branches is much further from the reference,
     # so per-branch state is what keeps caching accurate here
@@ -104,8 +83,7 @@ def test_adaptive_guidance_skips_the_unconditional_call(wan):
         assert torch.equal(run(), ref)  # never switches: bitwise CFG
         assert h.report()["nfe"] == 2 * STEPS
     cond_out, step_in = [], []
-    counts = count_block_calls(pipe)
-    try:
+    with count_block_calls(pipe.transformer) as counts:
         with hasten.accelerate(pipe, hasten.AdaptiveGuidance(threshold=-1)) as h:
             def spy(inner, *a, **k):
                 out = inner(*a, **k)
@@ -118,8 +96,6 @@ def test_adaptive_guidance_skips_the_unconditional_call(wan):
             h.set_attr(pipe.scheduler, "step", lambda out, *a, **k: step_in.append(out.clone()) or step(out, *a, **k))
             run()
             rep = h.report()
-    finally:
-        uncount(pipe)
     assert counts == [STEPS + 1] * 2  # step 0: both branches; then the conditional call only
     assert rep["nfe"] == STEPS + 1 and rep["calls"] == 2 * STEPS
     assert [e["rows_sent"] for e in rep["log"] if e["branch"] == "uncond"] == [B] + [0] * (STEPS - 1)
@@ -135,14 +111,11 @@ def test_block_cache_and_adaptive_guidance_together(wan):
     with hasten.accelerate(pipe, hasten.BlockCache(schedule=[[True] * STEPS] * 2),
                            hasten.AdaptiveGuidance(threshold=2.0)):
         assert torch.equal(run(), ref)
-    counts = count_block_calls(pipe)
-    try:
+    with count_block_calls(pipe.transformer) as counts:
         with hasten.accelerate(pipe, hasten.BlockCache(schedule=[[True, False, True, False]] * 2),
                                hasten.AdaptiveGuidance(threshold=-1)) as h:
             out = run()
             rep = h.report()
-    finally:
-        uncount(pipe)
     # cond: computed at steps 0 and 2; uncond: only step 0 runs at all
     assert counts == [3, 3] and rep["nfe"] == STEPS + 1
     assert rep["methods"]["block-cache"]["computed"] == [3, 3]

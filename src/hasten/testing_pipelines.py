@@ -56,6 +56,19 @@ def _ready(pipe: Any) -> Any:
     return pipe
 
 
+def _masked_prompt_run(pipe: Any, e: dict[str, torch.Tensor], size: int) -> Run:
+    """``run(seed)`` for pipelines taking prompt embeddings with attention masks (PixArt, Sana): batched CFG
+    with the negative embeddings, ``size`` x ``size`` pixels, no resolution binning, latents out."""
+
+    def run(seed: int) -> torch.Tensor:
+        return pipe(negative_prompt=None, prompt_embeds=e["pe"], prompt_attention_mask=e["mask"],
+                    negative_prompt_embeds=e["ne"], negative_prompt_attention_mask=e["mask"], height=size,
+                    width=size, use_resolution_binning=False, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                    output_type="latent", generator=_gen(seed)).images
+
+    return run
+
+
 def build_dit() -> tuple[Any, Run]:
     """DiTPipeline: class labels, rows [cond; uncond] in one call, learned sigma, DDIM. The pipeline always
     decodes, so a tiny VAE (scaling factor 1) is built and the final latents are read at its input."""
@@ -96,13 +109,7 @@ def build_pixart() -> tuple[Any, Run]:
                                       scheduler=DDIMScheduler()))
     e = _embeds()
 
-    def run(seed: int) -> torch.Tensor:
-        return pipe(negative_prompt=None, prompt_embeds=e["pe"], prompt_attention_mask=e["mask"],
-                    negative_prompt_embeds=e["ne"], negative_prompt_attention_mask=e["mask"], height=64, width=64,
-                    use_resolution_binning=False, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                    output_type="latent", generator=_gen(seed)).images
-
-    return pipe, run
+    return pipe, _masked_prompt_run(pipe, e, 64)
 
 
 def build_sd3() -> tuple[Any, Run]:
@@ -265,13 +272,7 @@ def build_sana() -> tuple[Any, Run]:
                                scheduler=FlowMatchEulerDiscreteScheduler()))
     e = _embeds()
 
-    def run(seed: int) -> torch.Tensor:
-        return pipe(negative_prompt=None, prompt_embeds=e["pe"], prompt_attention_mask=e["mask"],
-                    negative_prompt_embeds=e["ne"], negative_prompt_attention_mask=e["mask"], height=256, width=256,
-                    use_resolution_binning=False, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                    output_type="latent", generator=_gen(seed)).images
-
-    return pipe, run
+    return pipe, _masked_prompt_run(pipe, e, 256)
 
 
 def build_qwenimage() -> tuple[Any, Run]:
@@ -307,15 +308,16 @@ SEPARATE: frozenset[str] = frozenset({"flux", "wan", "hunyuanvideo", "qwenimage"
 
 
 @contextlib.contextmanager
-def count_block_calls(transformer: torch.nn.Module) -> Iterator[list[int]]:
-    """Count real forward calls of every block hasten discovers on ``transformer``.
+def count_block_calls(transformer: torch.nn.Module, blocks: list | None = None) -> Iterator[list[int]]:
+    """Count real forward calls of every block hasten discovers on ``transformer`` (or of the explicit
+    ``blocks``, as ``hasten.accelerate(..., blocks=...)`` takes them).
 
     Enter it BEFORE ``hasten.accelerate`` and leave it after the handle is disabled: the counting forward
     sits under hasten's hooks, so a reused block (whose forward hasten does not call) is not counted.
     """
     from .adapters import discover_blocks
 
-    blocks = discover_blocks(transformer)
+    blocks = discover_blocks(transformer, blocks)
     counts = [0] * len(blocks)
     for i, spec in enumerate(blocks):
         orig = spec.module.forward
