@@ -137,20 +137,76 @@ def test_save_load_roundtrip(tmp_path):
     assert prob_to_logit(1.0) == math.inf and prob_to_logit(0.5) == 0.0
 
 
+def test_answer_checker_accepts_every_wording_and_nothing_wrong():
+    rng = random.Random(0)
+    for q in task.train_problems(rng, 100, set()):
+        ch = task.AnswerChecker(q)
+        ids = task.encode(task.answer_text(q, rng=rng, mix=task.UNIFORM_MIX)) + [task.EOS]
+        st = ch.start()
+        for i, t in enumerate(ids):
+            assert ch.acceptable(st, t)
+            assert ch.acceptable(st, task.EOS) == (i == len(ids) - 1)  # <eos> only after a complete answer
+            if t in task.DIGIT_IDS:  # a digit is determined by the arithmetic: every other digit is wrong
+                assert sum(ch.acceptable(st, d) for d in task.DIGIT_IDS) == 1
+            if t != task.EOS:
+                st = ch.step(st, task.decode([t]))
+    p = task.Problem(template=0, name=0, item=0, a=347, b=285, c=169)
+    ch = task.AnswerChecker(p)
+    st = ch.step(ch.start(), "347 + 285: 7 + 5 = 12")
+    ok = {task.decode([t]) for t in task.VOCAB.values() if ch.acceptable(st, t)}
+    assert ok == {",", ";", " and"}  # the three separators; "so" or a digit here would be wrong
+    st = ch.step(ch.start(), "347 + 285: 7 + 5 = 12, 4 + 8 + 1 = 13, 3 + 2 + 1 = 6")
+    ok = {task.decode([t]) for t in task.VOCAB.values() if ch.acceptable(st, t)}
+    assert ok == {",", ";"}  # ", so" / "; result" / ", giving": the words come next
+
+
+def test_candidate_pass_equals_separate_passes():
+    from hasten.decoding.judge_data import _candidate_pass
+
+    target = llama(0, vocab=len(task.VOCAB))
+    p = task.Problem(template=0, name=0, item=0, a=347, b=285, c=169)
+    pr, an = task.encode(task.prompt_text(p)), task.encode(task.answer_text(p, choice={s: 0 for s in task.SLOTS}))
+    cands = [(0, 5), (7, 9), (7, 11), (len(an) - 1, 4)]
+    with torch.no_grad():
+        _, h = _candidate_pass(target, pr + an, len(pr), cands, hidden=True)
+        for i, (j, c) in enumerate(cands):
+            ref = target(input_ids=torch.tensor([pr + an[:j] + [c]]), output_hidden_states=True).hidden_states[-1]
+            torch.testing.assert_close(h[i], ref[0, -1], atol=1e-5, rtol=1e-4)
+
+
 def test_dataset_builder_labels_and_trainer():
     from hasten.decoding.train import DRAFT, make_model
 
-    target = make_model(DRAFT).eval()  # any model with the task vocabulary
+    target = make_model(DRAFT).eval()  # any models with the task vocabulary
+    draft = llama(3, vocab=len(task.VOCAB), layers=1, hidden=16).eval()
     probs = task.train_problems(random.Random(0), 6, task.splits()["held_out_keys"])
-    feats, labels = build_judge_dataset(target, probs, n_wrong=3)
-    # one correct answer per problem (all tokens + <eos> labelled 1), one 0-label per wrong answer
-    n_pos = sum(len(task.answer_text(p, choice={s: 0 for s in task.SLOTS})) >= 0 for p in probs)
-    assert int((labels == 0).sum()) == 3 * len(probs) and n_pos == len(probs)
-    assert feats.shape == (labels.numel(), DRAFT.hidden_size)
+    feats, labels, kinds = build_judge_dataset(target, probs, draft=draft, n_wrong=3)
+    assert feats.shape == (labels.numel(), DRAFT.hidden_size) and len(kinds) == labels.numel()
+    assert set(kinds) <= {"alternative", "draft_error", "synthetic_error"}
+    assert all((lab == 1) == (k == "alternative") for lab, k in zip(labels.tolist(), kinds, strict=True))
+    assert kinds.count("alternative") >= 6 * 4  # every answer has slots with other wordings
+    assert 0 < kinds.count("synthetic_error") <= 3 * len(probs)
     head, curve = train_judge(feats, labels, steps=30)
     assert curve[-1]["loss"] < curve[0]["loss"]
     m = judge_metrics(head, feats, labels)
     assert 0 <= m["accept_rate_on_correct"] <= 1
+
+
+def test_candidates_skip_the_targets_own_token_and_label_by_the_checker():
+    from hasten.decoding.judge_data import judge_candidates
+
+    p = task.Problem(template=0, name=0, item=0, a=347, b=285, c=169)
+    an = task.encode(task.answer_text(p, choice={s: 0 for s in task.SLOTS})) + [task.EOS]
+    cands = judge_candidates(p, an, target_greedy=an, draft_greedy=None, rng=random.Random(0), n_wrong=5)
+    assert all(c != an[j] for j, c, _, _ in cands)  # the target's greedy token needs no judge
+    sep = an.index(task.VOCAB[","])  # "7 + 5 = 12, ...": the first separator
+    alts = {task.decode([c]) for j, c, lab, k in cands if j == sep}
+    assert alts == {";", " and"}
+    wrong_digit = task.VOCAB[" 9"]
+    five = an.index(task.VOCAB[" 5"])  # "7 + 5": a wrong operand
+    cands = judge_candidates(p, an, target_greedy=an, draft_greedy=[wrong_digit] * len(an), rng=random.Random(0),
+                             n_wrong=0)
+    assert (five, wrong_digit, 0, "draft_error") in cands
 
 
 def test_task_wordings_check_and_tokenizer():

@@ -1,20 +1,25 @@
 """Judge training data and trainer, in the spirit of Judge Decoding's "TokenCourt" (arXiv 2501.19309).
 
-Labelling (our choice, the paper leaves details open): for each training problem we write
+The judge is only ever asked about a drafted token that standard verification rejected (the rule is
+"standard accepts OR judge accepts"), so its data are exactly such tokens: candidates ``c`` at a point of a
+correct answer where the target's greedy token is something else. Labelling (our choice; the paper has
+annotators mark the first wrong token of draft answers): for each training problem we take one correct
+worked answer, its slots' wordings drawn uniformly from all three (``task.UNIFORM_MIX``), and at every
+position ``j`` of it (prefix = the answer's first ``j`` tokens, target's greedy token ``t_j``):
 
-* one CORRECT continuation: the worked answer with every slot's wording drawn uniformly from all
-  three (``task.UNIFORM_MIX``), so alternative wordings appear in every combination; every answer
-  token (and the final ``<eos>``) is labelled 1 = "acceptable";
-* ``n_wrong`` WRONG continuations: the same text with ONE answer token replaced -- a digit by
-  another digit (a wrong column sum, carry, borrow, copied operand or result; ``digit_frac`` of them)
-  or any token by another token (a malformed step). The replaced token is labelled 0 = "must be rejected". The
-  tokens before it equal the correct continuation's prefix (same hidden states, already labelled 1)
-  and the tokens after the first error are dropped: once an answer is wrong, what follows has no
-  well-defined label.
+* label 1, "acceptable": every token ``c != t_j`` that continues the prefix into SOME correct answer
+  (``task.AnswerChecker``: another wording of a slot), i.e. correct answers phrased unlike the target;
+* label 0, "must be rejected", on the draft's own mistakes: the draft model's greedy token ``d_j`` when it is
+  neither ``t_j`` nor acceptable (a mis-copied operand, a wrong column sum, a number cut short);
+* label 0 on ``n_wrong`` synthetic mistakes per problem: a digit replaced by another digit
+  (``digit_frac`` of them) or any token by another token, again only when not acceptable and not ``t_j``.
 
-Features are the FROZEN target's last-layer hidden states at each labelled token's own position,
-exactly what ``JudgeHead`` sees while decoding. The head is trained by class-weighted binary
-cross-entropy (each class weighted by the inverse of its frequency, as in the paper), full batch.
+Features are the FROZEN target's last-layer hidden state at the candidate's own position after reading
+``prefix + c``, exactly what ``JudgeHead`` sees while decoding. All candidates of one answer are scored in
+ONE target pass: they are appended after the answer with the position of the slot they fill and a 4-D
+attention mask that lets each see only its prefix and itself (tested equal to separate passes). The head
+is trained by class-weighted binary cross-entropy (each class weighted by the inverse of its frequency, as
+in the paper), full batch.
 """
 
 from __future__ import annotations
@@ -27,57 +32,110 @@ import torch
 
 from . import task
 from .judge import JudgeHead
-from .task import EOS, PAD, VOCAB, encode
+from .task import EOS, VOCAB, encode
 
-__all__ = ["build_judge_dataset", "train_judge", "judge_metrics", "train_judge_from_folder"]
+__all__ = ["judge_candidates", "build_judge_dataset", "train_judge", "judge_metrics", "train_judge_from_folder"]
 
 _DIGITS = [VOCAB[d] for d in "0123456789"]
 _SPACED_DIGITS = [VOCAB[" " + d] for d in "0123456789"]
 _TOKENS = [i for t, i in VOCAB.items() if i > EOS and t != "\n"]
+_INV = {i: t for t, i in VOCAB.items()}
+KINDS = ("alternative", "draft_error", "synthetic_error")
 
 
-def _examples(problems, rng: random.Random, n_wrong: int, digit_frac: float):
-    """-> list of (token ids, [(position, label)])."""
-    out = []
-    for p in problems:
-        pr = encode(task.prompt_text(p))
-        an = encode(task.answer_text(p, rng=rng, mix=task.UNIFORM_MIX)) + [EOS]
-        seq = pr + an
-        out.append((seq, [(i, 1) for i in range(len(pr), len(seq))]))
-        digit_pos = [len(pr) + i for i, t in enumerate(an) if t in _DIGITS or t in _SPACED_DIGITS]
-        any_pos = list(range(len(pr), len(seq) - 1))
-        for _ in range(n_wrong):
-            if rng.random() < digit_frac:
-                pos = rng.choice(digit_pos)
-                same_kind = _DIGITS if seq[pos] in _DIGITS else _SPACED_DIGITS
-                new = rng.choice([d for d in same_kind if d != seq[pos]])
-            else:
-                pos = rng.choice(any_pos)
-                new = rng.choice([c for c in _TOKENS if c != seq[pos]])
-            bad = seq[:pos] + [new]
-            out.append((bad, [(pos, 0)]))
+def _acceptable_tokens(checker: task.AnswerChecker, states: set) -> set[int]:
+    """Every vocabulary token that keeps the answer correct after ``states`` (incl. ``<eos>``)."""
+    nxt = checker._next_chars(states)
+    out = {i for i in _TOKENS if _INV[i][0] in nxt and checker.acceptable(states, i)}
+    if checker.complete(states):
+        out.add(EOS)
     return out
 
 
+def judge_candidates(problem: task.Problem, answer: list[int], target_greedy: list[int],
+                     draft_greedy: list[int] | None, rng: random.Random, n_wrong: int = 6,
+                     digit_frac: float = 0.9) -> list[tuple[int, int, int, str]]:
+    """Labelled candidates ``(j, token, label, kind)`` for one correct ``answer`` (token ids, ``<eos>`` last).
+
+    ``target_greedy[j]`` / ``draft_greedy[j]``: the models' greedy tokens after the answer's first ``j``
+    tokens. See the module docstring for the rules.
+    """
+    checker = task.AnswerChecker(problem)
+    states, ok_sets = checker.start(), []
+    for tok in answer:
+        ok_sets.append(_acceptable_tokens(checker, states))
+        if tok != EOS:
+            states = checker.step(states, _INV[tok])
+    out: list[tuple[int, int, int, str]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def add(j: int, c: int, kind: str) -> None:
+        if c == target_greedy[j] or (j, c) in seen:
+            return
+        seen.add((j, c))
+        ok = c in ok_sets[j]
+        out.append((j, c, int(ok), "alternative" if ok else kind))
+
+    for j in range(len(answer)):
+        for c in sorted(ok_sets[j]):
+            add(j, c, "alternative")
+        if draft_greedy is not None:
+            add(j, draft_greedy[j], "draft_error")
+    digit_pos = [j for j, t in enumerate(answer) if t in _DIGITS or t in _SPACED_DIGITS]
+    for _ in range(n_wrong):
+        if digit_pos and rng.random() < digit_frac:
+            j = rng.choice(digit_pos)
+            same_kind = _DIGITS if answer[j] in _DIGITS else _SPACED_DIGITS
+            c = rng.choice([d for d in same_kind if d != answer[j]])
+        else:
+            j = rng.randrange(len(answer) - 1)
+            c = rng.choice([t for t in _TOKENS if t != answer[j]])
+        add(j, c, "synthetic_error")
+    return out
+
+
+def _candidate_pass(model, seq: list[int], n_prompt: int, cands: list[tuple[int, int]], hidden: bool):
+    """One pass over ``seq`` followed by candidate tokens, each seeing only ``seq[:n_prompt + j]`` and itself.
+
+    Returns the last hidden states (hidden=True) or logits of the sequence part and of the candidates."""
+    n, m = len(seq), len(cands)
+    ids = torch.tensor([seq + [c for _, c in cands]])
+    allow = torch.zeros(n + m, n + m, dtype=torch.bool)
+    allow[:n, :n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    pos = list(range(n))
+    for i, (j, _) in enumerate(cands):
+        allow[n + i, :n_prompt + j] = True
+        allow[n + i, n + i] = True
+        pos.append(n_prompt + j)
+    mask = torch.zeros(1, 1, n + m, n + m).masked_fill(~allow, float("-inf"))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([pos]),
+                output_hidden_states=hidden, use_cache=False)
+    x = out.hidden_states[-1][0] if hidden else out.logits[0]
+    return x[:n], x[n:]
+
+
 @torch.no_grad()
-def build_judge_dataset(target, problems: list, seed: int = 0, n_wrong: int = 3, digit_frac: float = 0.67,
-                        batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states (N, hidden) of the frozen target and 0/1 labels (N,) for ``problems``."""
+def build_judge_dataset(target, problems: list, draft=None, seed: int = 0, n_wrong: int = 6,
+                        digit_frac: float = 0.9) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Hidden states (N, hidden) of the frozen target, 0/1 labels (N,) and each row's kind (``KINDS``)."""
     rng = random.Random(seed)
-    ex = _examples(problems, rng, n_wrong, digit_frac)
-    feats, labels = [], []
-    for s in range(0, len(ex), batch_size):
-        chunk = ex[s:s + batch_size]
-        n = max(len(e[0]) for e in chunk)
-        ids = torch.full((len(chunk), n), PAD)
-        for i, (seq, _) in enumerate(chunk):
-            ids[i, :len(seq)] = torch.tensor(seq)  # right padding: causal attention never sees it
-        h = target(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
-        for i, (_, labs) in enumerate(chunk):
-            pos = torch.tensor([q for q, _ in labs])
-            feats.append(h[i, pos])
-            labels.append(torch.tensor([lab for _, lab in labs], dtype=torch.float32))
-    return torch.cat(feats).float(), torch.cat(labels)
+    feats, labels, kinds = [], [], []
+    for p in problems:
+        pr = encode(task.prompt_text(p))
+        an = encode(task.answer_text(p, rng=rng, mix=task.UNIFORM_MIX)) + [EOS]
+        seq, n0 = pr + an, len(pr)
+        t_greedy = target(input_ids=torch.tensor([seq]), use_cache=False).logits[0, n0 - 1:-1].argmax(-1).tolist()
+        d_greedy = None
+        if draft is not None:
+            d_greedy = draft(input_ids=torch.tensor([seq]), use_cache=False).logits[0, n0 - 1:-1].argmax(-1).tolist()
+        cands = judge_candidates(p, an, t_greedy, d_greedy, rng, n_wrong=n_wrong, digit_frac=digit_frac)
+        if not cands:
+            continue
+        _, h = _candidate_pass(target, seq, n0, [(j, c) for j, c, _, _ in cands], hidden=True)
+        feats.append(h)
+        labels.append(torch.tensor([lab for _, _, lab, _ in cands], dtype=torch.float32))
+        kinds += [k for *_, k in cands]
+    return torch.cat(feats).float(), torch.cat(labels), kinds
 
 
 def train_judge(feats: torch.Tensor, labels: torch.Tensor, steps: int = 500, seed: int = 0,
@@ -117,33 +175,41 @@ def train_judge(feats: torch.Tensor, labels: torch.Tensor, steps: int = 500, see
 
 
 @torch.inference_mode()
-def judge_metrics(head: JudgeHead, feats: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accept rate on acceptable tokens (recall) and reject rate on wrong ones at the head's threshold."""
+def judge_metrics(head: JudgeHead, feats: torch.Tensor, labels: torch.Tensor, kinds: list[str] | None = None) -> dict:
+    """Accept rate on acceptable tokens (recall) and reject rate on wrong ones at the head's threshold,
+    and the accept rate of each kind of candidate when ``kinds`` is given."""
     acc = head(feats) > head.threshold
     pos, neg = labels > 0.5, labels < 0.5
-    return {"tokens": int(labels.numel()), "wrong_tokens": int(neg.sum()),
-            "accept_rate_on_correct": round(float(acc[pos].float().mean()), 4),
-            "reject_rate_on_wrong": round(float((~acc[neg]).float().mean()), 4)}
+    out = {"tokens": int(labels.numel()), "wrong_tokens": int(neg.sum()),
+           "accept_rate_on_correct": round(float(acc[pos].float().mean()), 4),
+           "reject_rate_on_wrong": round(float((~acc[neg]).float().mean()), 4)}
+    if kinds is not None:
+        out["accept_rate_by_kind"] = {
+            k: round(float(acc[torch.tensor([x == k for x in kinds])].float().mean()), 4)
+            for k in KINDS if k in kinds}
+        out["count_by_kind"] = {k: kinds.count(k) for k in KINDS}
+    return out
 
 
 def train_judge_from_folder(out: Path, n_problems: int = 600, seed: int = 0, n_val: int = 100, n_wrong: int = 6,
                             digit_frac: float = 0.9) -> dict:
-    """Build data from the shipped target in ``out/target`` (train split), train, report on val, save."""
+    """Build data from the shipped target and draft in ``out`` (train split), train, report on val, save."""
     from ..io import write_json
     from .train import load_lm
 
     t0 = time.time()
-    target = load_lm(out / "target")
+    target, draft = load_lm(out / "target"), load_lm(out / "draft")
     sp = task.splits()
     train = task.train_problems(random.Random(10_000 + seed), n_problems, sp["held_out_keys"])
-    ftr, ytr = build_judge_dataset(target, train, seed=seed, n_wrong=n_wrong, digit_frac=digit_frac)
-    fva, yva = build_judge_dataset(target, sp["val"][:n_val], seed=seed + 1, n_wrong=n_wrong, digit_frac=digit_frac)
+    ftr, ytr, ktr = build_judge_dataset(target, train, draft=draft, seed=seed, n_wrong=n_wrong, digit_frac=digit_frac)
+    fva, yva, kva = build_judge_dataset(target, sp["val"][:n_val], draft=draft, seed=seed + 1, n_wrong=n_wrong,
+                                        digit_frac=digit_frac)
     head, curve = train_judge(ftr, ytr, seed=seed)
     head.meta = {"target": "hasten/models/lm/target", "train_problems": n_problems, "seed": seed}
     head.save(out / "judge.safetensors")
     info = {"train_problems": n_problems, "val_problems": n_val, "n_wrong": n_wrong, "digit_frac": digit_frac,
             "train": {"tokens": int(ytr.numel()), "wrong_tokens": int((ytr < 0.5).sum())},
-            "metrics": {"train": judge_metrics(head, ftr, ytr), "val": judge_metrics(head, fva, yva)},
+            "metrics": {"train": judge_metrics(head, ftr, ytr, ktr), "val": judge_metrics(head, fva, yva, kva)},
             "threshold_logit": head.threshold, "loss_curve": curve,
             "train_seconds": round(time.time() - t0, 1)}
     write_json(out / "judge_log.json", info)

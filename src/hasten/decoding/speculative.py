@@ -136,6 +136,39 @@ class _Runner:
             _crop(self.cache, length)
 
 
+class _CompactRunner:
+    """The draft through :class:`~hasten.decoding.compact.CompactLlama`, with ``_Runner``'s interface."""
+
+    def __init__(self, model: torch.nn.Module, max_length: int):
+        from .compact import CompactLlama
+
+        self.model = model
+        self.compact = CompactLlama(model, max_length=max_length)
+        self.calls = 0
+
+    @property
+    def cached(self) -> int:
+        return self.compact.length
+
+    def __call__(self, ids: torch.Tensor, keep: int):
+        self.calls += 1
+        return _Logits(self.compact(ids)[None, None])
+
+    def rollback(self, length: int) -> None:
+        self.compact.rollback(length)
+
+
+@dataclass
+class _Logits:
+    logits: torch.Tensor
+
+
+def _draft_runner(draft: torch.nn.Module, compact: bool, max_length: int):
+    from .compact import supports
+
+    return _CompactRunner(draft, max_length) if compact and supports(draft) is None else _Runner(draft)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -243,6 +276,7 @@ def generate(
     top_k: int | None = None,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    compact_draft: bool = True,
 ) -> SpeculativeOutput:
     """Speculative decoding of ``target`` with ``draft`` (two HF causal LMs sharing a tokenizer).
 
@@ -251,6 +285,9 @@ def generate(
     ``top_k`` (same warping for target and draft). ``judge``: a :class:`hasten.decoding.JudgeHead`
     turns this into Judge Decoding with ``threshold`` (a logit; default ``judge.threshold``).
     Stops after ``max_new_tokens`` or at EOS (``eos_token_id``, default the target's), which is kept.
+    ``compact_draft``: run a Llama-family draft through :mod:`hasten.decoding.compact` (same math, a
+    fraction of transformers' per-call overhead; the output does not depend on it, see there); other
+    drafts, or ``False``, use the transformers forward.
     """
     if num_draft_tokens < 1:
         raise HastenError(f"num_draft_tokens (k) must be >= 1, got {num_draft_tokens}")
@@ -272,7 +309,7 @@ def generate(
     t0 = time.perf_counter()
 
     tgt = _Runner(target, hidden=judge is not None)
-    drf = _Runner(draft)
+    drf = _draft_runner(draft, compact_draft, input_ids.shape[1] + max_new_tokens + k + 1)
     tokens: list[int] = input_ids[0].tolist()
     n_prompt = len(tokens)
     done = max_new_tokens == 0

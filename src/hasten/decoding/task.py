@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 __all__ = ["SLOTS", "TEMPLATES", "Problem", "prompt_text", "answer_text", "check", "parse_answer", "splits",
            "sample_problem", "parse_prompt", "tokenize", "encode", "decode", "build_tokenizer", "VOCAB", "PAD",
-           "BOS", "EOS",
+           "BOS", "EOS", "answer_pieces", "AnswerChecker",
            "TARGET_MIX", "DRAFT_MIX", "UNIFORM_MIX", "DIGIT_IDS", "MAX_NEW_TOKENS", "train_problems"]
 
 # slot -> three wordings; index 0 = target's favourite, 1 = draft's favourite, 2 = rare
@@ -197,6 +197,82 @@ def train_problems(rng: random.Random, n: int, held_out_keys: set) -> list[Probl
         if (p.template, p.a, p.b, p.c) not in held_out_keys:
             out.append(p)
     return out
+
+
+# ---- which continuations are correct --------------------------------------------------------
+
+
+def answer_pieces(p: Problem) -> list[tuple[str, ...]]:
+    """The worked answer as a sequence of pieces, each a tuple of interchangeable strings (a slot's three
+    wordings, or one fixed string): every concatenation, one string per piece, is a correct answer, and
+    ``answer_text`` writes exactly these."""
+    pieces: list[tuple[str, ...]] = []
+    for j, (x, op, y, r) in enumerate(p.steps):
+        if j:
+            pieces.append((" ",))
+        cols = _columns(x, op, y)
+        pieces += [SLOTS["lead"], (f"{x} {op} {y}: {cols[0]}",)]
+        for c in cols[1:]:
+            pieces += [SLOTS["sep"], (f" {c}",)]
+        pieces += [SLOTS["result"], (f" {r}.",)]
+    pieces += [(" ",), SLOTS["final"], (f" {p.answer}.",)]
+    return pieces
+
+
+class AnswerChecker:
+    """Which next tokens keep a partial answer correct (any wording), for labelling judge data.
+
+    A character-level automaton over ``answer_pieces``: a state is (piece, wording, offset). A token is
+    acceptable after a prefix when prefix + token is a prefix of some correct answer and ends on a token
+    boundary there (a word is not cut); ``<eos>`` is acceptable exactly after a complete answer.
+    """
+
+    def __init__(self, p: Problem):
+        self.pieces = answer_pieces(p)
+
+    def _close(self, states: set) -> set:
+        out, todo = set(), list(states)
+        while todo:
+            s = todo.pop()
+            if s in out:
+                continue
+            out.add(s)
+            i, a, o = s
+            if o == len(self.pieces[i][a]) and i + 1 < len(self.pieces):
+                todo += [(i + 1, b, 0) for b in range(len(self.pieces[i + 1]))]
+        return out
+
+    def start(self) -> set:
+        return self._close({(0, a, 0) for a in range(len(self.pieces[0]))})
+
+    def step(self, states: set, text: str) -> set:
+        """The states after reading ``text`` (empty: no correct answer continues this way)."""
+        for ch in text:
+            states = self._close({(i, a, o + 1) for i, a, o in states
+                                  if o < len(self.pieces[i][a]) and self.pieces[i][a][o] == ch})
+            if not states:
+                break
+        return states
+
+    def _next_chars(self, states: set) -> set:
+        return {self.pieces[i][a][o] if o < len(self.pieces[i][a]) else "" for i, a, o in states}
+
+    def complete(self, states: set) -> bool:
+        return any(i == len(self.pieces) - 1 and o == len(self.pieces[i][a]) for i, a, o in states)
+
+    def acceptable(self, states: set, token: int) -> bool:
+        """Is ``token`` a correct continuation from ``states`` (the states after the answer so far)?"""
+        if token == EOS:
+            return self.complete(states)
+        text = _INV.get(token, "")
+        if token <= EOS or not text or text == "\n":
+            return False
+        after = self.step(states, text)
+        if not after:
+            return False
+        if text[-1].isalpha():  # a word must end here: the correct answer may not go on with a letter
+            return any(not c.isalpha() for c in self._next_chars(after))
+        return True
 
 
 # ---- tokenizer ------------------------------------------------------------------------------
