@@ -125,9 +125,10 @@ class CompactLlama:
         for i, L in enumerate(self.layers):
             h = self._rms(x, L["ln1"], L["eps1"])
             qkv = F.linear(h, L["qkv"], L["qkv_b"])
-            q = qkv[..., :self.q_size].view(1, n, self.heads, self.head_dim).transpose(1, 2)
-            k = qkv[..., self.q_size:self.q_size + self.kv_size].view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = qkv[..., self.q_size + self.kv_size:].view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(1, n, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             self.k_cache[i, :, :, start:end] = k
             self.v_cache[i, :, :, start:end] = v
