@@ -11,8 +11,10 @@ Methods (same prompts, same ``max_new_tokens``, one CPU thread):
 * greedy: ``target_hf`` (transformers ``generate``, target only), ``target_hasten`` (hasten's lean
   one-token-per-pass loop), ``assisted_hf_default`` (transformers assisted generation with the same
   draft and its own defaults), ``assisted_hf_best`` (its constant ``num_assistant_tokens`` that was
-  fastest on validation problems), ``speculative`` (hasten, lossless, ``k`` fastest on validation),
-  ``judge`` (hasten Judge Decoding at the shipped head's threshold and ``k``);
+  fastest on validation problems), ``speculative`` (hasten, lossless, ``k`` fastest on validation; the
+  draft runs through ``compact.CompactLlama``), ``speculative_hf_draft_forward`` (the same with the draft
+  through transformers' forward: how much of the gap to assisted generation is the draft's per-call
+  overhead), ``judge`` (hasten Judge Decoding at the shipped head's threshold and ``k``);
 * sampling at ``temperature`` (0.7): ``target_hf_sample``, ``assisted_hf_best_sample``,
   ``speculative_sample`` (the lossless ones only).
 
@@ -165,13 +167,14 @@ def _assistant(draft, n: int | None):
     return d
 
 
-def _hasten(target, draft, k: int, judge=None, sample: bool = False, seed0: int = 1000):
+def _hasten(target, draft, k: int, judge=None, sample: bool = False, seed0: int = 1000, compact: bool = True):
     from .speculative import generate
 
     def run(x, i):
         gen = torch.Generator().manual_seed(seed0 + i) if sample else None
         out = generate(target, draft, x, task.MAX_NEW_TOKENS, num_draft_tokens=k, judge=judge, do_sample=sample,
-                       temperature=TEMPERATURE if sample else 1.0, eos_token_id=EOS, generator=gen)
+                       temperature=TEMPERATURE if sample else 1.0, eos_token_id=EOS, generator=gen,
+                       compact_draft=compact)
         return out.new_tokens, out.stats
     return run
 
@@ -185,7 +188,7 @@ def _target_hasten(target):
     return run
 
 
-def choose_settings(models, problems: list, assisted_ns=(2, 4, 6, 8, 12), hasten_ks=(2, 3, 4, 6, 8),
+def choose_settings(models, problems: list, assisted_ns=(4, 6, 8, 10, 12), hasten_ks=(4, 6, 8, 10, 12),
                     progress: bool = True) -> dict:
     """The fastest constant ``num_assistant_tokens`` for transformers and ``k`` for hasten speculative,
     by total greedy latency on ``problems`` (validation, never the test split), interleaved."""
@@ -216,6 +219,8 @@ def run_benchmark(models, n_problems: int | None = None, judge_k: int | None = N
         Method("assisted_hf_best", f"transformers assisted generation (best: {best} tokens)",
                _hf(t, _assistant(d, best))),
         Method("speculative", f"hasten speculative (lossless, k = {k})", _hasten(t, d, k)),
+        Method("speculative_hf_draft_forward", f"hasten speculative (k = {k}), draft through transformers' forward",
+               _hasten(t, d, k, compact=False)),
         Method("judge", f"hasten Judge Decoding (k = {judge_k})", _hasten(t, d, judge_k, judge=models.judge)),
         Method("target_hf_sample", "target only, transformers `generate`", _hf(t, sample=True), sampling=True),
         Method("assisted_hf_best_sample", f"transformers assisted generation ({best} tokens)",

@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Option(..., help="a word problem of the shipped models' task, e.g. 'mia has 347 apples. "
                                    "she buys 285 more and then gives away 169. how many apples does she have now?'"),
         judge: bool = typer.Option(False, "--judge", help="Judge Decoding (lossy) instead of lossless"),
-        k: int = typer.Option(4, "--k", help="tokens drafted per round"),
+        k: int = typer.Option(None, "--k", help="tokens drafted per round (default: 8, or the judge head's k "
+                              "with --judge)"),
         max_new_tokens: int = typer.Option(160, help="at most this many new tokens"),
         delta: float = typer.Option(None, help="judge probability threshold in [0, 1] (default: the head's)"),
         sample: bool = typer.Option(False, "--sample", help="speculative sampling instead of greedy"),
@@ -38,7 +39,7 @@ def register(app: typer.Typer) -> None:
         from .speculative import generate
         from .task import EOS, decode, encode
 
-        if k < 1:
+        if k is not None and k < 1:
             raise HastenError(f"--k must be >= 1, got {k}")
         if max_new_tokens < 1:
             raise HastenError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -51,6 +52,8 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"the prompt has words the shipped models do not know ({e}); see "
                               "hasten/decoding/task.py for the task's templates") from None
         m = load_shipped(models, threads=1)
+        if k is None:
+            k = int(m.judge.meta.get("k", 8)) if judge else 8
         thr = prob_to_logit(delta) if delta is not None else None
         x = torch.tensor([ids])
         gen = torch.Generator().manual_seed(seed)

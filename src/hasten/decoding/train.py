@@ -276,41 +276,46 @@ def write_model_card(out: Path) -> Path:
                   "(the held-out test accuracy is in `benchmarks/decode/results.md`).", ""]
     j = load(out / "judge_log.json")
     if j:
+        mv, mt = j["metrics"]["val"], j["metrics"]["train"]
+        cnt = mt.get("count_by_kind", {})
         lines += ["## judge (`judge.safetensors`)", "",
-                  "- `JudgeHead`: one linear unit on the frozen target's last hidden state (hidden size + 1 "
-                  f"parameters), threshold logit {j['threshold_logit']:.4f}.",
-                  "- data (`judge_data.py`): correct continuations in uniformly mixed wordings, i.e. correct "
-                  f"answers phrased unlike the target's favourite (all tokens label 1), and {j.get('n_wrong', 3)} "
-                  "corrupted copies per problem (one replaced token: a digit by another digit in "
-                  f"{round(100 * j.get('digit_frac', 0.67))}% of cases, any token otherwise; label 0; tokens after "
-                  "the error dropped); "
-                  f"{j['train']['tokens']:,} labelled tokens ({j['train']['wrong_tokens']:,} wrong) from "
-                  f"{j.get('train_problems', 1000):,} training problems, seed 0.",
+                  "- `JudgeHead`: one linear unit on the frozen target's last hidden state at the drafted token's "
+                  f"position (hidden size + 1 parameters), threshold logit {j['threshold_logit']:.4f}.",
+                  "- data (`judge_data.py`): the tokens the judge is asked about, i.e. tokens other than the target's "
+                  "greedy choice after a correct partial answer (slot wordings drawn uniformly): label 1 for every "
+                  "token that continues into some correct answer (another wording; "
+                  f"{cnt.get('alternative', 0):,}), label 0 for the draft model's own greedy mistakes "
+                  f"({cnt.get('draft_error', 0):,}) and for {j.get('n_wrong', 6)} synthetic mistakes per problem "
+                  f"(a digit replaced by another in {round(100 * j.get('digit_frac', 0.9))}% of cases, any token "
+                  f"otherwise; {cnt.get('synthetic_error', 0):,}); labels from `task.AnswerChecker`; "
+                  f"{j['train']['tokens']:,} labelled tokens from {j.get('train_problems', 600):,} training problems, "
+                  "seed 0.",
                   "- class-weighted logistic regression on standardised features (folded into the head), "
-                  "full-batch L-BFGS, L2 1e-4; "
-                  f"final loss {j['loss_curve'][-1]['loss']:.4f}.",
-                  f"- validation ({j.get('val_problems', 200)} problems): accepts "
-                  f"{j['metrics']['val']['accept_rate_on_correct']:.3f} of correct "
-                  f"tokens, rejects {j['metrics']['val']['reject_rate_on_wrong']:.3f} of wrong ones "
-                  f"(train: {j['metrics']['train']['accept_rate_on_correct']:.3f} / "
-                  f"{j['metrics']['train']['reject_rate_on_wrong']:.3f}), both at the paper's delta = 0.5.", ""]
+                  f"full-batch L-BFGS, L2 1e-4; final loss {j['loss_curve'][-1]['loss']:.4f}.",
+                  f"- validation ({j.get('val_problems', 100)} problems), at the paper's delta = 0.5: accepts "
+                  f"{mv['accept_rate_on_correct']:.3f} of the other correct wordings, rejects "
+                  f"{mv['reject_rate_on_wrong']:.3f} of wrong tokens (accept rate by kind "
+                  f"{mv.get('accept_rate_by_kind')}); train {mt['accept_rate_on_correct']:.3f} / "
+                  f"{mt['reject_rate_on_wrong']:.3f}.", ""]
         c = j.get("calibration")
         if c:
-            lines += [f"- threshold, for k = {c.get('k', 4)} drafted tokens: the smallest probability delta in "
-                      f"{[r['delta'] for r in c['rows']]} whose Judge Decoding accuracy on the "
-                      f"{c['problems']} validation problems is at most {c['max_drop_points']} points below target-only "
-                      f"greedy ({100 * c['target_greedy_accuracy']:.1f}%): delta = {c['chosen_delta']}. Sweep "
-                      "(delta: accuracy, mean accepted length): "
-                      + "; ".join(f"{r['delta']}: {100 * r['accuracy']:.1f}%, {r['mean_accepted_length']:.2f}"
+            lines += ["- threshold and drafted tokens per round, on the "
+                      f"{c['problems']} validation problems: for each k, the smallest delta whose Judge Decoding "
+                      f"accuracy is at most {c['max_drop_points']} points below target-only greedy "
+                      f"({100 * c['target_greedy_accuracy']:.1f}%); then the k with the least total time: "
+                      f"k = {c.get('chosen_k')}, delta = {c['chosen_delta']}. Sweep (k, delta: accuracy, mean "
+                      "accepted length, seconds for all problems): "
+                      + "; ".join(f"{r.get('k')}, {r['delta']}: {100 * r['accuracy']:.1f}%, "
+                                  f"{r['mean_accepted_length']:.2f}, {r.get('seconds', float('nan')):.1f} s"
                                   for r in c["rows"]) + ".", ""]
     lines += ["Decoding figures on the held-out test split: `benchmarks/decode/results.md`.", ""]
     text = "\n".join(lines)
     return atomic_write(out / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(text))
 
 
-def calibrate_folder(out: Path, deltas: tuple[float, ...] = (0.7, 0.9, 0.97, 0.99, 0.997, 0.999), k: int = 8,
-                     n_problems: int = 100) -> dict:
-    """Choose the shipped judge's threshold on validation problems and store it (with ``k``) in the head."""
+def calibrate_folder(out: Path, deltas: tuple[float, ...] = (0.5, 0.7, 0.9, 0.97, 0.99, 0.997, 0.999),
+                     ks: tuple[int, ...] = (8, 16, 24, 32, 48, 64, 96), n_problems: int = 100) -> dict:
+    """Choose the shipped judge's threshold and ``k`` on validation problems and store them in the head."""
     from ..io import write_json
     from .judge import JudgeHead, prob_to_logit
     from .judge_data import calibrate_threshold
@@ -318,16 +323,16 @@ def calibrate_folder(out: Path, deltas: tuple[float, ...] = (0.7, 0.9, 0.97, 0.9
     torch.set_num_threads(1)  # decoding is measured on one thread
     head = JudgeHead.load(out / "judge.safetensors")
     c = calibrate_threshold(load_lm(out / "target"), load_lm(out / "draft"), head,
-                            task.splits()["val"][:n_problems], deltas, k=k)
-    c["k"] = k
+                            task.splits()["val"][:n_problems], deltas, ks=ks)
     delta = c["chosen_delta"] if c["chosen_delta"] is not None else max(deltas)
+    k = c["chosen_k"] if c["chosen_k"] is not None else min(ks)
     head.threshold = prob_to_logit(delta)
     head.meta["k"] = k
     head.save(out / "judge.safetensors")
     log = json.loads((out / "judge_log.json").read_text())
     log["threshold_logit"], log["calibration"] = head.threshold, c
     write_json(out / "judge_log.json", log)
-    print(f"judge threshold: delta {delta} (logit {head.threshold:.4f}) chosen on the validation split")
+    print(f"judge: delta {delta} (logit {head.threshold:.4f}), k = {k}, chosen on the validation split")
     return c
 
 
@@ -339,7 +344,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training")
     ap.add_argument("--ckpt-dir", type=Path, default=CHECKPOINTS, help="resumable training state (outside git)")
     ap.add_argument("--judge-problems", type=int, default=600, help="training problems for the judge data")
-    ap.add_argument("--judge-k", type=int, default=8, help="drafted tokens per round the judge threshold is set for")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         info = train_judge_from_folder(args.out, n_problems=args.judge_problems)
         print(f"judge: {json.dumps(info['metrics'])}")
     if args.what in ("all", "judge", "calibrate"):
-        calibrate_folder(args.out, k=args.judge_k)
+        calibrate_folder(args.out)
     logs = {n: json.loads((args.out / n / "train_log.json").read_text())
             for n in ("target", "draft") if (args.out / n / "train_log.json").is_file()}
     if logs:
