@@ -57,3 +57,24 @@ def test_speculative_sampling_matches_the_target_distribution():
         key = tuple(out.new_tokens.tolist())
         dcounts[key] = dcounts.get(key, 0) + 1
     assert chi2_pvalue(dcounts, probs, N) < 1e-3
+
+
+def test_speculative_sampling_with_a_draft_stop_matches_the_target_distribution():
+    """Ending rounds early (DraftStop, set to stop often) keeps the target's distribution."""
+    from hasten.decoding import DraftStop
+
+    target = llama(0, layers=1, hidden=16, vocab=VOC)
+    draft = llama(9, layers=1, hidden=16, vocab=VOC)
+    x = torch.tensor([[1, 2, 3]])
+    probs = exact_joint(target, x)
+    g = torch.Generator().manual_seed(4321)
+    stop = DraftStop(min_rate=0.6, min_seen=2)
+    counts: dict[tuple, int] = {}
+    stops = 0
+    for _ in range(N):
+        out = generate(target, draft, x, NEW, num_draft_tokens=2, do_sample=True, generator=g, draft_stop=stop)
+        key = tuple(out.new_tokens.tolist())
+        counts[key] = counts.get(key, 0) + 1
+        stops += out.stats.draft_stops
+    assert stops > N // 4  # rounds really ended early
+    assert chi2_pvalue(counts, probs, N) > 1e-3

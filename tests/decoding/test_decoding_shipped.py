@@ -39,3 +39,21 @@ def test_shipped_pair_tokenizer_and_sizes(shipped):
     n_t = sum(p.numel() for p in shipped.target.parameters())
     n_d = sum(p.numel() for p in shipped.draft.parameters())
     assert n_t > 20 * n_d  # the cost ratio itself is measured by the benchmark (cost_ratio), not here
+
+
+def test_shipped_judge_at_its_own_setting_is_right_in_fewer_target_passes(shipped):
+    """The shipped head at its calibrated threshold and k: correct answers, far fewer target passes than
+    lossless speculative decoding (with a DraftStop, whose output is still the target's greedy one)."""
+    from hasten.decoding import DraftStop
+
+    t, d, head = shipped.target, shipped.draft, shipped.judge
+    stop = DraftStop()
+    for p in task.splits()["test"][3:6]:
+        x = torch.tensor([task.encode(task.prompt_text(p))])
+        spec = generate(t, d, x, task.MAX_NEW_TOKENS, num_draft_tokens=8, eos_token_id=task.EOS, draft_stop=stop)
+        ref = autoregressive_generate(t, x, task.MAX_NEW_TOKENS, eos_token_id=task.EOS)
+        assert torch.equal(spec.sequences, ref.sequences)
+        judged = generate(t, d, x, task.MAX_NEW_TOKENS, num_draft_tokens=int(head.meta["k"]), judge=head,
+                          eos_token_id=task.EOS)
+        assert task.check(p, task.decode(judged.new_tokens.tolist()))
+        assert judged.stats.target_forwards < spec.stats.target_forwards

@@ -151,3 +151,36 @@ def test_bad_input_errors():
         generate(target, target, torch.ones(2, 3, dtype=torch.long), 5)
     with pytest.raises(HastenError, match="temperature"):
         generate(target, target, x, 5, do_sample=True, temperature=0)
+
+
+def test_draft_stop_keeps_greedy_output_and_skips_doomed_drafts():
+    from hasten.decoding import DraftStop
+
+    target, draft = llama(0), llama(1, layers=1, hidden=16)
+    stop = DraftStop(min_rate=0.5, min_seen=2)
+    skipped = 0
+    for s in range(6):
+        x = prompt(s)
+        plain = generate(target, draft, x, 30, num_draft_tokens=4)
+        fast = generate(target, draft, x, 30, num_draft_tokens=4, draft_stop=stop)
+        assert torch.equal(fast.sequences, plain.sequences)
+        assert torch.equal(fast.sequences, hf_greedy(target, x, 30))
+        skipped += plain.stats.drafted_tokens - fast.stats.drafted_tokens
+        assert fast.stats.draft_stops <= fast.stats.target_forwards
+    assert skipped > 0 and sum(stop.stopped.values()) > 0  # it learnt which tokens the target rejects
+    assert sum(stop.seen.values()) > 0
+
+
+def test_draft_stop_table_and_bad_settings():
+    from hasten.decoding import DraftStop
+
+    st = DraftStop(min_rate=0.3, min_seen=4, explore_every=3)
+    st.update([5, 6, 7], accepted=1)  # 5 accepted, 6 rejected, 7 never verified
+    assert st.seen == {5: 1, 6: 1} and st.accepted == {5: 1, 6: 0}
+    for _ in range(3):
+        st.update([6], accepted=0)
+    assert st.seen[6] == 4 and not st.stop(5)
+    assert [st.stop(6) for _ in range(6)] == [True, True, False, True, True, False]  # every 3rd goes through
+    for bad in ({"min_rate": 0.0}, {"min_rate": 1.0}, {"min_seen": 0}, {"explore_every": 1}):
+        with pytest.raises(HastenError):
+            DraftStop(**bad)

@@ -12,9 +12,9 @@ Methods (same prompts, same ``max_new_tokens``, one CPU thread):
   one-token-per-pass loop), ``assisted_hf_default`` (transformers assisted generation with the same
   draft and its own defaults), ``assisted_hf_best`` (its constant ``num_assistant_tokens`` that was
   fastest on validation problems), ``speculative`` (hasten, lossless, ``k`` fastest on validation; the
-  draft runs through ``compact.CompactLlama``), ``speculative_hf_draft_forward`` (the same with the draft
-  through transformers' forward: how much of the gap to assisted generation is the draft's per-call
-  overhead), ``judge`` (hasten Judge Decoding at the shipped head's threshold and ``k``);
+  draft runs through ``compact.CompactLlama`` and a ``DraftStop`` learnt online ends rounds before tokens
+  the target keeps rejecting), ``speculative_plain`` (the same loop and ``k`` without either: what the
+  two add), ``judge`` (hasten Judge Decoding at the shipped head's threshold and ``k``);
 * sampling at ``temperature`` (0.7): ``target_hf_sample``, ``assisted_hf_best_sample``,
   ``speculative_sample`` (the lossless ones only).
 
@@ -167,14 +167,18 @@ def _assistant(draft, n: int | None):
     return d
 
 
-def _hasten(target, draft, k: int, judge=None, sample: bool = False, seed0: int = 1000, compact: bool = True):
-    from .speculative import generate
+def _hasten(target, draft, k: int, judge=None, sample: bool = False, seed0: int = 1000, compact: bool = True,
+            stop: bool = False):
+    """hasten's loop; ``stop``: one :class:`DraftStop` learnt online across the problems of this method."""
+    from .speculative import DraftStop, generate
+
+    draft_stop = DraftStop() if stop else None
 
     def run(x, i):
         gen = torch.Generator().manual_seed(seed0 + i) if sample else None
         out = generate(target, draft, x, task.MAX_NEW_TOKENS, num_draft_tokens=k, judge=judge, do_sample=sample,
                        temperature=TEMPERATURE if sample else 1.0, eos_token_id=EOS, generator=gen,
-                       compact_draft=compact)
+                       compact_draft=compact, draft_stop=draft_stop)
         return out.new_tokens, out.stats
     return run
 
@@ -193,7 +197,7 @@ def choose_settings(models, problems: list, assisted_ns=(4, 6, 8, 10, 12), haste
     """The fastest constant ``num_assistant_tokens`` for transformers and ``k`` for hasten speculative,
     by total greedy latency on ``problems`` (validation, never the test split), interleaved."""
     methods = [Method(f"assisted_{n}", "", _hf(models.target, _assistant(models.draft, n))) for n in assisted_ns]
-    methods += [Method(f"speculative_{k}", "", _hasten(models.target, models.draft, k)) for k in hasten_ks]
+    methods += [Method(f"speculative_{k}", "", _hasten(models.target, models.draft, k, stop=True)) for k in hasten_ks]
     inputs = [torch.tensor([encode(task.prompt_text(p))]) for p in problems]
     recs = run_interleaved(inputs, methods, progress=progress)
     total = {name: round(sum(r["latency_s"] for r in rs), 3) for name, rs in recs.items()}
@@ -218,14 +222,14 @@ def run_benchmark(models, n_problems: int | None = None, judge_k: int | None = N
         Method("assisted_hf_default", "transformers assisted generation (its defaults)", _hf(t, _assistant(d, None))),
         Method("assisted_hf_best", f"transformers assisted generation (best: {best} tokens)",
                _hf(t, _assistant(d, best))),
-        Method("speculative", f"hasten speculative (lossless, k = {k})", _hasten(t, d, k)),
-        Method("speculative_hf_draft_forward", f"hasten speculative (k = {k}), draft through transformers' forward",
-               _hasten(t, d, k, compact=False)),
+        Method("speculative", f"hasten speculative (lossless, k = {k})", _hasten(t, d, k, stop=True)),
+        Method("speculative_plain", f"hasten speculative (k = {k}) without DraftStop, draft through transformers' "
+               "forward", _hasten(t, d, k, compact=False)),
         Method("judge", f"hasten Judge Decoding (k = {judge_k})", _hasten(t, d, judge_k, judge=models.judge)),
         Method("target_hf_sample", "target only, transformers `generate`", _hf(t, sample=True), sampling=True),
         Method("assisted_hf_best_sample", f"transformers assisted generation ({best} tokens)",
                _hf(t, _assistant(d, best), sample=True), sampling=True),
-        Method("speculative_sample", f"hasten speculative sampling (k = {k})", _hasten(t, d, k, sample=True),
+        Method("speculative_sample", f"hasten speculative sampling (k = {k})", _hasten(t, d, k, sample=True, stop=True),
                sampling=True),
     ]
     inputs = [torch.tensor([encode(task.prompt_text(p))]) for p in problems]

@@ -4,8 +4,8 @@ transformers (4.56+) lets ``generate`` take a decoding loop as a callable: ``cus
 ``generate`` still prepares everything users rely on (generation config, ``max_new_tokens``, EOS,
 ``do_sample`` / ``temperature`` / ``top_k``) and then calls ``fn`` instead of its own loop; extra keyword
 arguments that ``fn`` declares (here ``draft_model``, ``num_draft_tokens``, ``judge``, ``threshold``,
-``generator``, ``compact_draft``) are passed through. That is the most idiomatic hook the installed transformers offers:
-no subclass, no monkey-patching, and the call reads like assisted generation::
+``generator``, ``compact_draft``, ``draft_stop``) are passed through. That is the most idiomatic hook
+the installed transformers offers: no subclass, no monkey-patching, and the call reads like assisted generation::
 
     from hasten.decoding import custom_generate
     out = target.generate(input_ids, custom_generate=custom_generate, draft_model=draft,
@@ -37,7 +37,7 @@ _HANDLED = {"TemperatureLogitsWarper", "TopKLogitsWarper"}
 def custom_generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None,
                     generation_config=None, draft_model=None, num_draft_tokens: int = 4, judge=None,
                     threshold: float | None = None, generator: torch.Generator | None = None,
-                    compact_draft: bool = True, **model_kwargs) -> torch.Tensor:
+                    compact_draft: bool = True, draft_stop=None, **model_kwargs) -> torch.Tensor:
     """Decoding loop for ``model.generate(..., custom_generate=custom_generate, draft_model=draft)``.
 
     Returns the sequences (prompt + new tokens), shape (1, n), like ``generate`` with the default
@@ -68,7 +68,8 @@ def custom_generate(model, input_ids: torch.Tensor, logits_processor=None, stopp
     out = _speculative(model, draft_model, input_ids, max(max_new, 0), num_draft_tokens=num_draft_tokens,
                        do_sample=do_sample, judge=judge, threshold=threshold,
                        temperature=float(gc.temperature or 1.0) if do_sample else 1.0, top_k=top_k,
-                       eos_token_id=gc.eos_token_id, generator=generator, compact_draft=compact_draft)
+                       eos_token_id=gc.eos_token_id, generator=generator, compact_draft=compact_draft,
+                       draft_stop=draft_stop)
     if gc.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 

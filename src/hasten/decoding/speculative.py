@@ -42,7 +42,7 @@ import torch
 
 from ..errors import HastenError
 
-__all__ = ["DecodingStats", "SpeculativeOutput", "generate", "autoregressive_generate", "verify"]
+__all__ = ["DecodingStats", "DraftStop", "SpeculativeOutput", "generate", "autoregressive_generate", "verify"]
 
 
 @dataclass
@@ -54,6 +54,7 @@ class DecodingStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     judge_accepted_tokens: int = 0  # accepted only because the judge score cleared the threshold
+    draft_stops: int = 0  # rounds ended early by a DraftStop
     target_forwards: int = 0
     draft_forwards: int = 0
     wall_s: float = 0.0
@@ -75,6 +76,61 @@ class DecodingStats:
         d.update(mean_accepted_length=self.mean_accepted_length, acceptance_rate=self.acceptance_rate,
                  target_forwards_per_token=self.target_forwards_per_token)
         return d
+
+
+class DraftStop:
+    """Stop drafting before a token the target keeps rejecting: a per-token acceptance table, learnt online.
+
+    Every drafted token that verification reaches (the accepted ones and the first rejected one) updates
+    the count of its token id. Before proposing a token whose estimated acceptance rate
+    ``(accepted + 1) / (seen + 2)`` is below ``min_rate`` after at least ``min_seen`` verdicts, the round
+    ends: the target verifies the drafts so far and supplies this position itself. A token it would
+    reject anyway costs one round either way, so stopping only removes the doomed tokens (and all
+    drafts after them) from the verification pass and from the draft's work.
+
+    Lossless. Greedy: the output is the target's greedy tokens whatever is proposed. Sampling: a token
+    is drawn from the draft's ``q`` as usual; with probability ``q(S)`` it falls in the stopped set ``S``
+    and the target samples the position itself (from ``p``); otherwise the proposed token is distributed
+    as ``q' = q 1[not S] / q(not S)``, and verification must use ``q'`` (``blocked`` gives ``S``), so the
+    position is again distributed as ``p`` (the chi-square test covers it). Keep one object across
+    calls to keep what it learnt.
+    """
+
+    def __init__(self, min_rate: float = 0.3, min_seen: int = 4, explore_every: int = 16):
+        if not 0 < min_rate < 1:
+            raise HastenError(f"DraftStop min_rate must be in (0, 1), got {min_rate}")
+        if min_seen < 1 or explore_every < 2:
+            raise HastenError(f"DraftStop needs min_seen >= 1 and explore_every >= 2, got {min_seen}, {explore_every}")
+        self.min_rate, self.min_seen, self.explore_every = float(min_rate), int(min_seen), int(explore_every)
+        self.seen: dict[int, int] = {}
+        self.accepted: dict[int, int] = {}
+        self.stopped: dict[int, int] = {}
+
+    def _low(self, token: int) -> bool:
+        n = self.seen.get(token, 0)
+        return n >= self.min_seen and (self.accepted.get(token, 0) + 1) / (n + 2) < self.min_rate
+
+    def blocked(self, vocab_size: int) -> torch.Tensor:
+        """The set ``S`` that the next :meth:`stop` call stops on, as a bool mask (vocab_size,)."""
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        for t in self.seen:
+            if self._low(t) and (self.stopped.get(t, 0) + 1) % self.explore_every != 0 and t < vocab_size:
+                mask[t] = True
+        return mask
+
+    def stop(self, token: int) -> bool:
+        """Should the round end before ``token``? Every ``explore_every``-th time a token would be stopped it
+        is proposed anyway, so that its estimate keeps being updated."""
+        if not self._low(token):
+            return False
+        self.stopped[token] = self.stopped.get(token, 0) + 1
+        return self.stopped[token] % self.explore_every != 0
+
+    def update(self, drafts: list[int], accepted: int) -> None:
+        """Record one round: ``drafts[:accepted]`` were accepted, ``drafts[accepted]`` (if any) rejected."""
+        for i, tok in enumerate(drafts[:accepted + 1]):
+            self.seen[tok] = self.seen.get(tok, 0) + 1
+            self.accepted[tok] = self.accepted.get(tok, 0) + (i < accepted)
 
 
 @dataclass
@@ -277,6 +333,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
     compact_draft: bool = True,
+    draft_stop: DraftStop | None = None,
 ) -> SpeculativeOutput:
     """Speculative decoding of ``target`` with ``draft`` (two HF causal LMs sharing a tokenizer).
 
@@ -287,7 +344,8 @@ def generate(
     Stops after ``max_new_tokens`` or at EOS (``eos_token_id``, default the target's), which is kept.
     ``compact_draft``: run a Llama-family draft through :mod:`hasten.decoding.compact` (same math, a
     fraction of transformers' per-call overhead; the output does not depend on it, see there); other
-    drafts, or ``False``, use the transformers forward.
+    drafts, or ``False``, use the transformers forward. ``draft_stop``: a :class:`DraftStop` that ends a
+    round before a token the target keeps rejecting (lossless; keep one object across calls).
     """
     if num_draft_tokens < 1:
         raise HastenError(f"num_draft_tokens (k) must be >= 1, got {num_draft_tokens}")
@@ -328,9 +386,18 @@ def generate(
                 if do_sample:
                     q = _probs(logits, temperature, top_k)
                     tok = int(torch.multinomial(q, 1, generator=generator))
-                    q_rows.append(q)
+                    if draft_stop is not None:  # a proposed token is drawn from q restricted to "not S"
+                        blocked = draft_stop.blocked(q.shape[-1])
+                        if blocked.any() and not blocked[tok]:
+                            q = q.masked_fill(blocked, 0.0)
+                            q = q / q.sum()
                 else:
                     tok = int(logits.argmax())
+                if draft_stop is not None and draft_stop.stop(tok):
+                    stats.draft_stops += 1
+                    break  # the target would most likely reject it: verify what we have
+                if do_sample:
+                    q_rows.append(q)
                 drafts.append(tok)
                 if tok in eos:  # nothing after an EOS can be kept: stop drafting
                     break
@@ -364,6 +431,8 @@ def generate(
             new.append(nxt)
         stats.accepted_tokens += a
         stats.judge_accepted_tokens += judge_only
+        if draft_stop is not None and drafts:
+            draft_stop.update(drafts, a)
         tokens.extend(new)
         # --- rollback: keep only the accepted prefix in both caches
         tgt.rollback(n + a)
