@@ -28,7 +28,8 @@ Verification (``verify``):
 
 Accounting choice: a round in which no token can be drafted (only one new token left before
 ``max_new_tokens``) is a plain target step; it counts a target forward pass but not a draft, so the
-mean accepted length ``1 + accepted / drafts`` only averages over real drafts.
+mean accepted length ``1 + accepted / drafts`` only averages over rounds that could draft. A round that a
+``DraftStop`` ends before its first token does count, as a draft with nothing accepted.
 """
 
 from __future__ import annotations
@@ -413,6 +414,8 @@ def generate(
             else:
                 nxt = int(t_logits[-1].argmax())
             a, judge_only = 0, 0
+            if k_eff > 0:  # a DraftStop ended the round before its first token: a draft of 0 accepted
+                stats.drafts += 1
         else:
             d = torch.tensor(drafts)
             scores = None
