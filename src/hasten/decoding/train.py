@@ -6,8 +6,9 @@ Reproduce everything (2 CPU threads, about 100 minutes; re-running resumes from 
 
 * target: Llama, ~33.6M parameters, trained on all wordings (``task.TARGET_MIX``);
 * draft: Llama, ~0.51M parameters, one layer, trained mostly on the draft's wording (``task.DRAFT_MIX``);
-* judge: ``JudgeHead`` on the frozen target, data from ``judge_data.build_judge_dataset``; its
-  threshold is chosen on validation problems.
+* judge: ``JudgeHead`` on the frozen target, data from ``judge_data.build_judge_dataset`` (needs the
+  trained target and draft); its threshold and drafted tokens per round ``k`` are chosen on validation
+  problems (``calibrate_folder``).
 
 The sizes are chosen for the cost ratio of deployments: at batch 1 on one CPU thread a target
 decoding step costs about 20x a draft step (measured by ``hasten bench-decode``, ``cost_ratio``).
