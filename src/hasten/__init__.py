@@ -4,11 +4,11 @@ from .api import accelerate, calibrate
 from .errors import HastenError
 from .hooks import Handle
 from .methods.block_cache import BlockCache
-from .methods.guidance import AdaptiveGuidance, LinearAG
+from .methods.guidance import AdaptiveGuidance, GuidanceInterval, LinearAG
 from .pipeline import HastenPipeline, PipelineOutput, load_pipeline
 from .pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel
 
-__all__ = ["AdaptiveGuidance", "BlockCache", "Handle", "HastenError", "HastenPipeline", "LinearAG", "PipelineOutput",
-           "ShapesPipeline", "ShapesTransformer2DModel",
+__all__ = ["AdaptiveGuidance", "BlockCache", "GuidanceInterval", "Handle", "HastenError", "HastenPipeline", "LinearAG",
+           "PipelineOutput", "ShapesPipeline", "ShapesTransformer2DModel",
            "accelerate", "calibrate", "load_pipeline"]
 __version__ = "0.1.0"

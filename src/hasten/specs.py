@@ -4,6 +4,7 @@ knows configs, not strings.
 
     block-cache:plan=plan.json            block-cache:delta=0.5 (calibrates on the fly)
     ag  |  ag:threshold=0.99  |  ag:plan=plan.json      linear-ag:plan=plan.json[,threshold=0.99]
+    guidance-interval:lo=0.2,hi=0.8   (classifier-free guidance only for noise levels in (lo, hi])
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from .methods.block_cache import METHOD, BlockCache
 from .methods.block_cache import calibrate as record_block_cache_plan
 from .methods.guidance import (
     DEFAULT_MIN_PSNR,
+    GUIDANCE_INTERVAL,
     LINEAR_AG,
     AdaptiveGuidance,
+    GuidanceInterval,
     LinearAG,
     load_ag_plan,
     load_linear_ag_plan,
@@ -148,11 +151,23 @@ def linear_ag_from_options(opts: dict) -> LinearAG:
     """``hasten calibrate --method linear-ag [--threshold T]``: the config to calibrate."""
     return LinearAG(threshold=opts.get("threshold"), min_psnr=opts.get("min_psnr") or DEFAULT_MIN_PSNR)
 
+def guidance_interval_from_spec(opts: dict[str, str], ctx: Any = None) -> GuidanceInterval:
+    """``guidance-interval:lo=0.2,hi=0.8`` -> ``GuidanceInterval(0.2, 0.8)`` (defaults 0 and 1)."""
+    _only(opts, {"lo", "hi"}, GUIDANCE_INTERVAL)
+    return GuidanceInterval(sigma_lo=opts.get("lo", 0.0), sigma_hi=opts.get("hi", 1.0))
+
+
+def _not_calibrated(opts: dict) -> Any:
+    raise HastenError("guidance-interval has nothing to calibrate: give the interval with --accel "
+                      "guidance-interval:lo=...,hi=...")
+
+
 PARSERS: dict[str, SpecParser] = {
     "block-cache": SpecParser(block_cache_from_spec, block_cache_from_options, block_cache_cli_calibrate),
     "ag": SpecParser(ag_from_spec, ag_from_options),
     "adaptive-guidance": SpecParser(ag_from_spec, ag_from_options),
     LINEAR_AG: SpecParser(linear_ag_from_spec, linear_ag_from_options),
+    GUIDANCE_INTERVAL: SpecParser(guidance_interval_from_spec, _not_calibrated),
 }
 
 

@@ -309,6 +309,7 @@ def _check_target(value: Any) -> float:
 
 DEFAULT_MIN_PSNR = 35.0
 AG = "ag"
+GUIDANCE_INTERVAL = "guidance-interval"
 
 
 @dataclass
@@ -358,6 +359,37 @@ class LinearAG:
         self.min_psnr = _check_target(self.min_psnr)
 
 
+@dataclass
+class GuidanceInterval:
+    """Guidance in a limited interval (Kynkaenniemi et al. 2024, "Applying Guidance in a Limited Interval
+    Improves Sample and Distribution Quality in Diffusion Models", arXiv 2404.07724): classifier-free
+    guidance only at the calls whose noise level lies in ``(sigma_lo, sigma_hi]``; every other call sends
+    the conditional rows only and the pipeline's own formula gives ``u + s (c - u) = c`` exactly (u := c).
+
+    The paper writes the interval in EDM noise levels sigma; hasten reads the noise level of a call from
+    the timestep the transformer receives (:func:`noise_level`): in diffusers' flow-matching convention
+    that is the scheduler's sigma in [0, 1] (1 = pure noise), for DDPM-type models the fraction of the
+    diffusion still to run. The paper's
+    finding, guidance harmful at high noise and unnecessary at low noise, maps to an interval strictly
+    inside (0, 1]; ``GuidanceInterval(0, 1)`` guides every call (bitwise CFG) and an empty interval
+    none (bitwise the conditional prediction). It composes with Block Caching; not with AG or LinearAG,
+    which also decide the unconditional rows.
+    """
+
+    sigma_lo: float = 0.0
+    sigma_hi: float = 1.0
+    uncond_first: bool | None = None
+    level = "call"
+
+    def __post_init__(self) -> None:
+        try:
+            self.sigma_lo, self.sigma_hi = float(self.sigma_lo), float(self.sigma_hi)
+        except (TypeError, ValueError):
+            raise HastenError(f"GuidanceInterval needs numbers, got {self.sigma_lo!r}, {self.sigma_hi!r}") from None
+        if math.isnan(self.sigma_lo) or math.isnan(self.sigma_hi) or self.sigma_lo < 0 or self.sigma_lo > self.sigma_hi:
+            raise HastenError(f"GuidanceInterval needs 0 <= sigma_lo <= sigma_hi, got {self.sigma_lo}, {self.sigma_hi}")
+
+
 # --------------------------------------------------------------------------- LinearAG plans
 
 
@@ -396,19 +428,35 @@ def _layout(handle: Any, uncond_first: bool | None) -> GuidanceLayout:
     return layout_for(handle.pipeline)
 
 
+def noise_level(handle: Any) -> float:
+    """The noise level sigma in [0, 1] of the current transformer call (1 = pure noise): ``t / T`` for a
+    diffusers pipeline (its scheduler's ``num_train_timesteps`` T, default 1000), ``1 - t / 1000`` for
+    hasten's own ``HastenPipeline``, whose transformer sees Movie Gen's time (0 = noise) times 1000."""
+    from ..pipeline import TIME_SCALE, HastenPipeline
+
+    if isinstance(handle.pipeline, HastenPipeline):
+        return 1.0 - float(handle.t) / TIME_SCALE
+    sched = getattr(getattr(handle.pipeline, "scheduler", None), "config", None)
+    return float(handle.t) / float(getattr(sched, "num_train_timesteps", None) or 1000)
+
+
 class GuidanceRuntime:
     """The per-handle state of AG / LinearAG and the transformer-call wrapper (``handle.wrap_call``)."""
 
     def __init__(self, handle: Any, name: str, layout: GuidanceLayout, threshold: float | None,
-                 plan: dict | None = None, resolve: Callable[[Any], tuple[float, str]] | None = None):
+                 plan: dict | None = None, resolve: Callable[[Any], tuple[float, str]] | None = None,
+                 interval: tuple[float, float] | None = None):
         """``threshold`` fixed, or ``None`` with ``resolve(handle) -> (threshold, source)`` called at the
         start of every run (a calibrated plan chosen for, or checked against, the run's guidance scale and
-        scheduler)."""
+        scheduler). ``interval``: (sigma_lo, sigma_hi) of :class:`GuidanceInterval` instead of AG's switch
+        (then ``threshold`` is +inf: no sample ever switches)."""
         self.handle, self.name, self.layout, self.threshold, self.plan = handle, name, layout, threshold, plan
+        self.interval = interval
         self.resolve = resolve
         self.source = "fixed" if resolve is None else None
         self.regressed = set(regressed_calls(int(plan["calls"]))) if plan else set()
         self.skipped_rows = 0
+        self.interval_calls = [0, 0]  # [guided, not guided] calls of GuidanceInterval
         self.runs = 0
         self.new_run()
 
@@ -429,6 +477,15 @@ class GuidanceRuntime:
         self.guided = torch.zeros(b, dtype=torch.long)
         self.switch_call = torch.full((b,), -1, dtype=torch.long)
         self.runs += 1
+
+    def _need_uncond(self, regress: bool) -> torch.Tensor:
+        """Which samples send their unconditional row at this call."""
+        if self.interval is None:
+            return ~self.switched & (not regress)
+        sigma = noise_level(self.handle)
+        inside = self.interval[0] < sigma <= self.interval[1]
+        self.interval_calls[0 if inside else 1] += 1
+        return torch.full((self.b,), inside, dtype=torch.bool)
 
     def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
         layout = self.layout
@@ -453,7 +510,7 @@ class GuidanceRuntime:
         if self.plan is not None:
             check_call_timestep(self.plan, j, h.t)
             regress = j in self.regressed
-        need_u = ~self.switched & (not regress)
+        need_u = self._need_uncond(regress)
         uncond, cond = layout.halves(b)
         if bool(need_u.all()):
             out = inner(*args, **kwargs)
@@ -468,7 +525,7 @@ class GuidanceRuntime:
             sub, rebuild = unwrap_output(out)
             full = scatter_rows(sub, sent, n)
             dev = full.device
-            sw = self.switched.to(dev)
+            sw = (self.switched if self.interval is None else ~need_u).to(dev)  # rows that sent no u
             full[uncond.to(dev)[sw]] = full[cond.to(dev)[sw]]  # u := c, so u + s (c - u) = c exactly
             if regress:
                 r = ~sw
@@ -509,7 +566,7 @@ class GuidanceRuntime:
         if self.plan is not None:
             check_call_timestep(self.plan, j, h.t)
             regress = j in self.regressed
-        need_u = ~self.switched & (not regress)
+        need_u = self._need_uncond(regress)
         sent = need_u.nonzero().flatten()
         if bool(need_u.all()):
             u = unwrap_output(inner(*args, **kwargs))[0]
@@ -575,6 +632,11 @@ class GuidanceRuntime:
                         "nfe_per_sample": self.rows.tolist(), "nfe_mean": float(self.rows.double().mean())})
         if self.plan is not None:
             rep["regressed_calls"] = self.regressed_done
+        if self.interval is not None:
+            rep.update({"interval": list(self.interval), "guided_calls": self.interval_calls[0],
+                        "unguided_calls": self.interval_calls[1]})
+            for key in ("threshold", "threshold_source", "ag_switch_call"):
+                rep.pop(key, None)
         return rep
 
 
@@ -658,6 +720,14 @@ def install_linear_ag(handle: Any, config: LinearAG) -> None:
     thr = float(plan["threshold"]) if config.threshold is None else config.threshold
     rt = GuidanceRuntime(handle, LINEAR_AG, _layout(handle, config.uncond_first), thr, plan,
                          resolve=_plan_resolver(plan, config.threshold))
+    _install_runtime(handle, rt)
+
+
+def install_guidance_interval(handle: Any, config: GuidanceInterval) -> None:
+    """Install guidance in a limited interval: the guidance wrapper with the interval rule, no switching."""
+    rt = GuidanceRuntime(handle, GUIDANCE_INTERVAL, _layout(handle, config.uncond_first), math.inf,
+                         interval=(config.sigma_lo, config.sigma_hi))
+    rt.source = "interval"
     _install_runtime(handle, rt)
 
 
@@ -892,6 +962,7 @@ def _register() -> None:
     for name in ("ag", "adaptive-guidance"):
         register(MethodInfo(name, AdaptiveGuidance, install_adaptive_guidance, level="call", calibrate=calibrate_ag))
     register(MethodInfo(LINEAR_AG, LinearAG, install_linear_ag, level="call", calibrate=calibrate_linear_ag))
+    register(MethodInfo(GUIDANCE_INTERVAL, GuidanceInterval, install_guidance_interval, level="call"))
 
 
 _register()
