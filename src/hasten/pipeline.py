@@ -148,6 +148,11 @@ class HastenPipeline:
         self.default_guidance_scale = guidance_scale
         self.name = name
 
+    @staticmethod
+    def noise_level(timestep: float) -> float:
+        """The noise level (1 = pure noise) of a transformer call at ``timestep`` = 1000 t (Movie Gen's t)."""
+        return 1.0 - timestep / TIME_SCALE
+
     # ------------------------------------------------------------------ denoiser
     def velocity_fn(self, labels: torch.Tensor, guidance_scale: float, counter: dict) -> Velocity:
         """The guided velocity field v(x, t) for fixed labels; counts transformer calls and rows."""

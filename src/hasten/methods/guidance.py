@@ -429,13 +429,12 @@ def _layout(handle: Any, uncond_first: bool | None) -> GuidanceLayout:
 
 
 def noise_level(handle: Any) -> float:
-    """The noise level sigma in [0, 1] of the current transformer call (1 = pure noise): ``t / T`` for a
-    diffusers pipeline (its scheduler's ``num_train_timesteps`` T, default 1000), ``1 - t / 1000`` for
-    hasten's own ``HastenPipeline``, whose transformer sees Movie Gen's time (0 = noise) times 1000."""
-    from ..pipeline import TIME_SCALE, HastenPipeline
-
-    if isinstance(handle.pipeline, HastenPipeline):
-        return 1.0 - float(handle.t) / TIME_SCALE
+    """The noise level sigma in [0, 1] of the current transformer call (1 = pure noise): the pipeline's own
+    ``noise_level(timestep)`` when it has one (hasten's ``HastenPipeline``: Movie Gen time, 0 = noise), else
+    ``t / T`` with the scheduler's ``num_train_timesteps`` T (diffusers' convention, default 1000)."""
+    own = getattr(handle.pipeline, "noise_level", None)
+    if callable(own):
+        return float(own(float(handle.t)))
     sched = getattr(getattr(handle.pipeline, "scheduler", None), "config", None)
     return float(handle.t) / float(getattr(sched, "num_train_timesteps", None) or 1000)
 
