@@ -271,3 +271,18 @@ def test_guidance_suite_calibrates_ag_and_linear_ag_at_the_requested_guidance(tm
         assert plan["guidance_scale"] == 3.0 and plan["calibration"]["min_psnr_db"] == 35.0
     with pytest.raises(HastenError, match="unknown suite"):
         run_bench("tiny", tmp_path, pipe=pipe, suite="fast")
+
+
+def test_interval_suite_runs_guidance_in_limited_intervals(tmp_path):
+    """``--suite interval``: CFG, guidance off and the ``INTERVALS``; outside an interval a call is one row."""
+    from hasten.eval.bench import INTERVALS
+
+    pipe = tiny_pipeline()
+    res = run_bench("tiny", tmp_path, pipe=pipe, scorer=FakeScorer(), samples=10, batch_size=10, realistic=False,
+                    suite="interval", guidance_scale=3.0)
+    recs = {r["name"]: r for r in res["records"]}
+    names = [f"guidance-interval:lo={lo},hi={hi} @50" for lo, hi in INTERVALS]
+    assert list(recs) == ["cfg @50", "no-guidance @50", *names]
+    assert all(r["error"] is None for r in recs.values()), [r["error"] for r in recs.values()]
+    for name in names:  # some calls guided, some not
+        assert 50 < recs[name]["nfe"] < 100

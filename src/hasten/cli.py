@@ -259,7 +259,8 @@ def bench_cmd(
                                    help="the DiT-XL/2-size overhead check (default: on, off with --quick)"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)"),
     suite: str = typer.Option("default", help="default (every method, solvers, peers) | guidance (AG and "
-                              "LinearAG, calibrated and at the paper's threshold)"),
+                              "LinearAG, calibrated and at the paper's threshold) | interval (guidance in "
+                              "limited intervals)"),
     cfg: float = typer.Option(None, help="guidance scale for every configuration (default: the model's)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
@@ -272,7 +273,7 @@ def bench_cmd(
                     progress=None if as_json else (lambda m: typer.echo(m, err=True)))
     lines = [f"wrote {out}/results.json, results.md, pareto.png ({len(res['records'])} configurations, "
              f"{res['protocol']['total_wall_s']:.0f} s)"]
-    if suite == "guidance":
+    if suite != "default":
         for r in res["records"]:
             if r.get("error"):
                 lines.append(f"{r['name']:<36} error: {r['error']}")

@@ -252,12 +252,21 @@ def digits_configs(pipe: HastenPipeline, assets: HastenAssets | None, quick: boo
     return cfgs
 
 
-def guidance_configs(pipe: Any, assets: HastenAssets, data: Any = None) -> list[BenchConfig]:
+# Guidance intervals (flow-matching sigma, 1 = noise) for ``--suite interval``. The paper's ImageNet-512 EDM2
+# interval sigma_EDM in (0.28, 5.42] maps to (0.22, 0.84] by sigma_EDM = s / (1 - s) (rectified flow
+# x_s = (1 - s) x + s e has the noise-to-signal ratio s / (1 - s)); beside it its two halves.
+INTERVALS = ((0.22, 0.84), (0.0, 0.84), (0.22, 1.0))
+
+
+def guidance_configs(pipe: Any, assets: HastenAssets, data: Any = None,
+                     suite: str = "guidance") -> list[BenchConfig]:
     """``--suite guidance``: Adaptive Guidance and LinearAG at the run's guidance scale, 50 Euler steps.
 
     The reference is CFG; beside it: guidance off (what dropping guidance everywhere gives), AG and
     LinearAG with thresholds calibrated for 35 dB on calibration seeds (plans made first, untimed), and
-    both at the paper's fixed threshold 0.991 (what a fixed number does on this model)."""
+    both at the paper's fixed threshold 0.991 (what a fixed number does on this model).
+    ``--suite interval``: the same reference and guidance off, and guidance in the limited ``INTERVALS``
+    (``GuidanceInterval``)."""
     full = 50
     if data is not None:  # text-to-image (shapes)
         from . import bench_shapes as bs
@@ -271,6 +280,8 @@ def guidance_configs(pipe: Any, assets: HastenAssets, data: Any = None) -> list[
 
         def hc(specs: list[str]) -> BenchConfig:
             return hasten_config(pipe, specs, full, assets)
+    if suite == "interval":
+        return base + [hc([f"guidance-interval:lo={lo},hi={hi}"]) for lo, hi in INTERVALS]
     return base + [hc(["ag"]), hc(["linear-ag"]), hc(["ag:threshold=0.991"]),
                    hc(["linear-ag:threshold=0.991"])]
 
@@ -522,7 +533,8 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
               suite: str = "default", guidance_scale: float | None = None) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``.
 
-    ``suite``: ``default`` (every method, solvers and peers) or ``guidance`` (:func:`guidance_configs`);
+    ``suite``: ``default`` (every method, solvers and peers), ``guidance`` or ``interval``
+    (:func:`guidance_configs`);
     ``guidance_scale``: run every configuration (and calibrate every plan) at this scale instead of
     the model's default."""
     from ..pipeline import load_pipeline
@@ -535,8 +547,8 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     bs = min(batch_size or budget.batch_size, n)
     if threads is not None:
         torch.set_num_threads(threads)
-    if suite not in ("default", "guidance"):
-        raise HastenError(f"unknown suite {suite!r}: default | guidance")
+    if suite not in ("default", "guidance", "interval"):
+        raise HastenError(f"unknown suite {suite!r}: default | guidance | interval")
     pipe = pipe if pipe is not None else load_pipeline(model)
     if guidance_scale is not None:
         if not (guidance_scale >= 1.0):
@@ -550,7 +562,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         data = EvalSet(pipe, n, seed)
         assets = HastenAssets(pipe, out / "plans", copier=copy_shapes)
         if configs is None:
-            configs = (guidance_configs(pipe, assets, data) if suite == "guidance"
+            configs = (guidance_configs(pipe, assets, data, suite) if suite != "default"
                        else shapes_configs(pipe, data, assets, quick, peers))
         configs = list(configs)
         batches = make_batches(n, bs, seed, n)  # "labels" are indices into the evaluation captions
@@ -560,7 +572,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     else:
         assets = HastenAssets(pipe, out / "plans")
         if configs is None:
-            configs = (guidance_configs(pipe, assets) if suite == "guidance"
+            configs = (guidance_configs(pipe, assets, suite=suite) if suite != "default"
                        else digits_configs(pipe, assets, quick=quick, peers=peers))
         configs = list(configs)
         batches = make_batches(n, bs, seed, pipe.num_classes)
