@@ -168,7 +168,7 @@ def test_candidate_pass_equals_separate_passes():
     pr, an = task.encode(task.prompt_text(p)), task.encode(task.answer_text(p, choice={s: 0 for s in task.SLOTS}))
     cands = [(0, 5), (7, 9), (7, 11), (len(an) - 1, 4)]
     with torch.no_grad():
-        _, h = _candidate_pass(target, pr + an, len(pr), cands, hidden=True)
+        h = _candidate_pass(target, pr + an, len(pr), cands)
         for i, (j, c) in enumerate(cands):
             ref = target(input_ids=torch.tensor([pr + an[:j] + [c]]), output_hidden_states=True).hidden_states[-1]
             torch.testing.assert_close(h[i], ref[0, -1], atol=1e-5, rtol=1e-4)

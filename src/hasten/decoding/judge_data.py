@@ -39,17 +39,7 @@ __all__ = ["judge_candidates", "build_judge_dataset", "train_judge", "judge_metr
 _DIGITS = [VOCAB[d] for d in "0123456789"]
 _SPACED_DIGITS = [VOCAB[" " + d] for d in "0123456789"]
 _TOKENS = [i for t, i in VOCAB.items() if i > EOS and t != "\n"]
-_INV = {i: t for t, i in VOCAB.items()}
 KINDS = ("alternative", "draft_error", "synthetic_error")
-
-
-def _acceptable_tokens(checker: task.AnswerChecker, states: set) -> set[int]:
-    """Every vocabulary token that keeps the answer correct after ``states`` (incl. ``<eos>``)."""
-    nxt = checker._next_chars(states)
-    out = {i for i in _TOKENS if _INV[i][0] in nxt and checker.acceptable(states, i)}
-    if checker.complete(states):
-        out.add(EOS)
-    return out
 
 
 def judge_candidates(problem: task.Problem, answer: list[int], target_greedy: list[int],
@@ -63,9 +53,9 @@ def judge_candidates(problem: task.Problem, answer: list[int], target_greedy: li
     checker = task.AnswerChecker(problem)
     states, ok_sets = checker.start(), []
     for tok in answer:
-        ok_sets.append(_acceptable_tokens(checker, states))
+        ok_sets.append(checker.acceptable_tokens(states))
         if tok != EOS:
-            states = checker.step(states, _INV[tok])
+            states = checker.step(states, task.decode([tok]))
     out: list[tuple[int, int, int, str]] = []
     seen: set[tuple[int, int]] = set()
 
@@ -94,10 +84,9 @@ def judge_candidates(problem: task.Problem, answer: list[int], target_greedy: li
     return out
 
 
-def _candidate_pass(model, seq: list[int], n_prompt: int, cands: list[tuple[int, int]], hidden: bool):
-    """One pass over ``seq`` followed by candidate tokens, each seeing only ``seq[:n_prompt + j]`` and itself.
-
-    Returns the last hidden states (hidden=True) or logits of the sequence part and of the candidates."""
+def _candidate_pass(model, seq: list[int], n_prompt: int, cands: list[tuple[int, int]]) -> torch.Tensor:
+    """Last hidden states (m, hidden) of candidate tokens ``(j, c)`` appended after ``seq`` in one pass, each
+    at position ``n_prompt + j`` and seeing only ``seq[:n_prompt + j]`` and itself (a 4-D attention mask)."""
     n, m = len(seq), len(cands)
     ids = torch.tensor([seq + [c for _, c in cands]])
     allow = torch.zeros(n + m, n + m, dtype=torch.bool)
@@ -108,10 +97,9 @@ def _candidate_pass(model, seq: list[int], n_prompt: int, cands: list[tuple[int,
         allow[n + i, n + i] = True
         pos.append(n_prompt + j)
     mask = torch.zeros(1, 1, n + m, n + m).masked_fill(~allow, float("-inf"))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([pos]),
-                output_hidden_states=hidden, use_cache=False)
-    x = out.hidden_states[-1][0] if hidden else out.logits[0]
-    return x[:n], x[n:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([pos]), output_hidden_states=True,
+                use_cache=False)
+    return out.hidden_states[-1][0, n:]
 
 
 @torch.no_grad()
@@ -131,8 +119,7 @@ def build_judge_dataset(target, problems: list, draft=None, seed: int = 0, n_wro
         cands = judge_candidates(p, an, t_greedy, d_greedy, rng, n_wrong=n_wrong, digit_frac=digit_frac)
         if not cands:
             continue
-        _, h = _candidate_pass(target, seq, n0, [(j, c) for j, c, _, _ in cands], hidden=True)
-        feats.append(h)
+        feats.append(_candidate_pass(target, seq, n0, [(j, c) for j, c, _, _ in cands]))
         labels.append(torch.tensor([lab for _, _, lab, _ in cands], dtype=torch.float32))
         kinds += [k for *_, k in cands]
     return torch.cat(feats).float(), torch.cat(labels), kinds
@@ -217,8 +204,7 @@ def train_judge_from_folder(out: Path, n_problems: int = 600, seed: int = 0, n_v
 
 
 def calibrate_threshold(target, draft, head: JudgeHead, problems: list, deltas: tuple[float, ...],
-                        max_drop_points: float = 0.5, ks: tuple[int, ...] = (8,),
-                        base_accuracy: float | None = None) -> dict:
+                        max_drop_points: float = 0.5, ks: tuple[int, ...] = (8,)) -> dict:
     """Pick the judge's threshold and drafted tokens per round ``k`` on VALIDATION problems (never test).
 
     For each ``k`` and each probability threshold ``delta`` (ascending) run Judge Decoding and compare its
@@ -239,8 +225,7 @@ def calibrate_threshold(target, draft, head: JudgeHead, problems: list, deltas: 
             drafts += out.stats.drafts
         return ok / len(problems), (1 + acc_tok / drafts) if drafts else 1.0, time.perf_counter() - t0
 
-    if base_accuracy is None:
-        base_accuracy = run(lambda x: autoregressive_generate(target, x, task.MAX_NEW_TOKENS, eos_token_id=EOS))[0]
+    base_accuracy = run(lambda x: autoregressive_generate(target, x, task.MAX_NEW_TOKENS, eos_token_id=EOS))[0]
     rows, best = [], None
     for k in ks:
         for delta in sorted(deltas):

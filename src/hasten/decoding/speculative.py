@@ -111,21 +111,25 @@ class DraftStop:
         n = self.seen.get(token, 0)
         return n >= self.min_seen and (self.accepted.get(token, 0) + 1) / (n + 2) < self.min_rate
 
+    def _in_stop_set(self, token: int) -> bool:
+        """Is ``token`` in ``S`` now: a low estimate, and not its turn to be proposed anyway (every
+        ``explore_every``-th time, so that its estimate keeps being updated)?"""
+        return self._low(token) and (self.stopped.get(token, 0) + 1) % self.explore_every != 0
+
     def blocked(self, vocab_size: int) -> torch.Tensor:
         """The set ``S`` that the next :meth:`stop` call stops on, as a bool mask (vocab_size,)."""
         mask = torch.zeros(vocab_size, dtype=torch.bool)
         for t in self.seen:
-            if self._low(t) and (self.stopped.get(t, 0) + 1) % self.explore_every != 0 and t < vocab_size:
+            if t < vocab_size and self._in_stop_set(t):
                 mask[t] = True
         return mask
 
     def stop(self, token: int) -> bool:
-        """Should the round end before ``token``? Every ``explore_every``-th time a token would be stopped it
-        is proposed anyway, so that its estimate keeps being updated."""
-        if not self._low(token):
-            return False
-        self.stopped[token] = self.stopped.get(token, 0) + 1
-        return self.stopped[token] % self.explore_every != 0
+        """Should the round end before ``token`` (``token`` in ``S``)? Counts the turn of a low token."""
+        stop = self._in_stop_set(token)
+        if self._low(token):
+            self.stopped[token] = self.stopped.get(token, 0) + 1
+        return stop
 
     def update(self, drafts: list[int], accepted: int) -> None:
         """Record one round: ``drafts[:accepted]`` were accepted, ``drafts[accepted]`` (if any) rejected."""

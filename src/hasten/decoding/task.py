@@ -274,6 +274,11 @@ class AnswerChecker:
             return any(not c.isalpha() for c in self._next_chars(after))
         return True
 
+    def acceptable_tokens(self, states: set) -> set[int]:
+        """Every vocabulary token that keeps the answer correct after ``states`` (``<eos>`` included)."""
+        nxt = self._next_chars(states)
+        return {i for t, i in VOCAB.items() if (i == EOS or t[:1] in nxt) and self.acceptable(states, i)}
+
 
 # ---- tokenizer ------------------------------------------------------------------------------
 SPECIAL = ("<pad>", "<bos>", "<eos>")

@@ -455,7 +455,6 @@ class GuidanceRuntime:
         self.source = "fixed" if resolve is None else None
         self.regressed = set(regressed_calls(int(plan["calls"]))) if plan else set()
         self.skipped_rows = 0
-        self.interval_calls = [0, 0]  # [guided, not guided] calls of GuidanceInterval
         self.runs = 0
         self.new_run()
 
@@ -481,9 +480,7 @@ class GuidanceRuntime:
         """Which samples send their unconditional row at this call."""
         if self.interval is None:
             return ~self.switched & (not regress)
-        sigma = noise_level(self.handle)
-        inside = self.interval[0] < sigma <= self.interval[1]
-        self.interval_calls[0 if inside else 1] += 1
+        inside = self.interval[0] < noise_level(self.handle) <= self.interval[1]
         return torch.full((self.b,), inside, dtype=torch.bool)
 
     def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -524,10 +521,10 @@ class GuidanceRuntime:
             sub, rebuild = unwrap_output(out)
             full = scatter_rows(sub, sent, n)
             dev = full.device
-            sw = (self.switched if self.interval is None else ~need_u).to(dev)  # rows that sent no u
+            sw = (~need_u).to(dev)  # rows that sent no u (switched; regressed ones are overwritten below)
             full[uncond.to(dev)[sw]] = full[cond.to(dev)[sw]]  # u := c, so u + s (c - u) = c exactly
             if regress:
-                r = ~sw
+                r = (~self.switched).to(dev)
                 beta = self.plan["coefficients"][str(j)]
                 full[uncond.to(dev)[r]] = regress_uncond(beta, full[cond.to(dev)[r]], self.prev_c[r],
                                                          self.prev_u[r])
@@ -632,8 +629,9 @@ class GuidanceRuntime:
         if self.plan is not None:
             rep["regressed_calls"] = self.regressed_done
         if self.interval is not None:
-            rep.update({"interval": list(self.interval), "guided_calls": self.interval_calls[0],
-                        "unguided_calls": self.interval_calls[1]})
+            guided = int(self.guided.max()) if self.b is not None else 0  # the same for every sample
+            rep.update({"interval": list(self.interval), "guided_calls": guided,
+                        "unguided_calls": self.j - guided})
             for key in ("threshold", "threshold_source", "ag_switch_call"):
                 rep.pop(key, None)
         return rep
@@ -726,7 +724,6 @@ def install_guidance_interval(handle: Any, config: GuidanceInterval) -> None:
     """Install guidance in a limited interval: the guidance wrapper with the interval rule, no switching."""
     rt = GuidanceRuntime(handle, GUIDANCE_INTERVAL, _layout(handle, config.uncond_first), math.inf,
                          interval=(config.sigma_lo, config.sigma_hi))
-    rt.source = "interval"
     _install_runtime(handle, rt)
 
 
