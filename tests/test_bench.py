@@ -139,7 +139,7 @@ def test_results_json_round_trip_and_schema_errors(tmp_path):
     rec = loaded["records"][1]
     assert set(rec) == {"name", "family", "params", "wall_s_median", "speedup", "nfe", "block_evals",
                         "peak_rss_mb", "psnr", "ssim", "fd_digits", "class_accuracy", "fd_shapes", "adherence",
-                        "error"}
+                        "denoiser_s_median", "denoiser_share", "denoiser_speedup", "error"}
     assert {"cpu", "cores", "torch"} <= set(loaded["machine"]) and loaded["date"]
     bad = json.loads(json.dumps(res))
     bad["records"][0]["family"] = "rival"

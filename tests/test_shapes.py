@@ -299,6 +299,11 @@ def test_text_quality_levels_gate_adherence_and_fd():
     assert rows["psnr>=40"]["hasten"]["name"] == "ok"  # the faster one loses 5 points of adherence
     assert rows["psnr>=40"]["peer"] is None  # FD-shapes 20% above the reference
     assert "fd_shapes<=10.5" in rows
+    # the issue's figure: hasten's fastest against the fastest of every other family (here the reference)
+    assert rows["psnr>=40"]["hasten_vs_best_other"] == 2.0 and rows["psnr>=40"]["target_met"] is True
+    recs.append(new_record("cheap-solver", "baseline", {}, speedup=1.8, psnr=40.5, fd_shapes=10.0, adherence=0.9))
+    row = {r["level"].split(" ")[0]: r for r in quality_levels(recs, "ref")}["psnr>=40"]
+    assert row["hasten_vs_best_other"] == round(2.0 / 1.8, 4) and row["target_met"] is False
 
 
 class FakeTextScorer:
@@ -318,13 +323,47 @@ def test_bench_runs_on_a_text_to_image_pipeline(tiny_pipe, tmp_path):
 
     res = run_bench("tiny-shapes", tmp_path / "b", quick=True, samples=10, batch_size=5, pipe=tiny_pipe,
                     scorer=FakeTextScorer())
-    names = [r["name"] for r in res["records"]]
+    recs = {r["name"]: r for r in res["records"]}
+    names = list(recs)
     assert names[0] == "cfg @50" and any(n.startswith("block-cache") for n in names)
-    ref = res["records"][0]
+    ref = recs["cfg @50"]
     assert ref["speedup"] == 1.0 and ref["adherence"] == 0.5 and ref["nfe"] == 100
+    # PSNR is against the converged quality reference (the fake scorer gives 100 for identical images)
+    qref = recs["cfg @100 unipc-bh2"]
+    assert qref["params"]["role"] == "quality-reference" and qref["psnr"] == 100.0 and ref["psnr"] == 30.0
+    conv = res["protocol"]["convergence"]
+    assert res["protocol"]["quality_reference"] == "cfg @100 unipc-bh2" and conv["samples"] == 4
+    assert conv["reference_vs_finer_psnr"] > conv["euler50_vs_finer_psnr"]  # closer to the finer solve
     bc = next(r for r in res["records"] if r["name"].startswith("block-cache"))
     assert bc["error"] is None and bc["nfe"] == 100 and bc["block_evals"] <= ref["block_evals"]
+    # a stock solver at reduced steps, and hasten's AG composed with it (a plan-free threshold)
+    assert recs["cfg @10 unipc-bh2"]["error"] is None and recs["cfg @10 unipc-bh2"]["nfe"] == 20
+    ag = recs["ag:threshold=0.99 @10 unipc-bh2"]
+    assert ag["error"] is None and ag["params"]["solver"] == "unipc-bh2" and ag["nfe"] <= 20
+    for r in (ref, qref, bc, ag):
+        assert 0 < r["denoiser_share"] <= 1 and r["denoiser_speedup"] > 0
     assert load_results(tmp_path / "b" / "results.json")["model"] == "tiny-shapes"
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| name | family | solver |" in md and "Quality reference `cfg @100 unipc-bh2`" in md
+
+
+def test_cache_dit_runs_on_the_text_to_image_pipeline(tiny_pipe):
+    """cache-dit's DBCache through BlockAdapter with its SD3 block pattern: runs, and with a threshold no
+    residual change reaches it skips blocks after the warm-up steps (counted at the blocks)."""
+    pytest.importorskip("cache_dit")
+    from hasten.eval.bench_harness import Batch, WorkCounter, run_one
+    from hasten.eval.bench_shapes import EvalSet, cache_dit_config
+
+    data = EvalSet(tiny_pipe, 2, seed=0)
+    counts = {}
+    for th in (0.0, 1e6):
+        p = cache_dit_config(tiny_pipe, data, {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 2}, 8).setup()
+        counter = WorkCounter(p.transformer)
+        images = run_one(p, Batch(torch.arange(2), 0))
+        counts[th] = counter.attn_rows
+        counter.remove()
+        assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    assert counts[1e6] < counts[0.0]
 
 
 def test_block_caching_on_the_text_to_image_pipeline(tiny_pipe):

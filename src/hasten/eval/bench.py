@@ -105,19 +105,22 @@ class HastenAssets:
         self.copier = copier
         self._plans: dict[tuple[str, int], Path] = {}
 
-    def plan(self, method: str, steps: int) -> Path:
-        key = (method, steps)
+    def plan(self, method: str, steps: int, solver: str | None = None) -> Path:
+        """The plan for ``method`` at ``steps``; ``solver`` (a diffusers pipeline's stock scheduler, see
+        :func:`hasten.eval.bench_shapes.solver_scheduler`) calibrates on a copy with that scheduler, since
+        a plan is only valid for the scheduler it was made with."""
+        key = (method, steps, solver)
         if key not in self._plans:
-            self._plans[key] = self._make(method, steps)
+            self._plans[key] = self._make(method, steps, solver)
         return self._plans[key]
 
-    def _make(self, method: str, steps: int) -> Path:
+    def _make(self, method: str, steps: int, solver: str | None) -> Path:
         try:
             from ..api import calibrate
             from ..plans import save_plan
         except ImportError as e:
             raise Unavailable(f"hasten.api has no calibrate in this build ({e})") from None
-        own = self.copier(self.pipe)
+        own = self.copier(self.pipe) if solver is None else self.copier(self.pipe, solver)
         if method == "block-cache":
             from ..methods.block_cache import BlockCache
 
@@ -135,13 +138,13 @@ class HastenAssets:
         else:
             raise Unavailable(f"no plan recipe for {method!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
-        return save_plan(self.folder / f"{method}-{steps}.json", plan)
+        return save_plan(self.folder / (f"{method}-{steps}" + (f"-{solver}" if solver else "") + ".json"), plan)
 
-    def resolve(self, spec: str, steps: int) -> str:
+    def resolve(self, spec: str, steps: int, solver: str | None = None) -> str:
         """Add ``plan=PATH`` to the specs of methods that need one."""
         name, _, rest = spec.partition(":")
         if name in ("block-cache", "linear-ag") or (name == "ag" and "threshold" not in rest and "plan" not in rest):
-            path = self.plan(name, steps)
+            path = self.plan(name, steps, solver)
             return f"{name}:plan={path}" + (f",{rest}" if rest else "")
         return spec
 
@@ -312,12 +315,16 @@ class Scorer:
 
 
 def build_records(configs: Sequence[BenchConfig], measured: dict[str, Measurement], batches: Sequence[Batch],
-                  scorer: Any, with_quality: bool = True) -> list[dict]:
-    """One record per configuration (errors included); the first configuration is the reference."""
+                  scorer: Any, with_quality: bool = True, quality_reference: str | None = None) -> list[dict]:
+    """One record per configuration (errors included). The first configuration is the speed reference
+    (speedups are paired against it); PSNR/SSIM are against ``quality_reference`` (default: the first)."""
     ref = measured[configs[0].name]
     if ref.error is not None or not ref.times:
         raise HastenError(f"the reference configuration {configs[0].name!r} failed: {ref.error}")
-    ref_images = torch.cat(ref.images)
+    qref = measured[quality_reference or configs[0].name]
+    if qref.error is not None or not qref.times:
+        raise HastenError(f"the quality reference {qref.name!r} failed: {qref.error}")
+    ref_images = torch.cat(qref.images)
     records = []
     for c in configs:
         m = measured[c.name]
@@ -329,6 +336,10 @@ def build_records(configs: Sequence[BenchConfig], measured: dict[str, Measuremen
             "speedup": _round(paired_speedup(ref.times, m.times), 4),
             "nfe": _round(m.nfe, 4), "block_evals": _round(m.block_evals, 4),
             "peak_rss_mb": _round(m.peak_rss_mb, 1)}
+        if m.denoiser_times and len(m.denoiser_times) == len(m.times):
+            vals.update(denoiser_s_median=_round(statistics.median(m.denoiser_times), 4),
+                        denoiser_share=_round(sum(m.denoiser_times) / sum(m.times), 4) if sum(m.times) else None,
+                        denoiser_speedup=_round(paired_speedup(ref.denoiser_times, m.denoiser_times), 4))
         if with_quality:
             images = torch.cat(m.images)
             labels = torch.cat([b.labels for b in batches])[: images.shape[0]]
@@ -556,8 +567,9 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         pipe.default_guidance_scale = float(guidance_scale)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    quality_ref, convergence = None, None
     if hasattr(pipe, "encode_prompt"):  # text-to-image (shapes): see hasten.eval.bench_shapes
-        from .bench_shapes import EvalSet, ShapesScorer, copy_shapes, shapes_configs
+        from .bench_shapes import EvalSet, ShapesScorer, convergence_check, copy_shapes, shapes_configs
 
         data = EvalSet(pipe, n, seed)
         assets = HastenAssets(pipe, out / "plans", copier=copy_shapes)
@@ -569,6 +581,10 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         warm = Batch(torch.arange(min(budget.warmup_samples, n)), seed)
         scorer = scorer if scorer is not None else ShapesScorer(data)
         realistic = False if realistic is None else realistic
+        if suite == "default" and len(configs) > 1 and configs[1].params.get("role") == "quality-reference":
+            quality_ref = configs[1].name
+            say("convergence check of the quality reference")
+            convergence = convergence_check(pipe, data, samples=4 if quick else 16)
     else:
         assets = HastenAssets(pipe, out / "plans")
         if configs is None:
@@ -579,15 +595,17 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         warm = make_batches(budget.warmup_samples, budget.warmup_samples, seed + 10_000, pipe.num_classes)[0]
     measured = run_interleaved(configs, batches, warmup=warm, timer=timer, rss=RssSampler(), progress=say)
     say("scoring")
-    records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer())
-    levels = quality_levels(records, configs[0].name)
+    records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer(),
+                            quality_reference=quality_ref)
+    levels = quality_levels(records, quality_ref or configs[0].name)
     do_real = (budget.realistic and suite == "default") if realistic is None else realistic
     results = {
         "schema": SCHEMA, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "model": model,
         "protocol": {"samples": n, "batch_size": bs, "reps": len(batches), "seed": seed,
                      "warmup_samples": budget.warmup_samples, "guidance_scale": pipe.default_guidance_scale,
-                     "solver": SOLVER, "schedule": SCHEDULE, "reference": configs[0].name, "quick": quick,
+                     "solver": SOLVER, "schedule": SCHEDULE, "reference": configs[0].name,
+                     "quality_reference": quality_ref or configs[0].name, "convergence": convergence, "quick": quick,
                      "suite": suite,
                      "calibration_seeds": {"block-cache": list(CALIBRATION_SEEDS), "ag": list(AG_SEEDS),
                                            "linear-ag": [LINEAR_AG_SEEDS[0], LINEAR_AG_SEEDS[-1]]},

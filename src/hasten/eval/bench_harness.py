@@ -19,6 +19,9 @@ leaf modules that only run when work is really done:
 - ``block_evals``: per sample, rows through each block's self-attention query projection plus rows
   through its feed-forward's first linear layer, halved (one full block on one row counts 1); a cached
   block counts 0, a block whose attention alone was reused counts 1/2.
+
+The denoiser's share of each timed call is read from a pre-hook and a hook on the transformer
+(``DenoiserTimer``): the end-to-end time stays the headline, the denoiser-only speed-up sits beside it.
 """
 
 from __future__ import annotations
@@ -99,6 +102,37 @@ class WorkCounter:
         self._handles.clear()
 
 
+class DenoiserTimer:
+    """Wall time inside the transformer's forward calls (the denoiser's part of an end-to-end run), from a
+    pre-hook and a hook on the transformer itself, read with the harness's timer."""
+
+    def __init__(self, transformer: nn.Module | None, timer: Callable[[], float]):
+        self.seconds = 0.0
+        self._timer = timer
+        self._start: float | None = None
+        self._handles: list[Any] = []
+        if transformer is not None:
+            self._handles = [transformer.register_forward_pre_hook(self._pre),
+                             transformer.register_forward_hook(self._post)]
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        self._start = self._timer()
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._start is not None:
+            self.seconds += self._timer() - self._start
+            self._start = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
 def _blocks(transformer: nn.Module) -> list[nn.Module]:
     blocks = getattr(transformer, "transformer_blocks", None)
     return list(blocks) if isinstance(blocks, nn.ModuleList) else []
@@ -161,6 +195,7 @@ class Measurement:
     name: str
     times: list[float] = field(default_factory=list)  # one per timed batch, in batch order
     cpu_times: list[float] = field(default_factory=list)  # process CPU seconds of the same calls
+    denoiser_times: list[float] = field(default_factory=list)  # seconds inside the transformer, same calls
     images: list[torch.Tensor] = field(default_factory=list)
     samples: int = 0
     rows: int = 0
@@ -238,6 +273,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
     out = {c.name: Measurement(c.name) for c in configs}
     prepared: dict[str, Prepared] = {}
     counters: dict[str, WorkCounter] = {}
+    clocks: dict[str, DenoiserTimer] = {}
     with rss:
         for c in configs:
             m = out[c.name]
@@ -249,6 +285,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 if warmup is not None:
                     run_one(p, warmup)
                 counters[c.name].reset()
+                clocks[c.name] = DenoiserTimer(p.transformer, timer)
             except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
                 m.error = error_text(e)
                 say(f"  {c.name}: {m.error}")
@@ -260,11 +297,15 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                     continue
                 try:
                     rss.start_window()
+                    clock = clocks[c.name]
+                    d0 = clock.seconds
                     c0 = time.process_time()
                     t0 = timer()
                     images = run_one(p, batch)
                     m.times.append(timer() - t0)
                     m.cpu_times.append(time.process_time() - c0)
+                    if clock.active:
+                        m.denoiser_times.append(clock.seconds - d0)
                     peak = rss.window_peak_mb()
                     if peak is not None:
                         m.peak_rss_mb = max(m.peak_rss_mb or 0.0, peak)
@@ -280,6 +321,8 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 m.counted = cnt.blocks_seen and cnt.rows > 0
                 m.rows, m.block_rows = cnt.rows, (cnt.attn_rows + cnt.ff_rows) / 2
                 cnt.remove()
+            if c.name in clocks:
+                clocks[c.name].remove()
             p = prepared.get(c.name)
             if p is not None and p.close is not None:
                 try:

@@ -41,19 +41,29 @@ def markdown(results: dict) -> str:
              f"{p.get('samples')} samples ({p.get('batch_size')} per batch, {p.get('reps')} interleaved "
              f"repetitions after a warm-up), guidance scale {p.get('guidance_scale')}, "
              f"{p.get('solver')} solver, "
-             f"{p.get('schedule')} time grid; reference `{p.get('reference')}`. Speedup: median over batches "
-             "of the paired ratio baseline time / configuration time. PSNR/SSIM against the reference's "
-             "images from the same seeds.", ""]
+             f"{p.get('schedule')} time grid; speed reference `{p.get('reference')}`. Speedup: median over "
+             "batches of the paired ratio reference time / configuration time, end to end (text encoder, "
+             "denoiser, decoder where the pipeline has them). PSNR/SSIM against the images of "
+             f"`{p.get('quality_reference', p.get('reference'))}` from the same seeds.", ""]
+    conv = p.get("convergence")
+    if conv:
+        lines += [f"Quality reference `{conv['reference']}`: {conv['reference_vs_finer_psnr']:.1f} dB against "
+                  f"`{conv['finer']}` (50-step Euler: {conv['euler50_vs_finer_psnr']:.1f} dB), "
+                  f"{conv['samples']} samples.", ""]
     if results["quality_levels"]:
         lines += ["## Fastest configuration at each quality level", "",
-                  "| level | hasten | peer | fewer steps | hasten fastest? |", "|---|---|---|---|---|"]
+                  "| level | hasten | peer | fewer steps | hasten fastest? | hasten / best other |",
+                  "|---|---|---|---|---|---|"]
         for row in results["quality_levels"]:
             cells = []
             for key in ("hasten", "peer", "fewer_steps"):
                 b = row[key]
                 cells.append("none" if b is None else f"{b['speedup']:.2f}x `{b['name']}`")
             verdict = {True: "yes", False: "**no**", None: "no hasten config"}[row["hasten_fastest"]]
-            lines.append(f"| {row['level']} | " + " | ".join(cells) + f" | {verdict} |")
+            ratio = row.get("hasten_vs_best_other")
+            cells += [verdict, "–" if ratio is None else f"{ratio:.2f}x" + (" (target 1.3x met)"
+                                                                           if row.get("target_met") else "")]
+            lines.append(f"| {row['level']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _table(results["records"], with_quality=True)
     if results.get("realistic"):
@@ -66,15 +76,22 @@ def markdown(results: dict) -> str:
 
 
 def _table(records: list[dict], with_quality: bool) -> list[str]:
-    head = ["name", "family", "speedup", "wall s (median/batch)", "NFE", "block evals", "peak RSS MB"]
+    head = ["name", "family", "solver", "speedup", "wall s (median/batch)", "denoiser share",
+            "denoiser speedup", "NFE", "block evals", "peak RSS MB"]
     text = any(r.get("adherence") is not None for r in records)
     if with_quality:
         head += ["PSNR", "SSIM", "FD-shapes", "adherence"] if text else ["PSNR", "SSIM", "FD-digits", "class acc"]
     head.append("error")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {f: i for i, f in enumerate(("baseline", "hasten", "peer"))}
-    for r in sorted(records, key=lambda r: (order.get(r["family"], 9), -(r["speedup"] or 0))):
-        cells = [f"`{r['name']}`", r["family"], _fmt(r["speedup"], ".2f"), _fmt(r["wall_s_median"], ".3f"),
+    def solver(r: dict) -> str:
+        return str(r["params"].get("solver", "–"))
+
+    # grouped by family, then by solver (the reference's solver first), fastest first
+    for r in sorted(records, key=lambda r: (order.get(r["family"], 9), solver(r) != "euler", solver(r),
+                                           -(r["speedup"] or 0))):
+        cells = [f"`{r['name']}`", r["family"], solver(r), _fmt(r["speedup"], ".2f"), _fmt(r["wall_s_median"], ".3f"),
+                 _fmt(r.get("denoiser_share"), ".2f"), _fmt(r.get("denoiser_speedup"), ".2f"),
                  _fmt(r["nfe"], ".4g"), _fmt(r["block_evals"], ".4g"), _fmt(r["peak_rss_mb"], ".0f")]
         if with_quality:
             q = ("fd_shapes", "adherence") if text else ("fd_digits", "class_accuracy")

@@ -6,10 +6,18 @@ CFG); here the "labels" of a batch are indices into the held-out captions, and i
 from its own noise (:func:`hasten.eval.shapes_eval.initial_noise`), whatever its batch. Times are end
 to end (``pipe(prompts)``: text encoder, denoiser, VAE decode).
 
-Quality per record: PSNR/SSIM against the reference's images, FD-shapes and prompt adherence
-(``fd_shapes``, ``adherence``); the quality levels add the text-to-image gates (adherence at most 1
-point below the reference, FD-shapes at most 5 % above), see
-:func:`hasten.eval.bench_results.quality_levels`.
+Two references. Speed: 50-step Euler CFG (1.00x), what users recognise. Quality: a converged solve
+(``QUALITY_SOLVER`` at ``QUALITY_STEPS``; :func:`convergence_check` records its distance to a solve
+with twice the steps), because 50 Euler steps are themselves off the ODE's solution and a more accurate
+solver would be penalised for disagreeing with Euler's error. Quality per record: PSNR/SSIM against the
+quality reference's images, FD-shapes and prompt adherence (``fd_shapes``, ``adherence``); the quality
+levels add the text-to-image gates (adherence at most 1 point below the quality reference, FD-shapes at
+most 5 % above), see :func:`hasten.eval.bench_results.quality_levels`.
+
+Families: ``baseline`` is everything a user can do without a cache: every stock solver
+(:func:`solver_scheduler`) from 30 down to 4 steps, guidance off, and guidance in a limited interval
+(Kynkaenniemi et al. 2024); ``hasten`` is hasten's methods on 50-step Euler and composed with the best
+solver (``BEST_SOLVER``) at reduced steps; ``peer`` is diffusers' hooks and cache-dit on both.
 
 Peers run through their supported path on the pipeline: ``pipe.transformer.enable_cache(config)``
 (the shapes transformer is a diffusers ``CacheMixin``; the pipeline sets the cache context around
@@ -24,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,12 +42,12 @@ from .bench_harness import BenchConfig, Prepared, Unavailable
 CALIBRATION_SAMPLES = 10
 
 
-def copy_shapes(pipe):
-    """A new pipeline around a deep copy of the transformer (and scheduler); VAE and text encoder shared
-    (nothing installs on them)."""
-    own = type(pipe)(transformer=copy.deepcopy(pipe.transformer), vae=pipe.vae,
-                     scheduler=copy.deepcopy(pipe.scheduler), text_encoder=pipe.text_encoder,
-                     tokenizer=pipe.tokenizer)
+def copy_shapes(pipe, solver: str | None = None):
+    """A new pipeline around a deep copy of the transformer (and scheduler, or ``solver``'s stock diffusers
+    scheduler); VAE and text encoder shared (nothing installs on them)."""
+    scheduler = copy.deepcopy(pipe.scheduler) if solver is None else solver_scheduler(solver)
+    own = type(pipe)(transformer=copy.deepcopy(pipe.transformer), vae=pipe.vae, scheduler=scheduler,
+                     text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
     own.default_guidance_scale, own.name = pipe.default_guidance_scale, pipe.name
     own.set_progress_bar_config(disable=True)
     return own
@@ -86,37 +95,59 @@ def solver_scheduler(solver: str):
     raise ValueError(f"unknown solver {solver!r}")
 
 
-def baseline_config(pipe, data: EvalSet, steps: int, solver: str = "euler", guidance: str = "cfg") -> BenchConfig:
+def _suffix(steps: int, solver: str) -> str:
+    return f" @{steps}" + ("" if solver == "euler" else f" {solver}")
+
+
+def baseline_config(pipe, data: EvalSet, steps: int, solver: str = "euler",
+                    guidance: str | tuple[float, float] = "cfg") -> BenchConfig:
+    """A user's own options: a stock solver at ``steps`` with CFG (``"cfg"``), guidance off (``"off"``, one
+    branch) or guidance only for sigma in ``(lo, hi]`` (Kynkaenniemi et al. 2024; hasten's
+    ``GuidanceInterval`` does the bookkeeping, the idea is the user's to apply)."""
+    interval = guidance if isinstance(guidance, tuple) else None
+
     def setup() -> Prepared:
-        own = copy_shapes(pipe)
-        own.scheduler = solver_scheduler(solver)
+        own = copy_shapes(pipe, solver)
+        close = None
+        if interval is not None:
+            from ..api import accelerate
+            from ..methods.guidance import GuidanceInterval
+
+            close = accelerate(own, GuidanceInterval(*interval), steps=steps).disable
         gs = 1.0 if guidance == "off" else None
-        return Prepared(sample=data.sampler(own, steps, gs), transformer=own.transformer)
+        return Prepared(sample=data.sampler(own, steps, gs), close=close, transformer=own.transformer)
 
-    name = f"{'cfg' if guidance == 'cfg' else 'no-guidance'} @{steps}" + ("" if solver == "euler" else f" {solver}")
-    return BenchConfig(name, "baseline", {"steps": steps, "solver": solver, "guidance": guidance}, setup)
+    if interval is not None:
+        name, g = f"guidance-interval:lo={interval[0]},hi={interval[1]}", f"interval({interval[0]},{interval[1]}]"
+    else:
+        name, g = ("cfg" if guidance == "cfg" else "no-guidance"), guidance
+    return BenchConfig(name + _suffix(steps, solver), "baseline", {"steps": steps, "solver": solver, "guidance": g},
+                       setup)
 
 
-def hasten_config(pipe, data: EvalSet, specs: Sequence[str], steps: int, assets) -> BenchConfig:
+def hasten_config(pipe, data: EvalSet, specs: Sequence[str], steps: int, assets, solver: str = "euler"
+                  ) -> BenchConfig:
+    """hasten's methods (spec strings) on ``solver`` at ``steps``; plans are calibrated for that solver."""
     specs = list(specs)
 
     def setup() -> Prepared:
         from ..specs import accelerate_from_specs
 
-        resolved = [assets.resolve(s, steps) for s in specs]
-        own = copy_shapes(pipe)
+        resolved = [assets.resolve(s, steps, solver) for s in specs]
+        own = copy_shapes(pipe, solver)
         handle = accelerate_from_specs(own, resolved, steps=steps)
         return Prepared(sample=data.sampler(own, steps), close=handle.disable, transformer=own.transformer)
 
-    return BenchConfig(f"{' + '.join(specs)} @{steps}", "hasten", {"steps": steps, "solver": "euler",
-                                                                    "specs": specs}, setup)
+    return BenchConfig(" + ".join(specs) + _suffix(steps, solver), "hasten",
+                       {"steps": steps, "solver": solver, "specs": specs}, setup)
 
 
-def peer_config(pipe, data: EvalSet, kind: str, params: dict, steps: int) -> BenchConfig:
+def peer_config(pipe, data: EvalSet, kind: str, params: dict, steps: int, solver: str = "euler") -> BenchConfig:
+    """A diffusers cache hook through ``pipe.transformer.enable_cache(config)``, on ``solver``."""
     def setup() -> Prepared:
         import diffusers.hooks as H
 
-        own = copy_shapes(pipe)
+        own = copy_shapes(pipe, solver)
         tr = own.transformer
         now = [1000.0]
         tr.register_forward_pre_hook(
@@ -133,6 +164,13 @@ def peer_config(pipe, data: EvalSet, kind: str, params: dict, steps: int) -> Ben
             cfg = H.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(params["skip_range"]),
                                                     spatial_attention_timestep_skip_range=(100, 800),
                                                     current_timestep_callback=lambda: now[0])
+        elif kind == "faster-cache":
+            cfg = H.FasterCacheConfig(spatial_attention_block_skip_range=int(params.get("skip_range", 2)),
+                                      spatial_attention_timestep_skip_range=(-1, 681),
+                                      unconditional_batch_skip_range=int(params.get("uncond_skip_range", 5)),
+                                      current_timestep_callback=lambda: now[0],
+                                      attention_weight_callback=lambda _: 0.3, tensor_format="BCHW",
+                                      is_guidance_distilled=False)
         elif kind == "mag-cache":
             cfg = H.MagCacheConfig(threshold=float(params["threshold"]), max_skip_steps=int(params.get("max_skip", 3)),
                                    retention_ratio=float(params.get("retention", 0.2)), num_inference_steps=steps,
@@ -143,8 +181,54 @@ def peer_config(pipe, data: EvalSet, kind: str, params: dict, steps: int) -> Ben
         return Prepared(sample=data.sampler(own, steps), start_run=tr._reset_stateful_cache, transformer=tr)
 
     label = ",".join(f"{k}={v}" for k, v in params.items())
-    return BenchConfig(f"diffusers:{kind}" + (f":{label}" if label else "") + f" @{steps}", "peer",
-                       {"steps": steps, "solver": "euler", "library": "diffusers", "method": kind, **params}, setup)
+    return BenchConfig(f"diffusers:{kind}" + (f":{label}" if label else "") + _suffix(steps, solver), "peer",
+                       {"steps": steps, "solver": solver, "library": "diffusers", "method": kind, **params}, setup)
+
+
+def cache_dit_config(pipe, data: EvalSet, params: dict, steps: int, solver: str = "euler") -> BenchConfig:
+    """cache-dit's DBCache (``threshold``, ``Fn``, ``Bn``, ``warmup_steps``; ``taylorseer`` adds its
+    TaylorSeer calibrator; ``mask`` = ``"fast"``/``"medium"``/``"slow"`` its steps computation mask) through
+    ``cache_dit.enable_cache(BlockAdapter(...))``, cache-dit's documented path for a pipeline it does not
+    know by name, with the block pattern of its own SD3 recipe (``ForwardPattern.Pattern_1``). CFG rows
+    are batched in one call here, so ``enable_separate_cfg=False``. cache-dit patches the pipeline class's
+    ``__call__``: each install uses a throwaway subclass."""
+    def setup() -> Prepared:
+        from .bench_peers import cache_dit_version
+
+        if cache_dit_version() is None:
+            raise Unavailable("cache-dit is not installed (pip install 'hasten[bench]')")
+        os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+        import cache_dit
+        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
+
+        base = copy_shapes(pipe, solver)
+        cls = type(f"{type(pipe).__name__}CacheDiT", (type(pipe),), {})
+        own = cls(transformer=base.transformer, vae=base.vae, scheduler=base.scheduler,
+                  text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+        own.default_guidance_scale, own.name = pipe.default_guidance_scale, pipe.name
+        own.set_progress_bar_config(disable=True)
+        extra = {}
+        if params.get("mask"):
+            extra["steps_computation_mask"] = cache_dit.steps_mask(mask_policy=str(params["mask"]),
+                                                                   total_steps=steps)
+        cfg = DBCacheConfig(Fn_compute_blocks=int(params.get("Fn", 1)), Bn_compute_blocks=int(params.get("Bn", 0)),
+                            residual_diff_threshold=float(params.get("threshold", 0.08)),
+                            max_warmup_steps=int(params.get("warmup_steps", 4)), num_inference_steps=steps,
+                            enable_separate_cfg=False, **extra)
+        cal = (TaylorSeerCalibratorConfig(taylorseer_order=int(params.get("taylorseer_order", 1)))
+               if params.get("taylorseer") else None)
+        adapter = BlockAdapter(pipe=own, transformer=own.transformer, blocks=own.transformer.transformer_blocks,
+                               forward_pattern=ForwardPattern.Pattern_1, check_forward_pattern=True)
+        cache_dit.enable_cache(adapter, cache_config=cfg, calibrator_config=cal)
+        return Prepared(sample=data.sampler(own, steps), transformer=own.transformer)
+
+    from .bench_peers import cache_dit_version
+
+    label = ",".join(f"{k}={v}" for k, v in params.items())
+    return BenchConfig(f"cache-dit:dbcache:{label}" + _suffix(steps, solver), "peer",
+                       {"steps": steps, "solver": solver,
+                        "library": f"cache-dit {cache_dit_version() or '(not installed)'}", "method": "DBCache",
+                        **params}, setup)
 
 
 def mag_ratios(pipe, steps: int) -> list[float]:
@@ -154,6 +238,7 @@ def mag_ratios(pipe, steps: int) -> list[float]:
     from .bench_peers import parse_mag_ratios
 
     cal = copy_shapes(pipe)
+    cal.scheduler = copy.deepcopy(pipe.scheduler)
     cal.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -162,30 +247,94 @@ def mag_ratios(pipe, steps: int) -> list[float]:
     return parse_mag_ratios(buf.getvalue(), steps)
 
 
+# The converged quality reference: the 2nd-order UniPC solve at QUALITY_STEPS (its change from a solve
+# with twice the steps is measured by ``convergence_check`` and recorded); 50-step Euler CFG stays the
+# speed reference (1.00x) that users recognise.
+QUALITY_SOLVER, QUALITY_STEPS = "unipc-bh2", 100
+BEST_SOLVER = "unipc-bh2"  # the solver hasten's methods and the peers are also run on at reduced steps
+SOLVER_STEPS = {"euler": (30, 20, 15, 10, 8, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
+                "unipc-bh1": (8, 6, 4), "dpm++2m": (20, 15, 10, 8, 6, 4), "heun": (25, 15, 10, 5)}
+GUIDANCE_INTERVALS = ((0.22, 0.84), (0.0, 0.84))
+
+
+def quality_reference_config(pipe, data: EvalSet, steps: int = QUALITY_STEPS) -> BenchConfig:
+    """The converged solve every record's PSNR/SSIM and the gates' adherence/FD are measured against."""
+    cfg = baseline_config(pipe, data, steps, QUALITY_SOLVER)
+    cfg.params["role"] = "quality-reference"
+    return cfg
+
+
 def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool = True) -> list[BenchConfig]:
-    """The configurations on ``shapes``; the first is the reference (50-step Euler CFG)."""
+    """The configurations on ``shapes``: first the speed reference (50-step Euler CFG), second the
+    converged quality reference; then the baselines (every solver from 30 down to 4 steps, guidance off
+    and in an interval), hasten's methods on Euler at 50 steps and on the best solver at reduced steps,
+    and the peers on both."""
     full = 50
     if quick:
-        cfgs = [baseline_config(pipe, data, full), baseline_config(pipe, data, 20),
-                hasten_config(pipe, data, ["block-cache:delta=0.1"], full, assets)]
+        cfgs = [baseline_config(pipe, data, full), quality_reference_config(pipe, data),
+                baseline_config(pipe, data, 10, BEST_SOLVER),
+                hasten_config(pipe, data, ["block-cache:delta=0.1"], full, assets),
+                hasten_config(pipe, data, ["ag:threshold=0.99"], 10, assets, BEST_SOLVER)]
         if peers:
             cfgs.append(peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, full))
         return cfgs
-    cfgs = [baseline_config(pipe, data, s) for s in (full, 30, 20, 15, 10)]
-    cfgs += [baseline_config(pipe, data, s, "unipc-bh2") for s in (20, 10)]
-    cfgs += [baseline_config(pipe, data, s, "dpm++2m") for s in (20, 10)]
-    cfgs += [baseline_config(pipe, data, s, guidance="off") for s in (full, 20)]
+    cfgs = [baseline_config(pipe, data, full), quality_reference_config(pipe, data)]
+    for solver, steps in SOLVER_STEPS.items():
+        cfgs += [baseline_config(pipe, data, s, solver) for s in steps]
+    cfgs += [baseline_config(pipe, data, full, guidance="off")]
+    cfgs += [baseline_config(pipe, data, s, BEST_SOLVER, "off") for s in SOLVER_STEPS[BEST_SOLVER]]
+    cfgs += [baseline_config(pipe, data, full, guidance=iv) for iv in GUIDANCE_INTERVALS]
+    cfgs += [baseline_config(pipe, data, s, BEST_SOLVER, iv) for s in (20, 10) for iv in GUIDANCE_INTERVALS]
+    # hasten on Euler at 50 steps, as before, and on the best solver at reduced steps (they compose)
     cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], full, assets) for d in (0.05, 0.1, 0.2)]
-    cfgs += [hasten_config(pipe, data, ["block-cache:delta=0.1"], 20, assets)]
     cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], full, assets) for t in (0.999, 0.99)]
+    for s in (20, 15, 10):
+        cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], s, assets, BEST_SOLVER) for d in (0.1, 0.2)]
+        cfgs += [hasten_config(pipe, data, ["block-cache:delta=0.1,scale_shift=1,train_steps=300"], s, assets,
+                               BEST_SOLVER)]
+        cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], s, assets, BEST_SOLVER) for t in (0.999, 0.99)]
+        cfgs += [hasten_config(pipe, data, ["linear-ag"], s, assets, BEST_SOLVER),
+                 hasten_config(pipe, data, ["ag:threshold=0.99", "block-cache:delta=0.1"], s, assets, BEST_SOLVER)]
     if peers:
         cfgs += [peer_config(pipe, data, "first-block-cache", {"threshold": 0.1}, full),
                  peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, full),
                  peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 4, "max_order": 2}, full),
                  peer_config(pipe, data, "pyramid-attention-broadcast", {"skip_range": 2}, full),
+                 peer_config(pipe, data, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5}, full),
                  peer_config(pipe, data, "mag-cache", {"threshold": 0.06}, full),
                  peer_config(pipe, data, "mag-cache", {"threshold": 0.24}, full)]
+        db = {"Fn": 1, "Bn": 0, "warmup_steps": 8}
+        cfgs += [cache_dit_config(pipe, data, {"threshold": t, **db}, full) for t in (0.08, 0.15)]
+        cfgs += [cache_dit_config(pipe, data, {"threshold": 0.15, **db, "taylorseer": True}, full),
+                 cache_dit_config(pipe, data, {"threshold": 0.15, **db, "mask": "fast"}, full)]
+        for s in (20, 10):
+            cfgs += [peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, s, BEST_SOLVER),
+                     peer_config(pipe, data, "mag-cache", {"threshold": 0.06}, s, BEST_SOLVER),
+                     cache_dit_config(pipe, data, {"threshold": 0.15, "Fn": 1, "Bn": 0, "warmup_steps": 3}, s,
+                                      BEST_SOLVER)]
     return cfgs
+
+
+@torch.no_grad()
+def convergence_check(pipe, data: EvalSet, samples: int = 16) -> dict:
+    """How far the quality reference is from the ODE's solution: PSNR of the reference solve
+    (``QUALITY_SOLVER`` at ``QUALITY_STEPS``) and of 50-step Euler against the same solver at twice the
+    steps, on the first ``samples`` evaluation captions (untimed)."""
+    from .metrics import psnr
+
+    idx = torch.arange(min(samples, len(data.prompts)))
+    gen = torch.Generator()
+
+    def solve(solver: str, steps: int) -> torch.Tensor:
+        return data.sampler(copy_shapes(pipe, solver), steps)(idx, gen)
+
+    finer = solve(QUALITY_SOLVER, 2 * QUALITY_STEPS)
+    ref = solve(QUALITY_SOLVER, QUALITY_STEPS)
+    euler = solve("euler", 50)
+    return {"reference": f"cfg @{QUALITY_STEPS} {QUALITY_SOLVER}",
+            "finer": f"cfg @{2 * QUALITY_STEPS} {QUALITY_SOLVER}", "samples": len(idx),
+            "reference_vs_finer_psnr": round(psnr(ref, finer), 2),
+            "euler50_vs_finer_psnr": round(psnr(euler, finer), 2)}
 
 
 class ShapesScorer:
