@@ -16,7 +16,11 @@ Conventions, as in diffusers' SD3 pipeline:
   uses the empty caption (the model was trained with 10% of captions dropped to "").
 - classifier-free guidance batches both branches in ONE transformer call, unconditional rows first,
   inside ``transformer.cache_context("cond_uncond")`` as diffusers' batched pipelines do, so that
-  ``pipe.transformer.enable_cache(...)`` and ``cache_dit.enable_cache(pipe)`` work unmodified;
+  ``pipe.transformer.enable_cache(...)`` works unmodified, and so does cache-dit through its path for
+  pipelines it does not know by class name, ``cache_dit.enable_cache(BlockAdapter(pipe=pipe,
+  transformer=pipe.transformer, blocks=pipe.transformer.transformer_blocks,
+  forward_pattern=ForwardPattern.Pattern_1))`` (its SD3 recipe; ``enable_cache(pipe)`` alone refuses
+  a pipeline class it has not registered);
   ``guidance_scale <= 1`` runs the conditional branch alone (context ``"cond"``).
 
 The text encoder is not written by ``save_pretrained`` unless asked (it is 90 MB and ships in its own
