@@ -27,14 +27,25 @@ from torch import nn
 from .errors import HastenError
 from .hooks import Handle, attach, resolve_target
 from .methods import LEVELS, info_for
+from .plans import load_tuned_plan
 
 
-def accelerate(target: Any, *methods: Any, blocks: Sequence | None = None) -> Handle:
+def accelerate(target: Any, *methods: Any, blocks: Sequence | None = None, plan: Any = None) -> Handle:
     """Install ``methods`` on ``target``; returns the handle (a context manager; ``disable()`` undoes).
 
     ``blocks`` lists the transformer blocks for models hasten does not know (modules, dotted names
     or :class:`hasten.adapters.BlockSpec`); see :mod:`hasten.adapters.diffusers`.
+    ``plan``: instead of methods, a plan file (or dict) from ``hasten tune``: the pipeline's scheduler
+    becomes the plan's (``disable()`` restores it) and the plan's methods are installed; call the
+    pipeline with ``num_inference_steps=handle.tuned_plan["steps"]`` (a Block Caching plan refuses
+    other step counts).
     """
+    tuned = None
+    if plan is not None:
+        if methods:
+            raise HastenError("give methods or plan=..., not both")
+        tuned = load_tuned_plan(plan)
+        methods = tuple(_tuned_methods(tuned))
     infos = [(info_for(m), m) for m in methods]
     names = [type(m).__name__ for m in methods]
     dup = {n for n in names if names.count(n) > 1}
@@ -47,6 +58,8 @@ def accelerate(target: Any, *methods: Any, blocks: Sequence | None = None) -> Ha
     infos.sort(key=lambda im: LEVELS.get(im[0].level, 1))
     handle = attach(target, blocks)
     try:
+        if tuned is not None:
+            _use_tuned_scheduler(handle, target, tuned)
         for info, cfg in infos:
             info.install(handle, cfg)
             handle.methods.append(cfg)
@@ -54,6 +67,41 @@ def accelerate(target: Any, *methods: Any, blocks: Sequence | None = None) -> Ha
         handle.disable()
         raise
     return handle
+
+
+def _tuned_methods(tuned: dict) -> list:
+    from .methods.block_cache import BlockCache
+    from .methods.guidance import AdaptiveGuidance
+
+    out = []
+    for m in tuned["methods"]:
+        if m.get("method") == "AdaptiveGuidance":
+            out.append(AdaptiveGuidance(threshold=float(m["threshold"])))
+        elif m.get("method") == "BlockCache":
+            out.append(BlockCache(delta=float(m["delta"]), plan=m["plan"]))
+        else:
+            raise HastenError(f"unknown method {m.get('method')!r} in the tuned plan")
+    return out
+
+
+def _use_tuned_scheduler(handle: Handle, target: Any, tuned: dict) -> None:
+    """Swap in the plan's diffusers scheduler (class and config), undone by ``handle.disable()``."""
+    import diffusers
+
+    if not hasattr(target, "scheduler"):
+        raise HastenError("a tuned plan applies to a pipeline with a scheduler, not a bare transformer")
+    cls = getattr(diffusers, str(tuned["scheduler"]["class"]), None)
+    if cls is None:
+        raise HastenError(f"unknown scheduler {tuned['scheduler']['class']!r} in the tuned plan")
+    old = target.scheduler
+    target.scheduler = cls.from_config(tuned["scheduler"]["config"])
+    handle.tuned_plan = tuned
+
+    def undo() -> None:
+        target.scheduler = old
+        handle.tuned_plan = None
+
+    handle._undo.append(undo)
 
 
 @dataclass

@@ -65,12 +65,13 @@ def generate(
     prompts: Path = typer.Option(None, help="a file with one prompt per line (text-to-image models)"),
     labels: str = typer.Option("0-9", help="class labels, e.g. 0-9 or 1,3,5 (class-conditional models)"),
     per_label: int = typer.Option(4, help="images per label (or per prompt)"),
-    steps: int = typer.Option(50, help="sampling steps"),
+    steps: int = typer.Option(None, help="sampling steps (default 50, or the --plan's)"),
     cfg: float = typer.Option(None, help="classifier-free guidance scale (default: the model's)"),
     seed: int = typer.Option(0, help="random seed for the initial noise"),
     schedule: str = typer.Option("linear", help="linear | linear-quadratic"),
     solver: str = typer.Option("euler", help="euler | heun (class-conditional models)"),
     accel: list[str] = typer.Option([], help="acceleration method spec, e.g. block-cache:delta=0.5 (repeatable)"),
+    plan: Path = typer.Option(None, help="a plan from hasten tune (solver, steps and methods in one file)"),
     out: Path = typer.Option(Path("grid.png"), help="PNG grid to write"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -81,6 +82,19 @@ def generate(
     from .pipeline import load_pipeline
 
     check_writable(out)
+    tuned = None
+    if plan is not None:
+        from .plans import load_tuned_plan
+
+        if accel:
+            raise HastenError("give --plan or --accel, not both (a tuned plan already names its methods)")
+        tuned = load_tuned_plan(plan)
+        if steps is not None and steps != tuned["steps"]:
+            raise HastenError(f"the plan was tuned for {tuned['steps']} steps, not --steps {steps}")
+        steps = int(tuned["steps"])
+        if cfg is None and tuned.get("guidance_scale") is not None:
+            cfg = float(tuned["guidance_scale"])
+    steps = 50 if steps is None else steps
     check_sampling_options(steps, cfg)
     if per_label < 1:
         raise HastenError(f"--per-label must be >= 1, got {per_label}")
@@ -97,6 +111,12 @@ def generate(
         conds = parse_labels(labels, per_label)
         pipe.check_labels(conds)
     handle = None
+    if tuned is not None:
+        from .api import accelerate
+
+        if not is_text:
+            raise HastenError("a tuned plan applies to text-to-image (diffusers) pipelines")
+        handle = accelerate(pipe, plan=tuned)
     if accel:
         from .specs import accelerate_from_specs
 
@@ -285,6 +305,43 @@ def bench_cmd(
         lines.append(f"{row['level']:<28} hasten {'-' if h is None else format(h['speedup'], '.2f') + 'x'}"
                      f"  fastest: {row['hasten_fastest']}")
     emit(res, as_json, lines)
+
+
+@app.command("tune")
+def tune_cmd(
+    model: str = typer.Option("shapes", help="embedded model name or a diffusers save_pretrained folder"),
+    min_psnr: float = typer.Option(..., "--min-psnr", help="PSNR (dB) against a converged solve to keep"),
+    max_fd_increase: float = typer.Option(0.05, help="FD-shapes at most this share above the reference's"),
+    max_adherence_drop: float = typer.Option(0.01, help="adherence at most this much below the reference's"),
+    budget_minutes: float = typer.Option(20.0, help="time for the search (the confirmation comes after)"),
+    prompts: Path = typer.Option(None, help="a file with one prompt per line (half tune, half confirm); "
+                                 "default: the model's own captions"),
+    samples: int = typer.Option(32, help="tuning captions (and as many held-out ones to confirm)"),
+    out: Path = typer.Option(..., help="the plan file to write (a resumable state is kept beside it)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as one JSON object"),
+) -> None:
+    """The fastest plan (solver, steps, AG, Block Caching) inside a quality budget, confirmed on held-out
+    prompts and seeds; apply it with hasten generate --plan or hasten.accelerate(pipe, plan=...)."""
+    from .io import check_writable
+    from .pipeline import load_pipeline
+    from .tune import tune
+
+    check_writable(out)
+    if samples < 2:
+        raise HastenError(f"--samples must be >= 2, got {samples}")
+    text = read_prompts([], prompts) if prompts is not None else None
+    pipe = load_pipeline(model)
+    if not hasattr(pipe, "scheduler"):
+        raise HastenError(f"model {model!r} has no diffusers scheduler to tune (hasten tune is for diffusers "
+                          "text-to-image pipelines)")
+    plan = tune(pipe, min_psnr, out, max_fd_increase, max_adherence_drop, budget_minutes, prompts=text,
+                samples=samples, confirm_samples=samples, model_name=model, progress=not as_json,
+                say=None if as_json else (lambda m: typer.echo(m, err=True)))
+    c = plan["confirmed"]
+    q = ", ".join(f"{k} {v:.3g}" for k, v in c["quality"].items())
+    emit(plan, as_json, [f"wrote {out}: {plan['candidate']}",
+                         f"confirmed on {c['samples']} held-out prompts: {c['speedup']:.2f}x end to end "
+                         f"against 50-step Euler CFG; {q}"])
 
 
 @app.command("calibrate")

@@ -284,6 +284,7 @@ class Handle:
         self.explicit_blocks = blocks
         self.log_limit = int(log_limit)
         self.methods: list[Any] = []
+        self.tuned_plan: dict | None = None  # the ``hasten tune`` plan installed (solver, steps), if any
         # per-call state (see the module docstring)
         self.call_index = -1
         self.run_index = -1

@@ -207,3 +207,29 @@ def shipped_plans(pipeline: Any, method: str, model: nn.Module) -> list[dict]:
             continue
         found.append(plan)
     return found
+
+
+TUNED_SCHEMA = "hasten-tune/1"
+
+
+def load_tuned_plan(path: str | os.PathLike | dict) -> dict:
+    """Read a ``hasten tune`` plan file (solver, steps, methods with their calibrated plans inline)."""
+    if isinstance(path, dict):
+        plan, where = path, "plan"
+    else:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise HastenError(f"plan {p} not found")
+        try:
+            plan = json.loads(p.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise HastenError(f"plan {p} is not valid JSON ({first})") from None
+    if not isinstance(plan, dict) or plan.get("schema") != TUNED_SCHEMA:
+        raise HastenError(f"{where} is not a hasten tune plan ({TUNED_SCHEMA}); method plans go to the "
+                          "method, e.g. hasten.BlockCache(plan=...)")
+    missing = [k for k in ("scheduler", "steps", "methods") if k not in plan]
+    if missing:
+        raise HastenError(f"{where} is incomplete: missing {', '.join(missing)}")
+    return plan

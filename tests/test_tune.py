@@ -1,0 +1,124 @@
+"""hasten tune: the confirmed plan meets its budget on held-out prompts, resumes, refuses the unreachable,
+and applies through hasten.accelerate(pipe, plan=...) and hasten generate --plan (tiny models only)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hasten.errors import HastenError
+from hasten.eval.metrics import psnr
+from hasten.testing import run_cli
+from hasten.tune import Candidate, PromptSet, QualityBudget, Tuner, _copy, file_sets, meets, run_images, tune
+
+PROMPTS = ["a red circle", "a blue square and a blue triangle", "two green discs", "a cyan tile above a red disc",
+           "a yellow triangle", "a purple circle left of a green square"]
+SMALL = dict(solvers=("euler", "unipc-bh2"), step_grid=(2, 4, 8), quality_solver=("unipc-bh2", 24))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from diffusers import AutoencoderKL
+
+    from hasten.pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel, default_scheduler, load_text_encoder
+    from hasten.train_shapes import transformer_config, vae_config
+
+    torch.manual_seed(0)
+    te, tok = load_text_encoder()
+    tr = ShapesTransformer2DModel(**transformer_config(num_layers=2, num_attention_heads=2, attention_head_dim=16,
+                                                       caption_projection_dim=32)).eval()
+    vae = AutoencoderKL(**vae_config(block_out_channels=[8, 8, 8], norm_num_groups=4)).eval()
+    pipe = ShapesPipeline(transformer=tr, vae=vae, scheduler=default_scheduler(), text_encoder=te, tokenizer=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_budget_gates():
+    ref = {"psnr": 100.0, "adherence": 0.80, "fd_shapes": 10.0}
+    b = QualityBudget(35.0)
+    assert meets({"psnr": 36.0, "adherence": 0.795, "fd_shapes": 10.4}, ref, b)
+    assert not meets({"psnr": 34.9, "adherence": 0.80, "fd_shapes": 10.0}, ref, b)
+    assert not meets({"psnr": 40.0, "adherence": 0.78, "fd_shapes": 10.0}, ref, b)  # 2 points of adherence
+    assert not meets({"psnr": 40.0, "adherence": 0.80, "fd_shapes": 10.6}, ref, b)  # FD 6% above
+    assert meets({"psnr": 35.0}, {"psnr": 100.0}, b)  # no evaluator: PSNR alone
+
+
+def test_tune_confirms_on_held_out_prompts_and_resumes(tiny_pipe, tmp_path):
+    out = tmp_path / "plan.json"
+    plan = tune(tiny_pipe, 36.0, out, prompts=PROMPTS, progress=False, budget_minutes=30, **SMALL)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["candidate"] == plan["candidate"] and on_disk["schema"] == "hasten-tune/1"
+    conf = plan["confirmed"]
+    assert conf["meets"] and conf["quality"]["psnr"] >= 36.0 and conf["samples"] == 3
+    assert plan["tuning"]["candidates_measured"] >= 3
+
+    # the figure is real: apply the plan file as a user would and measure the held-out prompts again
+    import hasten
+
+    _, confirm = file_sets(PROMPTS)
+    ref, _ = run_images(_copy(tiny_pipe, "unipc-bh2"), confirm, 24)
+    own = _copy(tiny_pipe, None)
+    with hasten.accelerate(own, plan=str(out)) as h:
+        assert type(own.scheduler).__name__ == plan["scheduler"]["class"] and h.tuned_plan["steps"] == plan["steps"]
+        images, _ = run_images(own, confirm, h.tuned_plan["steps"])
+    assert type(own.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # disable() restored it
+    assert psnr(images, ref) == pytest.approx(conf["quality"]["psnr"], abs=1e-3)
+
+    # resuming: the same command measures nothing again and writes the same plan
+    tune_set, confirm_set = file_sets(PROMPTS)
+    again = Tuner(tiny_pipe, tune_set, confirm_set, QualityBudget(36.0), out, 30, progress=False, **SMALL)
+    assert again.run()["candidate"] == plan["candidate"] and again.measured_now == 0
+
+
+def test_the_search_stops_at_the_first_step_count_that_meets_the_budget(tiny_pipe, tmp_path):
+    tune_set, confirm_set = file_sets(PROMPTS)
+    t = Tuner(tiny_pipe, tune_set, confirm_set, QualityBudget(36.0), tmp_path / "p.json", 30, progress=False, **SMALL)
+    t.references()
+    t.search()
+    measured = t.state["measured"]
+    for solver in SMALL["solvers"]:
+        plain = [measured[f"{solver} @{s}"] for s in SMALL["step_grid"] if f"{solver} @{s}" in measured]
+        # a prefix of the grid: every one but the last misses the budget, the last meets it
+        assert [r["steps"] for r in plain] == list(SMALL["step_grid"][:len(plain)])
+        assert [r["meets"] for r in plain] == [False] * (len(plain) - 1) + [True]
+    assert any(not r["meets"] for r in measured.values())  # 36 dB is not free on this model
+    winners = {r["solver"]: r["steps"] for r in measured.values() if r["ag"] is None and r["bc"] is None
+               and r["meets"]}
+    for solver, steps in winners.items():  # methods on top at that step count
+        assert f"{solver} @{steps} + block-cache:delta=0.1" in measured
+        assert f"{solver} @{steps} + ag:threshold=0.99" in measured
+
+
+def test_an_unreachable_budget_is_a_clear_message(tiny_pipe, tmp_path):
+    with pytest.raises(HastenError, match="no configuration reached the budget .*the closest: "):
+        tune(tiny_pipe, 99.0, tmp_path / "p.json", prompts=PROMPTS, progress=False, **SMALL)
+
+
+def test_bad_arguments_and_plans(tiny_pipe, tmp_path):
+    import hasten
+
+    with pytest.raises(HastenError, match="min-psnr"):
+        tune(tiny_pipe, -1.0, tmp_path / "p.json", prompts=PROMPTS)
+    with pytest.raises(HastenError, match="at least 2 prompts"):
+        file_sets(["one"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hasten_plan": 1}))
+    with pytest.raises(HastenError, match="not a hasten tune plan"):
+        hasten.accelerate(tiny_pipe, plan=str(bad))
+    assert Candidate("euler", 8, ag=0.99, bc=0.1).name == "euler @8 + ag:threshold=0.99 + block-cache:delta=0.1"
+    assert PromptSet(PROMPTS, 5, batch_size=4).batches()[1] == (PROMPTS[4:], 6)
+
+
+def test_cli_tune_and_generate_plan_errors(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "tune", "--model", "digits", "--min-psnr", "35", "--out", str(tmp_path / "p.json"))
+    assert code == 2 and "no diffusers scheduler" in err
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"schema": "hasten-tune/1", "scheduler": {}, "steps": 8, "methods": []}))
+    code, _, err = run_cli(capsys, "generate", "--model", "digits", "--plan", str(plan), "--accel", "ag",
+                           "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "--plan or --accel" in err
+    code, _, err = run_cli(capsys, "generate", "--model", "digits", "--plan", str(plan), "--steps", "20",
+                           "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "tuned for 8 steps" in err
