@@ -39,7 +39,7 @@ class FakeClock:
 
 
 def fake_config(name: str, family: str, clock: FakeClock, durations: list[float], fail_at: int | None = None,
-                setup_error: Exception | None = None) -> BenchConfig:
+                setup_error: Exception | None = None, nan: bool = False) -> BenchConfig:
     """A configuration whose k-th run takes ``durations[k]`` fake seconds and returns images = its index."""
     calls = {"n": 0}
 
@@ -53,7 +53,8 @@ def fake_config(name: str, family: str, clock: FakeClock, durations: list[float]
             if fail_at is not None and k == fail_at:
                 raise RuntimeError(f"boom in run {k}\nsecond line")
             clock.now += durations[k]
-            return torch.rand((len(labels), 1, 16, 16), generator=gen)
+            images = torch.rand((len(labels), 1, 16, 16), generator=gen)
+            return images.index_fill(0, torch.tensor([0]), float("nan")) if nan else images
 
         return Prepared(sample=sample)
 
@@ -112,11 +113,15 @@ def test_failing_configurations_are_recorded_and_the_run_goes_on(tmp_path):
                fake_config("broken-setup", "peer", clock, [1.0] * 4, setup_error=ValueError("no such hook")),
                fake_config("missing", "hasten", clock, [1.0] * 4, setup_error=Unavailable("X not in build")),
                fake_config("dies", "peer", clock, [0.5] * 4, fail_at=2),
-               fake_config("ok", "hasten", clock, [0.25] * 4)]
+               fake_config("ok", "hasten", clock, [0.25] * 4),
+               fake_config("diverges", "baseline", clock, [0.5] * 4, nan=True)]  # a solver returning NaN
     res = run_bench("tiny", tmp_path / "out", configs=configs, scorer=FakeScorer(), pipe=tiny_pipeline(),
                     samples=30, batch_size=10, realistic=False, timer=clock)
     recs = {r["name"]: r for r in res["records"]}
-    assert len(recs) == 5
+    assert len(recs) == 6
+    nan = recs["diverges"]  # timed, counted, not scored, and the file stays valid JSON
+    assert nan["error"] == "non-finite output: 3 of 30 images hold NaN/inf" and nan["psnr"] is None
+    assert nan["speedup"] == pytest.approx(2.0)
     assert recs["broken-setup"]["error"] == "ValueError: no such hook"
     assert recs["missing"]["error"] == "not available: X not in build"
     assert recs["dies"]["error"] == "RuntimeError: boom in run 2"  # first line only

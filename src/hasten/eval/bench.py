@@ -342,6 +342,11 @@ def build_records(configs: Sequence[BenchConfig], measured: dict[str, Measuremen
                         denoiser_speedup=_round(paired_speedup(ref.denoiser_times, m.denoiser_times), 4))
         if with_quality:
             images = torch.cat(m.images)
+            bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+            if bad:  # e.g. a solver that diverges at few steps: a result to record, not to score
+                records.append(new_record(c.name, c.family, c.params, **vals,
+                                          error=f"non-finite output: {bad} of {images.shape[0]} images hold NaN/inf"))
+                continue
             labels = torch.cat([b.labels for b in batches])[: images.shape[0]]
             vals.update(psnr=_round(scorer.psnr(images, ref_images[: images.shape[0]]), 4),
                         ssim=_round(scorer.ssim(images, ref_images[: images.shape[0]]), 5))
