@@ -1,0 +1,240 @@
+"""FlexiDiT (Anagnostidis et al. 2025): one DiT that also runs at coarser patch sizes (4x fewer tokens
+per doubling), so the early, noisy denoising steps cost a fraction of the late ones.
+
+``flexify(transformer, patch_sizes=(2, 4))`` converts, in place, any diffusers transformer whose input
+is a ``PatchEmbed`` and whose output is one linear de-embedding followed by the usual unpatchify
+(``SD3Transformer2DModel``, ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``). This is the
+paper's **shared-parameter variant**:
+
+- The patch embedding and de-embedding of the coarse sizes live at an underlying patch size
+  ``P = max(patch_sizes)`` and are projected to each patch size ``p`` with PI-resize (FlexiViT, Beyer
+  et al. 2023): with ``B_{a->b}`` the bilinear resize of an ``a x a`` patch to ``b x b`` as a matrix,
+  weights at size ``a`` become ``pinv(B_{a->b}^T) w`` at size ``b``, the least-squares solution of
+  ``<x, w> = <B x, w'>``, exact
+  for every ``x`` when ``b >= a`` (``pi_resize``; the identity is tested). Embedding: ``w_p =
+  pinv(B_{P->p}^T) w_P``, initialised ``w_P = B_{P->p0}^T w_{p0}`` so that the original patch size
+  ``p0`` reproduces the pretrained weights (``pinv(B^T) B^T = I`` as ``B_{P->p0}`` has full row rank);
+  at init a coarse patch is embedded as the pretrained model embeds its bilinear down-sampling. The
+  de-embedding is the transpose construction: ``W_P = B_{p0->P} W_{p0}`` (the coarse output patch is
+  the bilinear up-sampling of what the pretrained head would emit) and ``W_p = pinv(B_{p->P}) W_P``;
+  the output bias likewise. The embedding bias is shared, not projected. In the paper's notation
+  (Sec. 3.1, App. C.2: underlying size p' = 4, "Q_embed ... the pseudo-inverse of the bi-linear
+  interpolation projection", init ``w_flex = Q_embed^+ w_embed``, de-embedding "with flipped
+  dimensions", init ``w = w_de Q_de^+``): ``Q_embed(p) = pinv(B_{P->p}^T)``, ``Q_de(p) = pinv(B_{p->P})``.
+- Positional embeddings of a coarse patch come from its pixel coordinates: the pretrained grid of
+  positional embeddings (whatever its kind: SD3's cropped table, DiT's sincos) interpolated bilinearly at
+  the coarse patch's centre, which for a patch covering ``k x k`` original cells is their average.
+- A learned per-patch-size embedding added to every token of that size after tokenisation (the paper:
+  zero for the pretrained size; its init for new sizes is not stated: zero here), and
+  patch-size-specific norms (the paper names them without saying which): here a learned elementwise
+  scale and shift after the final norm for each coarse size, identity at init.
+
+The original patch size is not touched: ``transformer.flex_mode = p0`` (the default) runs the
+pretrained modules themselves, bitwise. This is a choice where the paper has every size read the one
+set of underlying weights: here the original size keeps its own pretrained embedding and
+de-embedding (which the underlying weights reproduce exactly at init), so that the powerful mode stays
+the pretrained model whatever fine-tuning does to the coarse ones (the blocks are shared either way).
+
+``flex_mode = p`` (or ``with patch_size(transformer, p):``) runs size ``p``: the patch embedding,
+de-embedding and unpatchify use ``p`` for that call. Still to come (issue "FlexiDiT"): the scheduler
+``hasten.FlexiDiT`` that picks the mode per denoiser call, fine-tuning (``hasten flexify``) and the LoRA
+variant (per-size ``peft`` adapters on the same modules, base frozen).
+
+Rotary models (Flux-style, not shipped): there the position ids of the image tokens are built by the
+pipeline from the latent grid; for size ``p = k p0`` they would be rebuilt on the coarse grid at each
+patch's centre in original-cell units, ``(k i + (k - 1) / 2, k j + (k - 1) / 2)``, so that the rotary
+phases keep meaning pixel positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import HastenError
+
+
+# --------------------------------------------------------------------------- PI-resize
+@lru_cache(maxsize=32)
+def resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """``B`` (dst^2, src^2), float64: the bilinear resize (no antialiasing, half-pixel centres) of a
+    ``src x src`` patch to ``dst x dst``, as a matrix acting on row-major flattened patches."""
+    basis = torch.eye(src * src, dtype=torch.float64).reshape(src * src, 1, src, src)
+    out = F.interpolate(basis, size=(dst, dst), mode="bilinear", align_corners=False, antialias=False)
+    return out.reshape(src * src, dst * dst).T.contiguous()
+
+
+def pi_resize(w: torch.Tensor, dst: int) -> torch.Tensor:
+    """PI-resize (FlexiViT Eq. 3) of patch weights ``w`` (..., src, src) to (..., dst, dst):
+    ``pinv(B^T) w`` with ``B = resize_matrix(src, dst)``; ``<x, w> == <B x, pi_resize(w)>`` for every
+    ``x`` when ``dst >= src``. Computed in float64, returned in ``w``'s dtype."""
+    src = w.shape[-1]
+    if w.shape[-2] != src:
+        raise HastenError(f"patch weights must be square, got {tuple(w.shape[-2:])}")
+    proj = torch.linalg.pinv(resize_matrix(src, dst).T)  # (dst^2, src^2)
+    flat = w.reshape(-1, src * src).double()
+    return (flat @ proj.T).reshape(*w.shape[:-2], dst, dst).to(w.dtype)
+
+
+# --------------------------------------------------------------------------- the modules
+class FlexPatchEmbed(nn.Module):
+    """Wraps a diffusers ``PatchEmbed``: the original module at size ``p0``, PI-resized shared weights
+    at any other size (see the module docstring)."""
+
+    def __init__(self, orig: nn.Module, patch_sizes: Sequence[int], owner: Any):
+        super().__init__()
+        if getattr(orig, "layer_norm", False):
+            raise HastenError("flexify: a PatchEmbed with layer_norm=True is not supported")
+        self.orig = orig
+        self.p0 = int(orig.patch_size)
+        self.big = max(patch_sizes)
+        self._owner = [owner]  # not a submodule: the transformer owns this module
+        w0 = orig.proj.weight.detach()  # (D, C, p0, p0)
+        d, c = w0.shape[:2]
+        b = resize_matrix(self.big, self.p0)  # (p0^2, P^2)
+        w_big = (w0.reshape(d * c, -1).double() @ b).reshape(d, c, self.big, self.big)  # B^T w0
+        self.weight = nn.Parameter(w_big.to(w0.dtype))  # shared weights at the underlying size P
+        self.size_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in patch_sizes
+                                            if p != self.p0})
+
+    def weight_for(self, p: int) -> torch.Tensor:
+        """The embedding weights at size ``p``: PI-resize of the shared ones (kept differentiable)."""
+        proj = torch.linalg.pinv(resize_matrix(self.big, p).T).to(self.weight.dtype)  # (p^2, P^2)
+        d, c = self.weight.shape[:2]
+        return (self.weight.reshape(d * c, -1) @ proj.T).reshape(d, c, p, p)
+
+    def original_positions(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The pretrained positional embeddings for a (height, width) latent: (h0, w0, D)."""
+        zeros = torch.zeros(1, self.orig.proj.in_channels, height, width, device=device, dtype=dtype)
+        pos = self.orig(zeros)
+        if self.orig.proj.bias is not None:
+            pos = pos - self.orig.proj.bias
+        return pos.reshape(height // self.p0, width // self.p0, -1)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        p = self._owner[0].flex_mode
+        if p == self.p0:
+            return self.orig(latent)
+        height, width = latent.shape[-2:]
+        if height % p or width % p:
+            raise HastenError(f"flexify: latent {height}x{width} is not divisible by patch size {p}")
+        x = F.conv2d(latent, self.weight_for(p), self.orig.proj.bias, stride=p)
+        x = x.flatten(2).transpose(1, 2)
+        with torch.no_grad():
+            pos = self.original_positions(height, width, latent.device, latent.dtype)  # (h0, w0, D)
+        k = p // self.p0
+        pos = F.avg_pool2d(pos.permute(2, 0, 1)[None], k).flatten(2).transpose(1, 2)  # centres of the k x k cells
+        return (x + pos + self.size_embed[str(p)]).to(latent.dtype)
+
+
+class FlexOutput(nn.Module):
+    """Wraps the de-embedding linear (D -> p0^2 C): the original at ``p0``, PI-resized shared weights
+    (transposed construction) and a per-size output scale/shift at other sizes."""
+
+    def __init__(self, orig: nn.Linear, p0: int, patch_sizes: Sequence[int], owner: Any):
+        super().__init__()
+        self.orig, self.p0, self.big = orig, p0, max(patch_sizes)
+        self._owner = [owner]
+        out = orig.out_features
+        if out % (p0 * p0):
+            raise HastenError(f"flexify: output width {out} is not a multiple of patch size {p0}^2")
+        self.c = out // (p0 * p0)
+        up = resize_matrix(p0, self.big)  # (P^2, p0^2)
+        w = orig.weight.detach().reshape(p0 * p0, self.c, -1)  # rows ordered (p, q, c) as unpatchify reads them
+        self.weight = nn.Parameter(torch.einsum("ij,jcd->icd", up, w.double()).to(w.dtype))  # (P^2, C, D)
+        b = orig.bias.detach().reshape(p0 * p0, self.c) if orig.bias is not None else None
+        self.bias = None if b is None else nn.Parameter((up @ b.double()).to(b.dtype))
+        d = orig.in_features
+        self.norm_scale = nn.ParameterDict({str(p): nn.Parameter(torch.ones(d)) for p in patch_sizes if p != p0})
+        self.norm_shift = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in patch_sizes if p != p0})
+
+    def weight_for(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        back = torch.linalg.pinv(resize_matrix(p, self.big)).to(self.weight.dtype)  # (p^2, P^2)
+        w = torch.einsum("ij,jcd->icd", back, self.weight).reshape(p * p * self.c, -1)
+        b = None if self.bias is None else (back @ self.bias).reshape(-1)
+        return w, b
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        p = self._owner[0].flex_mode
+        if p == self.p0:
+            return self.orig(h)
+        h = h * self.norm_scale[str(p)] + self.norm_shift[str(p)]
+        w, b = self.weight_for(p)
+        return F.linear(h, w, b)
+
+
+# --------------------------------------------------------------------------- flexify
+_OUTPUTS = ("proj_out_2", "proj_out")  # DiT's de-embedding is proj_out_2 (proj_out_1 is its adaLN)
+
+
+def flexify(transformer: nn.Module, patch_sizes: Sequence[int] = (2, 4)) -> nn.Module:
+    """Make ``transformer`` (in place) runnable at every patch size in ``patch_sizes`` (multiples of its
+    own); returns it. ``transformer.flex_mode`` selects the size; its own size is the default and is
+    the pretrained model bitwise."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    if getattr(transformer, "flex_patch_sizes", None) is not None:
+        raise HastenError("this transformer is already flexified")
+    embed = getattr(transformer, "pos_embed", None)
+    if not isinstance(embed, PatchEmbed):
+        raise HastenError(f"flexify needs a transformer with a diffusers PatchEmbed as pos_embed; "
+                          f"{type(transformer).__name__} has {type(embed).__name__}")
+    name = next((n for n in _OUTPUTS if isinstance(getattr(transformer, n, None), nn.Linear)), None)
+    if name is None:
+        raise HastenError(f"flexify: no linear de-embedding ({' or '.join(_OUTPUTS)}) on {type(transformer).__name__}")
+    p0 = int(embed.patch_size)
+    sizes = sorted({int(p) for p in patch_sizes} | {p0})
+    bad = [p for p in sizes if p % p0 or p < p0]
+    if bad:
+        raise HastenError(f"patch sizes must be multiples of the model's own ({p0}), got {bad[0]}")
+    if len(sizes) < 2:
+        raise HastenError(f"flexify needs at least one patch size besides the model's own ({p0})")
+    object.__setattr__(transformer, "flex_mode", p0)
+    transformer.flex_patch_sizes = tuple(sizes)
+    transformer.flex_base_patch_size = p0
+    transformer.pos_embed = FlexPatchEmbed(embed, sizes, transformer)
+    setattr(transformer, name, FlexOutput(getattr(transformer, name), p0, sizes, transformer))
+    return transformer
+
+
+@contextmanager
+def patch_size(transformer: nn.Module, p: int):
+    """Run ``transformer`` at patch size ``p`` inside the block: the flex modules read ``flex_mode``,
+    and the model's own unpatchify reads its ``patch_size`` (config or attribute), set for the call."""
+    sizes = getattr(transformer, "flex_patch_sizes", None)
+    if sizes is None:
+        raise HastenError("call hasten.flexify(transformer) first")
+    if p not in sizes:
+        raise HastenError(f"patch size {p} is not one of this model's {list(sizes)}")
+    old_mode = transformer.flex_mode
+    cfg = getattr(transformer, "_internal_dict", None)
+    old_cfg = None if cfg is None else cfg.get("patch_size")
+    old_attr = transformer.__dict__.get("patch_size")
+    transformer.flex_mode = p
+    if old_cfg is not None:
+        transformer._internal_dict = type(cfg)({**cfg, "patch_size": p})
+    if "patch_size" in transformer.__dict__:
+        transformer.patch_size = p
+    try:
+        yield transformer
+    finally:
+        transformer.flex_mode = old_mode
+        if old_cfg is not None:
+            transformer._internal_dict = cfg
+        if old_attr is not None:
+            transformer.patch_size = old_attr
+
+
+def flexi_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    """The parameters flexify added (shared embed/de-embed, size embeddings, output norms)."""
+    out: list[nn.Parameter] = []
+    for m in transformer.modules():
+        if isinstance(m, (FlexPatchEmbed, FlexOutput)):
+            out += [p for n, p in m.named_parameters() if not n.startswith("orig.")]
+    return out

@@ -1,0 +1,119 @@
+"""FlexiDiT's flexify: PI-resize identity, bitwise at the original patch size, 4x fewer tokens at the
+coarse one, and the init that embeds a coarse patch as the pretrained model embeds its down-sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+from hasten.errors import HastenError
+from hasten.methods.flexidit import flexi_parameters, flexify, patch_size, pi_resize, resize_matrix
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "sd3":
+        return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                     caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=8).eval()
+    if kind == "dit":
+        return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                     num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10,
+                                     norm_num_groups=8).eval()
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                    num_layers=2, sample_size=16, patch_size=2, cross_attention_dim=32,
+                                    caption_channels=32, norm_num_groups=8).eval()
+
+
+def call(kind: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    t = torch.full((x.shape[0],), 500.0)
+    if kind == "sd3":
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=torch.randn(x.shape[0], 5, 32, generator=g),
+                     pooled_projections=torch.randn(x.shape[0], 32, generator=g), return_dict=False)[0]
+    if kind == "dit":
+        return model(x, timestep=t.long(), class_labels=torch.tensor([1] * x.shape[0]), return_dict=False)[0]
+    return model(x, encoder_hidden_states=torch.randn(x.shape[0], 5, 32, generator=g), timestep=t.long(),
+                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+
+
+def test_pi_resize_keeps_every_inner_product_when_upsampling():
+    """FlexiViT's identity: <x, w> = <B x, PI-resize(w)> for all x (B: bilinear resize to the new size)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, 2, 2, dtype=torch.float64, generator=g)
+    x = torch.randn(7, 4, dtype=torch.float64, generator=g)  # 7 patches of 2x2
+    for dst in (3, 4, 6):
+        w_new = pi_resize(w, dst).reshape(15, -1)
+        bx = x @ resize_matrix(2, dst).T
+        torch.testing.assert_close(bx @ w_new.T, x @ w.reshape(15, -1).T, rtol=0, atol=1e-10)
+    # down-sampling is a least-squares fit, not an identity
+    w4 = torch.randn(1, 4, 4, dtype=torch.float64, generator=g)
+    x4 = torch.randn(3, 16, dtype=torch.float64, generator=g)
+    assert not torch.allclose((x4 @ resize_matrix(4, 2).T) @ pi_resize(w4, 2).reshape(-1), x4 @ w4.reshape(-1))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "dit", "pixart"])
+def test_original_patch_size_is_bitwise_and_the_coarse_one_has_a_quarter_of_the_tokens(kind):
+    model = tiny(kind)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = call(kind, model, x)
+        flexify(model, (2, 4))
+        assert torch.equal(call(kind, model, x), before)  # the default mode runs the pretrained modules
+        tokens = []
+        h = model.transformer_blocks[0].register_forward_pre_hook(
+            lambda m, a, kw: tokens.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+        call(kind, model, x)
+        with patch_size(model, 4):
+            coarse = call(kind, model, x)
+        h.remove()
+        assert torch.equal(call(kind, model, x), before)  # leaving the block restores the model
+    assert tokens == [64, 16]
+    assert coarse.shape == before.shape and torch.isfinite(coarse).all()
+    # what flexify adds: embedding at P=4 (D C P^2) + size embedding (D); de-embedding (P^2 C_out D) + its
+    # bias (P^2 C_out) + output scale and shift (2 D)
+    d, c, c_out = model.pos_embed.weight.shape[0], 4, model.pos_embed._owner[0].out_channels
+    expected = d * c * 16 + d + 16 * c_out * d + 16 * c_out + 2 * d
+    assert sum(p.numel() for p in flexi_parameters(model)) == expected
+
+
+def test_a_coarse_patch_is_embedded_as_its_bilinear_down_sampling():
+    """At init, weights at the underlying size P are B_{P->p0}^T w_p0: <x4, w4> = <down(x4), w2>."""
+    model = flexify(tiny("sd3"), (2, 4))
+    emb = model.pos_embed
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    coarse = F.conv2d(x, emb.weight_for(4), stride=4)
+    down = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=False)
+    fine = F.conv2d(down, emb.orig.proj.weight, stride=2)
+    torch.testing.assert_close(coarse, fine, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb.weight_for(2), emb.orig.proj.weight, rtol=0, atol=1e-6)  # P reproduces p0
+
+
+def test_the_coarse_output_patch_is_the_upsampled_pretrained_one():
+    model = flexify(tiny("sd3"), (2, 4))
+    out = model.proj_out
+    h = torch.randn(3, out.orig.in_features, generator=torch.Generator().manual_seed(2))
+    w4, b4 = out.weight_for(4)
+    y4 = F.linear(h, w4, b4).reshape(3, 16, out.c)
+    y2 = out.orig(h).reshape(3, 4, out.c)
+    up = torch.einsum("ij,njc->nic", resize_matrix(2, 4).float(), y2)
+    torch.testing.assert_close(y4, up, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_arguments():
+    model = tiny("sd3")
+    with pytest.raises(HastenError, match="multiples of the model's own"):
+        flexify(model, (2, 3))
+    with pytest.raises(HastenError, match="call hasten.flexify"):
+        with patch_size(model, 4):
+            pass
+    flexify(model, (2, 4))
+    with pytest.raises(HastenError, match="already flexified"):
+        flexify(model, (2, 4))
+    with pytest.raises(HastenError, match="not one of"):
+        with patch_size(model, 8):
+            pass
+    with pytest.raises(HastenError, match="PatchEmbed"):
+        flexify(torch.nn.Linear(2, 2))
