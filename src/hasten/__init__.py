@@ -9,7 +9,7 @@ from .methods.guidance import AdaptiveGuidance, GuidanceInterval, LinearAG
 from .pipeline import HastenPipeline, PipelineOutput, load_pipeline
 from .pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel
 
-__all__ = ["AdaptiveGuidance", "BlockCache", "flexify", "GuidanceInterval", "Handle", "HastenError", "HastenPipeline", "LinearAG",
+__all__ = ["AdaptiveGuidance", "BlockCache", "GuidanceInterval", "Handle", "HastenError", "HastenPipeline", "LinearAG",
            "PipelineOutput", "ShapesPipeline", "ShapesTransformer2DModel",
-           "accelerate", "calibrate", "load_pipeline"]
+           "accelerate", "calibrate", "flexify", "load_pipeline"]
 __version__ = "0.1.0"
