@@ -117,3 +117,55 @@ def test_bad_arguments():
             pass
     with pytest.raises(HastenError, match="PatchEmbed"):
         flexify(torch.nn.Linear(2, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes():
+    from diffusers import AutoencoderKL
+
+    from hasten.pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel, default_scheduler, load_text_encoder
+    from hasten.train_shapes import transformer_config, vae_config
+
+    torch.manual_seed(0)
+    te, tok = load_text_encoder()
+    tr = ShapesTransformer2DModel(**transformer_config(num_layers=2, num_attention_heads=2, attention_head_dim=16,
+                                                       caption_projection_dim=32)).eval()
+    vae = AutoencoderKL(**vae_config(block_out_channels=[8, 8, 8], norm_num_groups=4)).eval()
+    pipe = ShapesPipeline(transformer=tr, vae=vae, scheduler=default_scheduler(), text_encoder=te, tokenizer=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_scheduler_runs_the_first_steps_coarse_and_weak_steps_0_is_bitwise(tiny_shapes):
+    import hasten
+
+    pipe = tiny_shapes
+    prompts = ["a red circle", "two blue squares"]
+
+    def run() -> torch.Tensor:
+        return pipe(prompts, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    with pytest.raises(HastenError, match="flexified"):
+        hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2))
+    base = run()
+    hasten.flexify(pipe.transformer, (2, 4))
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=0)):
+        assert torch.equal(run(), base)
+    tokens = []
+    h = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a, kw: tokens.append(kw["hidden_states"].shape[1]), with_kwargs=True)
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2)) as handle:
+        fast = run()
+        rep = handle.report()["methods"]["flexidit"]
+    h.remove()
+    assert tokens == [16, 16, 64, 64, 64, 64]  # weak first, then the model's own patch size
+    assert rep["weak_calls"] == 2 and rep["powerful_calls"] == 4 and rep["weak_patch"] == 4
+    assert fast.shape == base.shape and not torch.equal(fast, base)
+    assert torch.equal(run(), base)  # disable() leaves the flexified model in its original mode
+    with pytest.raises(HastenError, match="weak_steps >= 0"):
+        hasten.FlexiDiT(weak_steps=-1)
+    with pytest.raises(HastenError, match="do not compose yet"):
+        hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.BlockCache(delta=0.1))
+    # with guidance (AG) it composes: both wrap whole calls
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.AdaptiveGuidance(threshold=2.0)):
+        assert torch.equal(run(), fast)  # threshold > 1 never switches: bitwise CFG on top of FlexiDiT

@@ -40,7 +40,7 @@ class MethodInfo:
 REGISTRY: dict[str, MethodInfo] = {}
 LEVELS = {"call": 0, "block": 1, "token": 2}
 
-METHOD_MODULES = ("block_cache", "guidance")  # imported on first use (they register themselves)
+METHOD_MODULES = ("block_cache", "guidance", "flexidit")  # imported on first use (they register themselves)
 
 
 def register(info: MethodInfo) -> MethodInfo:

@@ -48,8 +48,9 @@ phases keep meaning pixel positions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -238,3 +239,53 @@ def flexi_parameters(transformer: nn.Module) -> list[nn.Parameter]:
         if isinstance(m, (FlexPatchEmbed, FlexOutput)):
             out += [p for n, p in m.named_parameters() if not n.startswith("orig.")]
     return out
+
+
+# --------------------------------------------------------------------------- the inference scheduler
+@dataclass
+class FlexiDiT:
+    """FlexiDiT's inference scheduler (Sec. 3.3): the first ``weak_steps`` denoiser calls of every run at
+    the coarse patch size ``weak_patch`` (4x fewer tokens per doubling), the rest at the model's own.
+    Weak first, powerful last: the paper finds the reverse order worse (Fig. 19). ``weak_steps=0`` is
+    bitwise the unaccelerated run. The transformer must be flexified (``hasten.flexify``) and, for useful
+    images, fine-tuned (``hasten flexify``)."""
+
+    weak_steps: int = 0
+    weak_patch: int | None = None  # default: the largest flexified size
+    level = "call"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weak_steps, int) or isinstance(self.weak_steps, bool) or self.weak_steps < 0:
+            raise HastenError(f"FlexiDiT needs weak_steps >= 0 (an integer), got {self.weak_steps!r}")
+
+
+def install_flexidit(handle: Any, config: FlexiDiT) -> None:
+    tr = handle.transformer
+    sizes = getattr(tr, "flex_patch_sizes", None)
+    if sizes is None:
+        raise HastenError("FlexiDiT needs a flexified transformer: hasten.flexify(pipe.transformer) first")
+    weak = max(sizes) if config.weak_patch is None else int(config.weak_patch)
+    if weak not in sizes or weak == tr.flex_base_patch_size:
+        coarse = [p for p in sizes if p != tr.flex_base_patch_size]
+        raise HastenError(f"weak_patch {weak} is not one of the coarse sizes {coarse}")
+    counts = {"weak_calls": 0, "powerful_calls": 0}
+
+    def wrapper(inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        if handle.call_index < config.weak_steps:
+            counts["weak_calls"] += 1
+            with patch_size(tr, weak):
+                return inner(*args, **kwargs)
+        counts["powerful_calls"] += 1
+        return inner(*args, **kwargs)
+
+    handle.wrap_call(wrapper, "flexidit")
+    handle.add_report("flexidit", lambda: {"weak_patch": weak, "weak_steps": config.weak_steps, **counts})
+
+
+def _register() -> None:
+    from . import MethodInfo, register
+
+    register(MethodInfo("flexidit", FlexiDiT, install_flexidit, level="call"))
+
+
+_register()
