@@ -169,3 +169,37 @@ def test_the_scheduler_runs_the_first_steps_coarse_and_weak_steps_0_is_bitwise(t
     # with guidance (AG) it composes: both wrap whole calls
     with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.AdaptiveGuidance(threshold=2.0)):
         assert torch.equal(run(), fast)  # threshold > 1 never switches: bitwise CFG on top of FlexiDiT
+
+
+@pytest.mark.parametrize("kind", ["sd3", "dit"])
+@pytest.mark.parametrize("patch", [2, 4])
+def test_the_flop_formula_matches_the_flop_counter(kind, patch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hasten.methods.flexidit import transformer_flops
+
+    model = flexify(tiny(kind), (2, 4))
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad(), patch_size(model, patch):
+        call(kind, model, x)  # the first call at a size computes its PI-resized weights once (cached)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            call(kind, model, x)
+    counted = fc.get_total_flops()
+    want = transformer_flops(model, 16, 16, patch, text_tokens=5 if kind == "sd3" else 0, batch=2)
+    assert want["total"] == counted
+    if patch == 4:  # the weak mode: 16 tokens instead of 64
+        full = transformer_flops(model, 16, 16, 2, text_tokens=5 if kind == "sd3" else 0, batch=2)
+        assert want["total"] < 0.4 * full["total"]
+
+
+def test_inference_caches_the_resized_weights_until_they_change():
+    model = flexify(tiny("sd3"), (2, 4))
+    emb = model.pos_embed
+    with torch.no_grad():
+        a = emb.weight_for(4)
+        assert emb.weight_for(4) is a  # computed once at inference
+        emb.weight.add_(1.0)  # an optimiser step changes the weights in place
+        b = emb.weight_for(4)
+    assert b is not a and not torch.equal(a, b)
+    assert emb.weight_for(4).requires_grad  # while training: recomputed, differentiable

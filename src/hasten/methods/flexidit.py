@@ -105,7 +105,11 @@ class FlexPatchEmbed(nn.Module):
                                             if p != self.p0})
 
     def weight_for(self, p: int) -> torch.Tensor:
-        """The embedding weights at size ``p``: PI-resize of the shared ones (kept differentiable)."""
+        """The embedding weights at size ``p``: PI-resize of the shared ones (kept differentiable while
+        training; computed once per weights version at inference)."""
+        return _cached(self, ("w", p), (self.weight,), lambda: self._weight_for(p))
+
+    def _weight_for(self, p: int) -> torch.Tensor:
         proj = torch.linalg.pinv(resize_matrix(self.big, p).T).to(self.weight.dtype)  # (p^2, P^2)
         d, c = self.weight.shape[:2]
         return (self.weight.reshape(d * c, -1) @ proj.T).reshape(d, c, p, p)
@@ -127,11 +131,16 @@ class FlexPatchEmbed(nn.Module):
             raise HastenError(f"flexify: latent {height}x{width} is not divisible by patch size {p}")
         x = F.conv2d(latent, self.weight_for(p), self.orig.proj.bias, stride=p)
         x = x.flatten(2).transpose(1, 2)
-        with torch.no_grad():
-            pos = self.original_positions(height, width, latent.device, latent.dtype)  # (h0, w0, D)
-        k = p // self.p0
-        pos = F.avg_pool2d(pos.permute(2, 0, 1)[None], k).flatten(2).transpose(1, 2)  # centres of the k x k cells
+        key = ("pos", p, height, width, latent.device, latent.dtype)
+        pos = _cached(self, key, (), lambda: self._coarse_positions(p, height, width, latent.device, latent.dtype))
         return (x + pos + self.size_embed[str(p)]).to(latent.dtype)
+
+    @torch.no_grad()
+    def _coarse_positions(self, p: int, height: int, width: int, device: torch.device, dtype: torch.dtype
+                          ) -> torch.Tensor:
+        pos = self.original_positions(height, width, device, dtype)  # (h0, w0, D)
+        k = p // self.p0
+        return F.avg_pool2d(pos.permute(2, 0, 1)[None], k).flatten(2).transpose(1, 2)  # centres of the k x k cells
 
 
 class FlexOutput(nn.Module):
@@ -156,6 +165,10 @@ class FlexOutput(nn.Module):
         self.norm_shift = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in patch_sizes if p != p0})
 
     def weight_for(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        return _cached(self, ("w", p), params, lambda: self._weight_for(p))
+
+    def _weight_for(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         back = torch.linalg.pinv(resize_matrix(p, self.big)).to(self.weight.dtype)  # (p^2, P^2)
         w = torch.einsum("ij,jcd->icd", back, self.weight).reshape(p * p * self.c, -1)
         b = None if self.bias is None else (back @ self.bias).reshape(-1)
@@ -168,6 +181,20 @@ class FlexOutput(nn.Module):
         h = h * self.norm_scale[str(p)] + self.norm_shift[str(p)]
         w, b = self.weight_for(p)
         return F.linear(h, w, b)
+
+
+def _cached(module: nn.Module, key: tuple, params: tuple, make: Callable[[], Any]) -> Any:
+    """``make()`` memoised on ``module`` while gradients are off (inference), keyed by ``key`` and the
+    in-place versions of ``params`` (so an optimiser step invalidates it); recomputed while training."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return make()
+    cache = module.__dict__.setdefault("_flex_cache", {})
+    stamp = tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        with torch.no_grad():
+            hit = cache[key] = (stamp, make())
+    return hit[1]
 
 
 # --------------------------------------------------------------------------- flexify
@@ -289,3 +316,54 @@ def _register() -> None:
 
 
 _register()
+
+
+# --------------------------------------------------------------------------- FLOPs
+def transformer_flops(transformer: nn.Module, height: int, width: int, patch: int | None = None,
+                      text_tokens: int = 0, batch: int = 1) -> dict:
+    """Analytic forward FLOPs (multiply and add counted separately, as ``torch.utils.flop_counter``) of
+    one transformer call on a ``height x width`` latent at patch size ``patch`` (default: the model's).
+
+    With D the width, N = (height / patch)(width / patch) image tokens, M text tokens, C / C_out the
+    latent channels, ff the feed-forward multiplier (4):
+
+    - ``SD3Transformer2DModel`` (joint blocks): per block ``24 (N + M) D^2`` for the projections and
+      feed-forwards of both streams, ``24 D^2`` for the two adaLN projections (D -> 6D each), and ``4 (N + M)^2 D`` for
+      attention (QK^T and AV); the last block (``context_pre_only``) drops the text stream's output
+      projection and feed-forward (``-18 M D^2``) and its adaLN is ``4 D^2``. Outside the blocks: the patch
+      embedding ``2 N D C p^2``, the caption projection ``2 M J D``, the time and pooled-text embedders
+      ``2 (256 D + P D + 2 D^2)``, the output norm ``4 D^2`` and de-embedding ``2 N D p^2 C_out``.
+    - ``DiTTransformer2DModel``: per block ``24 N D^2 + 4 N^2 D`` and its adaLN-Zero with the timestep
+      and class embedding ``2 (256 D + D^2) + 12 D^2``; outside: patch embedding, the output adaLN
+      ``2 (256 D + D^2) + 4 D^2`` and de-embedding.
+
+    Returns ``{"total", "attention", "linear"}`` for the batch. Checked against the flop counter in the
+    tests (attention counted there with PyTorch's math kernel)."""
+    cfg = transformer.config
+    p = int(patch or getattr(transformer, "flex_base_patch_size", None) or cfg.patch_size)
+    n = (height // p) * (width // p)
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    c, c_out = cfg.in_channels, cfg.out_channels or cfg.in_channels
+    name = type(transformer).__name__
+    embed, head = 2 * n * d * c * p * p, 2 * n * d * p * p * c_out
+    if isinstance_by_name(transformer, "SD3Transformer2DModel"):
+        if cfg.get("dual_attention_layers"):
+            raise HastenError("transformer_flops: SD3.5 dual-attention layers are not counted")
+        m, layers = int(text_tokens), cfg.num_layers
+        attn = layers * 4 * (n + m) ** 2 * d
+        blocks = layers * (24 * (n + m) * d * d + 24 * d * d) - (18 * m * d * d + 8 * d * d)
+        outside = (embed + 2 * m * cfg.joint_attention_dim * d + 2 * (256 * d + cfg.pooled_projection_dim * d
+                   + 2 * d * d) + 4 * d * d + head)
+    elif isinstance_by_name(transformer, "DiTTransformer2DModel"):
+        layers = cfg.num_layers
+        attn = layers * 4 * n * n * d
+        blocks = layers * (24 * n * d * d + 2 * (256 * d + d * d) + 12 * d * d)
+        outside = embed + 2 * (256 * d + d * d) + 4 * d * d + head
+    else:
+        raise HastenError(f"transformer_flops knows SD3Transformer2DModel and DiTTransformer2DModel, not {name}")
+    linear = blocks + outside
+    return {"total": batch * (linear + attn), "attention": batch * attn, "linear": batch * linear}
+
+
+def isinstance_by_name(obj: Any, cls_name: str) -> bool:
+    return any(c.__name__ == cls_name for c in type(obj).__mro__)
