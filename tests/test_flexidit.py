@@ -3,6 +3,8 @@ coarse one, and the init that embeds a coarse patch as the pretrained model embe
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +166,21 @@ def test_the_scheduler_runs_the_first_steps_coarse_and_weak_steps_0_is_bitwise(t
     assert torch.equal(run(), base)  # disable() leaves the flexified model in its original mode
     with pytest.raises(HastenError, match="weak_steps >= 0"):
         hasten.FlexiDiT(weak_steps=-1)
+    with pytest.raises(HastenError, match="exactly one of"):
+        hasten.FlexiDiT()
+    with pytest.raises(HastenError, match="0 < compute <= 1"):
+        hasten.FlexiDiT(compute=1.5)
+    # compute=0.6: as many weak calls as keep the share of full-model FLOPs at or under 60 %
+    from hasten.methods.flexidit import transformer_flops
+
+    r = (transformer_flops(pipe.transformer, 16, 16, 4, text_tokens=24)["total"]
+         / transformer_flops(pipe.transformer, 16, 16, 2, text_tokens=24)["total"])
+    k = math.ceil((6 * 0.4) / (1 - r))
+    with hasten.accelerate(pipe, hasten.FlexiDiT(compute=0.6)) as handle:
+        run()
+        rep = handle.report()["methods"]["flexidit"]
+    assert 0 < k < 6 and rep["weak_calls"] == k and rep["compute_share"] <= 0.6
+    assert rep["compute_share"] == pytest.approx((k * r + 6 - k) / 6, abs=1e-4)
     with pytest.raises(HastenError, match="do not compose yet"):
         hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.BlockCache(delta=0.1))
     # with guidance (AG) it composes: both wrap whole calls

@@ -48,6 +48,7 @@ phases keep meaning pixel positions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -277,13 +278,29 @@ class FlexiDiT:
     bitwise the unaccelerated run. The transformer must be flexified (``hasten.flexify``) and, for useful
     images, fine-tuned (``hasten flexify``)."""
 
-    weak_steps: int = 0
+    weak_steps: int | None = None
+    compute: float | None = None  # instead of weak_steps: the share of the full compute to spend
     weak_patch: int | None = None  # default: the largest flexified size
     level = "call"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.weak_steps, int) or isinstance(self.weak_steps, bool) or self.weak_steps < 0:
+        if (self.weak_steps is None) == (self.compute is None):
+            raise HastenError("FlexiDiT needs exactly one of weak_steps=K or compute=SHARE")
+        if self.weak_steps is not None and (not isinstance(self.weak_steps, int) or isinstance(self.weak_steps, bool)
+                                            or self.weak_steps < 0):
             raise HastenError(f"FlexiDiT needs weak_steps >= 0 (an integer), got {self.weak_steps!r}")
+        if self.compute is not None and not (0.0 < float(self.compute) <= 1.0):
+            raise HastenError(f"FlexiDiT needs 0 < compute <= 1, got {self.compute!r}")
+
+    def weak_calls(self, calls: int, ratio: float) -> int:
+        """Weak calls in a run of ``calls``: ``weak_steps``, or for ``compute = c`` the fewest K with
+        ``(K r + (calls - K)) / calls <= c`` where ``r`` is the weak/powerful FLOPs ratio of one call
+        (the paper's compute share, Sec. 4: theoretical denoiser FLOPs); all calls weak when even that
+        spends more than ``c``."""
+        if self.weak_steps is not None:
+            return min(self.weak_steps, calls)
+        k = math.ceil(calls * (1.0 - float(self.compute)) / (1.0 - ratio) - 1e-9)
+        return max(0, min(calls, k))
 
 
 def install_flexidit(handle: Any, config: FlexiDiT) -> None:
@@ -295,18 +312,52 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
     if weak not in sizes or weak == tr.flex_base_patch_size:
         coarse = [p for p in sizes if p != tr.flex_base_patch_size]
         raise HastenError(f"weak_patch {weak} is not one of the coarse sizes {coarse}")
-    counts = {"weak_calls": 0, "powerful_calls": 0}
+    counts: dict[str, Any] = {"weak_calls": 0, "powerful_calls": 0, "flops": 0, "full_flops": 0}
+    run = {"index": None, "weak": 0}
+
+    def plan_run(hs: torch.Tensor, text: Any) -> None:
+        """At a run's first call: how many calls of it run weak (``compute=``: from the run's step count,
+        read from the pipeline's scheduler, and the FLOPs ratio of this latent and prompt length)."""
+        run["index"] = handle.run_index
+        ts = getattr(getattr(handle.pipeline, "scheduler", None), "timesteps", None)
+        calls = 0 if ts is None else len(ts)
+        if config.compute is not None and calls == 0:
+            raise HastenError("FlexiDiT(compute=...) reads the step count from the pipeline's scheduler; "
+                              "this pipeline has none: use weak_steps=K")
+        ratio = _flops(hs, text, weak)["total"] / _flops(hs, text, None)["total"] if config.compute else 1.0
+        run["weak"] = config.weak_calls(calls or config.weak_steps or 0, ratio)
+
+    def _flops(hs: torch.Tensor, text: Any, p: int | None) -> dict:
+        m = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
+        return transformer_flops(tr, hs.shape[-2], hs.shape[-1], p, text_tokens=m, batch=int(hs.shape[0]))
 
     def wrapper(inner: Callable, *args: Any, **kwargs: Any) -> Any:
-        if handle.call_index < config.weak_steps:
-            counts["weak_calls"] += 1
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states")
+        if run["index"] != handle.run_index:
+            plan_run(hs, text)
+        try:
+            full = _flops(hs, text, None)["total"]
+        except HastenError:
+            full = None
+        is_weak = handle.call_index < run["weak"]
+        if full is not None:
+            counts["full_flops"] += full
+            counts["flops"] += _flops(hs, text, weak)["total"] if is_weak else full
+        counts["weak_calls" if is_weak else "powerful_calls"] += 1
+        if is_weak:
             with patch_size(tr, weak):
                 return inner(*args, **kwargs)
-        counts["powerful_calls"] += 1
         return inner(*args, **kwargs)
 
+    def report() -> dict:
+        share = counts["flops"] / counts["full_flops"] if counts["full_flops"] else None
+        return {"weak_patch": weak, "weak_steps": config.weak_steps, "compute": config.compute,
+                "weak_calls": counts["weak_calls"], "powerful_calls": counts["powerful_calls"],
+                "transformer_flops": counts["flops"], "compute_share": None if share is None else round(share, 4)}
+
     handle.wrap_call(wrapper, "flexidit")
-    handle.add_report("flexidit", lambda: {"weak_patch": weak, "weak_steps": config.weak_steps, **counts})
+    handle.add_report("flexidit", report)
 
 
 def _register() -> None:
