@@ -220,3 +220,60 @@ def test_inference_caches_the_resized_weights_until_they_change():
         b = emb.weight_for(4)
     assert b is not a and not torch.equal(a, b)
     assert emb.weight_for(4).requires_grad  # while training: recomputed, differentiable
+
+
+def _tiny_data(pipe, n: int = 32) -> tuple[dict, tuple]:
+    from hasten.pipelines.shapes import encode_text
+
+    caps = ["a red circle", "two blue squares", "a green triangle above a cyan disc", "three purple tiles"]
+    text, pooled = encode_text(pipe.text_encoder, pipe.tokenizer, caps, warn=False)
+    g = torch.Generator().manual_seed(0)
+    data = {"latents": torch.randn(n, 4, 16, 16, generator=g), "index": torch.arange(n) % 4, "text": text,
+            "pooled": pooled}
+    return data, encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False)
+
+
+def _copy_pipe(pipe):
+    import copy
+
+    own = copy.copy(pipe)
+    own.register_modules(transformer=copy.deepcopy(pipe.transformer))
+    return own
+
+
+def test_lora_variant_is_off_at_the_original_size_and_trains_only_its_own_parameters(tiny_shapes, tmp_path):
+    from hasten.flexidit_train import FlexifyConfig, add_lora, train_flexify
+
+    pipe = _copy_pipe(tiny_shapes)
+    if getattr(pipe.transformer, "flex_patch_sizes", None) is None:
+        flexify(pipe.transformer, (2, 4))
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(hidden_states=x, timestep=torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.randn(2, 24, 384),
+              pooled_projections=torch.randn(2, 384), return_dict=False)
+    with torch.no_grad():
+        base, = pipe.transformer(**kw)
+        with patch_size(pipe.transformer, 4):
+            weak_before, = pipe.transformer(**kw)
+        add_lora(pipe.transformer, 4, rank=4)
+        for name, q in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                q.normal_()  # a trained adapter
+        assert torch.equal(pipe.transformer(**kw)[0], base)  # off at the original size: bitwise
+        with patch_size(pipe.transformer, 4):
+            assert not torch.equal(pipe.transformer(**kw)[0], weak_before)  # on at the coarse size
+        assert torch.equal(pipe.transformer(**kw)[0], base)
+
+    data, empty = _tiny_data(tiny_shapes)
+    cfg = FlexifyConfig(steps=4, batch_size=4, rank=4, checkpoint_every=2, warmup=1)
+    a = _copy_pipe(tiny_shapes)
+    frozen = {k: v.clone() for k, v in a.transformer.state_dict().items() if "lora" not in k and "orig" in k}
+    train_flexify(a, tmp_path / "a", data, empty, cfg, progress=False)
+    after = a.transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())  # the base is frozen
+    b = _copy_pipe(tiny_shapes)
+    train_flexify(b, tmp_path / "b", data, empty, cfg, progress=False, stop_after=2)
+    c = _copy_pipe(tiny_shapes)  # a fresh process resuming from the checkpoint
+    log = train_flexify(c, tmp_path / "b", data, empty, cfg, progress=False)
+    assert log["finished"] and log["trainable_parameters"] > 0
+    for k, v in a.transformer.state_dict().items():
+        assert torch.equal(v, c.transformer.state_dict()[k]), k  # resumed == uninterrupted

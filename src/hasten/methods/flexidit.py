@@ -250,9 +250,15 @@ def patch_size(transformer: nn.Module, p: int):
         transformer._internal_dict = type(cfg)({**cfg, "patch_size": p})
     if "patch_size" in transformer.__dict__:
         transformer.patch_size = p
+    lora = (getattr(transformer, "flex_lora", None) or {}).get(p)  # the LoRA variant's adapters for size p
+    if lora is not None:
+        transformer.set_adapter(lora)
+        transformer.enable_adapters()
     try:
         yield transformer
     finally:
+        if lora is not None:
+            transformer.disable_adapters()
         transformer.flex_mode = old_mode
         if old_cfg is not None:
             transformer._internal_dict = cfg

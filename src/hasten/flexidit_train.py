@@ -1,0 +1,163 @@
+"""Fine-tuning a flexified transformer (FlexiDiT, Anagnostidis et al. 2025, Sec. 3.2): the LoRA variant
+for text-conditioned models.
+
+The base transformer is frozen; the coarse patch size gets its own LoRA adapters (``peft``, through
+diffusers' ``add_adapter``) on the image stream's attention projections and feed-forward (the paper:
+LoRAs on self-attention and FFN, cross-attention frozen without LoRA; SD3's joint attention has no
+separate cross-attention, so the text stream's projections stay frozen), its own embedding and
+de-embedding and the per-size embedding and norms of :func:`hasten.flexify`. The adapters are active
+only while the model runs at the coarse size, so the original size stays the pretrained model bitwise.
+
+Loss (Sec. 3.2, distillation from the powerful mode, which has no trainable parameters):
+``E_{sigma, x_sigma} || v(x_sigma; p_powerful) - v(x_sigma; p_weak) ||^2`` on the flow-matching inputs
+the base model was trained on (logit-normal sigma, the model's own latents and captions, 10 % empty
+captions so the unconditional branch learns too). AdamW, paper hyperparameters where they fit
+(lr 8e-4, weight decay 1e-2, rank 32); resumable like :mod:`hasten.train_shapes` (same seeding per step,
+atomic checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import HastenError
+from .methods.flexidit import flexi_parameters, flexify, patch_size
+from .train_shapes import cosine_lr, load_checkpoint, save_checkpoint
+
+LORA_TARGETS = r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+
+@dataclass
+class FlexifyConfig:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 8e-4
+    weight_decay: float = 1e-2
+    warmup: int = 50
+    rank: int = 32
+    weak_patch: int = 4
+    caption_dropout: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 25
+
+
+def adapter_name(p: int) -> str:
+    return f"flexi_p{p}"
+
+
+def add_lora(transformer: Any, p: int, rank: int) -> None:
+    """Per-size LoRA adapters (inactive at the original size; ``patch_size`` switches them on)."""
+    from peft import LoraConfig
+
+    if not hasattr(transformer, "add_adapter"):
+        raise HastenError(f"{type(transformer).__name__} has no diffusers peft integration: use the "
+                          "shared-parameter variant")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True),
+                            adapter_name=adapter_name(p))
+    transformer.flex_lora = {p: adapter_name(p)}
+    transformer.disable_adapters()
+
+
+def trainable_parameters(transformer: Any) -> list[torch.nn.Parameter]:
+    """LoRA weights and the parameters flexify added; everything else frozen."""
+    params = flexi_parameters(transformer)
+    params += [q for n, q in transformer.named_parameters() if "lora_" in n]
+    keep = {id(q) for q in params}
+    for q in transformer.parameters():
+        q.requires_grad_(id(q) in keep)
+    return params
+
+
+def distillation_loss(model: Any, z: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, weak: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """|| v(x; powerful) - v(x; weak) ||^2 at logit-normal sigma (flow matching, diffusers' convention)."""
+    e = torch.randn(z.shape, generator=gen)
+    sigma = torch.sigmoid(torch.randn(z.shape[0], generator=gen))
+    s = sigma.view(-1, 1, 1, 1)
+    x = (1 - s) * z + s * e
+    kw = dict(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=text, pooled_projections=pooled,
+              return_dict=False)
+    with torch.no_grad():
+        target = model(**kw)[0]
+    with patch_size(model, weak):
+        pred = model(**kw)[0]
+    return (pred - target).pow(2).mean()
+
+
+def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg: FlexifyConfig,
+                  progress: bool = True, stop_after: int | None = None) -> dict:
+    """Flexify ``pipe.transformer`` (in place), add the LoRAs, and train them (or resume) from ``data``
+    (latents, text, pooled, index: :func:`hasten.train_shapes.load_data`). Returns the log."""
+    out = Path(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoints" / "flexify.pt"
+    tr = pipe.transformer
+    torch.manual_seed(cfg.seed)
+    if getattr(tr, "flex_patch_sizes", None) is None:
+        flexify(tr, (tr.config.patch_size, cfg.weak_patch))
+    if not getattr(tr, "flex_lora", None):
+        add_lora(tr, cfg.weak_patch, cfg.rank)
+    params = trainable_parameters(tr)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
+    start, curve, elapsed = 0, [], 0.0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        missing = tr.load_state_dict(state["trainable"], strict=False)
+        if missing.unexpected_keys:
+            raise HastenError(f"cannot resume from {ckpt_path}: unexpected {missing.unexpected_keys[0]}")
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
+    n = data["latents"].shape[0]
+    e_tok, e_pool = (t.float() for t in empty_text)
+    t0 = time.time() - elapsed
+    losses: list[float] = []
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    tr.train()
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="flexify",
+               dynamic_ncols=True)
+    names = {id(q): k for k, q in tr.named_parameters()}
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 77 + step)
+        rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        z = data["latents"][rows].float()
+        cap = data["index"][rows]
+        text, pooled = data["text"][cap].float(), data["pooled"][cap].float()
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        text = torch.where(drop.view(-1, 1, 1), e_tok.expand_as(text), text)
+        pooled = torch.where(drop.view(-1, 1), e_pool.expand_as(pooled), pooled)
+        loss = distillation_loss(tr, z, text, pooled, cfg.weak_patch, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if not math.isfinite(loss.item()):
+            raise HastenError(f"flexify loss diverged at step {step}")
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            curve.append({"step": step + 1, "loss": float(np.mean(losses)), "elapsed_s": round(time.time() - t0, 1)})
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
+            losses = []
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(ckpt_path, {"trainable": {names[id(q)]: q.detach().clone() for q in params},
+                                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
+                                        "curve": curve, "elapsed_s": time.time() - t0, "config": asdict(cfg)})
+    tr.eval()
+    log = {"config": asdict(cfg), "loss_curve": curve, "trainable_parameters": sum(q.numel() for q in params),
+           "base_parameters": sum(q.numel() for q in tr.parameters()) - sum(q.numel() for q in params),
+           "train_seconds": round(time.time() - t0, 1), "finished": end == cfg.steps, "step": end}
+    if log["finished"]:
+        (out / "flexify_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    return log
