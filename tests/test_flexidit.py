@@ -277,3 +277,41 @@ def test_lora_variant_is_off_at_the_original_size_and_trains_only_its_own_parame
     assert log["finished"] and log["trainable_parameters"] > 0
     for k, v in a.transformer.state_dict().items():
         assert torch.equal(v, c.transformer.state_dict()[k]), k  # resumed == uninterrupted
+
+
+def test_cli_flexify_writes_a_folder_that_loads_and_keeps_the_base_bitwise(tmp_path, capsys):
+    import json
+
+    from diffusers import AutoencoderKL
+
+    import hasten
+    from hasten.pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel, default_scheduler, load_text_encoder
+    from hasten.testing import run_cli
+    from hasten.train_shapes import transformer_config, vae_config
+
+    torch.manual_seed(0)
+    te, tok = load_text_encoder()
+    base = ShapesPipeline(transformer=ShapesTransformer2DModel(**transformer_config(
+        num_layers=2, num_attention_heads=2, attention_head_dim=16, caption_projection_dim=32)).eval(),
+        vae=AutoencoderKL(**vae_config(block_out_channels=[8, 8, 8], norm_num_groups=4)).eval(),
+        scheduler=default_scheduler(), text_encoder=te, tokenizer=tok)
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "flex"
+    code, stdout, err = run_cli(capsys, "flexify", "--model", str(tmp_path / "base"), "--out", str(out), "--steps",
+                                "2", "--batch-size", "2", "--scenes", "16", "--rank", "2", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["finished"] and (out / "flexi.safetensors").is_file()
+    pipe = hasten.load_pipeline(out)
+    ref = hasten.load_pipeline(tmp_path / "base")
+
+    def run(p, **kw):
+        return p(["a red circle"], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                 output_type="pt").images
+
+    assert torch.equal(run(pipe), run(ref))  # powerful mode only: the base model, bitwise
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2)) as h:
+        fast = run(pipe)
+        assert h.report()["methods"]["flexidit"]["weak_calls"] == 2
+    assert torch.isfinite(fast).all() and not torch.equal(fast, run(ref))
+    code, _, err = run_cli(capsys, "flexify", "--model", "digits", "--out", str(tmp_path / "d"))
+    assert code == 2 and "class-conditional" in err

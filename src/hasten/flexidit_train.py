@@ -161,3 +161,73 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
     if log["finished"]:
         (out / "flexify_log.json").write_text(json.dumps(log, indent=2) + "\n")
     return log
+
+
+# --------------------------------------------------------------------------- shipping
+FLEXI_CONFIG = "flexi_config.json"
+FLEXI_WEIGHTS = "flexi.safetensors"
+
+
+def save_flexi(pipe: Any, folder: str | Path, base: str, extra: dict | None = None) -> Path:
+    """Write what the flexified model adds to ``base`` (the base pipeline's name or folder): the trained
+    parameters (``flexi.safetensors``, fp16 where the base ships fp16 is not needed: they are small) and
+    ``flexi_config.json``; ``hasten.load_pipeline(folder)`` loads ``base`` and applies them."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_write
+    from .plans import weights_hash
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tr = pipe.transformer
+    names = {id(q): k for k, q in tr.named_parameters()}
+    tensors = {names[id(q)]: q.detach().contiguous() for q in trainable_parameters(tr)}
+    atomic_write(folder / FLEXI_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    lora = {str(p): n for p, n in (getattr(tr, "flex_lora", None) or {}).items()}
+    cfg = {"base": base, "patch_sizes": list(tr.flex_patch_sizes), "lora": lora, "rank": (extra or {}).get("rank"),
+           "base_weights": weights_hash(_base_only(tr)), **(extra or {})}
+    atomic_write(folder / FLEXI_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+    return folder
+
+
+def _base_only(tr: Any) -> torch.nn.Module:
+    """A stand-in module holding only the base weights (for the fingerprint the loader checks)."""
+    holder = torch.nn.Module()
+    base = sorted((k, q) for k, q in tr.named_parameters() if "lora_" not in k and ("orig." in k or not _is_flex(k)))
+    for i, (_, q) in enumerate(base):
+        holder.register_parameter(f"p{i}", torch.nn.Parameter(q.detach(), requires_grad=False))
+    return holder
+
+
+def _is_flex(name: str) -> bool:
+    return name.startswith(("pos_embed.", "proj_out.", "proj_out_2."))
+
+
+def load_flexi(folder: str | Path) -> Any:
+    """The base pipeline with the flexified transformer of ``folder`` (see :func:`save_flexi`)."""
+    from safetensors.torch import load_file
+
+    from .pipeline import load_pipeline
+    from .plans import weights_hash
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / FLEXI_CONFIG).read_text())
+        tensors = load_file(str(folder / FLEXI_WEIGHTS))
+    except (OSError, ValueError) as e:
+        raise HastenError(f"cannot load the flexified model in {folder}: {e}") from None
+    base = cfg["base"]
+    base_path = folder / base if (folder / base).is_dir() else base
+    pipe = load_pipeline(base_path)
+    tr = flexify(pipe.transformer, cfg["patch_sizes"])
+    for p, _name in cfg.get("lora", {}).items():
+        add_lora(tr, int(p), int(cfg["rank"]))
+    if weights_hash(_base_only(tr)) != cfg["base_weights"]:
+        raise HastenError(f"{folder} was fine-tuned from other weights of {base!r} than the ones installed; "
+                          "re-run hasten flexify")
+    missing = tr.load_state_dict(tensors, strict=False)
+    if missing.unexpected_keys:
+        raise HastenError(f"{folder}: unexpected weights {missing.unexpected_keys[0]}")
+    tr.requires_grad_(False).eval()
+    pipe.name = folder.name
+    return pipe

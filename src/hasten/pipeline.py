@@ -241,7 +241,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     key = str(name_or_path)
     if key in EMBEDDED:
         folder = EMBEDDED[key]
-        if not ((folder / PIPELINE_CONFIG).is_file() or (folder / "model_index.json").is_file()):
+        if not any((folder / f).is_file() for f in (PIPELINE_CONFIG, "model_index.json", "flexi_config.json")):
             raise HastenError(f"the embedded model {key!r} is missing its weights in {folder}; "
                               "reinstall hasten or train it with `hasten train`")
         return folder
@@ -270,6 +270,10 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
     a folder with ``hasten_pipeline.json`` (``digits``) as a ``HastenPipeline``.
     """
     folder = resolve_model(name_or_path)
+    if (folder / "flexi_config.json").is_file():  # a FlexiDiT fine-tune of another model (hasten flexify)
+        from .flexidit_train import load_flexi
+
+        return load_flexi(folder)
     if (folder / "model_index.json").is_file():
         from .pipelines.shapes import ShapesPipeline
 
