@@ -123,19 +123,9 @@ def test_bad_arguments():
 
 @pytest.fixture(scope="module")
 def tiny_shapes():
-    from diffusers import AutoencoderKL
+    from hasten.testing import tiny_shapes_pipeline
 
-    from hasten.pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel, default_scheduler, load_text_encoder
-    from hasten.train_shapes import transformer_config, vae_config
-
-    torch.manual_seed(0)
-    te, tok = load_text_encoder()
-    tr = ShapesTransformer2DModel(**transformer_config(num_layers=2, num_attention_heads=2, attention_head_dim=16,
-                                                       caption_projection_dim=32)).eval()
-    vae = AutoencoderKL(**vae_config(block_out_channels=[8, 8, 8], norm_num_groups=4)).eval()
-    pipe = ShapesPipeline(transformer=tr, vae=vae, scheduler=default_scheduler(), text_encoder=te, tokenizer=tok)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_shapes_pipeline()
 
 
 def test_the_scheduler_runs_the_first_steps_coarse_and_weak_steps_0_is_bitwise(tiny_shapes):
@@ -282,19 +272,10 @@ def test_lora_variant_is_off_at_the_original_size_and_trains_only_its_own_parame
 def test_cli_flexify_writes_a_folder_that_loads_and_keeps_the_base_bitwise(tmp_path, capsys):
     import json
 
-    from diffusers import AutoencoderKL
-
     import hasten
-    from hasten.pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel, default_scheduler, load_text_encoder
-    from hasten.testing import run_cli
-    from hasten.train_shapes import transformer_config, vae_config
+    from hasten.testing import run_cli, tiny_shapes_pipeline
 
-    torch.manual_seed(0)
-    te, tok = load_text_encoder()
-    base = ShapesPipeline(transformer=ShapesTransformer2DModel(**transformer_config(
-        num_layers=2, num_attention_heads=2, attention_head_dim=16, caption_projection_dim=32)).eval(),
-        vae=AutoencoderKL(**vae_config(block_out_channels=[8, 8, 8], norm_num_groups=4)).eval(),
-        scheduler=default_scheduler(), text_encoder=te, tokenizer=tok)
+    base = tiny_shapes_pipeline()
     base.save_pretrained(tmp_path / "base")
     out = tmp_path / "flex"
     code, stdout, err = run_cli(capsys, "flexify", "--model", str(tmp_path / "base"), "--out", str(out), "--steps",

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from hasten.errors import HastenError
 from hasten.eval.metrics import psnr
-from hasten.testing import run_cli
+from hasten.testing import run_cli, tiny_shapes_pipeline
 from hasten.tune import Candidate, PromptSet, QualityBudget, Tuner, _copy, file_sets, meets, run_images, tune
 
 PROMPTS = ["a red circle", "a blue square and a blue triangle", "two green discs", "a cyan tile above a red disc",
@@ -20,19 +19,7 @@ SMALL = dict(solvers=("euler", "unipc-bh2"), step_grid=(2, 4, 8), quality_solver
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from diffusers import AutoencoderKL
-
-    from hasten.pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel, default_scheduler, load_text_encoder
-    from hasten.train_shapes import transformer_config, vae_config
-
-    torch.manual_seed(0)
-    te, tok = load_text_encoder()
-    tr = ShapesTransformer2DModel(**transformer_config(num_layers=2, num_attention_heads=2, attention_head_dim=16,
-                                                       caption_projection_dim=32)).eval()
-    vae = AutoencoderKL(**vae_config(block_out_channels=[8, 8, 8], norm_num_groups=4)).eval()
-    pipe = ShapesPipeline(transformer=tr, vae=vae, scheduler=default_scheduler(), text_encoder=te, tokenizer=tok)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_shapes_pipeline()
 
 
 def test_budget_gates():

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .errors import HastenError
 from .methods.flexidit import flexi_parameters, flexify, patch_size
-from .train_shapes import cosine_lr, load_checkpoint, save_checkpoint
+from .train_shapes import caption_batch, cosine_lr, load_checkpoint, save_checkpoint
 
 LORA_TARGETS = r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 
@@ -119,7 +119,6 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
-    n = data["latents"].shape[0]
     e_tok, e_pool = (t.float() for t in empty_text)
     t0 = time.time() - elapsed
     losses: list[float] = []
@@ -130,13 +129,7 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
     names = {id(q): k for k, q in tr.named_parameters()}
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 77 + step)
-        rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        z = data["latents"][rows].float()
-        cap = data["index"][rows]
-        text, pooled = data["text"][cap].float(), data["pooled"][cap].float()
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
-        text = torch.where(drop.view(-1, 1, 1), e_tok.expand_as(text), text)
-        pooled = torch.where(drop.view(-1, 1), e_pool.expand_as(pooled), pooled)
+        z, text, pooled = caption_batch(data, cfg.batch_size, cfg.caption_dropout, (e_tok, e_pool), gen)
         loss = distillation_loss(tr, z, text, pooled, cfg.weak_patch, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -95,20 +95,23 @@ def save_plan(path: str | os.PathLike, plan: dict) -> Path:
     return write_json(path, {k: v for k, v in plan.items() if not k.startswith("_")})
 
 
+def _read_plan(path: str | os.PathLike | dict) -> tuple[Any, str]:
+    """(the parsed JSON, how to name it in errors); a dict passes through."""
+    if isinstance(path, dict):
+        return path, "plan"
+    p = Path(path)
+    if not p.is_file():
+        raise HastenError(f"plan {p} not found")
+    try:
+        return json.loads(p.read_text()), str(p)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HastenError(f"plan {p} is not valid JSON ({first})") from None
+
+
 def load_plan(path: str | os.PathLike | dict, method: str) -> dict:
     """Read and sanity-check a plan file for ``method`` (a dict passes through the same checks)."""
-    if isinstance(path, dict):
-        plan, where = path, "plan"
-    else:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise HastenError(f"plan {p} not found")
-        try:
-            plan = json.loads(p.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise HastenError(f"plan {p} is not valid JSON ({first})") from None
+    plan, where = _read_plan(path)
     if not isinstance(plan, dict) or plan.get("hasten_plan") != PLAN_VERSION:
         raise HastenError(f"{where} is not a hasten plan (version {PLAN_VERSION})")
     missing = [k for k in REQUIRED if k not in plan]
@@ -214,18 +217,7 @@ TUNED_SCHEMA = "hasten-tune/1"
 
 def load_tuned_plan(path: str | os.PathLike | dict) -> dict:
     """Read a ``hasten tune`` plan file (solver, steps, methods with their calibrated plans inline)."""
-    if isinstance(path, dict):
-        plan, where = path, "plan"
-    else:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise HastenError(f"plan {p} not found")
-        try:
-            plan = json.loads(p.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise HastenError(f"plan {p} is not valid JSON ({first})") from None
+    plan, where = _read_plan(path)
     if not isinstance(plan, dict) or plan.get("schema") != TUNED_SCHEMA:
         raise HastenError(f"{where} is not a hasten tune plan ({TUNED_SCHEMA}); method plans go to the "
                           "method, e.g. hasten.BlockCache(plan=...)")

@@ -41,3 +41,22 @@ def tiny_dit_pipe(layers: int = 2, head_dim: int = 16, guidance_scale: float = 3
     cfg.update(config)
     tr = DiTTransformer2DModel(**cfg).to(device, dtype)
     return HastenPipeline(tr, guidance_scale=guidance_scale)
+
+
+def tiny_shapes_pipeline(seed: int = 0):
+    """A ``ShapesPipeline`` with a 2-block random transformer and a small random VAE (the real MiniLM
+    text encoder): the text-to-image stack at test size."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .pipelines.shapes import ShapesPipeline, ShapesTransformer2DModel, default_scheduler, load_text_encoder
+    from .train_shapes import transformer_config, vae_config
+
+    torch.manual_seed(seed)
+    te, tok = load_text_encoder()
+    tr = ShapesTransformer2DModel(**transformer_config(num_layers=2, num_attention_heads=2, attention_head_dim=16,
+                                                       caption_projection_dim=32)).eval()
+    vae = AutoencoderKL(**vae_config(block_out_channels=[8, 8, 8], norm_num_groups=4)).eval()
+    pipe = ShapesPipeline(transformer=tr, vae=vae, scheduler=default_scheduler(), text_encoder=te, tokenizer=tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -283,6 +283,20 @@ def flow_matching_loss(model, z: torch.Tensor, text: torch.Tensor, pooled: torch
     return (pred - (e - z)).pow(2).mean()
 
 
+def caption_batch(data: dict, batch_size: int, caption_dropout: float, empty: tuple, gen: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random batch of (latents, token embeddings, pooled embedding) from ``data``, each caption
+    replaced by the empty one (``empty``) with probability ``caption_dropout``."""
+    rows = torch.randint(0, data["latents"].shape[0], (batch_size,), generator=gen)
+    z = data["latents"][rows].float()
+    cap = data["index"][rows]
+    text, pooled = data["text"][cap].float(), data["pooled"][cap].float()
+    drop = torch.rand(batch_size, generator=gen) < caption_dropout
+    text = torch.where(drop.view(-1, 1, 1), empty[0].expand_as(text), text)
+    pooled = torch.where(drop.view(-1, 1), empty[1].expand_as(pooled), pooled)
+    return z, text, pooled
+
+
 def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, empty_text: tuple,
                       progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume) the transformer on the latent data set; returns the log and the EMA model.
@@ -309,7 +323,6 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
-    n = data["latents"].shape[0]
     e_tok, e_pool = (t.float() for t in empty_text)
     t0 = time.time() - elapsed
     losses: list[float] = []
@@ -318,13 +331,7 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
                dynamic_ncols=True)
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        z = data["latents"][rows].float()
-        cap = data["index"][rows]
-        text, pooled = data["text"][cap].float(), data["pooled"][cap].float()
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
-        text = torch.where(drop.view(-1, 1, 1), e_tok.expand_as(text), text)
-        pooled = torch.where(drop.view(-1, 1), e_pool.expand_as(pooled), pooled)
+        z, text, pooled = caption_batch(data, cfg.batch_size, cfg.caption_dropout, (e_tok, e_pool), gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             loss = flow_matching_loss(model, z, text, pooled, gen).float()
         opt.zero_grad(set_to_none=True)
