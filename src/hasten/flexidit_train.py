@@ -19,19 +19,17 @@ atomic checkpoints).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .errors import HastenError
 from .methods.flexidit import flexi_parameters, flexify, patch_size
-from .train_shapes import caption_batch, cosine_lr, load_checkpoint, save_checkpoint
+from .train_shapes import LossLog, caption_batch, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
 
 LORA_TARGETS = r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 
@@ -121,28 +119,17 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
         start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
     e_tok, e_pool = (t.float() for t in empty_text)
     t0 = time.time() - elapsed
-    losses: list[float] = []
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     tr.train()
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="flexify",
                dynamic_ncols=True)
     names = {id(q): k for k, q in tr.named_parameters()}
+    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 77 + step)
         z, text, pooled = caption_batch(data, cfg.batch_size, cfg.caption_dropout, (e_tok, e_pool), gen)
         loss = distillation_loss(tr, z, text, pooled, cfg.weak_patch, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if not math.isfinite(loss.item()):
-            raise HastenError(f"flexify loss diverged at step {step}")
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            curve.append({"step": step + 1, "loss": float(np.mean(losses)), "elapsed_s": round(time.time() - t0, 1)})
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-            losses = []
+        loss_log.add(step, optimizer_step(loss, opt, sched, params, "flexify", step))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(ckpt_path, {"trainable": {names[id(q)]: q.detach().clone() for q in params},
                                         "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,

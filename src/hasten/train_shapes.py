@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,6 +116,37 @@ def scene_batch(step: int, batch: int, seed: int) -> tuple[list, np.ndarray]:
     return scenes(range(base, base + batch))
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, params: Any, what: str,
+                   step: int) -> float:
+    """Backward, clip the gradient norm to 1, step optimiser and schedule; the loss as a float (a
+    non-finite loss is an error naming ``what`` and the step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise HastenError(f"{what} loss diverged at step {step}")
+    return value
+
+
+class LossLog:
+    """Mean loss over every ``every`` steps (and the last), with the wall time since ``t0``."""
+
+    def __init__(self, curve: list, every: int, total: int, t0: float, bar: Any):
+        self.curve, self.every, self.total, self.t0, self.bar = curve, every, total, t0, bar
+        self.losses: list[float] = []
+
+    def add(self, step: int, value: float) -> None:
+        self.losses.append(value)
+        if (step + 1) % self.every == 0 or step + 1 == self.total:
+            self.curve.append({"step": step + 1, "loss": float(np.mean(self.losses)),
+                               "elapsed_s": round(time.time() - self.t0, 1)})
+            self.bar.set_postfix(loss=f"{self.curve[-1]['loss']:.4f}")
+            self.losses = []
+
+
 # --------------------------------------------------------------------------- VAE
 def train_vae(out: str | Path, cfg: VAETrainConfig, model_config: dict | None = None,
               progress: bool = True, stop_after: int | None = None) -> dict:
@@ -137,10 +169,10 @@ def train_vae(out: str | Path, cfg: VAETrainConfig, model_config: dict | None = 
         sched.load_state_dict(state["sched"])
         start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
     t0 = time.time() - elapsed
-    losses: list[float] = []
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="vae",
                dynamic_ncols=True)
+    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         _, imgs = scene_batch(step, cfg.batch_size, cfg.seed)
@@ -149,18 +181,7 @@ def train_vae(out: str | Path, cfg: VAETrainConfig, model_config: dict | None = 
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         loss = (rec - x).pow(2).mean() + cfg.l1_weight * (rec - x).abs().mean() + cfg.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if not math.isfinite(loss.item()):
-            raise HastenError(f"VAE loss diverged at step {step}")
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            curve.append({"step": step + 1, "loss": float(np.mean(losses)), "elapsed_s": round(time.time() - t0, 1)})
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-            losses = []
+        loss_log.add(step, optimizer_step(loss, opt, sched, vae.parameters(), "VAE", step))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(),
                                         "sched": sched.state_dict(), "step": step + 1, "curve": curve,
@@ -325,28 +346,18 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
         start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
     e_tok, e_pool = (t.float() for t in empty_text)
     t0 = time.time() - elapsed
-    losses: list[float] = []
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="transformer",
                dynamic_ncols=True)
+    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         z, text, pooled = caption_batch(data, cfg.batch_size, cfg.caption_dropout, (e_tok, e_pool), gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             loss = flow_matching_loss(model, z, text, pooled, gen).float()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if not math.isfinite(loss.item()):
-            raise HastenError(f"transformer loss diverged at step {step}")
+        value = optimizer_step(loss, opt, sched, model.parameters(), "transformer", step)
         ema_update(ema, model, step, cfg.ema_decay)
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            curve.append({"step": step + 1, "loss": float(np.mean(losses)), "elapsed_s": round(time.time() - t0, 1)})
-            bar.set_postfix(loss=f"{curve[-1]['loss']:.4f}")
-            losses = []
+        loss_log.add(step, value)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                         "sched": sched.state_dict(), "step": step + 1, "curve": curve,
