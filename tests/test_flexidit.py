@@ -296,3 +296,31 @@ def test_cli_flexify_writes_a_folder_that_loads_and_keeps_the_base_bitwise(tmp_p
     assert torch.isfinite(fast).all() and not torch.equal(fast, run(ref))
     code, _, err = run_cli(capsys, "flexify", "--model", "digits", "--out", str(tmp_path / "d"))
     assert code == 2 and "class-conditional" in err
+
+
+def test_the_weak_guide_runs_the_conditional_rows_at_both_sizes(tiny_shapes):
+    """The paper's guidance variant: in a weak-guide call the conditional rows run once powerful and once
+    weak (the guide), instead of [uncond; cond] at one size."""
+    import hasten
+
+    pipe = tiny_shapes
+    if getattr(pipe.transformer, "flex_patch_sizes", None) is None:
+        hasten.flexify(pipe.transformer, (2, 4))
+    seen = []
+    h = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].shape[1], kw["hidden_states"].shape[0])), with_kwargs=True)
+
+    def run() -> torch.Tensor:
+        return pipe(["a red circle", "two blue squares"], num_inference_steps=5,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=1, weak_guide_steps=2)) as handle:
+        guided = run()
+        rep = handle.report()["methods"]["flexidit"]
+    h.remove()
+    # (tokens, rows): weak CFG call; two calls of cond rows powerful + the same rows weak; then full CFG
+    assert seen == [(16, 4), (64, 2), (16, 2), (64, 2), (16, 2), (64, 4), (64, 4)]
+    assert rep["weak_calls"] == 1 and rep["weak_guide_calls"] == 2 and rep["powerful_calls"] == 2
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=1)):
+        plain = run()
+    assert torch.isfinite(guided).all() and not torch.equal(guided, plain)

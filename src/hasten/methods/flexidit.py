@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HastenError
+from ..hooks import select_rows
+from .guidance import _layout, is_guidance_call, unwrap_output
 
 
 # --------------------------------------------------------------------------- PI-resize
@@ -282,11 +284,20 @@ class FlexiDiT:
     the coarse patch size ``weak_patch`` (4x fewer tokens per doubling), the rest at the model's own.
     Weak first, powerful last: the paper finds the reverse order worse (Fig. 19). ``weak_steps=0`` is
     bitwise the unaccelerated run. The transformer must be flexified (``hasten.flexify``) and, for useful
-    images, fine-tuned (``hasten flexify``)."""
+    images, fine-tuned (``hasten flexify``).
+
+    ``weak_guide_steps=G``: the paper's guidance variant (Sec. 3.4) on the G calls after the weak ones,
+    for pipelines that batch [uncond; cond]: the conditional branch runs powerful and the guide runs
+    weak, and when the two branches run at different sizes the paper's guide is the *conditional*
+    prediction of the weak model, ``v(x, c; p_weak) + s (v(x, c; p_powerful) - v(x, c; p_weak))``: the
+    call sends the conditional rows once at each size and returns the weak one in the unconditional rows,
+    so the pipeline's own CFG formula gives exactly that. (The paper tunes a separate guidance scale for
+    such steps; here the pipeline's scale applies.)"""
 
     weak_steps: int | None = None
     compute: float | None = None  # instead of weak_steps: the share of the full compute to spend
     weak_patch: int | None = None  # default: the largest flexified size
+    weak_guide_steps: int = 0  # the paper's guidance variant: calls after the weak ones with a weak guide
     level = "call"
 
     def __post_init__(self) -> None:
@@ -297,6 +308,8 @@ class FlexiDiT:
             raise HastenError(f"FlexiDiT needs weak_steps >= 0 (an integer), got {self.weak_steps!r}")
         if self.compute is not None and not (0.0 < float(self.compute) <= 1.0):
             raise HastenError(f"FlexiDiT needs 0 < compute <= 1, got {self.compute!r}")
+        if not isinstance(self.weak_guide_steps, int) or self.weak_guide_steps < 0:
+            raise HastenError(f"FlexiDiT needs weak_guide_steps >= 0, got {self.weak_guide_steps!r}")
 
     def weak_calls(self, calls: int, ratio: float) -> int:
         """Weak calls in a run of ``calls``: ``weak_steps``, or for ``compute = c`` the fewest K with
@@ -318,7 +331,13 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
     if weak not in sizes or weak == tr.flex_base_patch_size:
         coarse = [p for p in sizes if p != tr.flex_base_patch_size]
         raise HastenError(f"weak_patch {weak} is not one of the coarse sizes {coarse}")
-    counts: dict[str, Any] = {"weak_calls": 0, "powerful_calls": 0, "flops": 0, "full_flops": 0}
+    counts: dict[str, Any] = {"weak_calls": 0, "weak_guide_calls": 0, "powerful_calls": 0, "flops": 0,
+                              "full_flops": 0}
+    layout = None
+    if config.weak_guide_steps:
+        layout = _layout(handle, None)
+        if layout.separate:
+            raise HastenError("FlexiDiT's weak guide needs a pipeline that batches [uncond; cond] in one call")
     run = {"index": None, "weak": 0}
 
     def plan_run(hs: torch.Tensor, text: Any) -> None:
@@ -347,19 +366,34 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
         except HastenError:
             full = None
         is_weak = handle.call_index < run["weak"]
+        weak_guide = (not is_weak and handle.call_index < run["weak"] + config.weak_guide_steps
+                      and layout is not None and is_guidance_call(layout, args, kwargs))
         if full is not None:
             counts["full_flops"] += full
-            counts["flops"] += _flops(hs, text, weak)["total"] if is_weak else full
-        counts["weak_calls" if is_weak else "powerful_calls"] += 1
+            w = _flops(hs, text, weak)["total"]
+            counts["flops"] += w if is_weak else (full + w) / 2 if weak_guide else full
+        counts["weak_calls" if is_weak else "weak_guide_calls" if weak_guide else "powerful_calls"] += 1
         if is_weak:
             with patch_size(tr, weak):
                 return inner(*args, **kwargs)
+        if weak_guide:
+            n = int(hs.shape[0])
+            uncond, cond = layout.halves(n // 2)
+            sub_args, sub_kwargs = select_rows(args, cond, n), select_rows(kwargs, cond, n)
+            out = inner(*sub_args, **sub_kwargs)
+            powerful, rebuild = unwrap_output(out)
+            with patch_size(tr, weak):
+                guide = unwrap_output(inner(*sub_args, **sub_kwargs))[0]
+            both = powerful.new_empty((n, *powerful.shape[1:]))
+            both[cond.to(both.device)], both[uncond.to(both.device)] = powerful, guide
+            return rebuild(both)
         return inner(*args, **kwargs)
 
     def report() -> dict:
         share = counts["flops"] / counts["full_flops"] if counts["full_flops"] else None
         return {"weak_patch": weak, "weak_steps": config.weak_steps, "compute": config.compute,
-                "weak_calls": counts["weak_calls"], "powerful_calls": counts["powerful_calls"],
+                "weak_calls": counts["weak_calls"], "weak_guide_calls": counts["weak_guide_calls"],
+                "powerful_calls": counts["powerful_calls"],
                 "transformer_flops": counts["flops"], "compute_share": None if share is None else round(share, 4)}
 
     handle.wrap_call(wrapper, "flexidit")
