@@ -346,6 +346,9 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
         start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
     e_tok, e_pool = (t.float() for t in empty_text)
     t0 = time.time() - elapsed
+    # process CPU seconds (all threads), the budget's measure: wall time also counts any pause or
+    # contention; checkpoints written before this was recorded start it at 0
+    c0 = time.process_time() - (state or {}).get("cpu_s", 0.0)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="transformer",
                dynamic_ncols=True)
@@ -361,9 +364,11 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                         "sched": sched.state_dict(), "step": step + 1, "curve": curve,
-                                        "elapsed_s": time.time() - t0, "config": asdict(cfg)})
+                                        "elapsed_s": time.time() - t0, "cpu_s": time.process_time() - c0,
+                                        "config": asdict(cfg)})
     return {"train_config": asdict(cfg), "model_config": dict(model.config), "loss_curve": curve,
             "num_parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
+            "train_cpu_seconds": round(time.process_time() - c0, 1),
             "finished": end == cfg.steps, "step": end, "model": ema, "raw_model": model}
 
 
