@@ -324,3 +324,16 @@ def test_the_weak_guide_runs_the_conditional_rows_at_both_sizes(tiny_shapes):
     with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=1)):
         plain = run()
     assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
+
+
+def test_the_accel_spec():
+    from hasten.methods.flexidit import FlexiDiT
+    from hasten.specs import flexidit_from_spec, parse_spec
+
+    name, opts = parse_spec("flexidit:compute=0.6,weak_guide_steps=5")
+    assert name == "flexidit" and flexidit_from_spec(opts) == FlexiDiT(compute=0.6, weak_guide_steps=5)
+    assert flexidit_from_spec({"weak_steps": "10", "patch": "4"}) == FlexiDiT(weak_steps=10, weak_patch=4)
+    with pytest.raises(HastenError, match="unknown option 'steps'"):
+        flexidit_from_spec({"steps": "3"})
+    with pytest.raises(HastenError, match="are numbers"):
+        flexidit_from_spec({"compute": "most"})

@@ -320,9 +320,13 @@ class FakeTextScorer:
 def test_bench_runs_on_a_text_to_image_pipeline(tiny_pipe, tmp_path):
     from hasten.eval.bench import run_bench
     from hasten.eval.bench_results import load_results
+    from hasten.eval.bench_shapes import copy_shapes
+    from hasten.methods.flexidit import flexify
 
+    flexi = copy_shapes(tiny_pipe)  # stands in for a hasten flexify folder of the model
+    flexify(flexi.transformer, (2, 4))
     res = run_bench("tiny-shapes", tmp_path / "b", quick=True, samples=10, batch_size=5, pipe=tiny_pipe,
-                    scorer=FakeTextScorer())
+                    scorer=FakeTextScorer(), flexi=flexi)
     recs = {r["name"]: r for r in res["records"]}
     names = list(recs)
     assert names[0] == "cfg @50" and any(n.startswith("block-cache") for n in names)
@@ -340,7 +344,9 @@ def test_bench_runs_on_a_text_to_image_pipeline(tiny_pipe, tmp_path):
     assert recs["cfg @10 unipc-bh2"]["error"] is None and recs["cfg @10 unipc-bh2"]["nfe"] == 20
     ag = recs["ag:threshold=0.99 @10 unipc-bh2"]
     assert ag["error"] is None and ag["params"]["solver"] == "unipc-bh2" and ag["nfe"] <= 20
-    for r in (ref, qref, bc, ag):
+    fx = recs["flexidit:compute=0.6 @50"]  # FlexiDiT joins the hasten family when a flexified model is given
+    assert fx["error"] is None and fx["family"] == "hasten" and fx["nfe"] == 100 and fx["psnr"] == 30.0
+    for r in (ref, qref, bc, ag, fx):
         assert 0 < r["denoiser_share"] <= 1 and r["denoiser_speedup"] > 0
     assert load_results(tmp_path / "b" / "results.json")["model"] == "tiny-shapes"
     md = (tmp_path / "b" / "results.md").read_text()

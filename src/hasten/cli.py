@@ -282,6 +282,7 @@ def bench_cmd(
                               "LinearAG, calibrated and at the paper's threshold) | interval (guidance in "
                               "limited intervals)"),
     cfg: float = typer.Option(None, help="guidance scale for every configuration (default: the model's)"),
+    flexi: Path = typer.Option(None, help="a hasten flexify folder of the model: adds FlexiDiT configurations"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Benchmark hasten's methods against fewer steps and peer caches, interleaved, in one process."""
@@ -289,7 +290,7 @@ def bench_cmd(
 
     check_args(out, samples, batch_size, threads)
     res = run_bench(model, out, quick=quick, samples=samples, batch_size=batch_size, seed=seed, peers=peers,
-                    realistic=realistic, threads=threads, suite=suite, guidance_scale=cfg,
+                    realistic=realistic, threads=threads, suite=suite, guidance_scale=cfg, flexi=flexi,
                     progress=None if as_json else (lambda m: typer.echo(m, err=True)))
     lines = [f"wrote {out}/results.json, results.md, pareto.png ({len(res['records'])} configurations, "
              f"{res['protocol']['total_wall_s']:.0f} s)"]

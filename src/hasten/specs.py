@@ -5,6 +5,7 @@ knows configs, not strings.
     block-cache:plan=plan.json            block-cache:delta=0.5 (calibrates on the fly)
     ag  |  ag:threshold=0.99  |  ag:plan=plan.json      linear-ag:plan=plan.json[,threshold=0.99]
     guidance-interval:lo=0.2,hi=0.8   (classifier-free guidance only for noise levels in (lo, hi])
+    flexidit:compute=0.6  |  flexidit:weak_steps=10[,weak_guide_steps=5]   (a model from hasten flexify)
 """
 
 from __future__ import annotations
@@ -162,12 +163,33 @@ def _not_calibrated(opts: dict) -> Any:
                       "guidance-interval:lo=...,hi=...")
 
 
+def flexidit_from_spec(opts: dict[str, str], ctx: Any = None) -> Any:
+    """``flexidit:weak_steps=10`` or ``flexidit:compute=0.6`` (``,weak_guide_steps=G``, ``,patch=4``) ->
+    ``FlexiDiT(...)``; the model must be a flexified one (``hasten flexify``)."""
+    from .methods.flexidit import FlexiDiT
+
+    _only(opts, {"weak_steps", "compute", "weak_guide_steps", "patch"}, "flexidit")
+    try:
+        return FlexiDiT(weak_steps=int(opts["weak_steps"]) if "weak_steps" in opts else None,
+                        compute=float(opts["compute"]) if "compute" in opts else None,
+                        weak_patch=int(opts["patch"]) if "patch" in opts else None,
+                        weak_guide_steps=int(opts.get("weak_guide_steps", 0)))
+    except ValueError:
+        raise HastenError(f"flexidit options are numbers, got {opts}") from None
+
+
+def _flexidit_not_calibrated(opts: dict) -> Any:
+    raise HastenError("flexidit has nothing to calibrate: fine-tune with hasten flexify, then use "
+                      "--accel flexidit:compute=0.6")
+
+
 PARSERS: dict[str, SpecParser] = {
     "block-cache": SpecParser(block_cache_from_spec, block_cache_from_options, block_cache_cli_calibrate),
     "ag": SpecParser(ag_from_spec, ag_from_options),
     "adaptive-guidance": SpecParser(ag_from_spec, ag_from_options),
     LINEAR_AG: SpecParser(linear_ag_from_spec, linear_ag_from_options),
     GUIDANCE_INTERVAL: SpecParser(guidance_interval_from_spec, _not_calibrated),
+    "flexidit": SpecParser(flexidit_from_spec, _flexidit_not_calibrated),
 }
 
 

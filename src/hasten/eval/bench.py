@@ -546,13 +546,14 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
               threads: int | None = None, progress: Callable[[str], None] | None = None,
               configs: Sequence[BenchConfig] | None = None, scorer: Any = None,
               pipe: HastenPipeline | None = None, timer: Callable[[], float] = time.perf_counter,
-              suite: str = "default", guidance_scale: float | None = None) -> dict:
+              suite: str = "default", guidance_scale: float | None = None, flexi: Any = None) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``.
 
     ``suite``: ``default`` (every method, solvers and peers), ``guidance`` or ``interval``
     (:func:`guidance_configs`);
     ``guidance_scale``: run every configuration (and calibrate every plan) at this scale instead of
-    the model's default."""
+    the model's default; ``flexi``: a flexified fine-tune of the model (a folder from ``hasten flexify``
+    or the pipeline) whose FlexiDiT configurations join the default suite."""
     from ..pipeline import load_pipeline
 
     out = Path(out)
@@ -579,8 +580,11 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         data = EvalSet(pipe, n, seed)
         assets = HastenAssets(pipe, out / "plans", copier=copy_shapes)
         if configs is None:
+            if isinstance(flexi, (str, os.PathLike)):
+                flexi = load_pipeline(flexi)
+                flexi.set_progress_bar_config(disable=True)
             configs = (guidance_configs(pipe, assets, data, suite) if suite != "default"
-                       else shapes_configs(pipe, data, assets, quick, peers))
+                       else shapes_configs(pipe, data, assets, quick, peers, flexi=flexi))
         configs = list(configs)
         batches = make_batches(n, bs, seed, n)  # "labels" are indices into the evaluation captions
         warm = Batch(torch.arange(min(budget.warmup_samples, n)), seed)

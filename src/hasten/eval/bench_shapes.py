@@ -264,17 +264,32 @@ def quality_reference_config(pipe, data: EvalSet, steps: int = QUALITY_STEPS) ->
     return cfg
 
 
-def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool = True) -> list[BenchConfig]:
+def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False) -> list[BenchConfig]:
+    """FlexiDiT on a flexified fine-tune of the model (``hasten flexify``): compute shares on Euler 50,
+    on the best solver at 20 steps, with AG, and the paper's weak-guide variant."""
+    full = 50
+    if quick:
+        return [hasten_config(flexi, data, ["flexidit:compute=0.6"], full, assets)]
+    cfgs = [hasten_config(flexi, data, [f"flexidit:compute={c}"], full, assets) for c in (0.8, 0.6, 0.45)]
+    cfgs += [hasten_config(flexi, data, ["flexidit:weak_steps=15,weak_guide_steps=10"], full, assets)]
+    cfgs += [hasten_config(flexi, data, ["flexidit:compute=0.6"], s, assets, BEST_SOLVER) for s in (20, 10)]
+    cfgs += [hasten_config(flexi, data, ["ag:threshold=0.99", "flexidit:compute=0.6"], 20, assets, BEST_SOLVER)]
+    return cfgs
+
+
+def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool = True, flexi=None
+                   ) -> list[BenchConfig]:
     """The configurations on ``shapes``: first the speed reference (50-step Euler CFG), second the
     converged quality reference; then the baselines (every solver from 30 down to 4 steps, guidance off
     and in an interval), hasten's methods on Euler at 50 steps and on the best solver at reduced steps,
-    and the peers on both."""
+    FlexiDiT when ``flexi`` (the flexified fine-tune of ``pipe``) is given, and the peers on both."""
     full = 50
+    extra = [] if flexi is None else flexidit_configs(flexi, data, assets, quick)
     if quick:
         cfgs = [baseline_config(pipe, data, full), quality_reference_config(pipe, data),
                 baseline_config(pipe, data, 10, BEST_SOLVER),
                 hasten_config(pipe, data, ["block-cache:delta=0.1"], full, assets),
-                hasten_config(pipe, data, ["ag:threshold=0.99"], 10, assets, BEST_SOLVER)]
+                hasten_config(pipe, data, ["ag:threshold=0.99"], 10, assets, BEST_SOLVER), *extra]
         if peers:
             cfgs.append(peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, full))
         return cfgs
@@ -295,6 +310,7 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
         cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], s, assets, BEST_SOLVER) for t in (0.999, 0.99)]
         cfgs += [hasten_config(pipe, data, ["linear-ag"], s, assets, BEST_SOLVER),
                  hasten_config(pipe, data, ["ag:threshold=0.99", "block-cache:delta=0.1"], s, assets, BEST_SOLVER)]
+    cfgs += extra
     if peers:
         cfgs += [peer_config(pipe, data, "first-block-cache", {"threshold": 0.1}, full),
                  peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, full),
