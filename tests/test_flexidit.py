@@ -152,6 +152,7 @@ def test_the_scheduler_runs_the_first_steps_coarse_and_weak_steps_0_is_bitwise(t
     h.remove()
     assert tokens == [16, 16, 64, 64, 64, 64]  # weak first, then the model's own patch size
     assert rep["weak_calls"] == 2 and rep["powerful_calls"] == 4 and rep["weak_patch"] == 4
+    assert rep["image_tokens_per_call"] == [16, 16, 64, 64, 64, 64]
     assert fast.shape == base.shape and not torch.equal(fast, base)
     assert torch.equal(run(), base)  # disable() leaves the flexified model in its original mode
     with pytest.raises(HastenError, match="weak_steps >= 0"):

@@ -361,6 +361,7 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
         text = kwargs.get("encoder_hidden_states")
         if run["index"] != handle.run_index:
             plan_run(hs, text)
+            run["tokens"] = []
         try:
             full = _flops(hs, text, None)["total"]
         except HastenError:
@@ -373,6 +374,9 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
             w = _flops(hs, text, weak)["total"]
             counts["flops"] += w if is_weak else (full + w) / 2 if weak_guide else full
         counts["weak_calls" if is_weak else "weak_guide_calls" if weak_guide else "powerful_calls"] += 1
+        h, w_ = hs.shape[-2], hs.shape[-1]
+        fine = (h // tr.flex_base_patch_size) * (w_ // tr.flex_base_patch_size)
+        run["tokens"].append((h // weak) * (w_ // weak) if is_weak else fine)
         if is_weak:
             with patch_size(tr, weak):
                 return inner(*args, **kwargs)
@@ -394,7 +398,8 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
         return {"weak_patch": weak, "weak_steps": config.weak_steps, "compute": config.compute,
                 "weak_calls": counts["weak_calls"], "weak_guide_calls": counts["weak_guide_calls"],
                 "powerful_calls": counts["powerful_calls"],
-                "transformer_flops": counts["flops"], "compute_share": None if share is None else round(share, 4)}
+                "transformer_flops": counts["flops"], "compute_share": None if share is None else round(share, 4),
+                "image_tokens_per_call": list(run.get("tokens", []))}  # of the last run (the conditional branch)
 
     handle.wrap_call(wrapper, "flexidit")
     handle.add_report("flexidit", report)
