@@ -338,3 +338,51 @@ def test_the_accel_spec():
         flexidit_from_spec({"steps": "3"})
     with pytest.raises(HastenError, match="are numbers"):
         flexidit_from_spec({"compute": "most"})
+
+
+def _tiny_digits():
+    from hasten.pipeline import HastenPipeline
+    from hasten.train import digits_transformer_config
+
+    torch.manual_seed(0)
+    tr = DiTTransformer2DModel(**digits_transformer_config(num_layers=2, num_attention_heads=2, attention_head_dim=16))
+    return HastenPipeline(tr.eval(), guidance_scale=3.0, name="tiny-digits")
+
+
+def test_shared_variant_trains_both_sizes_resumes_exactly_and_ships(tmp_path, capsys):
+    import json
+
+    import hasten
+    from hasten.data.digits import digits
+    from hasten.flexidit_train import SharedFlexifyConfig, train_flexify_shared
+    from hasten.testing import run_cli
+
+    data = digits("train")
+    cfg = SharedFlexifyConfig(steps=4, batch_size=8, checkpoint_every=2)
+    a = _tiny_digits()
+    sizes = []
+    h = a.transformer.register_forward_pre_hook(lambda m, args, kw: sizes.append(m.flex_mode)
+                                                if hasattr(m, "flex_mode") else None, with_kwargs=True)
+    log = train_flexify_shared(a, tmp_path / "a", cfg, data, progress=False)
+    h.remove()
+    assert log["finished"] and sorted(set(sizes)) == [2, 4]  # both patch sizes were trained
+    b = _tiny_digits()
+    train_flexify_shared(b, tmp_path / "b", cfg, data, progress=False, stop_after=2)
+    c = _tiny_digits()
+    train_flexify_shared(c, tmp_path / "b", cfg, data, progress=False)
+    for k, v in a.transformer.state_dict().items():
+        assert torch.equal(v, c.transformer.state_dict()[k]), k
+
+    base = _tiny_digits()
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "flex"
+    code, stdout, err = run_cli(capsys, "flexify", "--model", str(tmp_path / "base"), "--out", str(out),
+                                "--steps", "2", "--batch-size", "4", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["finished"]
+    pipe = hasten.load_pipeline(out)
+    assert pipe.transformer.flex_variant == "shared"
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2)) as handle:
+        images = pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
+        assert handle.report()["methods"]["flexidit"]["image_tokens_per_call"] == [16, 16, 64, 64]
+    assert torch.isfinite(images).all()

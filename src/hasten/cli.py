@@ -349,15 +349,16 @@ def tune_cmd(
 def flexify_cmd(
     model: str = typer.Option("shapes", help="the text-to-image model to make flexible (name or folder)"),
     out: Path = typer.Option(..., help="output folder (checkpoints and data inside; re-running resumes)"),
-    steps: int = typer.Option(2000, help="optimisation steps"),
-    batch_size: int = typer.Option(32, help="batch size"),
+    steps: int = typer.Option(2000, help="optimisation steps (digits: 600)"),
+    batch_size: int = typer.Option(32, help="batch size (digits: 64)"),
     scenes: int = typer.Option(20_000, help="training scenes rendered and encoded for the distillation"),
     rank: int = typer.Option(32, help="LoRA rank"),
     weak_patch: int = typer.Option(4, help="the coarse patch size"),
     as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
 ) -> None:
-    """FlexiDiT's LoRA variant: distil a coarse-patch mode into per-size adapters (base frozen); writes a
-    folder that hasten.load_pipeline and --model load."""
+    """FlexiDiT fine-tuning: the LoRA variant for text-to-image models (coarse mode distilled into
+    per-size adapters, base frozen), the shared-parameter variant for class-conditional ones (digits);
+    writes a folder that hasten.load_pipeline and --model load."""
     from .flexidit_train import FlexifyConfig, save_flexi, train_flexify
     from .pipeline import EMBEDDED, load_pipeline
     from .pipelines.shapes import encode_text
@@ -369,16 +370,23 @@ def flexify_cmd(
     if out.exists() and not out.is_dir():
         raise HastenError(f"--out {out} exists and is not a folder")
     pipe = load_pipeline(model)
-    if not hasattr(pipe, "encode_prompt"):
-        raise HastenError(f"hasten flexify trains the LoRA variant of text-to-image models; {model!r} is "
-                          "class-conditional (its shared-parameter fine-tuning is not built yet)")
     out.mkdir(parents=True, exist_ok=True)
-    data = load_data(prepare_data(out, pipe.vae, scenes, 0, not as_json, pipe.text_encoder, pipe.tokenizer))
-    empty = encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False)
-    cfg = FlexifyConfig(steps=steps, batch_size=batch_size, rank=rank, weak_patch=weak_patch)
-    log = train_flexify(pipe, out, data, empty, cfg, progress=not as_json)
     base = model if model in EMBEDDED else str(Path(model).resolve())
-    save_flexi(pipe, out, base, {"rank": rank, "weak_patch": weak_patch, "steps": steps, "scenes": scenes})
+    if not hasattr(pipe, "encode_prompt"):  # class-conditional (digits): the shared-parameter variant
+        from .data.digits import digits
+        from .flexidit_train import SharedFlexifyConfig, train_flexify_shared
+
+        cfg_s = SharedFlexifyConfig(steps=steps, batch_size=batch_size, weak_patch=weak_patch)
+        log = train_flexify_shared(pipe, out, cfg_s, digits("train"), progress=not as_json)
+        if log["finished"]:
+            save_flexi(pipe, out, base, {"weak_patch": weak_patch, "steps": steps,
+                                         "base_weights": log["base_weights"]})
+    else:
+        data = load_data(prepare_data(out, pipe.vae, scenes, 0, not as_json, pipe.text_encoder, pipe.tokenizer))
+        empty = encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False)
+        cfg = FlexifyConfig(steps=steps, batch_size=batch_size, rank=rank, weak_patch=weak_patch)
+        log = train_flexify(pipe, out, data, empty, cfg, progress=not as_json)
+        save_flexi(pipe, out, base, {"rank": rank, "weak_patch": weak_patch, "steps": steps, "scenes": scenes})
     emit(log, as_json, [f"wrote {out} ({log['trainable_parameters']} trained parameters, "
                         f"{log['train_seconds']:.0f} s); load it with --model {out}"])
 

@@ -67,7 +67,13 @@ def add_lora(transformer: Any, p: int, rank: int) -> None:
 
 
 def trainable_parameters(transformer: Any) -> list[torch.nn.Parameter]:
-    """LoRA weights and the parameters flexify added; everything else frozen."""
+    """LoRA variant: LoRA weights and the parameters flexify added, everything else frozen. Shared
+    variant (``transformer.flex_variant == "shared"``): every parameter."""
+    if getattr(transformer, "flex_variant", "lora") == "shared":
+        params = list(transformer.parameters())
+        for q in params:
+            q.requires_grad_(True)
+        return params
     params = flexi_parameters(transformer)
     params += [q for n, q in transformer.named_parameters() if "lora_" in n]
     keep = {id(q) for q in params}
@@ -164,8 +170,9 @@ def save_flexi(pipe: Any, folder: str | Path, base: str, extra: dict | None = No
     tensors = {names[id(q)]: q.detach().contiguous() for q in trainable_parameters(tr)}
     atomic_write(folder / FLEXI_WEIGHTS, lambda tmp: save_file(tensors, tmp))
     lora = {str(p): n for p, n in (getattr(tr, "flex_lora", None) or {}).items()}
-    cfg = {"base": base, "patch_sizes": list(tr.flex_patch_sizes), "lora": lora, "rank": (extra or {}).get("rank"),
-           "base_weights": weights_hash(_base_only(tr)), **(extra or {})}
+    cfg = {"base": base, "variant": getattr(tr, "flex_variant", "lora"), "patch_sizes": list(tr.flex_patch_sizes),
+           "lora": lora, "rank": (extra or {}).get("rank"), **(extra or {})}
+    cfg.setdefault("base_weights", weights_hash(_base_only(tr)))  # the shared variant passes the pre-training one
     atomic_write(folder / FLEXI_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
     return folder
 
@@ -200,6 +207,7 @@ def load_flexi(folder: str | Path) -> Any:
     base_path = folder / base if (folder / base).is_dir() else base
     pipe = load_pipeline(base_path)
     tr = flexify(pipe.transformer, cfg["patch_sizes"])
+    tr.flex_variant = cfg.get("variant", "lora")
     for p, _name in cfg.get("lora", {}).items():
         add_lora(tr, int(p), int(cfg["rank"]))
     if weights_hash(_base_only(tr)) != cfg["base_weights"]:
@@ -211,3 +219,77 @@ def load_flexi(folder: str | Path) -> Any:
     tr.requires_grad_(False).eval()
     pipe.name = folder.name
     return pipe
+
+
+# --------------------------------------------------------------------------- the shared-parameter variant
+@dataclass
+class SharedFlexifyConfig:
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-4
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    weak_patch: int = 4
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 25
+
+
+def train_flexify_shared(pipe: Any, out: str | Path, cfg: SharedFlexifyConfig, data: tuple,
+                         progress: bool = True, stop_after: int | None = None) -> dict:
+    """The shared-parameter variant on a class-conditional hasten pipeline (``digits``; paper Sec. 3.1,
+    4.1): flexify, then fine-tune every parameter with the model's own flow-matching loss at a patch size
+    drawn uniformly per step from {original, weak} (the paper samples "one of the available patch sizes"
+    without saying how), AdamW lr 1e-4 with no weight decay and an EMA (its Table 4); resumable. The
+    pretrained weights' fingerprint is kept for :func:`save_flexi`. The paper's extra
+    exposure-bias (MMD) loss for this setting is not used."""
+    import copy
+
+    from .plans import weights_hash
+    from .train import ema_update, flow_matching_loss
+
+    out = Path(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoints" / "flexify.pt"
+    tr = pipe.transformer
+    p0 = int(tr.config.patch_size)
+    flexify(tr, (p0, cfg.weak_patch))
+    tr.flex_variant = "shared"
+    base_weights = weights_hash(_base_only(tr))
+    torch.manual_seed(cfg.seed)
+    params = trainable_parameters(tr)
+    ema = copy.deepcopy(tr).requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    start, curve, elapsed = 0, [], 0.0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        tr.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
+    x_all, y_all = data
+    null = tr.config.num_embeds_ada_norm
+    t0 = time.time() - elapsed
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="flexify",
+               dynamic_ncols=True)
+    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 91 + step)
+        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
+        p = (p0, cfg.weak_patch)[int(torch.randint(0, 2, (1,), generator=gen))]
+        with patch_size(tr, p):
+            loss = flow_matching_loss(tr, x_all[idx], y_all[idx], null, cfg.label_dropout, gen)
+        loss_log.add(step, optimizer_step(loss, opt, sched, params, "flexify", step))
+        ema_update(ema, tr, step, cfg.ema_decay)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(ckpt_path, {"model": tr.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                        "step": step + 1, "curve": curve, "elapsed_s": time.time() - t0,
+                                        "config": asdict(cfg)})
+    if end == cfg.steps:
+        tr.load_state_dict(ema.state_dict())  # ship the EMA
+    tr.eval()
+    return {"config": asdict(cfg), "loss_curve": curve, "trainable_parameters": sum(q.numel() for q in params),
+            "train_seconds": round(time.time() - t0, 1), "finished": end == cfg.steps, "step": end,
+            "base_weights": base_weights}
