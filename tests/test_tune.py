@@ -8,9 +8,10 @@ import json
 import pytest
 
 from hasten.errors import HastenError
+from hasten.eval.bench_shapes import copy_shapes
 from hasten.eval.metrics import psnr
 from hasten.testing import run_cli, tiny_shapes_pipeline
-from hasten.tune import Candidate, PromptSet, QualityBudget, Tuner, _copy, file_sets, meets, run_images, tune
+from hasten.tune import Candidate, PromptSet, QualityBudget, Tuner, file_sets, meets, run_images, tune
 
 PROMPTS = ["a red circle", "a blue square and a blue triangle", "two green discs", "a cyan tile above a red disc",
            "a yellow triangle", "a purple circle left of a green square"]
@@ -45,8 +46,8 @@ def test_tune_confirms_on_held_out_prompts_and_resumes(tiny_pipe, tmp_path):
     import hasten
 
     _, confirm = file_sets(PROMPTS)
-    ref, _ = run_images(_copy(tiny_pipe, "unipc-bh2"), confirm, 24)
-    own = _copy(tiny_pipe, None)
+    ref, _ = run_images(copy_shapes(tiny_pipe, "unipc-bh2"), confirm, 24)
+    own = copy_shapes(tiny_pipe, None)
     with hasten.accelerate(own, plan=str(out)) as h:
         assert type(own.scheduler).__name__ == plan["scheduler"]["class"] and h.tuned_plan["steps"] == plan["steps"]
         images, _ = run_images(own, confirm, h.tuned_plan["steps"])

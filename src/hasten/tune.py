@@ -31,7 +31,6 @@ Caching is not searched (its parameters live in a separate file; a plan file her
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import statistics
@@ -45,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import HastenError
+from .eval.bench_shapes import copy_shapes, stock_scheduler
 from .io import atomic_write
 
 SCHEMA = "hasten-tune/1"
@@ -115,30 +115,6 @@ def file_sets(prompts: Sequence[str], n_tune: int | None = None) -> tuple[Prompt
 
 
 # --------------------------------------------------------------------------- running one configuration
-def stock_scheduler(pipe: Any, solver: str) -> Any:
-    """``solver``'s diffusers scheduler for a flow-matching pipeline, keeping its shift."""
-    from .eval.bench_shapes import solver_scheduler
-
-    sched = solver_scheduler(solver)
-    shift = float(getattr(pipe.scheduler, "config", {}).get("shift", 1.0) or 1.0)
-    if shift != 1.0:
-        key = "shift" if solver in ("euler", "heun") else "flow_shift"
-        sched = type(sched).from_config({**sched.config, key: shift})
-    return sched
-
-
-def _copy(pipe: Any, solver: str | None) -> Any:
-    """The pipeline with a deep copy of its transformer (nothing installs on the rest) and ``solver``'s
-    scheduler (``None``: a copy of its own)."""
-    sched = copy.deepcopy(pipe.scheduler) if solver is None else stock_scheduler(pipe, solver)
-    own = type(pipe)(**{**pipe.components, "transformer": copy.deepcopy(pipe.transformer), "scheduler": sched})
-    for attr in ("default_guidance_scale", "name"):
-        if hasattr(pipe, attr):
-            setattr(own, attr, getattr(pipe, attr))
-    own.set_progress_bar_config(disable=True)
-    return own
-
-
 def run_images(pipe: Any, data: PromptSet, steps: int) -> tuple[torch.Tensor, float]:
     """(images in [0, 1], seconds) of ``pipe`` over ``data`` at ``steps``."""
     out, t0 = [], time.perf_counter()
@@ -230,8 +206,8 @@ class Tuner:
             return
         solver, steps = self.quality_solver
         self.say(f"quality reference: {solver} @{steps}")
-        self.ref_images, _ = run_images(_copy(self.pipe, solver), self.tune, steps)
-        _, t_ref = run_images(_copy(self.pipe, None), self.tune, self.reference_steps)
+        self.ref_images, _ = run_images(copy_shapes(self.pipe, solver), self.tune, steps)
+        _, t_ref = run_images(copy_shapes(self.pipe, None), self.tune, self.reference_steps)
         q = quality(self.tune, self.ref_images, self.ref_images)
         atomic_write(self.refs_path, lambda tmp: torch.save(self.ref_images, tmp))
         self.state["reference"] = {"quality": q, "speed_s": t_ref, "name": f"{solver} @{steps}"}
@@ -246,7 +222,7 @@ class Tuner:
             from .methods.block_cache import BlockCache
 
             self.say(f"calibrating Block Caching for {key}")
-            own = _copy(self.pipe, solver)
+            own = copy_shapes(self.pipe, solver)
             prompts = own.calibration_prompts() if hasattr(own, "calibration_prompts") else self.tune.prompts
             plan = calibrate(own, BlockCache(delta=0.0), steps=steps, seeds=CALIBRATION_SEEDS, prompts=prompts)
             plans[key] = {k: v for k, v in plan.items() if not k.startswith("_")}  # runtime notes stay out
@@ -257,7 +233,7 @@ class Tuner:
         done = self.state["measured"].get(cand.name)
         if done is not None:
             return done
-        own = _copy(self.pipe, cand.solver)
+        own = copy_shapes(self.pipe, cand.solver)
         handle = None
         try:
             plans = {"block-cache": self.plan_for(cand.solver, cand.steps)} if cand.bc is not None else {}
@@ -315,9 +291,9 @@ class Tuner:
         """The candidate on the held-out prompts, interleaved with the speed reference batch by batch."""
         cand = Candidate(rec["solver"], rec["steps"], rec["ag"], rec["bc"])
         solver, steps = self.quality_solver
-        ref_images, _ = run_images(_copy(self.pipe, solver), self.confirm, steps)
-        base = _copy(self.pipe, None)
-        own = _copy(self.pipe, cand.solver)
+        ref_images, _ = run_images(copy_shapes(self.pipe, solver), self.confirm, steps)
+        base = copy_shapes(self.pipe, None)
+        own = copy_shapes(self.pipe, cand.solver)
         from .api import accelerate
 
         plans = {"block-cache": self.plan_for(cand.solver, cand.steps)} if cand.bc is not None else {}

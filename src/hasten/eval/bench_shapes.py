@@ -43,14 +43,26 @@ CALIBRATION_SAMPLES = 10
 
 
 def copy_shapes(pipe, solver: str | None = None):
-    """A new pipeline around a deep copy of the transformer (and scheduler, or ``solver``'s stock diffusers
-    scheduler); VAE and text encoder shared (nothing installs on them)."""
-    scheduler = copy.deepcopy(pipe.scheduler) if solver is None else solver_scheduler(solver)
-    own = type(pipe)(transformer=copy.deepcopy(pipe.transformer), vae=pipe.vae, scheduler=scheduler,
-                     text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    own.default_guidance_scale, own.name = pipe.default_guidance_scale, pipe.name
+    """A new pipeline of ``pipe``'s class around a deep copy of its transformer, with a copy of its scheduler
+    or ``solver``'s stock one (:func:`stock_scheduler`); the other components are shared (nothing installs
+    on them)."""
+    scheduler = copy.deepcopy(pipe.scheduler) if solver is None else stock_scheduler(pipe, solver)
+    own = type(pipe)(**{**pipe.components, "transformer": copy.deepcopy(pipe.transformer), "scheduler": scheduler})
+    for attr in ("default_guidance_scale", "name"):
+        if hasattr(pipe, attr):
+            setattr(own, attr, getattr(pipe, attr))
     own.set_progress_bar_config(disable=True)
     return own
+
+
+def stock_scheduler(pipe, solver: str):
+    """``solver``'s diffusers scheduler (:func:`solver_scheduler`) keeping ``pipe``'s flow shift."""
+    sched = solver_scheduler(solver)
+    shift = float(getattr(pipe.scheduler, "config", {}).get("shift", 1.0) or 1.0)
+    if shift != 1.0:
+        key = "shift" if solver in ("euler", "heun") else "flow_shift"
+        sched = type(sched).from_config({**sched.config, key: shift})
+    return sched
 
 
 class EvalSet:
