@@ -42,12 +42,13 @@ from .bench_harness import BenchConfig, Prepared, Unavailable
 CALIBRATION_SAMPLES = 10
 
 
-def copy_shapes(pipe, solver: str | None = None):
-    """A new pipeline of ``pipe``'s class around a deep copy of its transformer, with a copy of its scheduler
-    or ``solver``'s stock one (:func:`stock_scheduler`); the other components are shared (nothing installs
-    on them)."""
+def copy_shapes(pipe, solver: str | None = None, cls: type | None = None):
+    """A new pipeline of ``pipe``'s class (or of ``cls``, a subclass) around a deep copy of its transformer,
+    with a copy of its scheduler or ``solver``'s stock one (:func:`stock_scheduler`); the other components
+    are shared (nothing installs on them)."""
     scheduler = copy.deepcopy(pipe.scheduler) if solver is None else stock_scheduler(pipe, solver)
-    own = type(pipe)(**{**pipe.components, "transformer": copy.deepcopy(pipe.transformer), "scheduler": scheduler})
+    own = (cls or type(pipe))(**{**pipe.components, "transformer": copy.deepcopy(pipe.transformer),
+                                 "scheduler": scheduler})
     for attr in ("default_guidance_scale", "name"):
         if hasattr(pipe, attr):
             setattr(own, attr, getattr(pipe, attr))
@@ -213,12 +214,7 @@ def cache_dit_config(pipe, data: EvalSet, params: dict, steps: int, solver: str 
         import cache_dit
         from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
 
-        base = copy_shapes(pipe, solver)
-        cls = type(f"{type(pipe).__name__}CacheDiT", (type(pipe),), {})
-        own = cls(transformer=base.transformer, vae=base.vae, scheduler=base.scheduler,
-                  text_encoder=base.text_encoder, tokenizer=base.tokenizer)
-        own.default_guidance_scale, own.name = pipe.default_guidance_scale, pipe.name
-        own.set_progress_bar_config(disable=True)
+        own = copy_shapes(pipe, solver, cls=type(f"{type(pipe).__name__}CacheDiT", (type(pipe),), {}))
         extra = {}
         if params.get("mask"):
             extra["steps_computation_mask"] = cache_dit.steps_mask(mask_policy=str(params["mask"]),
