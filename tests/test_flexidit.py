@@ -172,8 +172,22 @@ def test_the_scheduler_runs_the_first_steps_coarse_and_weak_steps_0_is_bitwise(t
         rep = handle.report()["methods"]["flexidit"]
     assert 0 < k < 6 and rep["weak_calls"] == k and rep["compute_share"] <= 0.6
     assert rep["compute_share"] == pytest.approx((k * r + 6 - k) / 6, abs=1e-4)
-    with pytest.raises(HastenError, match="do not compose yet"):
-        hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.BlockCache(delta=0.1))
+    # with Block Caching: a schedule that computes everything is bitwise FlexiDiT alone; a reuse scheduled
+    # right after the switch of patch size computes instead (no residual crosses a change of token count)
+    nblocks = len(pipe.transformer.transformer_blocks)
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.BlockCache(schedule=[[True] * 6] * nblocks)):
+        assert torch.equal(run(), fast)
+    every_other = [[n % 2 == 0 for n in range(6)]] * nblocks  # reuse at calls 1, 3, 5 (1: weak, from call 0)
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.BlockCache(schedule=every_other)) as handle:
+        cached = run()
+        bc = handle.report()["methods"]["block-cache"]
+    assert bc["reused"] == [3, 3] and bc["computed"] == [3, 3] and bc["forced"] == [0, 0]
+    assert torch.isfinite(cached).all() and not torch.equal(cached, fast)
+    switch_reuse = [[n != 2 for n in range(6)]] * nblocks  # reuse scheduled at the switch call only
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.BlockCache(schedule=switch_reuse)) as handle:
+        assert torch.equal(run(), fast)  # the weak residual is not reused at full size: computed, bitwise
+        bc = handle.report()["methods"]["block-cache"]
+    assert bc["reused"] == [0, 0] and bc["forced"] == [1, 1]
     # with guidance (AG) it composes: both wrap whole calls
     with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2), hasten.AdaptiveGuidance(threshold=2.0)):
         assert torch.equal(run(), fast)  # threshold > 1 never switches: bitwise CFG on top of FlexiDiT

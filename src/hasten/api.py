@@ -51,9 +51,6 @@ def accelerate(target: Any, *methods: Any, blocks: Sequence | None = None, plan:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise HastenError(f"method {sorted(dup)[0]} given twice")
-    if {"FlexiDiT", "BlockCache"} <= set(names):  # cached block outputs would cross a change of token count
-        raise HastenError("FlexiDiT and BlockCache do not compose yet (a cache would have to be kept per patch "
-                          "size); use one of them")
     shrinking = [type(m).__name__ for i, m in infos if i.level == "call" and type(m).__name__ != "FlexiDiT"]
     if len(shrinking) > 1:
         raise HastenError(f"{shrinking[0]} and {shrinking[1]} cannot be combined: both shrink the guidance "

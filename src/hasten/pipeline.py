@@ -34,7 +34,9 @@ SIGMA_MIN = 1e-5
 TIME_SCALE = 1000.0
 PIPELINE_CONFIG = "hasten_pipeline.json"
 MODELS_DIR = Path(__file__).parent / "models"
-EMBEDDED = {"digits": MODELS_DIR / "digits", "shapes": MODELS_DIR / "shapes"}
+EMBEDDED = {"digits": MODELS_DIR / "digits", "shapes": MODELS_DIR / "shapes",
+            # FlexiDiT fine-tunes (hasten flexify): what they add to their base, applied on load
+            "digits-flexi": MODELS_DIR / "digits_flexi", "shapes-flexi": MODELS_DIR / "shapes_flexi"}
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 

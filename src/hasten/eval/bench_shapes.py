@@ -260,8 +260,8 @@ def mag_ratios(pipe, steps: int) -> list[float]:
 # speed reference (1.00x) that users recognise.
 QUALITY_SOLVER, QUALITY_STEPS = "unipc-bh2", 100
 BEST_SOLVER = "unipc-bh2"  # the solver hasten's methods and the peers are also run on at reduced steps
-SOLVER_STEPS = {"euler": (30, 20, 15, 10, 8, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
-                "unipc-bh1": (8, 6, 4), "dpm++2m": (20, 15, 10, 8, 6, 4), "heun": (25, 15, 10, 5)}
+SOLVER_STEPS = {"euler": (20, 15, 10, 8, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
+                "unipc-bh1": (8, 6, 4), "dpm++2m": (20, 15, 10, 8, 6, 4), "heun": (15, 10, 5)}
 GUIDANCE_INTERVALS = ((0.22, 0.84), (0.0, 0.84))
 
 
@@ -274,14 +274,18 @@ def quality_reference_config(pipe, data: EvalSet, steps: int = QUALITY_STEPS) ->
 
 def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False) -> list[BenchConfig]:
     """FlexiDiT on a flexified fine-tune of the model (``hasten flexify``): compute shares on Euler 50,
-    on the best solver at 20 steps, with AG, and the paper's weak-guide variant."""
+    the paper's weak-guide variant, and on the best solver at reduced steps alone and composed with AG
+    and Block Caching. ``assets`` calibrate on ``flexi`` (its plans are for its own weights)."""
     full = 50
     if quick:
         return [hasten_config(flexi, data, ["flexidit:compute=0.6"], full, assets)]
     cfgs = [hasten_config(flexi, data, [f"flexidit:compute={c}"], full, assets) for c in (0.8, 0.6, 0.45)]
     cfgs += [hasten_config(flexi, data, ["flexidit:weak_steps=15,weak_guide_steps=10"], full, assets)]
     cfgs += [hasten_config(flexi, data, ["flexidit:compute=0.6"], s, assets, BEST_SOLVER) for s in (20, 10)]
-    cfgs += [hasten_config(flexi, data, ["ag:threshold=0.99", "flexidit:compute=0.6"], 20, assets, BEST_SOLVER)]
+    for s in (20, 15):
+        cfgs += [hasten_config(flexi, data, ["ag:threshold=0.99", "flexidit:compute=0.6"], s, assets, BEST_SOLVER),
+                 hasten_config(flexi, data, ["ag:threshold=0.99", "block-cache:delta=0.1", "flexidit:compute=0.6"],
+                               s, assets, BEST_SOLVER)]
     return cfgs
 
 
@@ -292,7 +296,8 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
     and in an interval), hasten's methods on Euler at 50 steps and on the best solver at reduced steps,
     FlexiDiT when ``flexi`` (the flexified fine-tune of ``pipe``) is given, and the peers on both."""
     full = 50
-    extra = [] if flexi is None else flexidit_configs(flexi, data, assets, quick)
+    extra = [] if flexi is None else flexidit_configs(  # plans for the fine-tune's own weights
+        flexi, data, type(assets)(flexi, assets.folder / "flexi", copier=assets.copier), quick)
     if quick:
         cfgs = [baseline_config(pipe, data, full), quality_reference_config(pipe, data),
                 baseline_config(pipe, data, 10, BEST_SOLVER),

@@ -113,7 +113,7 @@ class _Block:
         self.slot = self.slots.get(h.stream)
         dec = self.shared["decisions"]
         if n < len(self.mask) and not self.mask[n]:
-            if self.ready(rows):
+            if self.ready(rows) and self.fits(args, kwargs):
                 self.reused += 1
                 if dec is not None:
                     dec[self.index] = 82  # "R"
@@ -138,6 +138,12 @@ class _Block:
         elif self.slot is not None and self.slot.valid is not None:
             self.drop(rows)  # never reuse a residual older than the latest computation
         return out
+
+    def fits(self, args, kwargs) -> bool:
+        """The cached residuals have this call's token count: FlexiDiT changes it between calls, and a
+        residual is never carried across a change of patch size (the block computes instead)."""
+        x, c = self.inputs(args, kwargs)[self.main], self.slot.cache[self.main]
+        return x is None or c is None or x.shape[1:] == c.shape[1:]
 
     def drop(self, rows) -> None:
         slot = self.slot
@@ -165,8 +171,9 @@ class _Block:
         h = self.handle
         full = h.full_batch
         slot = self.slot
-        if slot is None:
-            slot = self.slot = self.slots[h.stream] = _Slot(len(self.names), full)
+        if slot is None or any(x is not None and c is not None and c.shape[1:] != x.shape[1:]
+                               for x, c in zip(xs, slot.cache, strict=False)):
+            slot = self.slot = self.slots[h.stream] = _Slot(len(self.names), full)  # new (or new token count)
         for k, (x, y) in enumerate(zip(xs, outs, strict=False)):
             if y is None or x is None:
                 slot.cache[k] = None

@@ -1,0 +1,112 @@
+"""FlexiDiT on `shapes`: the paper's curve, FD-shapes and adherence against the compute share (100% to 25%).
+
+    python benchmarks/flexidit_shapes.py --flexi runs/shapes_flexi --out benchmarks/flexidit_shapes
+
+`--flexi` is a folder from `hasten flexify --model shapes` (the LoRA variant). Every configuration samples
+the same held-out captions from the same initial noise (50 Euler steps, the model's guidance), one after
+the other in one process; the base `shapes` model is the reference. `FlexiDiT(compute=c)` runs the
+fewest first calls weak that bring the transformer FLOPs to at most c of the full run; below the weak
+mode's own share (every call weak) the share cannot go lower, and the record says so. Writes
+results.json and curve.png. Wall times here are sequential and indicative; the interleaved speed-up is
+`hasten bench --model shapes --flexi DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import hasten
+from hasten.eval.bench import machine_info
+from hasten.eval.bench_shapes import EvalSet
+from hasten.eval.shapes_eval import score_images
+from hasten.io import atomic_write
+
+SHARES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flexi", required=True)
+    ap.add_argument("--out", default="benchmarks/flexidit_shapes")
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=50)
+    args = ap.parse_args()
+    base, flex = hasten.load_pipeline("shapes"), hasten.load_pipeline(args.flexi)
+    for p in (base, flex):
+        p.set_progress_bar_config(disable=True)
+    data = EvalSet(base, args.samples, seed=0)
+
+    def sample(pipe) -> tuple[torch.Tensor, float]:
+        t0, out = time.perf_counter(), []
+        for i in range(0, args.samples, args.batch_size):
+            idx = torch.arange(i, min(i + args.batch_size, args.samples))
+            out.append(data.sampler(pipe, args.steps)(idx, None))
+        return torch.cat(out), time.perf_counter() - t0
+
+    def row(name: str, images: torch.Tensor, secs: float, ref_s: float, **extra) -> dict:
+        q = score_images(data.scenes, images)
+        r = {"name": name, **extra, "fd_shapes": round(q["fd_shapes"], 4), "adherence": round(q["adherence"], 4),
+             "adherence_per_category": q["adherence_per_category"], "wall_s": round(secs, 2),
+             "speedup": round(ref_s / secs, 3)}
+        print(f"{name:<34} compute {r.get('compute_share') or 1.0:.3f}  FD {r['fd_shapes']:8.3f}  "
+              f"adherence {r['adherence']:.3f}  {r['speedup']:.2f}x", flush=True)
+        return r
+
+    sample(base)  # warm-up (also the flexified model's first call at each size computes its weights)
+    images, ref_s = sample(base)
+    rows = [row("shapes (base)", images, ref_s, ref_s, compute=1.0, compute_share=1.0, weak_calls=0)]
+    configs = [({"compute": c}, f"flexi compute={c}") for c in SHARES]
+    configs.append(({"compute": 0.6, "weak_guide_steps": 10}, "flexi compute=0.6 + weak guide 10"))
+    for kw, name in configs:
+        with hasten.accelerate(flex, hasten.FlexiDiT(**kw)) as h:
+            images, secs = sample(flex)
+            rep = h.report()["methods"]["flexidit"]
+        rows.append(row(name, images, secs, ref_s, compute=kw["compute"], compute_share=rep["compute_share"],
+                        weak_calls=rep["weak_calls"], weak_guide_calls=rep["weak_guide_calls"],
+                        image_tokens_per_call=rep["image_tokens_per_call"]))
+    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
+           "flexi": str(args.flexi), "samples": args.samples, "steps": args.steps, "solver": "euler",
+           "guidance_scale": base.default_guidance_scale,
+           "note": "one run per configuration, sequential in one process: wall times are indicative; "
+                   "compute_share = transformer FLOPs / the full run's (analytic, hasten.methods.flexidit."
+                   "transformer_flops)",
+           "records": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))
+    plot(out / "curve.png", rows)
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = sorted((r for r in rows[1:] if "weak guide" not in r["name"]), key=lambda r: -r["compute_share"])
+    x = [100 * r["compute_share"] for r in curve]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, label in ((axes[0], "fd_shapes", "FD-shapes (lower is better)"),
+                           (axes[1], "adherence", "adherence (higher is better)")):
+        ax.plot(x, [r[key] for r in curve], "o-", label="FlexiDiT")
+        ax.axhline(rows[0][key], color="gray", ls="--", label="base, 100% compute")
+        ax.set_xlabel("transformer compute share (%)")
+        ax.set_title(label)
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("FlexiDiT on shapes: 50 Euler steps, weak (patch 4) first")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
