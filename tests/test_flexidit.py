@@ -398,3 +398,26 @@ def test_shared_variant_trains_both_sizes_resumes_exactly_and_ships(tmp_path, ca
         images = pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
         assert handle.report()["methods"]["flexidit"]["image_tokens_per_call"] == [16, 16, 64, 64]
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name", ["digits-flexi", "shapes-flexi"])
+def test_the_shipped_flexi_models_load_and_run_coarse_first(name):
+    """The embedded fine-tunes load through load_pipeline by name; weak mode on the first calls; the LoRA
+    variant (shapes-flexi) is the base model bitwise with weak_steps=0."""
+    import hasten
+
+    pipe = hasten.load_pipeline(name)
+    if name == "digits-flexi":
+        def run(p):
+            return p(torch.tensor([3, 7]), num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
+    else:
+        def run(p):
+            return p(["a red circle", "two blue squares"], num_inference_steps=4, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2)) as h:
+        images = run(pipe)
+        rep = h.report()["methods"]["flexidit"]
+    assert torch.isfinite(images).all() and rep["image_tokens_per_call"] == [16, 16, 64, 64]
+    if name == "shapes-flexi":
+        with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=0)):
+            assert torch.equal(run(pipe), run(hasten.load_pipeline("shapes")))

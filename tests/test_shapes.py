@@ -346,6 +346,11 @@ def test_bench_runs_on_a_text_to_image_pipeline(tiny_pipe, tmp_path):
     assert ag["error"] is None and ag["params"]["solver"] == "unipc-bh2" and ag["nfe"] <= 20
     fx = recs["flexidit:compute=0.6 @50"]  # FlexiDiT joins the hasten family when a flexified model is given
     assert fx["error"] is None and fx["family"] == "hasten" and fx["nfe"] == 100 and fx["psnr"] == 30.0
+    assert 0.4 < fx["transformer_flops_share"] <= 0.6 and ref["transformer_flops_share"] is None
+    # composed with AG and Block Caching (plans calibrated on the fine-tune's own weights)
+    three = recs["ag:threshold=0.99 + block-cache:delta=0.1 + flexidit:compute=0.6 @10 unipc-bh2"]
+    assert three["error"] is None and three["transformer_flops_share"] <= 0.6
+    assert (tmp_path / "b" / "plans" / "flexi").is_dir()
     for r in (ref, qref, bc, ag, fx):
         assert 0 < r["denoiser_share"] <= 1 and r["denoiser_speedup"] > 0
     assert load_results(tmp_path / "b" / "results.json")["model"] == "tiny-shapes"

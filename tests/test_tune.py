@@ -110,3 +110,28 @@ def test_cli_tune_and_generate_plan_errors(tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", "--model", "digits", "--plan", str(plan), "--steps", "20",
                            "--out", str(tmp_path / "g.png"))
     assert code == 2 and "tuned for 8 steps" in err
+
+
+def test_tune_searches_flexidit_on_a_flexified_model_and_its_plan_applies(tiny_pipe, tmp_path):
+    import hasten
+
+    pipe = tiny_shapes_pipeline()
+    hasten.flexify(pipe.transformer, (2, 4))
+    tune_set, confirm_set = file_sets(PROMPTS)
+    t = Tuner(pipe, tune_set, confirm_set, QualityBudget(10.0), tmp_path / "p.json", 30, progress=False, **SMALL)
+    t.references()
+    t.search()
+    measured = t.state["measured"]
+    flexi = [n for n in measured if "flexidit:compute=" in n]
+    assert "euler @2 + flexidit:compute=0.6" in flexi and "euler @4 + flexidit:compute=0.8" in flexi
+    assert "euler @2 + ag:threshold=0.99 + block-cache:delta=0.1 + flexidit:compute=0.6" in flexi
+    assert all(measured[n]["error"] is None for n in flexi)
+    plan = t.write(measured["euler @4 + flexidit:compute=0.6"], {"meets": True}, [])
+    assert plan["methods"] == [{"method": "FlexiDiT", "compute": 0.6}]
+    own = copy_shapes(pipe, None)
+    with hasten.accelerate(own, plan=str(tmp_path / "p.json")) as h:
+        run_images(own, confirm_set, plan["steps"])
+        rep = h.report()["methods"]["flexidit"]
+    assert rep["weak_calls"] > 0 and rep["compute_share"] <= 0.6
+    with pytest.raises(HastenError, match="flexified"):  # the plan needs the flexified model
+        hasten.accelerate(copy_shapes(tiny_pipe, None), plan=str(tmp_path / "p.json"))

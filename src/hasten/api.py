@@ -79,6 +79,10 @@ def _tuned_methods(tuned: dict) -> list:
             out.append(AdaptiveGuidance(threshold=float(m["threshold"])))
         elif m.get("method") == "BlockCache":
             out.append(BlockCache(delta=float(m["delta"]), plan=m["plan"]))
+        elif m.get("method") == "FlexiDiT":
+            from .methods.flexidit import FlexiDiT
+
+            out.append(FlexiDiT(compute=float(m["compute"])))
         else:
             raise HastenError(f"unknown method {m.get('method')!r} in the tuned plan")
     return out

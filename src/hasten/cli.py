@@ -282,7 +282,8 @@ def bench_cmd(
                               "LinearAG, calibrated and at the paper's threshold) | interval (guidance in "
                               "limited intervals)"),
     cfg: float = typer.Option(None, help="guidance scale for every configuration (default: the model's)"),
-    flexi: Path = typer.Option(None, help="a hasten flexify folder of the model: adds FlexiDiT configurations"),
+    flexi: str = typer.Option(None, help="a hasten flexify folder (or embedded name) of the model: adds FlexiDiT "
+                              "configurations (default for --model shapes: the embedded shapes-flexi; 'none': off)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Benchmark hasten's methods against fewer steps and peer caches, interleaved, in one process."""
@@ -354,6 +355,8 @@ def flexify_cmd(
     scenes: int = typer.Option(20_000, help="training scenes rendered and encoded for the distillation"),
     rank: int = typer.Option(32, help="LoRA rank"),
     weak_patch: int = typer.Option(4, help="the coarse patch size"),
+    weak_sigma_min: float = typer.Option(0.3, help="LoRA variant: distil at sigma uniform on [this, 1], where the "
+                                         "weak mode runs"),
     as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
 ) -> None:
     """FlexiDiT fine-tuning: the LoRA variant for text-to-image models (coarse mode distilled into
@@ -367,6 +370,8 @@ def flexify_cmd(
     for name, v in (("steps", steps), ("batch-size", batch_size), ("scenes", scenes), ("rank", rank)):
         if v < 1:
             raise HastenError(f"--{name} must be >= 1, got {v}")
+    if not 0.0 <= weak_sigma_min < 1.0:
+        raise HastenError(f"--weak-sigma-min must be in [0, 1), got {weak_sigma_min}")
     if out.exists() and not out.is_dir():
         raise HastenError(f"--out {out} exists and is not a folder")
     pipe = load_pipeline(model)
@@ -384,9 +389,11 @@ def flexify_cmd(
     else:
         data = load_data(prepare_data(out, pipe.vae, scenes, 0, not as_json, pipe.text_encoder, pipe.tokenizer))
         empty = encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False)
-        cfg = FlexifyConfig(steps=steps, batch_size=batch_size, rank=rank, weak_patch=weak_patch)
+        cfg = FlexifyConfig(steps=steps, batch_size=batch_size, rank=rank, weak_patch=weak_patch,
+                            weak_sigma_min=weak_sigma_min)
         log = train_flexify(pipe, out, data, empty, cfg, progress=not as_json)
-        save_flexi(pipe, out, base, {"rank": rank, "weak_patch": weak_patch, "steps": steps, "scenes": scenes})
+        save_flexi(pipe, out, base, {"rank": rank, "weak_patch": weak_patch, "steps": steps, "scenes": scenes,
+                                     "weak_sigma_min": weak_sigma_min})
     emit(log, as_json, [f"wrote {out} ({log['trainable_parameters']} trained parameters, "
                         f"{log['train_seconds']:.0f} s); load it with --model {out}"])
 

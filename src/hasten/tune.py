@@ -18,7 +18,9 @@ The search, in order (each candidate is one run on the tuning set, timed, then s
    only be slower);
 2. methods on top: at that step count and the next finer one, Adaptive Guidance (thresholds 0.999,
    0.99), Block Caching (delta 0.1, 0.2; plans calibrated for that solver and step count on the tuning
-   prompts, seeds 1000 and 1001) and both together;
+   prompts, seeds 1000 and 1001) and both together; on a FlexiDiT fine-tune (``--model shapes-flexi``,
+   ``hasten flexify``) also FlexiDiT at compute shares 0.8 and 0.6, alone, with AG and with AG and
+   Block Caching;
 3. the passing candidates by measured speed-up: the fastest is confirmed on held-out prompts and seeds,
    interleaved with the speed reference (paired speed-up, median); if it misses the budget there, the
    next one is tried (three at most).
@@ -52,6 +54,7 @@ SOLVERS = ("euler", "unipc-bh2", "dpm++2m")
 STEP_GRID = (4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 AG_THRESHOLDS = (0.999, 0.99)
 BC_DELTAS = (0.1, 0.2)
+FLEXI_COMPUTE = (0.8, 0.6)  # FlexiDiT compute shares, searched on flexified models
 CALIBRATION_SEEDS = (1000, 1001)
 MAX_CONFIRM = 3
 
@@ -69,6 +72,7 @@ class Candidate:
     steps: int
     ag: float | None = None  # AdaptiveGuidance threshold
     bc: float | None = None  # Block Caching delta
+    flexi: float | None = None  # FlexiDiT compute share
 
     @property
     def name(self) -> str:
@@ -77,7 +81,13 @@ class Candidate:
             parts.append(f"ag:threshold={self.ag}")
         if self.bc is not None:
             parts.append(f"block-cache:delta={self.bc}")
+        if self.flexi is not None:
+            parts.append(f"flexidit:compute={self.flexi}")
         return " + ".join(parts)
+
+    @classmethod
+    def of(cls, rec: dict) -> Candidate:
+        return cls(rec["solver"], rec["steps"], rec["ag"], rec["bc"], rec.get("flexi"))
 
 
 # --------------------------------------------------------------------------- the sets of prompts
@@ -126,6 +136,7 @@ def run_images(pipe: Any, data: PromptSet, steps: int) -> tuple[torch.Tensor, fl
 
 def methods_for(cand: Candidate, plans: dict[str, dict]) -> list:
     from .methods.block_cache import BlockCache
+    from .methods.flexidit import FlexiDiT
     from .methods.guidance import AdaptiveGuidance
 
     out: list = []
@@ -133,6 +144,8 @@ def methods_for(cand: Candidate, plans: dict[str, dict]) -> list:
         out.append(AdaptiveGuidance(threshold=cand.ag))
     if cand.bc is not None:
         out.append(BlockCache(delta=cand.bc, plan=plans["block-cache"]))
+    if cand.flexi is not None:
+        out.append(FlexiDiT(compute=cand.flexi))
     return out
 
 
@@ -271,12 +284,17 @@ class Tuner:
                 if rec["meets"]:
                     found[solver] = steps
                     break
+        flexible = getattr(self.pipe.transformer, "flex_patch_sizes", None) is not None
         for solver, steps in found.items():  # 2. methods on top, at that step count and the next finer one
             finer = [s for s in self.step_grid if s > steps][:1]
             for s in (steps, *finer):
+                ag, bc = AG_THRESHOLDS[-1], BC_DELTAS[0]
+                flexi = ([Candidate(solver, s, flexi=c) for c in FLEXI_COMPUTE]
+                         + [Candidate(solver, s, ag=ag, flexi=FLEXI_COMPUTE[-1]),
+                            Candidate(solver, s, ag=ag, bc=bc, flexi=FLEXI_COMPUTE[-1])]) if flexible else []
                 for c in ([Candidate(solver, s, ag=t) for t in AG_THRESHOLDS]
                           + [Candidate(solver, s, bc=d) for d in BC_DELTAS]
-                          + [Candidate(solver, s, ag=AG_THRESHOLDS[-1], bc=BC_DELTAS[0])]):
+                          + [Candidate(solver, s, ag=ag, bc=bc)] + flexi):
                     if over():
                         break
                     self.measure(c)
@@ -289,7 +307,7 @@ class Tuner:
     # ---- confirmation
     def confirm_one(self, rec: dict) -> dict:
         """The candidate on the held-out prompts, interleaved with the speed reference batch by batch."""
-        cand = Candidate(rec["solver"], rec["steps"], rec["ag"], rec["bc"])
+        cand = Candidate.of(rec)
         solver, steps = self.quality_solver
         ref_images, _ = run_images(copy_shapes(self.pipe, solver), self.confirm, steps)
         base = copy_shapes(self.pipe, None)
@@ -326,13 +344,13 @@ class Tuner:
             if not scored:
                 raise HastenError("hasten tune measured no configuration (budget too small?)")
             best = max(scored, key=lambda r: r["quality"]["psnr"])
-            closest = Candidate(best["solver"], best["steps"], best["ag"], best["bc"]).name
+            closest = Candidate.of(best).name
             gates = ", adherence and FD" if "adherence" in best["quality"] else ""
             raise HastenError(f"no configuration reached the budget (PSNR >= {self.budget.min_psnr:g} dB{gates}); "
                               f"the closest: {closest} at {best['quality']['psnr']:.1f} dB")
         tried = []
         for rec in passing[:MAX_CONFIRM]:
-            self.say(f"confirming {Candidate(rec['solver'], rec['steps'], rec['ag'], rec['bc']).name}")
+            self.say(f"confirming {Candidate.of(rec).name}")
             conf = self.confirm_one(rec)
             tried.append(conf)
             if conf["meets"]:
@@ -344,7 +362,7 @@ class Tuner:
     def write(self, rec: dict, conf: dict, tried: list[dict]) -> dict:
         """The plan file: solver (as the diffusers scheduler class and config), steps, guidance scale,
         methods (with Block Caching's calibrated plan inline), budget and the confirmed figures."""
-        cand = Candidate(rec["solver"], rec["steps"], rec["ag"], rec["bc"])
+        cand = Candidate.of(rec)
         sched = stock_scheduler(self.pipe, cand.solver)
         methods = []
         if cand.ag is not None:
@@ -352,6 +370,8 @@ class Tuner:
         if cand.bc is not None:
             methods.append({"method": "BlockCache", "delta": cand.bc,
                             "plan": self.state["plans"][f"{cand.solver} @{cand.steps}"]})
+        if cand.flexi is not None:  # the plan then needs the flexified model (plan["model"])
+            methods.append({"method": "FlexiDiT", "compute": cand.flexi})
         plan = {"schema": SCHEMA, "model": self.model_name, "candidate": cand.name, "solver": cand.solver,
                 "scheduler": {"class": type(sched).__name__, "config": dict(sched.config)},
                 "steps": cand.steps, "guidance_scale": getattr(self.pipe, "default_guidance_scale", None),

@@ -339,6 +339,9 @@ def build_records(configs: Sequence[BenchConfig], measured: dict[str, Measuremen
             "speedup": _round(paired_speedup(ref.times, m.times), 4),
             "nfe": _round(m.nfe, 4), "block_evals": _round(m.block_evals, 4),
             "peak_rss_mb": _round(m.peak_rss_mb, 1)}
+        flexi = (m.report or {}).get("flexidit")
+        if flexi:  # analytic transformer FLOPs over the full model's on the same calls
+            vals["transformer_flops_share"] = flexi["compute_share"]
         if m.denoiser_times and len(m.denoiser_times) == len(m.times):
             vals.update(denoiser_s_median=_round(statistics.median(m.denoiser_times), 4),
                         denoiser_share=_round(sum(m.denoiser_times) / sum(m.times), 4) if sum(m.times) else None,
@@ -555,8 +558,9 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     ``suite``: ``default`` (every method, solvers and peers), ``guidance`` or ``interval``
     (:func:`guidance_configs`);
     ``guidance_scale``: run every configuration (and calibrate every plan) at this scale instead of
-    the model's default; ``flexi``: a flexified fine-tune of the model (a folder from ``hasten flexify``
-    or the pipeline) whose FlexiDiT configurations join the default suite."""
+    the model's default; ``flexi``: a flexified fine-tune of the model (a folder or embedded name from
+    ``hasten flexify``, or the pipeline) whose FlexiDiT configurations join the default suite; for
+    ``model="shapes"`` the embedded ``shapes-flexi`` by default (``"none"``: without FlexiDiT)."""
     from ..pipeline import load_pipeline
 
     out = Path(out)
@@ -583,6 +587,10 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         data = EvalSet(pipe, n, seed)
         assets = HastenAssets(pipe, out / "plans", copier=copy_shapes)
         if configs is None:
+            if flexi is None and model == "shapes" and suite == "default" and not quick:
+                flexi = "shapes-flexi"  # the embedded FlexiDiT fine-tune of the embedded model
+            if str(flexi).lower() == "none":
+                flexi = None
             if isinstance(flexi, (str, os.PathLike)):
                 flexi = load_pipeline(flexi)
                 flexi.set_progress_bar_config(disable=True)

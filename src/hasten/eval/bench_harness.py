@@ -46,6 +46,7 @@ class Prepared:
     start_run: Callable[[], None] | None = None  # called before every run (e.g. reset peer hook state)
     close: Callable[[], None] | None = None
     transformer: nn.Module | None = None  # where the counters attach (None: no counters)
+    report: Callable[[], dict] | None = None  # the methods' own report, read once after the last batch
 
 
 @dataclass
@@ -202,6 +203,7 @@ class Measurement:
     block_rows: float = 0.0
     counted: bool = False
     peak_rss_mb: float | None = None
+    report: dict | None = None  # Prepared.report() after the last batch (e.g. FlexiDiT's compute share)
     error: str | None = None
 
     @property
@@ -324,6 +326,8 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
             if c.name in clocks:
                 clocks[c.name].remove()
             p = prepared.get(c.name)
+            if p is not None and p.report is not None and m.error is None:
+                m.report = p.report()
             if p is not None and p.close is not None:
                 try:
                     p.close()

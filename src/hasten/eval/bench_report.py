@@ -78,6 +78,9 @@ def markdown(results: dict) -> str:
 def _table(records: list[dict], with_quality: bool) -> list[str]:
     head = ["name", "family", "solver", "speedup", "wall s (median/batch)", "denoiser share",
             "denoiser speedup", "NFE", "block evals", "peak RSS MB"]
+    flops = any(r.get("transformer_flops_share") is not None for r in records)
+    if flops:
+        head.append("FLOPs share")
     text = any(r.get("adherence") is not None for r in records)
     if with_quality:
         head += ["PSNR", "SSIM", "FD-shapes", "adherence"] if text else ["PSNR", "SSIM", "FD-digits", "class acc"]
@@ -93,6 +96,8 @@ def _table(records: list[dict], with_quality: bool) -> list[str]:
         cells = [f"`{r['name']}`", r["family"], solver(r), _fmt(r["speedup"], ".2f"), _fmt(r["wall_s_median"], ".3f"),
                  _fmt(r.get("denoiser_share"), ".2f"), _fmt(r.get("denoiser_speedup"), ".2f"),
                  _fmt(r["nfe"], ".4g"), _fmt(r["block_evals"], ".4g"), _fmt(r["peak_rss_mb"], ".0f")]
+        if flops:
+            cells.append(_fmt(r.get("transformer_flops_share"), ".3f"))
         if with_quality:
             q = ("fd_shapes", "adherence") if text else ("fd_digits", "class_accuracy")
             cells += [_fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f"), _fmt(r.get(q[0]), ".3f"),

@@ -149,7 +149,8 @@ def hasten_config(pipe, data: EvalSet, specs: Sequence[str], steps: int, assets,
         resolved = [assets.resolve(s, steps, solver) for s in specs]
         own = copy_shapes(pipe, solver)
         handle = accelerate_from_specs(own, resolved, steps=steps)
-        return Prepared(sample=data.sampler(own, steps), close=handle.disable, transformer=own.transformer)
+        return Prepared(sample=data.sampler(own, steps), close=handle.disable, transformer=own.transformer,
+                        report=lambda: handle.report()["methods"])
 
     return BenchConfig(" + ".join(specs) + _suffix(steps, solver), "hasten",
                        {"steps": steps, "solver": solver, "specs": specs}, setup)
@@ -278,7 +279,9 @@ def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False) -> list[
     and Block Caching. ``assets`` calibrate on ``flexi`` (its plans are for its own weights)."""
     full = 50
     if quick:
-        return [hasten_config(flexi, data, ["flexidit:compute=0.6"], full, assets)]
+        return [hasten_config(flexi, data, ["flexidit:compute=0.6"], full, assets),
+                hasten_config(flexi, data, ["ag:threshold=0.99", "block-cache:delta=0.1", "flexidit:compute=0.6"], 10,
+                              assets, BEST_SOLVER)]
     cfgs = [hasten_config(flexi, data, [f"flexidit:compute={c}"], full, assets) for c in (0.8, 0.6, 0.45)]
     cfgs += [hasten_config(flexi, data, ["flexidit:weak_steps=15,weak_guide_steps=10"], full, assets)]
     cfgs += [hasten_config(flexi, data, ["flexidit:compute=0.6"], s, assets, BEST_SOLVER) for s in (20, 10)]
