@@ -66,10 +66,17 @@ def plot(curve: list[dict], path: Path, title: str) -> None:
 def metrics_table(res: dict) -> str:
     fd = "fd_shapes" if "fd_shapes" in res["records"][0] else "fd_digits"
     second = "adherence" if fd == "fd_shapes" else "class_accuracy"
-    lines = [f"| configuration | compute share | {fd} | {second} | speed-up (sequential) |", "|---|---|---|---|---|"]
+    base = res["records"][0]
+    lines = [f"| configuration | compute share | {fd} (vs base) | {second} (points vs base) | speed-up (sequential) |",
+             "|---|---|---|---|---|"]
     for r in res["records"]:
-        lines.append(f"| {r['name']} | {r['compute_share']:.3f} | {r[fd]:.3f} | {r[second]:.3f} | "
-                     f"{r['speedup']:.2f}x |")
+        lines.append(f"| {r['name']} | {r['compute_share']:.3f} | {r[fd]:.3f} ({100 * (r[fd] / base[fd] - 1):+.0f}%) | "
+                     f"{r[second]:.3f} ({100 * (r[second] - base[second]):+.1f}) | {r['speedup']:.2f}x |")
+    ok = [r for r in res["records"][1:] if r[fd] <= 1.05 * base[fd] and r[second] >= base[second] - 0.01]
+    best = min(ok, key=lambda r: r["compute_share"]) if ok else None
+    lines += ["", "Within 1 point of the base's " + second + " and 5% of its " + fd + ": " +
+              (f"down to {100 * best['compute_share']:.0f}% of the compute ({best['name']})." if best else
+               "no FlexiDiT setting here (the fine-tune does not yet reach the quality gates).")]
     return "\n".join(lines)
 
 

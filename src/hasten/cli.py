@@ -350,8 +350,8 @@ def tune_cmd(
 def flexify_cmd(
     model: str = typer.Option("shapes", help="the text-to-image model to make flexible (name or folder)"),
     out: Path = typer.Option(..., help="output folder (checkpoints and data inside; re-running resumes)"),
-    steps: int = typer.Option(2000, help="optimisation steps (digits: 600)"),
-    batch_size: int = typer.Option(32, help="batch size (digits: 64)"),
+    steps: int = typer.Option(None, help="optimisation steps (default: 2000; digits: 600)"),
+    batch_size: int = typer.Option(None, help="batch size (default: 32; digits: 64)"),
     scenes: int = typer.Option(20_000, help="training scenes rendered and encoded for the distillation"),
     rank: int = typer.Option(32, help="LoRA rank"),
     weak_patch: int = typer.Option(4, help="the coarse patch size"),
@@ -368,7 +368,7 @@ def flexify_cmd(
     from .train_shapes import load_data, prepare_data
 
     for name, v in (("steps", steps), ("batch-size", batch_size), ("scenes", scenes), ("rank", rank)):
-        if v < 1:
+        if v is not None and v < 1:
             raise HastenError(f"--{name} must be >= 1, got {v}")
     if not 0.0 <= weak_sigma_min < 1.0:
         raise HastenError(f"--weak-sigma-min must be in [0, 1), got {weak_sigma_min}")
@@ -377,7 +377,10 @@ def flexify_cmd(
     pipe = load_pipeline(model)
     out.mkdir(parents=True, exist_ok=True)
     base = model if model in EMBEDDED else str(Path(model).resolve())
-    if not hasattr(pipe, "encode_prompt"):  # class-conditional (digits): the shared-parameter variant
+    text = hasattr(pipe, "encode_prompt")
+    steps = steps or (2000 if text else 600)
+    batch_size = batch_size or (32 if text else 64)
+    if not text:  # class-conditional (digits): the shared-parameter variant
         from .data.digits import digits
         from .flexidit_train import SharedFlexifyConfig, train_flexify_shared
 
