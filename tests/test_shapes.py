@@ -441,3 +441,23 @@ def test_a_plan_from_another_scheduler_or_guidance_scale_is_refused(tiny_pipe):
             hasten.accelerate(tiny_pipe, BlockCache(plan=plan))
     finally:
         tiny_pipe.scheduler = original
+
+
+def test_the_guidance_interval_baseline_installs_and_guides_only_inside_its_interval(tiny_pipe):
+    """The bench's interval baselines (every full run's default suite) install and drop the unconditional
+    rows outside the interval: counted at the patch embedding."""
+    from hasten.eval.bench_harness import WorkCounter
+    from hasten.eval.bench_shapes import EvalSet, baseline_config
+
+    data = EvalSet(tiny_pipe, 2, 0)
+    rows = {}
+    for guidance in ("cfg", (0.2, 0.8)):
+        p = baseline_config(tiny_pipe, data, 6, guidance=guidance).setup()
+        counter = WorkCounter(p.transformer)
+        images = p.sample(torch.arange(2), None)
+        rows[str(guidance)] = counter.rows
+        counter.remove()
+        if p.close is not None:
+            p.close()
+        assert images.shape[0] == 2 and torch.isfinite(images).all()
+    assert rows["cfg"] == 2 * 2 * 6 and 2 * 6 < rows["(0.2, 0.8)"] < rows["cfg"]

@@ -355,9 +355,13 @@ class Tuner:
             tried.append(conf)
             if conf["meets"]:
                 return self.write(rec, conf, tried)
+        best = max(tried, key=lambda t: t["quality"]["psnr"])
+        gates = "".join(f", {k} {best['quality'][k]:.4g} (reference {best['reference_quality'][k]:.4g})"
+                        for k in ("adherence", "fd_shapes") if k in best["quality"])
         raise HastenError(f"the {len(tried)} fastest configurations that met the budget on the tuning prompts "
-                          f"missed it on the held-out ones (best held-out PSNR "
-                          f"{max(t['quality']['psnr'] for t in tried):.1f} dB)")
+                          f"missed it on the held-out ones (best held-out: {best['candidate']}, PSNR "
+                          f"{best['quality']['psnr']:.1f} dB{gates}); on few prompts the adherence and FD "
+                          "gates are within sampling noise: try --max-adherence-drop / --max-fd-increase")
 
     def write(self, rec: dict, conf: dict, tried: list[dict]) -> dict:
         """The plan file: solver (as the diffusers scheduler class and config), steps, guidance scale,

@@ -126,7 +126,7 @@ def baseline_config(pipe, data: EvalSet, steps: int, solver: str = "euler",
             from ..api import accelerate
             from ..methods.guidance import GuidanceInterval
 
-            close = accelerate(own, GuidanceInterval(*interval), steps=steps).disable
+            close = accelerate(own, GuidanceInterval(*interval)).disable
         gs = 1.0 if guidance == "off" else None
         return Prepared(sample=data.sampler(own, steps, gs), close=close, transformer=own.transformer)
 
