@@ -27,20 +27,26 @@ from hasten.train import TrainConfig, train
 SCALES = (1.0, 1.15, 1.25, 1.5)
 
 
-def plot_loss(curve: list[dict], path: Path) -> None:
+def plot_loss(curve: list[dict], path: Path, ylabel: str = "flow-matching loss (mean of 50 steps)",
+              title: str | None = None) -> None:
+    """A training loss curve (log scale), written atomically; also used by make_flexi_model.py."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3))
+    from hasten.io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])
     ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss (mean of 50 steps)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from make_default_model import plot_loss  # scripts/ is on sys.path when this script runs
 
 import hasten
 from hasten.io import atomic_write
@@ -43,24 +44,6 @@ def base_seconds(base: str) -> float | None:
         if "Training took" in line:
             return 60 * float(line.split("Training took")[1].split("min")[0])
     return None
-
-
-def plot(curve: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def metrics_table(res: dict) -> str:
@@ -95,7 +78,8 @@ def main() -> None:
     pipe = hasten.load_pipeline(args.name)  # the shipped copy loads (and its base weights match)
     assert pipe.transformer.flex_patch_sizes == tuple(cfg["patch_sizes"])
     log = run_log(run)
-    plot(log["curve"], dest / "loss_curve.png", f"{args.name}: {cfg['variant']} fine-tune")
+    plot_loss(log["curve"], dest / "loss_curve.png", "distillation loss" if cfg["variant"] == "lora" else
+              "flow-matching loss", f"{args.name}: {cfg['variant']} fine-tune")
     res = json.loads(args.curve.read_text())
     b_s = base_seconds(base)
     share = f"{log['seconds'] / 60:.1f} min wall on the 2-core machine" + (
