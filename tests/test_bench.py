@@ -144,7 +144,9 @@ def test_results_json_round_trip_and_schema_errors(tmp_path):
     rec = loaded["records"][1]
     assert set(rec) == {"name", "family", "params", "wall_s_median", "speedup", "nfe", "block_evals",
                         "peak_rss_mb", "psnr", "ssim", "fd_digits", "class_accuracy", "fd_shapes", "adherence",
-                        "denoiser_s_median", "denoiser_share", "denoiser_speedup", "error"}
+                        "denoiser_s_median", "denoiser_share", "denoiser_speedup", "transformer_flops_share",
+                        "error"}
+    assert rec["transformer_flops_share"] is None  # FlexiDiT records only
     assert {"cpu", "cores", "torch"} <= set(loaded["machine"]) and loaded["date"]
     bad = json.loads(json.dumps(res))
     bad["records"][0]["family"] = "rival"

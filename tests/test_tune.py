@@ -135,3 +135,13 @@ def test_tune_searches_flexidit_on_a_flexified_model_and_its_plan_applies(tiny_p
     assert rep["weak_calls"] > 0 and rep["compute_share"] <= 0.6
     with pytest.raises(HastenError, match="flexified"):  # the plan needs the flexified model
         hasten.accelerate(copy_shapes(tiny_pipe, None), plan=str(tmp_path / "p.json"))
+
+
+def test_a_block_caching_candidate_that_skips_nothing_is_never_picked(tiny_pipe, tmp_path):
+    tune_set, confirm_set = file_sets(PROMPTS)
+    t = Tuner(tiny_pipe, tune_set, confirm_set, QualityBudget(10.0), tmp_path / "p.json", 30, progress=False, **SMALL)
+    t.state["plans"] = {"euler @4": {"l1rel": [[None, 0.5, 0.5, 0.5], [None, 0.3, 0.2, 0.6]]}}
+    rec = {"solver": "euler", "steps": 4, "ag": None, "bc": 0.1, "flexi": None}
+    assert t.skips_nothing(rec)  # every change exceeds 0.1: every block computes at every call
+    assert not t.skips_nothing({**rec, "bc": 0.55})  # 0.5 + 0.5 > 0.55 but 0.5 alone is not: reuses
+    assert not t.skips_nothing({**rec, "bc": None})

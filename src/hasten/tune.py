@@ -23,7 +23,9 @@ The search, in order (each candidate is one run on the tuning set, timed, then s
    Block Caching;
 3. the passing candidates by measured speed-up: the fastest is confirmed on held-out prompts and seeds,
    interleaved with the speed reference (paired speed-up, median); if it misses the budget there, the
-   next one is tried (three at most).
+   next one is tried (three at most). A Block Caching candidate whose schedule skips no block (every
+   change exceeds its delta) is never picked: it is its solver and steps plus hooks, and its measured
+   edge over them is noise.
 
 ``budget_minutes`` bounds steps 1 and 2 (the search stops measuring when it is spent and keeps what it
 has); the confirmation is not bounded. Every measured candidate is written (atomically) to a state file
@@ -304,6 +306,16 @@ class Tuner:
         self._save()
         return list(self.state["measured"].values())
 
+    def skips_nothing(self, rec: dict) -> bool:
+        """A Block Caching candidate whose schedule computes every block (every change exceeds its delta) is
+        its solver and steps plus hooks: the same images, and any speed difference is noise; never pick it."""
+        if rec.get("bc") is None:
+            return False
+        from .methods.block_cache.schedule import ideal_speedup, schedule_from_changes
+
+        plan = self.state.get("plans", {}).get(f"{rec['solver']} @{rec['steps']}")
+        return plan is not None and ideal_speedup(schedule_from_changes(plan["l1rel"], rec["bc"])) <= 1.0
+
     # ---- confirmation
     def confirm_one(self, rec: dict) -> dict:
         """The candidate on the held-out prompts, interleaved with the speed reference batch by batch."""
@@ -338,7 +350,7 @@ class Tuner:
     def run(self) -> dict:
         self.references()
         records = self.search()
-        passing = sorted((r for r in records if r["meets"]), key=lambda r: -r["speedup"])
+        passing = sorted((r for r in records if r["meets"] and not self.skips_nothing(r)), key=lambda r: -r["speedup"])
         if not passing:
             scored = [r for r in records if r["quality"] is not None]
             if not scored:
