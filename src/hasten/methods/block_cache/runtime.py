@@ -113,11 +113,12 @@ class _Block:
         self.slot = self.slots.get(h.stream)
         dec = self.shared["decisions"]
         if n < len(self.mask) and not self.mask[n]:
-            if self.ready(rows) and self.fits(args, kwargs):
+            xs = self.inputs(args, kwargs) if self.ready(rows) else None
+            if xs is not None and self.fits(xs):
                 self.reused += 1
                 if dec is not None:
                     dec[self.index] = 82  # "R"
-                out = self.reuse(args, kwargs, rows)
+                out = self.reuse(xs, rows)
                 if self.shared["measure"]:
                     self.measure(orig(*args, **kwargs), out)
                 if self.shared.get("fit") is not None:
@@ -139,10 +140,10 @@ class _Block:
             self.drop(rows)  # never reuse a residual older than the latest computation
         return out
 
-    def fits(self, args, kwargs) -> bool:
+    def fits(self, xs) -> bool:
         """The cached residuals have this call's token count: FlexiDiT changes it between calls, and a
         residual is never carried across a change of patch size (the block computes instead)."""
-        x, c = self.inputs(args, kwargs)[self.main], self.slot.cache[self.main]
+        x, c = xs[self.main], self.slot.cache[self.main]
         return x is None or c is None or x.shape[1:] == c.shape[1:]
 
     def drop(self, rows) -> None:
@@ -199,8 +200,7 @@ class _Block:
         t = row_timesteps(self.handle.timestep, self.handle.full_batch) * self.shared.get("time_scale", 1.0)
         return t if rows is None else t.index_select(0, rows.to(t.device))
 
-    def reuse(self, args, kwargs, rows):
-        xs = self.inputs(args, kwargs)
+    def reuse(self, xs, rows):
         outs = []
         ss = self.ss
         t = self.row_timesteps(rows) if ss is not None else None
