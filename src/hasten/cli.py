@@ -94,12 +94,12 @@ def generate(
         steps = int(tuned["steps"])
         if cfg is None and tuned.get("guidance_scale") is not None:
             cfg = float(tuned["guidance_scale"])
-    steps = 50 if steps is None else steps
-    check_sampling_options(steps, cfg)
+    check_sampling_options(50 if steps is None else steps, cfg)
     if per_label < 1:
         raise HastenError(f"--per-label must be >= 1, got {per_label}")
     text = read_prompts(prompt, prompts)
     pipe = load_pipeline(model)
+    steps = getattr(pipe, "num_steps", 50) if steps is None else steps  # a distilled student: its own steps
     is_text = hasattr(pipe, "encode_prompt")
     if is_text and not text:
         raise HastenError(f"model {model!r} is text-to-image: give --prompt TEXT or --prompts FILE")
@@ -136,7 +136,8 @@ def generate(
             raise HastenError(f"unknown schedule {schedule!r}; choose one of linear, linear-quadratic")
         images = pipe(conds, num_inference_steps=steps, guidance_scale=scale, sigmas=sigmas,
                       latents=initial_noise(pipe, len(conds), seed), output_type="pt").images
-        requested_nfe, calls = steps * (2 if scale > 1 else 1), steps
+        guided = scale > 1 and not hasattr(pipe, "student")  # a student has guidance distilled in: one branch
+        requested_nfe, calls = steps * (2 if guided else 1), steps
     else:
         gen = torch.Generator().manual_seed(seed)
         result = pipe(conds, num_inference_steps=steps, guidance_scale=cfg, generator=gen,
@@ -462,6 +463,10 @@ def calibrate_cmd(
 from .decoding.cli import register as _register_decoding  # noqa: E402
 
 _register_decoding(app)
+
+from .distill.cli import register as _register_distill  # noqa: E402
+
+_register_distill(app)
 
 
 def quiet_loading() -> None:

@@ -36,7 +36,9 @@ PIPELINE_CONFIG = "hasten_pipeline.json"
 MODELS_DIR = Path(__file__).parent / "models"
 EMBEDDED = {"digits": MODELS_DIR / "digits", "shapes": MODELS_DIR / "shapes",
             # FlexiDiT fine-tunes (hasten flexify): what they add to their base, applied on load
-            "digits-flexi": MODELS_DIR / "digits_flexi", "shapes-flexi": MODELS_DIR / "shapes_flexi"}
+            "digits-flexi": MODELS_DIR / "digits_flexi", "shapes-flexi": MODELS_DIR / "shapes_flexi",
+            # a 4-step ARD student distilled from shapes (hasten distill ard)
+            "shapes-ard4": MODELS_DIR / "shapes_ard4"}
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -243,7 +245,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     key = str(name_or_path)
     if key in EMBEDDED:
         folder = EMBEDDED[key]
-        if not any((folder / f).is_file() for f in (PIPELINE_CONFIG, "model_index.json", "flexi_config.json")):
+        markers = (PIPELINE_CONFIG, "model_index.json", "flexi_config.json", "ard_config.json")
+        if not any((folder / f).is_file() for f in markers):
             raise HastenError(f"the embedded model {key!r} is missing its weights in {folder}; "
                               "reinstall hasten or train it with `hasten train`")
         return folder
@@ -272,6 +275,10 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
     a folder with ``hasten_pipeline.json`` (``digits``) as a ``HastenPipeline``.
     """
     folder = resolve_model(name_or_path)
+    if (folder / "ard_config.json").is_file():  # an ARD student of another model (hasten distill ard)
+        from .distill.ard import load_ard
+
+        return load_ard(folder)
     if (folder / "flexi_config.json").is_file():  # a FlexiDiT fine-tune of another model (hasten flexify)
         from .flexidit_train import load_flexi
 

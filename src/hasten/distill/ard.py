@@ -1,0 +1,406 @@
+"""ARD: autoregressive distillation of a diffusion transformer (Kim et al., CVPR 2025, arXiv 2504.11295).
+
+A K-step student predicts the teacher's ODE trajectory at K kept points (see
+:mod:`hasten.distill.trajectories`: states x_{sigma_0} = noise, ..., x_{sigma_K} = the final latent).
+Step distillation gives student step d only its current input x_{sigma_d}; ARD gives it the whole
+history x_{sigma_0..d}, which the paper shows mitigates exposure bias and carries coarse information.
+
+The student is the teacher's ``SD3Transformer2DModel`` (weights copied) with:
+
+- **history groups in one sequence**: group d is one full teacher sequence (its image tokens and its own
+  copy of the text tokens) for input x_{sigma_d}; groups are laid out as extra rows during the
+  per-token work, so every group gets its **own token-wise time embedding** ``time_text_embed(1000
+  sigma_d, pooled)`` (SD3's adaLN conditioning is per sequence; per group is per token of the joint
+  sequence);
+- **block-causal attention across groups in the lower N blocks** (``layers_with_history``): a query of
+  group d attends to the keys of groups <= d (image and text tokens); the upper blocks attend within
+  their group, i.e. they are the teacher's blocks unchanged. N = 0 is plain step distillation: K
+  independent passes of one network;
+- **one output head per step** (the teacher's ``norm_out`` + ``proj_out``, copied K times);
+- the head predicts a velocity and the group's output state is the Euler jump
+  ``x_{sigma_{d+1}} = x_{sigma_d} + (sigma_{d+1} - sigma_d) v_d``, so the freshly built student is the
+  teacher (conditional branch) taking K big Euler steps: a tested, sensible initialisation;
+- **inference in K sequential passes** with a KV cache in the lower N blocks (each pass computes only
+  its own group); it reproduces the teacher-forced masked pass fed with its own predictions.
+
+Training (teacher-forced, the paper's objective): the groups' inputs are the teacher's states
+x_{sigma_0..K-1}; loss = mean over d of MSE(x_{sigma_d} + (sigma_{d+1} - sigma_d) v_d, x^teacher_{sigma_{d+1}}).
+AdamW, gradient clipping at 1, EMA of the weights (the paper's recipe; its GAN fine-tune is left out).
+The guidance of the teacher (CFG) is distilled in: the student runs one branch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import HastenError
+from ..io import atomic_write, write_json
+from ..pipelines.shapes import ShapesPipeline
+
+ARD_CONFIG = "ard_config.json"
+ARD_WEIGHTS = "student.safetensors"
+
+
+def block_causal_mask(groups: int, tokens: int, history: bool = True) -> torch.Tensor:
+    """(groups * tokens)^2 boolean attention mask, True where a query may attend to a key: query of group
+    d sees keys of groups <= d (``history``) or of group d only (block-diagonal)."""
+    g = torch.arange(groups).repeat_interleave(tokens)
+    return (g[:, None] >= g[None, :]) if history else (g[:, None] == g[None, :])
+
+
+class HistoryAttention:
+    """Attention processor of a lower block: SD3's joint attention (diffusers' ``JointAttnProcessor2_0``,
+    same projections and norms) across history groups.
+
+    Teacher-forced (``cache is None``): the rows of the batch are (sample, group) pairs, ``groups`` per
+    sample; each sample's groups are joined into one sequence under :func:`block_causal_mask`.
+    Cached (``start_cache``): one group per call; its keys and values are appended to the cache and its
+    queries attend to every cached group and itself (the same as the mask for the newest group).
+    """
+
+    def __init__(self) -> None:
+        self.groups = 1
+        self.cache: list[torch.Tensor] | None = None
+
+    def start_cache(self) -> None:
+        self.cache = []
+
+    def stop_cache(self) -> None:
+        self.cache = None
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        rows, n_img = hidden_states.shape[:2]
+        heads = attn.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(rows, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        cq = split(attn.add_q_proj(encoder_hidden_states))
+        ck, cv = split(attn.add_k_proj(encoder_hidden_states)), split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        length, hd = q.shape[2], q.shape[3]
+        if self.cache is not None:  # one group; attend to every earlier group and itself
+            if self.cache:
+                k, v = torch.cat([self.cache[0], k], 2), torch.cat([self.cache[1], v], 2)
+            self.cache[:] = [k, v]
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            g = self.groups
+            if rows % g:
+                raise HastenError(f"{rows} rows are not whole samples of {g} groups")
+
+            def join(t: torch.Tensor) -> torch.Tensor:  # (B g, H, L, hd) -> (B, H, g L, hd)
+                return t.view(rows // g, g, heads, length, hd).transpose(1, 2).reshape(rows // g, heads, g * length, hd)
+
+            mask = block_causal_mask(g, length).to(q.device)
+            out = F.scaled_dot_product_attention(join(q), join(k), join(v), attn_mask=mask)
+            out = out.view(rows // g, heads, g, length, hd).transpose(1, 2).reshape(rows, heads, length, hd)
+        out = out.transpose(1, 2).reshape(rows, length, heads * hd).to(q.dtype)
+        img, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](img)), ctx
+
+
+class ARDStudent(nn.Module):
+    """The K-step ARD student built from a teacher ``SD3Transformer2DModel``; see the module docstring.
+
+    ``sigmas``: the K + 1 kept noise levels, from 1 (noise) to 0 (the final latent).
+    """
+
+    def __init__(self, teacher: nn.Module, sigmas: Sequence[float], layers_with_history: int):
+        super().__init__()
+        layers = len(teacher.transformer_blocks)
+        if not 0 <= layers_with_history <= layers:
+            raise HastenError(f"--layers-with-history must be in [0, {layers}], got {layers_with_history}")
+        if len(sigmas) < 2:
+            raise HastenError("an ARD student needs at least 2 kept noise levels (1 step)")
+        self.transformer = copy.deepcopy(teacher)
+        self.register_buffer("sigmas", torch.as_tensor(list(sigmas), dtype=torch.float32), persistent=False)
+        self.steps = len(sigmas) - 1
+        self.layers_with_history = layers_with_history
+        self.head_norms = nn.ModuleList(copy.deepcopy(self.transformer.norm_out) for _ in range(self.steps))
+        self.head_projs = nn.ModuleList(copy.deepcopy(self.transformer.proj_out) for _ in range(self.steps))
+        self.history = [HistoryAttention() for _ in range(layers_with_history)]
+        for block, proc in zip(self.transformer.transformer_blocks, self.history):
+            block.attn.set_processor(proc)
+
+    # ------------------------------------------------------------------ pieces
+    def attention_masks(self, tokens: int) -> list[torch.Tensor]:
+        """The mask each block applies across the K groups of ``tokens`` tokens (upper blocks: diagonal)."""
+        return [block_causal_mask(self.steps, tokens, i < self.layers_with_history)
+                for i in range(len(self.transformer.transformer_blocks))]
+
+    def _condition(self, x: torch.Tensor, groups: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tr = self.transformer
+        timestep = self.sigmas[groups] * 1000.0
+        return tr.pos_embed(x), tr.time_text_embed(timestep, pooled), tr.context_embedder(text)
+
+    def _blocks(self, h: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for block in self.transformer.transformer_blocks:
+            ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
+        return h
+
+    def _head(self, d: int, h: torch.Tensor, temb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        p, c = self.transformer.config.patch_size, self.transformer.out_channels
+        out = self.head_projs[d](self.head_norms[d](h, temb))
+        hh, ww = size[0] // p, size[1] // p
+        out = out.reshape(out.shape[0], hh, ww, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], c, hh * p, ww * p)
+
+    # ------------------------------------------------------------------ teacher-forced (training)
+    def forward(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Velocities (B, K, C, H, W) of all K groups at once from their inputs ``states`` (B, K, C, H, W)."""
+        b, k = states.shape[:2]
+        if k != self.steps:
+            raise HastenError(f"the student has {self.steps} groups, got {k} input states")
+        groups = torch.arange(k, device=states.device).repeat(b)
+        h, temb, ctx = self._condition(states.flatten(0, 1), groups, text.repeat_interleave(k, 0),
+                                       pooled.repeat_interleave(k, 0))
+        for proc in self.history:
+            proc.groups, proc.cache = k, None
+        h = self._blocks(h, ctx, temb)
+        h, temb = h.view(b, k, *h.shape[1:]), temb.view(b, k, -1)
+        return torch.stack([self._head(d, h[:, d], temb[:, d], states.shape[-2:]) for d in range(k)], 1)
+
+    def step_sizes(self) -> torch.Tensor:
+        return self.sigmas[1:] - self.sigmas[:-1]
+
+    def loss(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Mean over the K steps of the MSE between the predicted and the teacher's next state."""
+        v = self(states[:, :-1], text, pooled)
+        pred = states[:, :-1] + self.step_sizes().view(1, -1, 1, 1, 1) * v
+        return ((pred - states[:, 1:]) ** 2).mean(dim=(0, 2, 3, 4)).mean()
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
+               return_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """K sequential passes (KV cache in the lower blocks): the final latent (and all K + 1 states)."""
+        x, states, dt = noise.float(), [noise.float()], self.step_sizes()
+        for proc in self.history:
+            proc.start_cache()
+        try:
+            for d in range(self.steps):
+                groups = torch.full((x.shape[0],), d, device=x.device, dtype=torch.long)
+                h, temb, ctx = self._condition(x, groups, text, pooled)
+                v = self._head(d, self._blocks(h, ctx, temb), temb, x.shape[-2:])
+                x = x + dt[d] * v.float()
+                states.append(x)
+        finally:
+            for proc in self.history:
+                proc.stop_cache()
+        return (x, torch.stack(states, 1)) if return_states else x
+
+
+def ard_flops(student: ARDStudent, text_tokens: int, height: int, width: int) -> dict:
+    """Analytic forward FLOPs per image of K passes, and ARD's extra over the N = 0 student.
+
+    Each pass costs one teacher call (:func:`hasten.methods.flexidit.transformer_flops`; the K heads are
+    the teacher's head). History adds attention only: in each of the N lower blocks, the group-d queries
+    ((n + m) tokens) also attend to d earlier groups' keys, ``4 (n + m) (d (n + m)) D`` FLOPs (QK^T and AV),
+    summed over d = 0..K-1.
+    """
+    from ..methods.flexidit import transformer_flops
+
+    tr = student.transformer
+    cfg = tr.config
+    per_pass = transformer_flops(tr, height, width, text_tokens=text_tokens)["total"]
+    tokens = (height // cfg.patch_size) * (width // cfg.patch_size) + text_tokens
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    extra = student.layers_with_history * sum(4 * tokens * d * tokens * dim for d in range(student.steps))
+    base = student.steps * per_pass
+    return {"total": base + extra, "step_distillation": base, "extra": extra, "extra_share": extra / base}
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class ARDConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    ema_decay: float = 0.999
+    layers_with_history: int = 2
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 25
+    bf16_autocast: bool = True  # CPU bf16 matmuls, as the base model was trained; weights, EMA, loss fp32
+
+
+def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, progress: bool = True,
+              stop_after: int | None = None) -> dict:
+    """Train (or resume) the student on ``data`` (:func:`load_trajectories`); returns the log and the EMA
+    student. Checkpoints (atomic) go to ``out/checkpoints``; each step's batch depends only on the seed
+    and the step, so a resumed run continues the same sequence."""
+    from ..train import ema_update
+    from ..train_shapes import LossLog, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
+
+    out = Path(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoints" / "student.pt"
+    sigmas = data["sigmas"].tolist()
+    student = ARDStudent(teacher, sigmas, cfg.layers_with_history).train()
+    ema = copy.deepcopy(student).requires_grad_(False).eval()  # its blocks hold their own processors
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
+    start, curve, elapsed, cpu = 0, [], 0.0, 0.0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        if state["config"] != asdict(cfg):
+            raise HastenError(f"{out} holds a run with other settings ({ckpt_path}); use another --out")
+        student.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, curve, elapsed, cpu = state["step"], state["curve"], state["elapsed_s"], state["cpu_s"]
+    t0, c0 = time.time() - elapsed, time.process_time() - cpu
+    n = data["states"].shape[0]
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress,
+               desc=f"ARD N={cfg.layers_with_history}", dynamic_ncols=True)
+    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            loss = student.loss(data["states"][rows].float(), data["text"][rows].float(),
+                                data["pooled"][rows].float()).float()
+        value = optimizer_step(loss, opt, sched, student.parameters(), "ARD", step)
+        ema_update(ema, student, step, cfg.ema_decay)
+        loss_log.add(step, value)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(ckpt_path, {"model": student.state_dict(), "ema": ema.state_dict(),
+                                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
+                                        "curve": curve, "elapsed_s": time.time() - t0,
+                                        "cpu_s": time.process_time() - c0, "config": asdict(cfg)})
+    return {"train_config": asdict(cfg), "loss_curve": curve, "step": end, "finished": end == cfg.steps,
+            "train_seconds": round(time.time() - t0, 1), "train_cpu_seconds": round(time.process_time() - c0, 1),
+            "num_parameters": sum(p.numel() for p in student.parameters()), "samples": n, "sigmas": sigmas,
+            "student": ema}
+
+
+# --------------------------------------------------------------------------- saving, loading, sampling
+def save_ard(student: ARDStudent, folder: str | Path, base: str, meta: dict) -> Path:
+    """``folder/ard_config.json`` (base model, kept sigmas, N, ``meta``: it must hold ``base_vae``, the
+    :func:`hasten.plans.weights_hash` of the base's VAE, whose latent space the student samples in) and
+    ``folder/student.safetensors``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
+    atomic_write(folder / ARD_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    cfg = {"base": base, "sigmas": student.sigmas.tolist(), "steps": student.steps,
+           "layers_with_history": student.layers_with_history, **meta}
+    write_json(folder / ARD_CONFIG, cfg)
+    return folder
+
+
+def load_ard(folder: str | Path) -> Any:
+    """A :class:`ShapesARDPipeline` from a folder written by :func:`save_ard` (base model loaded by name)."""
+    from safetensors.torch import load_file
+
+    from ..pipeline import load_pipeline
+    from ..plans import weights_hash
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / ARD_CONFIG).read_text())
+        tensors = load_file(str(folder / ARD_WEIGHTS))
+    except (OSError, ValueError) as e:
+        raise HastenError(f"cannot load the ARD student in {folder}: {e}") from None
+    base = load_pipeline(cfg["base"])
+    if weights_hash(base.vae) != cfg.get("base_vae"):
+        raise HastenError(f"{folder} was distilled in the latent space of other {cfg['base']!r} weights than "
+                          "the ones installed; re-run hasten distill")
+    student = ARDStudent(base.transformer, cfg["sigmas"], int(cfg["layers_with_history"]))
+    try:
+        student.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise HastenError(f"{folder}: the weights do not fit the student of {cfg['base']!r}: "
+                          f"{str(e).splitlines()[0]}") from None
+    student.requires_grad_(False).eval()
+    scale = float(cfg.get("guidance_scale", base.default_guidance_scale))
+    pipe = ShapesARDPipeline.from_student(student, base, guidance_scale=scale)
+    pipe.name = folder.name
+    pipe.model_dir = folder
+    return pipe
+
+
+class ShapesARDPipeline(ShapesPipeline):
+    """The ``shapes`` pipeline sampling with an ARD student: same call signature, K steps, guidance
+    distilled in (the teacher's scale; another one is an error, as is another step count)."""
+
+    student: ARDStudent
+    num_steps: int
+
+    @classmethod
+    def from_student(cls, student: ARDStudent, base: Any, guidance_scale: float) -> ShapesARDPipeline:
+        """The student with the VAE, text encoder and scheduler of its ``base`` pipeline."""
+        pipe = cls(transformer=student.transformer, vae=base.vae, scheduler=base.scheduler,
+                   text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+        pipe.student, pipe.num_steps = student, student.steps
+        pipe.default_guidance_scale = guidance_scale
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, sigmas: list[float] | None = None,
+                 num_images_per_prompt: int = 1, output_type: str = "pil", height: int | None = None,
+                 width: int | None = None, return_dict: bool = True, callback_on_step_end: Any = None) -> Any:
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        k = self.num_steps
+        if num_inference_steps is not None and int(num_inference_steps) != k:
+            raise HastenError(f"this ARD student samples in exactly {k} steps, not {num_inference_steps}")
+        if guidance_scale is not None and not math.isclose(float(guidance_scale), self.default_guidance_scale):
+            raise HastenError(f"this student has guidance {self.default_guidance_scale:g} distilled in; "
+                              f"it cannot sample at guidance_scale {guidance_scale}")
+        if sigmas is not None or negative_prompt is not None or callback_on_step_end is not None:
+            raise HastenError("an ARD student takes no sigmas, negative_prompt or callback_on_step_end")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise HastenError(f"unknown output_type {output_type!r}: pil | np | pt | latent")
+        size = self.vae.config.sample_size
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and v != size:
+                raise HastenError(f"{name} must be {size} for this model, got {v}")
+        prompts = [p for p in self.check_prompts(prompt) for _ in range(num_images_per_prompt)]
+        text, pooled = self.encode_prompt(prompts)
+        if latents is None:
+            latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, device=text.device,
+                                   dtype=torch.float32)
+        z = self.student.sample(latents.to(text.device, torch.float32), text, pooled)
+        if output_type == "latent":
+            images = z
+        else:
+            images = self.decode_latents(z)
+            if output_type == "np":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+            elif output_type == "pil":
+                images = self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().numpy())
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

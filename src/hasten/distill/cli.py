@@ -1,0 +1,91 @@
+"""``hasten distill trajectories`` and ``hasten distill ard``: registered on the main app by ``register``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import HastenError
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``hasten distill ...`` to ``app`` (heavy imports stay inside the commands)."""
+    distill = typer.Typer(no_args_is_help=True, help="Distil few-step students from a teacher's trajectories.")
+    app.add_typer(distill, name="distill")
+
+    @distill.command("trajectories")
+    def trajectories_cmd(
+        teacher: str = typer.Option("shapes", help="the teacher (a text-to-image model name or folder)"),
+        steps: int = typer.Option(25, help="teacher Euler steps (CFG at the teacher's guidance)"),
+        keep: int = typer.Option(4, help="kept intermediate states = student steps"),
+        n: int = typer.Option(..., "--n", help="number of trajectories"),
+        out: Path = typer.Option(..., help="output folder (re-running continues where it stopped)"),
+        shard_size: int = typer.Option(256, help="trajectories per safetensors shard"),
+        batch_size: int = typer.Option(64, help="teacher batch size"),
+        as_json: bool = typer.Option(False, "--json", help="print the manifest as one JSON object"),
+    ) -> None:
+        """Run the teacher from noise on grammar captions and store its trajectories (resumable)."""
+        import json
+
+        from ..pipeline import load_pipeline
+        from .trajectories import generate_trajectories, kept_indices
+
+        kept_indices(steps, keep)  # fail on bad --steps/--keep before loading anything
+        if n < 1 or shard_size < 1 or batch_size < 1:
+            raise HastenError("--n, --shard-size and --batch-size must be >= 1")
+        if out.exists() and not out.is_dir():
+            raise HastenError(f"--out {out} exists and is not a folder")
+        pipe = load_pipeline(teacher)
+        if not hasattr(pipe, "encode_prompt") or hasattr(pipe, "student"):
+            raise HastenError(f"--teacher {teacher!r} must be a text-to-image diffusion model (e.g. shapes)")
+        man = generate_trajectories(pipe, out, n, steps, keep, shard_size, batch_size, teacher, progress=not as_json)
+        typer.echo(json.dumps(man) if as_json else f"wrote {n} trajectories to {out} (kept steps "
+                   f"{man['kept_indices']} of {steps})")
+
+    @distill.command("ard")
+    def ard_cmd(
+        teacher: str = typer.Option("shapes", help="the teacher the trajectories came from"),
+        data: Path = typer.Option(..., help="a folder written by hasten distill trajectories"),
+        layers_with_history: int = typer.Option(..., help="N: lower blocks that attend to earlier steps "
+                                                "(0 = plain step distillation)"),
+        out: Path = typer.Option(..., help="output folder (checkpoints inside; re-running resumes)"),
+        steps: int = typer.Option(2000, help="optimisation steps"),
+        batch_size: int = typer.Option(32, help="trajectories per step"),
+        lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+        as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
+    ) -> None:
+        """Train an ARD student (teacher-forced, mean of per-step MSEs, AdamW, EMA); writes a folder that
+        hasten.load_pipeline and --model load."""
+        import json
+
+        import torch
+
+        from ..pipeline import EMBEDDED, load_pipeline
+        from ..plans import weights_hash
+        from .ard import ARDConfig, save_ard, train_ard
+        from .trajectories import load_trajectories
+
+        if steps < 1 or batch_size < 1 or not lr > 0:
+            raise HastenError("--steps and --batch-size must be >= 1 and --lr > 0")
+        if out.exists() and not out.is_dir():
+            raise HastenError(f"--out {out} exists and is not a folder")
+        traj = load_trajectories(data)
+        if traj["manifest"]["teacher"] != teacher:
+            raise HastenError(f"{data} holds trajectories of {traj['manifest']['teacher']!r}, not --teacher {teacher}")
+        pipe = load_pipeline(teacher)
+        cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, layers_with_history=layers_with_history)
+        torch.manual_seed(cfg.seed)
+        log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json)
+        student = log.pop("student")
+        if log["finished"]:
+            m = traj["manifest"]
+            base = teacher if teacher in EMBEDDED else str(Path(teacher).resolve())
+            save_ard(student, out, base, {"guidance_scale": m["guidance_scale"], "teacher_steps": m["steps"],
+                                          "kept_indices": m["kept_indices"], "base_vae": weights_hash(pipe.vae),
+                                          "trajectories": len(traj["captions"]), "train_steps": steps})
+            from ..io import write_json
+
+            write_json(out / "train_log.json", log)
+        typer.echo(json.dumps(log) if as_json else f"wrote {out} ({log['train_seconds']:.0f} s, final loss "
+                   f"{log['loss_curve'][-1]['loss']:.5f}); load it with --model {out}")

@@ -1,0 +1,174 @@
+"""Teacher trajectories for step distillation: ``hasten distill trajectories``.
+
+The teacher (a ``ShapesPipeline``, CFG at its default guidance, flow-matching Euler) runs ``steps``
+steps from noise on captions drawn from the scene grammar; per sample we keep the ODE **states**
+x_sigma at ``keep + 1`` points of its schedule: the initial noise (sigma = 1), ``keep - 1`` intermediate
+states and the final latent (sigma = 0).
+
+Convention: states, not x0-predictions. The public ARD re-implementation (DDIM, epsilon teacher)
+keeps the teacher's x0-predictions; for a flow-matching teacher the states are the natural choice:
+the teacher itself reads a state at its timestep 1000 sigma, so a student built from its weights
+starts as the teacher taking one big Euler step per group (a measured, sensible initialisation), and
+at inference the student's history is the trajectory it integrates, which is what the paper's "history
+of the ODE trajectory" is. The x0-prediction at a state is one line away (x0 = x - sigma v).
+
+Kept points (:func:`kept_indices`): the ARD paper's spacing for 25 DDIM steps and 4 student steps,
+indices 25 -> 15 -> 10 -> 5 -> 0, i.e. a first jump of ``steps - (keep - 1) * (steps // 5)`` steps and
+then jumps of ``steps // 5`` (25 steps, keep 4: after 0, 10, 15, 20 and 25 teacher steps).
+
+Storage: safetensors shards of ``shard_size`` samples (tensors ``text`` (n, L, 384), ``pooled`` (n, 384),
+``states`` (n, keep + 1, C, H, W) with ``states[:, 0]`` the noise and ``states[:, -1]`` the final latent,
+``seeds`` (n,), ``sigmas`` (keep + 1,); captions in the metadata). Sample i uses caption seed
+``CAPTION_SEED0 + i`` and noise seed ``i``; shard k holds samples [k * shard_size, (k + 1) * shard_size).
+Each shard is written to a temporary file and renamed, so re-running continues at the first missing
+shard with no duplicate and no gap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import HastenError
+from ..io import atomic_write, write_json
+
+CAPTION_SEED0 = 30_000_000  # disjoint from training (< 10M per seed), calibration (40M) and held-out (50M)
+MANIFEST = "trajectories.json"
+
+
+def kept_indices(steps: int, keep: int) -> list[int]:
+    """Teacher step counts at which the state is kept: [0, first, first + d, ..., steps], d = steps // 5."""
+    if keep < 1:
+        raise HastenError(f"--keep must be >= 1, got {keep}")
+    if steps < keep:
+        raise HastenError(f"--steps ({steps}) must be >= --keep ({keep})")
+    d = max(1, steps // 5) if keep > 1 else steps
+    first = steps - (keep - 1) * d
+    if first < 1:  # many kept points: fall back to even spacing
+        return [round(i * steps / keep) for i in range(keep + 1)]
+    return [0] + [first + j * d for j in range(keep)]
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}.safetensors"
+
+
+def _stored(path: Path) -> int:
+    """Samples in a shard (0 when absent): a last shard written for a smaller ``n`` is rewritten."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "pt") as h:
+        return int(h.get_slice("seeds").get_shape()[0])
+
+
+def _noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def teacher_states(pipe: Any, prompts: list[str], noise: torch.Tensor, steps: int, keep_at: list[int],
+                   guidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the teacher and return (states (B, len(keep_at), C, H, W), sigmas (len(keep_at),))."""
+    kept: dict[int, torch.Tensor] = {0: noise.float().clone()} if 0 in keep_at else {}
+
+    def grab(_pipe: Any, i: int, _t: Any, kw: dict) -> dict:
+        if i + 1 in keep_at:
+            kept[i + 1] = kw["latents"].float().clone()
+        return kw
+
+    pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise, output_type="latent",
+         callback_on_step_end=grab)
+    sigmas = pipe.scheduler.sigmas.float()  # steps + 1 values, the last one 0
+    return torch.stack([kept[j] for j in keep_at], 1), sigmas[keep_at].clone()
+
+
+def generate_trajectories(pipe: Any, out: str | Path, n: int, steps: int = 25, keep: int = 4,
+                          shard_size: int = 256, batch_size: int = 64, teacher: str = "shapes",
+                          progress: bool = True, stop_after_shards: int | None = None) -> dict:
+    """Write (or complete) ``n`` trajectories in ``out``; returns the manifest. See the module docstring.
+
+    ``stop_after_shards`` stops after writing that many new shards (tests of the resume path).
+    """
+    from safetensors.torch import save_file
+
+    from ..data.shapes import sample_scene
+
+    if n < 1 or shard_size < 1 or batch_size < 1:
+        raise HastenError("--n, --shard-size and --batch-size must be >= 1")
+    keep_at = kept_indices(steps, keep)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HastenError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"teacher": teacher, "steps": steps, "keep": keep, "kept_indices": keep_at,
+                "guidance_scale": float(pipe.default_guidance_scale), "shard_size": shard_size,
+                "caption_seed0": CAPTION_SEED0, "convention": "states", "n": n}
+    old_path = out / MANIFEST
+    if old_path.is_file():
+        old = json.loads(old_path.read_text())
+        for key in ("teacher", "steps", "keep", "guidance_scale", "shard_size"):
+            if old.get(key) != manifest[key]:
+                raise HastenError(f"{out} holds trajectories with {key}={old.get(key)!r}, not {manifest[key]!r}; "
+                                  "use another --out")
+    write_json(old_path, manifest)
+    shards = (n + shard_size - 1) // shard_size
+    todo = [k for k in range(shards) if _stored(out / shard_name(k)) != min(shard_size, n - k * shard_size)]
+    done_samples = n - sum(min(shard_size, n - k * shard_size) for k in todo)
+    bar = tqdm(total=n, initial=done_samples, disable=not progress, desc="trajectories", dynamic_ncols=True)
+    for written, k in enumerate(todo):
+        if stop_after_shards is not None and written >= stop_after_shards:
+            break
+        idx = list(range(k * shard_size, min(n, (k + 1) * shard_size)))
+        scenes = [sample_scene(CAPTION_SEED0 + i) for i in idx]
+        parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": []}
+        for b in range(0, len(idx), batch_size):
+            chunk = idx[b:b + batch_size]
+            prompts = [s.caption for s in scenes[b:b + batch_size]]
+            text, pooled = pipe.encode_prompt(prompts, torch.float32)
+            states, sigmas = teacher_states(pipe, prompts, _noise(pipe.latent_shape, chunk), steps, keep_at)
+            parts["text"].append(text)
+            parts["pooled"].append(pooled)
+            parts["states"].append(states)
+            bar.update(len(chunk))
+        tensors = {key: torch.cat(v).contiguous() for key, v in parts.items()}
+        tensors["seeds"] = torch.tensor(idx, dtype=torch.int64)
+        tensors["sigmas"] = sigmas
+        meta = {"captions": json.dumps([s.caption for s in scenes]), "manifest": json.dumps(manifest)}
+        atomic_write(out / shard_name(k), lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
+    bar.close()
+    return manifest
+
+
+def load_trajectories(folder: str | Path) -> dict:
+    """All shards of ``folder`` in sample order: text, pooled, states, seeds, sigmas, captions, manifest."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise HastenError(f"{folder} holds no trajectories ({MANIFEST} missing): run hasten distill trajectories")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    shard_size, n = int(manifest["shard_size"]), int(manifest["n"])
+    files = [folder / shard_name(k) for k in range((n + shard_size - 1) // shard_size)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise HastenError(f"{folder} is incomplete ({len(missing)} of {len(files)} shards missing, first "
+                          f"{missing[0]}): re-run hasten distill trajectories with the same options")
+    parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": [], "seeds": []}
+    captions: list[str] = []
+    for f in files:
+        t = load_file(str(f))
+        for key in parts:
+            parts[key].append(t[key])
+        with safe_open(str(f), "pt") as h:
+            captions += json.loads(h.metadata()["captions"])
+        sigmas = t["sigmas"]
+    data = {key: torch.cat(v) for key, v in parts.items()}
+    data.update(sigmas=sigmas, captions=captions, manifest=manifest)
+    return data

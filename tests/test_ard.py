@@ -1,0 +1,233 @@
+"""ARD (autoregressive distillation): the student's masks, KV cache, initialisation, training and the
+trajectory data set, on a tiny text-to-image stack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hasten import HastenError
+from hasten.distill.ard import ARDConfig, ARDStudent, ard_flops, block_causal_mask, load_ard, save_ard, train_ard
+from hasten.distill.trajectories import generate_trajectories, kept_indices, load_trajectories, teacher_states
+from hasten.testing import run_cli, tiny_shapes_pipeline
+from hasten.testing_pipelines import count_block_calls
+
+SIGMAS = [1.0, 0.6, 0.4, 0.2, 0.0]
+PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_shapes_pipeline()
+
+
+@pytest.fixture(scope="module")
+def cond(pipe):
+    noise = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
+    text, pooled = pipe.encode_prompt(PROMPTS, torch.float32)
+    return noise, text, pooled
+
+
+def teacher_euler(pipe, noise, text, pooled, sigmas):
+    """The teacher's conditional branch, one Euler step per kept interval (float32, like the scheduler)."""
+    s = torch.tensor(sigmas, dtype=torch.float32)
+    x = noise.clone()
+    with torch.no_grad():
+        for d in range(len(sigmas) - 1):
+            v = pipe.transformer(hidden_states=x, timestep=(s[d] * 1000).expand(x.shape[0]),
+                                 encoder_hidden_states=text, pooled_projections=pooled, return_dict=False)[0]
+            x = x + (s[d + 1] - s[d]) * v
+    return x
+
+
+def test_kept_indices_follow_the_papers_spacing():
+    assert kept_indices(25, 4) == [0, 10, 15, 20, 25]  # DDIM 25 -> 15 -> 10 -> 5 -> 0 in the paper
+    assert kept_indices(10, 4) == [0, 4, 6, 8, 10]
+    assert kept_indices(4, 4) == [0, 1, 2, 3, 4]
+    assert kept_indices(25, 1) == [0, 25]
+    with pytest.raises(HastenError):
+        kept_indices(3, 4)
+
+
+def test_masks_are_block_causal_below_n_and_block_diagonal_above():
+    m = block_causal_mask(3, 2)
+    assert m.tolist()[4] == [True] * 6 and m.tolist()[0] == [True, True, False, False, False, False]
+    assert m.tolist()[2] == [True, True, True, True, False, False]
+    d = block_causal_mask(3, 2, history=False)
+    assert d.tolist()[2] == [False, False, True, True, False, False]
+
+
+def test_student_masks_per_block(pipe):
+    layers = len(pipe.transformer.transformer_blocks)
+    zero = ARDStudent(pipe.transformer, SIGMAS, 0).attention_masks(3)
+    assert all(torch.equal(m, block_causal_mask(4, 3, history=False)) for m in zero)
+    one = ARDStudent(pipe.transformer, SIGMAS, 1).attention_masks(3)
+    assert torch.equal(one[0], block_causal_mask(4, 3)) and not torch.equal(one[0], zero[0])
+    assert all(torch.equal(m, zero[0]) for m in one[1:]) and len(one) == layers
+
+
+def test_n0_student_at_init_is_the_teacher_taking_k_euler_steps_bitwise(pipe, cond):
+    """The exactness setting: a fresh N = 0 student samples exactly the teacher's K big Euler steps."""
+    noise, text, pooled = cond
+    student = ARDStudent(pipe.transformer, SIGMAS, 0).eval()
+    assert torch.equal(student.sample(noise, text, pooled), teacher_euler(pipe, noise, text, pooled, SIGMAS))
+
+
+def test_with_history_the_first_step_is_the_teachers_and_later_steps_see_the_history(pipe, cond):
+    noise, text, pooled = cond
+    student = ARDStudent(pipe.transformer, SIGMAS, 2).eval()
+    _, states = student.sample(noise, text, pooled, return_states=True)
+    assert torch.equal(states[:, 1], teacher_euler(pipe, noise, text, pooled, SIGMAS[:2]))
+    assert not torch.equal(states[:, -1], teacher_euler(pipe, noise, text, pooled, SIGMAS))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(pipe, cond, n):
+    """Fed its own predictions, the one-shot masked forward gives the velocities of the K cached passes.
+
+    Not bitwise: the masked pass reduces attention over all groups' keys (masked entries add exact
+    zeros, but SDPA's blocked reductions group the sums differently), so float32 rounding differs at
+    ~1e-7 relative; 1e-5 absolute on unit-scale latents is far below any real difference (a wrong
+    mask moves outputs by ~1e-2, the next test)."""
+    noise, text, pooled = cond
+    student = ARDStudent(pipe.transformer, SIGMAS, n).eval()
+    final, states = student.sample(noise, text, pooled, return_states=True)
+    with torch.no_grad():
+        v = student(states[:, :-1], text, pooled)
+    pred = states[:, :-1] + student.step_sizes().view(1, -1, 1, 1, 1) * v
+    torch.testing.assert_close(pred, states[:, 1:], atol=1e-5, rtol=0)
+
+
+def test_n0_groups_are_independent_and_history_is_causal(pipe, cond):
+    noise, text, pooled = cond
+    states = torch.randn(2, 4, *pipe.latent_shape, generator=torch.Generator().manual_seed(1))
+    early = states.clone()
+    early[:, 0] += 1.0  # perturb the first group
+    late = states.clone()
+    late[:, 3] += 1.0  # perturb the last group
+    with torch.no_grad():
+        zero = ARDStudent(pipe.transformer, SIGMAS, 0).eval()
+        a, b = zero(states, text, pooled), zero(early, text, pooled)
+        torch.testing.assert_close(a[:, 1:], b[:, 1:], atol=1e-6, rtol=0)  # N = 0: 4 independent passes
+        assert (a[:, 0] - b[:, 0]).abs().max() > 1e-3
+        ard = ARDStudent(pipe.transformer, SIGMAS, 2).eval()
+        a, b, c = ard(states, text, pooled), ard(early, text, pooled), ard(late, text, pooled)
+        assert (a[:, 1:] - b[:, 1:]).abs().amax(dim=(0, 2, 3, 4)).min() > 1e-3  # later groups see group 0
+        torch.testing.assert_close(a[:, :3], c[:, :3], atol=1e-6, rtol=0)  # earlier groups never see later
+
+
+def test_the_student_runs_k_passes_of_the_blocks(pipe, cond):
+    """It skips work: 4 passes of every block per image, against 25 guided steps of the teacher."""
+    noise, text, pooled = cond
+    student = ARDStudent(pipe.transformer, SIGMAS, 2).eval()
+    with count_block_calls(student.transformer) as counts:
+        student.sample(noise, text, pooled)
+    assert counts == [4] * len(counts)
+    with count_block_calls(pipe.transformer) as counts:
+        pipe(PROMPTS, num_inference_steps=25, latents=noise, output_type="latent")
+    assert counts == [25] * len(counts)  # each call batches both guidance branches
+
+
+def test_flop_formula_matches_the_flop_counter(pipe, cond):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    noise, text, pooled = cond
+    counted = {}
+    for n in (0, 2):
+        student = ARDStudent(pipe.transformer, SIGMAS, n).eval()
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            student.sample(noise, text, pooled)
+        counted[n] = fc.get_total_flops()
+        want = ard_flops(student, text.shape[1], 16, 16)
+        assert want["total"] * 2 == counted[n]
+    assert counted[2] - counted[0] == 2 * ard_flops(student, text.shape[1], 16, 16)["extra"] > 0
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(pipe, cond, tmp_path):
+    noise, text, pooled = cond
+    states, sigmas = teacher_states(pipe, PROMPTS, noise, 5, kept_indices(5, 4))
+    data = {"states": states.repeat(4, 1, 1, 1, 1), "text": text.repeat(4, 1, 1), "pooled": pooled.repeat(4, 1),
+            "sigmas": sigmas}
+    cfg = ARDConfig(steps=6, batch_size=4, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
+                    log_every=1, bf16_autocast=False)
+    straight = train_ard(pipe.transformer, data, tmp_path / "a", cfg, progress=False)
+    curve = [c["loss"] for c in straight["loss_curve"]]
+    assert curve[-1] < curve[0]
+    train_ard(pipe.transformer, data, tmp_path / "b", cfg, progress=False, stop_after=3)
+    resumed = train_ard(pipe.transformer, data, tmp_path / "b", cfg, progress=False)
+    assert resumed["finished"] and [c["loss"] for c in resumed["loss_curve"]] == curve
+    for p, q in zip(straight["student"].parameters(), resumed["student"].parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(HastenError, match="other settings"):
+        train_ard(pipe.transformer, data, tmp_path / "b", ARDConfig(steps=7, layers_with_history=1), progress=False)
+
+
+def test_trajectory_shards_round_trip_and_an_interrupted_run_resumes_without_gaps(pipe, tmp_path):
+    args = dict(n=5, steps=5, keep=2, shard_size=2, batch_size=3, progress=False)
+    generate_trajectories(pipe, tmp_path / "full", **args)
+    generate_trajectories(pipe, tmp_path / "cut", stop_after_shards=1, **args)
+    with pytest.raises(HastenError, match="incomplete"):
+        load_trajectories(tmp_path / "cut")
+    generate_trajectories(pipe, tmp_path / "cut", **args)  # re-run: continues at shard 1
+    full, cut = load_trajectories(tmp_path / "full"), load_trajectories(tmp_path / "cut")
+    assert full["seeds"].tolist() == cut["seeds"].tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(full["states"], cut["states"]) and full["captions"] == cut["captions"]
+    assert full["states"].shape == (5, 3, *pipe.latent_shape) and full["text"].shape[0] == 5
+    # the stored states are the teacher's: noise first, its 5-step output last, the 2-step state between
+    noise = torch.stack([torch.randn(pipe.latent_shape, generator=torch.Generator().manual_seed(i)) for i in (2, 3)])
+    assert torch.equal(full["states"][2:4, 0], noise)
+    final = pipe(full["captions"][2:4], num_inference_steps=5, latents=noise, output_type="latent").images
+    assert torch.equal(full["states"][2:4, -1], final)  # shard 1 = samples 2, 3, run as one batch
+    assert kept_indices(5, 2) == [0, 4, 5]
+    assert full["sigmas"].tolist() == [1.0, pipe.scheduler.sigmas[4].item(), 0.0]
+    with pytest.raises(HastenError, match="steps=5"):
+        generate_trajectories(pipe, tmp_path / "full", n=5, steps=6, keep=2, shard_size=2, progress=False)
+    generate_trajectories(pipe, tmp_path / "full", **{**args, "n": 6})  # more samples: the last shard grows
+    assert load_trajectories(tmp_path / "full")["seeds"].tolist() == list(range(6))
+
+
+def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe, cond, tmp_path, capsys):
+    from hasten import load_pipeline
+    from hasten.plans import weights_hash
+
+    noise, text, pooled = cond
+    pipe.save_pretrained(tmp_path / "teacher")
+    student = ARDStudent(pipe.transformer, SIGMAS, 1).eval()
+    with torch.no_grad():
+        for p in student.head_projs[2].parameters():
+            p.add_(0.01)  # weights that differ from the teacher's
+    save_ard(student, tmp_path / "ard", str(tmp_path / "teacher"), {"guidance_scale": 5.0, "base_vae":
+                                                                    weights_hash(pipe.vae)})
+    loaded = load_pipeline(tmp_path / "ard")
+    out = loaded(PROMPTS, latents=noise, output_type="latent").images
+    assert torch.equal(out, student.sample(noise, text, pooled))
+    images = loaded(PROMPTS, num_inference_steps=4, guidance_scale=5.0, latents=noise, output_type="pt").images
+    assert images.shape == (2, 3, 64, 64)
+    with pytest.raises(HastenError, match="exactly 4 steps"):
+        loaded(PROMPTS, num_inference_steps=25)
+    with pytest.raises(HastenError, match="guidance"):
+        loaded(PROMPTS, guidance_scale=2.0)
+    code, stdout, _ = run_cli(capsys, "generate", "--model", str(tmp_path / "ard"), "--prompt", "a red circle",
+                              "--per-label", "1", "--out", str(tmp_path / "g.png"), "--json")
+    assert code == 0 and json.loads(stdout)["steps"] == 4 and json.loads(stdout)["nfe"] == 4
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "ard"), "--prompt", "a red circle",
+                           "--steps", "10", "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "exactly 4 steps" in err
+    cfg = json.loads((tmp_path / "ard" / "ard_config.json").read_text())
+    (tmp_path / "ard" / "ard_config.json").write_text(json.dumps({**cfg, "base_vae": "0" * 16}))
+    with pytest.raises(HastenError, match="latent space"):
+        load_ard(tmp_path / "ard")
+
+
+def test_distill_cli_rejects_bad_input(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "distill", "trajectories", "--n", "0", "--out", str(tmp_path / "t"))
+    assert code == 2 and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "distill", "trajectories", "--n", "4", "--steps", "3", "--keep", "4",
+                           "--out", str(tmp_path / "t"))
+    assert code == 2 and "--keep" in err
+    code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path / "none"), "--layers-with-history", "2",
+                           "--out", str(tmp_path / "o"))
+    assert code == 2 and "no trajectories" in err
