@@ -4,6 +4,7 @@ trajectory data set, on a tiny text-to-image stack."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -231,3 +232,25 @@ def test_distill_cli_rejects_bad_input(capsys, tmp_path):
     code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path / "none"), "--layers-with-history", "2",
                            "--out", str(tmp_path / "o"))
     assert code == 2 and "no trajectories" in err
+
+
+def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
+    from hasten import load_pipeline
+    from hasten.eval.bench_harness import DenoiserTimer, WorkCounter
+    from hasten.eval.bench_shapes import EvalSet, student_config
+    from hasten.plans import weights_hash
+
+    pipe.save_pretrained(tmp_path / "teacher")
+    save_ard(ARDStudent(pipe.transformer, SIGMAS, 1), tmp_path / "ard", str(tmp_path / "teacher"),
+             {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
+    student = load_pipeline(tmp_path / "ard")
+    data = EvalSet(student, 3, seed=0)
+    cfg = student_config(student, data)
+    assert cfg.family == "hasten" and cfg.params["steps"] == 4 and cfg.params["layers_with_history"] == 1
+    prepared = cfg.setup()
+    counter = WorkCounter(prepared.transformer)
+    images = prepared.sample(torch.arange(3), None)
+    assert images.shape == (3, 3, 64, 64) and counter.rows == 3 * 4  # 4 one-branch passes per image
+    clock = DenoiserTimer(prepared.denoiser, time.perf_counter)
+    prepared.sample(torch.arange(3), None)
+    assert clock.seconds > 0  # the bench times the student's passes as its denoiser

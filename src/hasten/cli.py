@@ -285,6 +285,8 @@ def bench_cmd(
     cfg: float = typer.Option(None, help="guidance scale for every configuration (default: the model's)"),
     flexi: str = typer.Option(None, help="a hasten flexify folder (or embedded name) of the model: adds FlexiDiT "
                               "configurations (default for --model shapes: the embedded shapes-flexi; 'none': off)"),
+    students: str = typer.Option(None, help="distilled students of the model, comma-separated names or folders "
+                                 "(default for --model shapes: the embedded shapes-ard4; 'none': off)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Benchmark hasten's methods against fewer steps and peer caches, interleaved, in one process."""
@@ -293,7 +295,7 @@ def bench_cmd(
     check_args(out, samples, batch_size, threads)
     res = run_bench(model, out, quick=quick, samples=samples, batch_size=batch_size, seed=seed, peers=peers,
                     realistic=realistic, threads=threads, suite=suite, guidance_scale=cfg, flexi=flexi,
-                    progress=None if as_json else (lambda m: typer.echo(m, err=True)))
+                    students=students, progress=None if as_json else (lambda m: typer.echo(m, err=True)))
     lines = [f"wrote {out}/results.json, results.md, pareto.png ({len(res['records'])} configurations, "
              f"{res['protocol']['total_wall_s']:.0f} s)"]
     if suite != "default":

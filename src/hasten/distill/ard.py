@@ -168,8 +168,15 @@ class ARDStudent(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], c, hh * p, ww * p)
 
     # ------------------------------------------------------------------ teacher-forced (training)
-    def forward(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Velocities (B, K, C, H, W) of all K groups at once from their inputs ``states`` (B, K, C, H, W)."""
+    def forward(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, group: int | None = None
+                ) -> torch.Tensor:
+        """Velocities (B, K, C, H, W) of all K groups at once from their inputs ``states`` (B, K, C, H, W);
+        with ``group``, one cached inference pass: the velocity (B, C, H, W) of that group from its input
+        ``states`` (B, C, H, W) (see :meth:`sample`)."""
+        if group is not None:
+            ids = torch.full((states.shape[0],), group, device=states.device, dtype=torch.long)
+            h, temb, ctx = self._condition(states, ids, text, pooled)
+            return self._head(group, self._blocks(h, ctx, temb), temb, states.shape[-2:])
         b, k = states.shape[:2]
         if k != self.steps:
             raise HastenError(f"the student has {self.steps} groups, got {k} input states")
@@ -201,10 +208,7 @@ class ARDStudent(nn.Module):
             proc.start_cache()
         try:
             for d in range(self.steps):
-                groups = torch.full((x.shape[0],), d, device=x.device, dtype=torch.long)
-                h, temb, ctx = self._condition(x, groups, text, pooled)
-                v = self._head(d, self._blocks(h, ctx, temb), temb, x.shape[-2:])
-                x = x + dt[d] * v.float()
+                x = x + dt[d] * self(x, text, pooled, group=d).float()
                 states.append(x)
         finally:
             for proc in self.history:

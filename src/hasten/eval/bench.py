@@ -552,7 +552,8 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
               threads: int | None = None, progress: Callable[[str], None] | None = None,
               configs: Sequence[BenchConfig] | None = None, scorer: Any = None,
               pipe: HastenPipeline | None = None, timer: Callable[[], float] = time.perf_counter,
-              suite: str = "default", guidance_scale: float | None = None, flexi: Any = None) -> dict:
+              suite: str = "default", guidance_scale: float | None = None, flexi: Any = None,
+              students: Any = None) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``.
 
     ``suite``: ``default`` (every method, solvers and peers), ``guidance`` or ``interval``
@@ -560,7 +561,9 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     ``guidance_scale``: run every configuration (and calibrate every plan) at this scale instead of
     the model's default; ``flexi``: a flexified fine-tune of the model (a folder or embedded name from
     ``hasten flexify``, or the pipeline) whose FlexiDiT configurations join the default suite; for
-    ``model="shapes"`` the embedded ``shapes-flexi`` by default (``"none"``: without FlexiDiT)."""
+    ``model="shapes"`` the embedded ``shapes-flexi`` by default (``"none"``: without FlexiDiT); ``students``:
+    distilled students of the model (names or folders from ``hasten distill``), for ``model="shapes"`` the
+    embedded ``shapes-ard4`` by default (``"none"``: without)."""
     from ..pipeline import load_pipeline
 
     out = Path(out)
@@ -594,8 +597,13 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
             if isinstance(flexi, (str, os.PathLike)):
                 flexi = load_pipeline(flexi)
                 flexi.set_progress_bar_config(disable=True)
+            if students is None:
+                students = ["shapes-ard4"] if model == "shapes" and suite == "default" and not quick else []
+            elif isinstance(students, str):
+                students = [] if students.lower() == "none" else [s for s in students.split(",") if s]
+            students = [load_pipeline(s) if isinstance(s, (str, os.PathLike)) else s for s in students]
             configs = (guidance_configs(pipe, assets, data, suite) if suite != "default"
-                       else shapes_configs(pipe, data, assets, quick, peers, flexi=flexi))
+                       else shapes_configs(pipe, data, assets, quick, peers, flexi=flexi, students=students))
         configs = list(configs)
         batches = make_batches(n, bs, seed, n)  # "labels" are indices into the evaluation captions
         warm = Batch(torch.arange(min(budget.warmup_samples, n)), seed)

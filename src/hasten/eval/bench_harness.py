@@ -47,6 +47,7 @@ class Prepared:
     close: Callable[[], None] | None = None
     transformer: nn.Module | None = None  # where the counters attach (None: no counters)
     report: Callable[[], dict] | None = None  # the methods' own report, read once after the last batch
+    denoiser: nn.Module | None = None  # where the denoiser timer attaches when not ``transformer`` (a student)
 
 
 @dataclass
@@ -287,7 +288,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 if warmup is not None:
                     run_one(p, warmup)
                 counters[c.name].reset()
-                clocks[c.name] = DenoiserTimer(p.transformer, timer)
+                clocks[c.name] = DenoiserTimer(p.denoiser or p.transformer, timer)
             except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
                 m.error = error_text(e)
                 say(f"  {c.name}: {m.error}")

@@ -292,15 +292,28 @@ def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False) -> list[
     return cfgs
 
 
-def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool = True, flexi=None
-                   ) -> list[BenchConfig]:
+def student_config(student, data: EvalSet) -> BenchConfig:
+    """A distilled few-step student of the model (``hasten distill``: e.g. ``shapes-ard4``), at its own steps;
+    guidance is distilled in, so each step is one branch."""
+    steps = student.num_steps
+    params = {"steps": steps, "solver": "student", "student": student.name,
+              "layers_with_history": student.student.layers_with_history}
+    return BenchConfig(f"{student.name} @{steps} (student)", "hasten", params,
+                       lambda: Prepared(sample=data.sampler(student, steps), transformer=student.transformer,
+                                        denoiser=student.student))
+
+
+def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool = True, flexi=None,
+                   students: Sequence = ()) -> list[BenchConfig]:
     """The configurations on ``shapes``: first the speed reference (50-step Euler CFG), second the
     converged quality reference; then the baselines (every solver from 30 down to 4 steps, guidance off
     and in an interval), hasten's methods on Euler at 50 steps and on the best solver at reduced steps,
-    FlexiDiT when ``flexi`` (the flexified fine-tune of ``pipe``) is given, and the peers on both."""
+    FlexiDiT when ``flexi`` (the flexified fine-tune of ``pipe``) is given, distilled ``students`` of
+    ``pipe`` (their pipelines), and the peers on both."""
     full = 50
     extra = [] if flexi is None else flexidit_configs(  # plans for the fine-tune's own weights
         flexi, data, type(assets)(flexi, assets.folder / "flexi", copier=assets.copier), quick)
+    extra += [student_config(st, data) for st in students]
     if quick:
         cfgs = [baseline_config(pipe, data, full), quality_reference_config(pipe, data),
                 baseline_config(pipe, data, 10, BEST_SOLVER),

@@ -1,0 +1,147 @@
+"""ARD on `shapes`: the 4-step students against their 25-step CFG teacher and against cheap baselines.
+
+    python benchmarks/ard_shapes.py --ard shapes-ard4 --step-distill runs/ard/n0 --out benchmarks/ard_shapes
+
+`--ard` is the ARD student (N lower blocks with history), `--step-distill` the N = 0 student trained with
+the same data and budget (plain step distillation). Every configuration samples the same held-out
+captions from the same initial noise, one after the other in one process:
+
+- the teacher: 25 Euler steps with CFG (what the students were distilled from; the quality reference)
+  and the 50-step Euler CFG default (the speed reference, 1.00x);
+- the students (4 sequential passes, one branch: guidance is distilled in);
+- the strongest cheap baselines: the teacher at 4 steps with UniPC (bh2) and DPM-Solver++(2M), with CFG
+  (8 branch evaluations, twice the student's) and without (4, the student's), and UniPC at 2 steps
+  with CFG (4 branch evaluations, the student's count).
+
+Speed: end-to-end time per image (text encoding, sampling, VAE decoding) of the default and of each
+student, measured interleaved on the same batch (median of rounds); the FLOPs of ARD over N = 0 come
+from :func:`hasten.distill.ard.ard_flops`. Writes results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import hasten
+from hasten.distill.ard import ard_flops
+from hasten.eval.bench import machine_info
+from hasten.eval.bench_shapes import EvalSet, copy_shapes
+from hasten.eval.shapes_eval import score_images
+from hasten.io import atomic_write
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ard", default="shapes-ard4")
+    ap.add_argument("--step-distill", required=True, help="the N = 0 student's folder")
+    ap.add_argument("--out", default="benchmarks/ard_shapes")
+    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--timing-rounds", type=int, default=3)
+    args = ap.parse_args()
+    teacher, ard, n0 = (hasten.load_pipeline(m) for m in ("shapes", args.ard, args.step_distill))
+    data = EvalSet(teacher, args.samples, seed=0)
+
+    def sample(pipe, steps: int, guidance_scale: float | None = None) -> tuple[torch.Tensor, float]:
+        t0, out = time.perf_counter(), []
+        for i in range(0, args.samples, args.batch_size):
+            idx = torch.arange(i, min(i + args.batch_size, args.samples))
+            out.append(data.sampler(pipe, steps, guidance_scale)(idx, None))
+        return torch.cat(out), time.perf_counter() - t0
+
+    configs = [("teacher: Euler 25, CFG", teacher, 25, None, 50),
+               ("teacher: Euler 50, CFG (the default)", teacher, 50, None, 100),
+               (f"ARD student, N={ard.student.layers_with_history}", ard, 4, None, 4),
+               ("step distillation (N=0 student)", n0, 4, None, 4)]
+    for solver, label in (("unipc-bh2", "UniPC"), ("dpm++2m", "DPM-Solver++")):
+        own = copy_shapes(teacher, solver)
+        configs += [(f"teacher: {label} 4, CFG", own, 4, None, 8), (f"teacher: {label} 4, no guidance", own, 4, 1.0, 4)]
+    configs.append(("teacher: UniPC 2, CFG", copy_shapes(teacher, "unipc-bh2"), 2, None, 4))
+    sample(ard, 4)  # warm-up
+    rows = []
+    for name, pipe, steps, gs, nfe in configs:
+        images, secs = sample(pipe, steps, gs)
+        q = score_images(data.scenes, images)
+        rows.append({"name": name, "steps": steps, "nfe": nfe, "fd_shapes": round(q["fd_shapes"], 4),
+                     "adherence": round(q["adherence"], 4), "adherence_per_category": q["adherence_per_category"],
+                     "wall_s": round(secs, 2), "s_per_image": round(secs / args.samples, 4)})
+        print(f"{name:<40} NFE {nfe:3d}  FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}  "
+              f"{secs / args.samples * 1000:.1f} ms/image", flush=True)
+    timing = interleaved_timing(data, teacher, {"ard": ard, "n0": n0}, args.batch_size, args.timing_rounds)
+    by = {r["name"]: r for r in rows}
+    t25 = by["teacher: Euler 25, CFG"]
+    a, s = by[configs[2][0]], by[configs[3][0]]
+    flops = ard_flops(ard.student, teacher.encode_prompt(data.prompts[:1])[0].shape[1], 16, 16)
+    summary = {
+        "teacher_fd": t25["fd_shapes"], "teacher_adherence": t25["adherence"],
+        "ard_fd_degradation": round(a["fd_shapes"] - t25["fd_shapes"], 4),
+        "step_distillation_fd_degradation": round(s["fd_shapes"] - t25["fd_shapes"], 4),
+        "ard_adherence_drop_points": round(100 * (t25["adherence"] - a["adherence"]), 2),
+        "step_distillation_adherence_drop_points": round(100 * (t25["adherence"] - s["adherence"]), 2),
+        "ard_extra_flops_over_n0": round(flops["extra_share"], 5),
+        "ard_flops_per_image": flops["total"], "n0_flops_per_image": flops["step_distillation"],
+        "speedup_ard_vs_default": timing["speedup"]["ard"], "speedup_n0_vs_default": timing["speedup"]["n0"],
+    }
+    d_a, d_s = summary["ard_fd_degradation"], summary["step_distillation_fd_degradation"]
+    summary["ard_degradation_over_n0"] = round(d_a / d_s, 4) if d_s > 0 else None
+    summary["target_fd_half_of_n0_met"] = bool(d_s > 0 and d_a <= 0.5 * d_s)
+    summary["target_adherence_within_5_points_met"] = summary["ard_adherence_drop_points"] <= 5.0
+    summary["target_extra_flops_5pct_met"] = flops["extra_share"] <= 0.05
+    cheap = [r for r in rows if r["name"].startswith("teacher:") and r["steps"] <= 4]
+    summary["beats_every_cheap_baseline"] = {r["name"]: {"fd": a["fd_shapes"] < r["fd_shapes"],
+                                                         "adherence": a["adherence"] > r["adherence"]} for r in cheap}
+    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
+           "samples": args.samples, "ard": str(args.ard), "step_distill": str(args.step_distill),
+           "layers_with_history": ard.student.layers_with_history, "kept_sigmas": ard.student.sigmas.tolist(),
+           "guidance_scale": teacher.default_guidance_scale,
+           "note": "quality: one run per configuration on the same held-out captions and noise; wall_s there is "
+                   "sequential and indicative. Speed-ups: interleaved end-to-end timing (text encoding, sampling, "
+                   "VAE decoding) of the same batch, median of rounds.",
+           "summary": summary, "timing": timing, "records": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown(res)))
+    print(json.dumps(summary, indent=2))
+
+
+def interleaved_timing(data: EvalSet, teacher, students: dict, batch: int, rounds: int) -> dict:
+    """Median seconds per image, default (Euler 50, CFG) and each student alternating on one batch."""
+    idx = torch.arange(batch)
+    runs = {"default": data.sampler(teacher, 50), **{k: data.sampler(p, 4) for k, p in students.items()}}
+    secs: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            run(idx, None)
+            secs[k].append((time.perf_counter() - t0) / batch)
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    return {"batch": batch, "rounds": rounds, "s_per_image": {k: round(v, 5) for k, v in med.items()},
+            "speedup": {k: round(med["default"] / med[k], 2) for k in students}}
+
+
+def markdown(res: dict) -> str:
+    s = res["summary"]
+    lines = [f"# ARD on shapes ({res['date']}, {res['machine'].get('cpu', 'CPU')})", "",
+             f"{res['samples']} held-out captions, same noise for every row; FD-shapes lower is better.", "",
+             "| configuration | NFE | FD-shapes | adherence |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} |" for r in res["records"]]
+    lines += ["", f"- FD degradation vs the 25-step teacher: ARD {s['ard_fd_degradation']:+.2f}, "
+              f"N=0 {s['step_distillation_fd_degradation']:+.2f} (ratio {s['ard_degradation_over_n0']})",
+              f"- adherence drop: ARD {s['ard_adherence_drop_points']:.1f} points, "
+              f"N=0 {s['step_distillation_adherence_drop_points']:.1f} points",
+              f"- ARD's extra FLOPs over N=0: {100 * s['ard_extra_flops_over_n0']:.2f}%",
+              f"- end-to-end speed-up over the 50-step CFG default: ARD {s['speedup_ard_vs_default']}x, "
+              f"N=0 {s['speedup_n0_vs_default']}x", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
