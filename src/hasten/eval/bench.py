@@ -564,7 +564,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     ``model="shapes"`` the embedded ``shapes-flexi`` by default (``"none"``: without FlexiDiT); ``students``:
     distilled students of the model (names or folders from ``hasten distill``), for ``model="shapes"`` the
     embedded ``shapes-ard4`` by default (``"none"``: without)."""
-    from ..pipeline import load_pipeline
+    from ..pipeline import EMBEDDED, load_pipeline
 
     out = Path(out)
     check_args(out, samples, batch_size, threads)
@@ -598,7 +598,8 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
                 flexi = load_pipeline(flexi)
                 flexi.set_progress_bar_config(disable=True)
             if students is None:
-                students = ["shapes-ard4"] if model == "shapes" and suite == "default" and not quick else []
+                shipped = (EMBEDDED["shapes-ard4"] / "ard_config.json").is_file()
+                students = ["shapes-ard4"] if shipped and model == "shapes" and suite == "default" and not quick else []
             elif isinstance(students, str):
                 students = [] if students.lower() == "none" else [s for s in students.split(",") if s]
             students = [load_pipeline(s) if isinstance(s, (str, os.PathLike)) else s for s in students]
