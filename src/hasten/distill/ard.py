@@ -174,6 +174,8 @@ class ARDStudent(nn.Module):
         with ``group``, one cached inference pass: the velocity (B, C, H, W) of that group from its input
         ``states`` (B, C, H, W) (see :meth:`sample`)."""
         if group is not None:
+            if any(proc.cache is None for proc in self.history):
+                raise HastenError("a single-group pass reads the KV cache of the earlier groups: use sample()")
             ids = torch.full((states.shape[0],), group, device=states.device, dtype=torch.long)
             h, temb, ctx = self._condition(states, ids, text, pooled)
             return self._head(group, self._blocks(h, ctx, temb), temb, states.shape[-2:])
