@@ -38,7 +38,9 @@ EMBEDDED = {"digits": MODELS_DIR / "digits", "shapes": MODELS_DIR / "shapes",
             # FlexiDiT fine-tunes (hasten flexify): what they add to their base, applied on load
             "digits-flexi": MODELS_DIR / "digits_flexi", "shapes-flexi": MODELS_DIR / "shapes_flexi",
             # a 4-step ARD student distilled from shapes (hasten distill ard)
-            "shapes-ard4": MODELS_DIR / "shapes_ard4"}
+            "shapes-ard4": MODELS_DIR / "shapes_ard4",
+            # a 1-3 step Imagine Flash student of shapes (hasten distill imagine-flash)
+            "shapes-flash": MODELS_DIR / "shapes_flash"}
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -245,7 +247,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     key = str(name_or_path)
     if key in EMBEDDED:
         folder = EMBEDDED[key]
-        markers = (PIPELINE_CONFIG, "model_index.json", "flexi_config.json", "ard_config.json")
+        markers = (PIPELINE_CONFIG, "model_index.json", "flexi_config.json", "ard_config.json", "flash_config.json")
         if not any((folder / f).is_file() for f in markers):
             raise HastenError(f"the embedded model {key!r} is missing its weights in {folder}; "
                               "reinstall hasten or train it with `hasten train`")
@@ -279,6 +281,10 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
         from .distill.ard import load_ard
 
         return load_ard(folder)
+    if (folder / "flash_config.json").is_file():  # an Imagine Flash student (hasten distill imagine-flash)
+        from .distill.flash import load_flash
+
+        return load_flash(folder)
     if (folder / "flexi_config.json").is_file():  # a FlexiDiT fine-tune of another model (hasten flexify)
         from .flexidit_train import load_flexi
 

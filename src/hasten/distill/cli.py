@@ -1,4 +1,5 @@
-"""``hasten distill trajectories`` and ``hasten distill ard``: registered on the main app by ``register``."""
+"""``hasten distill trajectories``, ``hasten distill ard`` and ``hasten distill imagine-flash``: registered on the
+main app by ``register``."""
 
 from __future__ import annotations
 
@@ -84,6 +85,56 @@ def register(app: typer.Typer) -> None:
             save_ard(student, out, base, {"guidance_scale": m["guidance_scale"], "teacher_steps": m["steps"],
                                           "kept_indices": m["kept_indices"], "base_vae": weights_hash(pipe.vae),
                                           "trajectories": len(traj["captions"]), "train_steps": steps})
+            from ..io import write_json
+
+            write_json(out / "train_log.json", log)
+        typer.echo(json.dumps(log) if as_json else f"wrote {out} ({log['train_seconds']:.0f} s, final loss "
+                   f"{log['loss_curve'][-1]['loss']:.5f}); load it with --model {out}")
+
+    @distill.command("imagine-flash")
+    def flash_cmd(
+        teacher: str = typer.Option("shapes", help="the teacher (a text-to-image model name or folder)"),
+        steps: int = typer.Option(3, help="the most steps the student samples in (1-3); it is trained for "
+                                  "every count from 1 to this"),
+        out: Path = typer.Option(..., help="output folder (checkpoints inside; re-running resumes)"),
+        train_steps: int = typer.Option(2000, help="optimisation steps"),
+        batch_size: int = typer.Option(32, help="captions per step"),
+        lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+        backward: bool = typer.Option(True, "--backward/--forward", help="inputs from the student's own "
+                                      "schedule (backward distillation) or forward-noised data (ablation)"),
+        srl: bool = typer.Option(True, "--srl/--no-srl", help="Shifted Reconstruction Loss, or regression onto "
+                                 "the teacher's x0 at the same input (ablation)"),
+        as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
+    ) -> None:
+        """Train an Imagine Flash student (backward distillation, Shifted Reconstruction Loss, guidance
+        distilled in; AdamW, EMA) that samples in 1 to --steps steps; writes a folder that
+        hasten.load_pipeline and --model load."""
+        import json
+
+        import torch
+
+        from ..pipeline import EMBEDDED, load_pipeline
+        from ..plans import weights_hash
+        from .flash import MAX_STEPS, FlashConfig, save_flash, train_flash
+
+        if not 1 <= steps <= MAX_STEPS:
+            raise HastenError(f"--steps must be 1 to {MAX_STEPS} (Imagine Flash's few-step regime), got {steps}")
+        cfg = FlashConfig(steps=train_steps, batch_size=batch_size, lr=lr, step_counts=tuple(range(1, steps + 1)),
+                          backward=backward, srl=srl)
+        cfg.check()
+        if out.exists() and not out.is_dir():
+            raise HastenError(f"--out {out} exists and is not a folder")
+        pipe = load_pipeline(teacher)
+        if not hasattr(pipe, "encode_prompt") or hasattr(pipe, "student"):
+            raise HastenError(f"--teacher {teacher!r} must be a text-to-image diffusion model (e.g. shapes)")
+        torch.manual_seed(cfg.seed)
+        log = train_flash(pipe, out, cfg, progress=not as_json)
+        student = log.pop("student")
+        if log["finished"]:
+            base = teacher if teacher in EMBEDDED else str(Path(teacher).resolve())
+            save_flash(student, out, base, {"guidance_scale": log["guidance_scale"], "base_vae": weights_hash(pipe.vae),
+                                            "backward": backward, "srl": srl, "tau_min": cfg.tau_min,
+                                            "tau_max": cfg.tau_max, "train_steps": train_steps})
             from ..io import write_json
 
             write_json(out / "train_log.json", log)

@@ -1,0 +1,540 @@
+"""Imagine Flash: backward distillation of a few-step student (Kohler et al. 2024, arXiv 2405.05224).
+
+The paper distils Emu (an epsilon-prediction U-Net) into a 1-3 step student with three parts; here
+they are written for ``shapes`` (flow matching, sigma = 1 at noise, x_sigma = (1 - sigma) x0 + sigma
+eps, the transformer predicts v = eps - x0 at ``timestep = 1000 sigma``). Paper references name the
+section and the formula; the paper's own equation numbers could not be checked against its text in
+this workspace (only its abstract and third-party summaries were retrievable), so formulas are cited
+by section and written out in full instead of by a number.
+
+Notation, and the paper's forward process (method section, "x_t = alpha_t x_0 + sigma_t eps") in flow
+matching: alpha_sigma = 1 - sigma, so
+
+    x0 = x - sigma v,        eps = x + (1 - sigma) v,        x_sigma = (1 - sigma) x0 + sigma eps.   [FM]
+
+**Backward distillation** (method section, "Backward Distillation"). Forward distillation trains on
+x_t = alpha_t x0 + sigma_t eps: the input leaks the ground truth x0 (alpha_t x0 is in it), which the
+student never has at inference. Backward distillation instead runs the student's own schedule from
+pure noise, without gradient, to get x_t^B, and evaluates student and teacher on that same input:
+
+    x_t^B = Euler_student(x_T -> t),   grad_theta E[ d( x0_theta(x_t^B, t, c), x0_phi(x_t^B, t, c) ) ]   [BD]
+
+(x0_phi: the teacher's x0-prediction with classifier-free guidance, so guidance is distilled in and
+the student runs one branch). ``FlashConfig.backward = False`` is the ablation: inputs forward-noised
+from data (the VAE latents of the rendered scenes the captions describe, :func:`forward_inputs`).
+
+**Shifted Reconstruction Loss** (method section, "Shifted Reconstruction Loss"). The target is the teacher's
+denoising of the student's own prediction, re-noised to a shifted level tau = gamma(t) with fresh
+noise eps' and held fixed (stop-gradient):
+
+    x_tau = alpha_tau sg(x0_theta) + sigma_tau eps',
+    L = d( x0_theta(x_t^B, t, c), sg(x0_phi(x_tau, tau, c)) ).                                        [SRL]
+
+At high t the teacher re-draws the structure (and text alignment) of the student's image, at low t
+it only sharpens details. ``FlashConfig.srl = False`` is the ablation: the target is the teacher's
+x0 at the student's input, [BD]. d is the mean squared error.
+
+The shift gamma (:func:`srl_gamma`): the paper's exact gamma could not be retrieved here (what was:
+tau grows with t, structure and text alignment at high t, details at low t); hasten uses the linear map
+
+    tau = gamma(sigma) = tau_min + (tau_max - tau_min) sigma,   0 <= tau_min <= tau_max < 1,   [gamma]
+
+defaults tau_min = 0, tau_max = 0.8: monotone; gamma(sigma) <= sigma (with tau_min = 0): the teacher
+never sees more noise than the student's input held; and gamma(1) = tau_max < 1: even at the first
+step (pure-noise input) the target keeps 1 - tau_max of the student's prediction, so the teacher
+corrects the student's image instead of drawing an unrelated one from fresh noise (tau = 1 would make
+the target independent of the student, the mean of the teacher's images: blur).
+
+**Noise correction** (method section, "Noise Correction"; training-free, inference only). For an
+epsilon-prediction model, the first step starts at t = T where the input is pure noise: the noise is
+KNOWN, eps = x_T, while the network's eps_hat(x_T, T) is a poor, nearly trivial estimate of it (and
+x0_hat = (x_T - sigma_T eps_hat) / alpha_T is ill-conditioned as alpha_T -> 0). The DDIM step
+
+    x_t' = alpha_t' x0_hat + sigma_t' eps_hat,   x0_hat = (x_t - sigma_t eps_hat) / alpha_t          [DDIM]
+
+is corrected on the first step only by using the known noise in the noise term:
+
+    x_t' = alpha_t' x0_hat + sigma_t' x_T  =  [DDIM] + sigma_t' (x_T - eps_hat(x_T, T))                [NC]
+
+(an additional bias term; :func:`ddim_eps_step` with ``noise=x_T``, :func:`sample_ddim_eps`). This form
+is reconstructed from the paper's description (t = T treated as a special case, the noise there being
+known, which adds a bias term), not checked against its equation.
+
+*What [NC] becomes for ``shapes``.* Flow matching at sigma_0 = 1 is a zero-terminal-SNR process
+(alpha_T = 1 - sigma_0 = 0). The model predicts v, and by [FM] the implied noise at sigma = 1 is
+
+    eps_hat = x_T + (1 - 1) v = x_T        for ANY v,
+
+so the known noise already IS the model's noise estimate: [NC] replaces eps_hat by itself and is the
+identity. Its x0 = x_T - v is finite (no singularity: the v-parameterisation is what Lin et al.
+recommend to avoid it), and the DDIM step with that x0 and eps is Euler's: (1 - s') (x - s v) +
+s' (x + (1 - s) v) = x + (s' - s) v. :func:`flow_ddim_step` implements the flow-matching form with
+optional ``noise``; tests check ``eps_from_v(x_T, v, 1) == x_T`` bitwise for random v and that the
+corrected first step equals the uncorrected one bitwise (and Euler's up to rounding). The student's
+sampler therefore takes plain Euler steps, and the pipeline has no noise-correction switch.
+
+**The student** (:class:`FlashStudent`): a copy of the teacher transformer, one network for every
+step count in ``step_counts`` (the paper's 1, 2 and 3 steps): each training sample draws K from the
+step counts and a step d in [0, K) of the K-step schedule, so the student learns every schedule's
+inputs. Schedules are uniform in sigma, sigma_d = 1 - d / K ("trailing" spacing, every step starts at
+a distinct level; diffusers' ``set_timesteps(2)`` would start the second step at sigma 0.001). The
+sampler is K Euler steps x_{d+1} = x_d + (sigma_{d+1} - sigma_d) v: for flow matching the DDIM step
+with the predicted x0 and eps is exactly this step (above). A fresh student is therefore the teacher's
+conditional branch taking K Euler steps (tested bitwise).
+
+**Training** (:func:`train_flash`): captions from the scene grammar (seeds ``CAPTION_SEED0 + step *
+batch + i``, disjoint from training scenes < 10M, ARD trajectories 30M, calibration 40M and held-out
+50M), MiniLM embeddings from the teacher pipeline's frozen encoder, AdamW, gradient clipping at 1,
+cosine schedule with warm-up, EMA; each step's randomness comes from a generator seeded by (seed, step)
+and every state is checkpointed atomically, so an interrupted run resumes to the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import numbers
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import HastenError
+from ..io import atomic_write, write_json
+from ..pipelines.shapes import ShapesPipeline
+
+FLASH_CONFIG = "flash_config.json"
+FLASH_WEIGHTS = "student.safetensors"
+CAPTION_SEED0 = 20_000_000  # training < 10M, ARD trajectories 30M, calibration 40M, held-out 50M
+MAX_STEPS = 3  # the paper's regime: 1 to 3 steps
+
+
+# --------------------------------------------------------------------------- formulas
+def check_step_counts(step_counts: Sequence[int]) -> tuple[int, ...]:
+    """The distinct step counts, sorted; each must lie in 1..MAX_STEPS."""
+    counts = sorted({int(k) for k in step_counts})
+    if not counts or counts[0] < 1 or counts[-1] > MAX_STEPS:
+        raise HastenError(f"an Imagine Flash student samples in 1 to {MAX_STEPS} steps, got {list(step_counts)}")
+    return tuple(counts)
+
+
+def student_sigmas(k: int) -> list[float]:
+    """The K-step schedule, uniform in sigma from 1 (noise) to 0: [1, 1 - 1/K, ..., 0]."""
+    if not 1 <= int(k) <= MAX_STEPS:
+        raise HastenError(f"an Imagine Flash student samples in 1 to {MAX_STEPS} steps, not {k}")
+    return [1.0 - i / k for i in range(k + 1)]
+
+
+def _col(s: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    return s.view(-1, *([1] * (like.dim() - 1))) if isinstance(s, torch.Tensor) else s
+
+
+def x0_from_v(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """[FM]: the clean prediction x0 = x - sigma v (``sigma`` a float or one per row)."""
+    return x - _col(sigma, x) * v
+
+
+def eps_from_v(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """[FM]: the implied noise eps = x + (1 - sigma) v; at sigma = 1 it is x for any v."""
+    return x + (1 - _col(sigma, x)) * v
+
+
+def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """[FM] forward process: x_sigma = (1 - sigma) x0 + sigma eps."""
+    s = _col(sigma, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def srl_gamma(sigma: torch.Tensor | float, tau_min: float = 0.0, tau_max: float = 0.8) -> torch.Tensor | float:
+    """[gamma]: the shifted level tau = tau_min + (tau_max - tau_min) sigma of the Shifted Reconstruction
+    Loss (module docstring: monotone, gamma(1) = tau_max < 1, gamma(sigma) <= sigma when tau_min = 0)."""
+    if not 0.0 <= tau_min <= tau_max < 1.0:
+        raise HastenError(f"the SRL shift needs 0 <= tau_min <= tau_max < 1, got {tau_min}, {tau_max}")
+    return tau_min + (tau_max - tau_min) * sigma
+
+
+def ddim_eps_step(x: torch.Tensor, eps_hat: torch.Tensor, alpha: float, sigma: float, alpha_next: float,
+                  sigma_next: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """[DDIM] for an epsilon-prediction model (x_t = alpha_t x0 + sigma_t eps); with ``noise`` (the known
+    x_T) in the noise term it is the noise-corrected first step [NC]."""
+    x0 = (x - sigma * eps_hat) / alpha
+    return alpha_next * x0 + sigma_next * (eps_hat if noise is None else noise)
+
+
+def sample_ddim_eps(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], x_T: torch.Tensor,
+                    alphas: Sequence[float], sigmas: Sequence[float], noise_correction: bool = True
+                    ) -> list[torch.Tensor]:
+    """Deterministic DDIM of an epsilon-prediction model ``eps_fn(x, i)`` over levels i = 0..K (alpha_0,
+    sigma_0: the start, where x_T is pure noise); all K + 1 states. ``noise_correction`` applies [NC] to
+    the first step only (the known noise is x_T only there)."""
+    states = [x_T]
+    x = x_T
+    for i in range(len(alphas) - 1):
+        eps_hat = eps_fn(x, i)
+        known = x_T if (noise_correction and i == 0) else None
+        x = ddim_eps_step(x, eps_hat, alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1], noise=known)
+        states.append(x)
+    return states
+
+
+def flow_ddim_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """[DDIM] written for flow matching: x' = (1 - s') x0 + s' eps with x0, eps from v by [FM], or the
+    known ``noise`` in place of eps ([NC]). Mathematically Euler's x + (s' - s) v; at s = 1 the implied
+    eps is x itself, so ``noise=x`` changes nothing (module docstring)."""
+    eps = eps_from_v(x, v, sigma) if noise is None else noise
+    return (1 - sigma_next) * x0_from_v(x, v, sigma) + sigma_next * eps
+
+
+# --------------------------------------------------------------------------- the student
+class FlashStudent(nn.Module):
+    """A copy of the teacher ``SD3Transformer2DModel`` that samples in K in ``step_counts`` Euler steps of
+    :func:`student_sigmas`, one (conditional) branch: guidance is distilled in."""
+
+    def __init__(self, teacher: nn.Module, step_counts: Sequence[int] = (1, 2, 3)):
+        super().__init__()
+        self.step_counts = check_step_counts(step_counts)
+        self.transformer = copy.deepcopy(teacher)
+        self.steps = self.step_counts[-1]  # the default step count
+
+    def schedule(self, k: int) -> torch.Tensor:
+        """The K + 1 levels of the K-step schedule (float32)."""
+        if int(k) not in self.step_counts:
+            raise HastenError(f"this Imagine Flash student samples in {_counts(self.step_counts)} steps, not {k}")
+        return torch.tensor(student_sigmas(int(k)), dtype=torch.float32)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor
+                 ) -> torch.Tensor:
+        """v at per-row levels ``sigma`` (B,), the transformer seeing ``timestep = 1000 sigma``."""
+        return self.transformer(hidden_states=x, timestep=sigma * 1000.0, encoder_hidden_states=text,
+                                pooled_projections=pooled, return_dict=False)[0]
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor
+                ) -> torch.Tensor:
+        """The student's clean prediction x0_theta(x, sigma, c) = x - sigma v ([FM]), float32."""
+        return x0_from_v(x.float(), self.velocity(x, sigma, text, pooled).float(), sigma)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, steps: int | None = None,
+               return_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """K Euler steps from ``noise`` (K = ``steps``, default the largest step count): the final latent
+        (and the K + 1 states)."""
+        s = self.schedule(self.steps if steps is None else steps).to(noise.device)
+        x = noise.float()
+        states = [x]
+        for d in range(len(s) - 1):
+            v = self.velocity(x, s[d].expand(x.shape[0]), text, pooled).float()
+            x = x + (s[d + 1] - s[d]) * v
+            states.append(x)
+        return (x, torch.stack(states, 1)) if return_states else x
+
+
+def _counts(counts: Sequence[int]) -> str:
+    c = [str(k) for k in counts]
+    return c[0] if len(c) == 1 else ", ".join(c[:-1]) + " or " + c[-1]
+
+
+# --------------------------------------------------------------------------- the losses
+def schedule_table(step_counts: Sequence[int]) -> torch.Tensor:
+    """(MAX_STEPS + 1, MAX_STEPS + 1) float32: row K holds the K-step schedule (padded with 0)."""
+    table = torch.zeros(MAX_STEPS + 1, MAX_STEPS + 1)
+    for k in step_counts:
+        table[k, :k + 1] = torch.tensor(student_sigmas(k))
+    return table
+
+
+@torch.no_grad()
+def backward_inputs(student: FlashStudent, noise: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
+                    ks: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[BD]: the student's own state after ``ds[i]`` Euler steps of its ``ks[i]``-step schedule from pure
+    ``noise``, computed without gradient; returns (inputs x_t^B, their levels sigma (B,)).
+
+    Rows still stepping are batched together (one student pass per step index)."""
+    table = schedule_table(student.step_counts).to(noise.device)
+    x = noise.float().clone()
+    for j in range(int(ds.max()) if ds.numel() else 0):
+        rows = (ds > j).nonzero().flatten()
+        s0, s1 = table[ks[rows], j], table[ks[rows], j + 1]
+        v = student.velocity(x[rows], s0, text[rows], pooled[rows]).float()
+        x[rows] = x[rows] + (s1 - s0).view(-1, 1, 1, 1) * v
+    return x, table[ks, ds]
+
+
+def forward_inputs(x0: torch.Tensor, noise: torch.Tensor, ks: torch.Tensor, ds: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ablation (ordinary forward-noised distillation): the data ``x0`` noised to the same levels by
+    [FM], so the input leaks x0."""
+    sigma = schedule_table(range(1, MAX_STEPS + 1)).to(noise.device)[ks, ds]
+    return renoise(x0.float(), noise.float(), sigma), sigma
+
+
+@torch.no_grad()
+def teacher_x0(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
+               empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """The teacher's guided clean prediction x0_phi = x - sigma (v_u + s (v_c - v_u)) ([FM]), both branches
+    in one call ([uncond; cond], as the pipeline batches them); ``empty``: the "" caption's embeddings."""
+    b = x.shape[0]
+    guided = scale > 1.0
+    if guided:
+        xin, sin = torch.cat([x, x]), torch.cat([sigma, sigma])
+        tin = torch.cat([empty[0].expand(b, -1, -1), text])
+        pin = torch.cat([empty[1].expand(b, -1), pooled])
+    else:
+        xin, sin, tin, pin = x, sigma, text, pooled
+    v = teacher(hidden_states=xin, timestep=sin * 1000.0, encoder_hidden_states=tin, pooled_projections=pin,
+                return_dict=False)[0].float()
+    if guided:
+        v_u, v_c = v.chunk(2)
+        v = v_u + scale * (v_c - v_u)
+    return x0_from_v(x.float(), v, sigma)
+
+
+@dataclass
+class FlashConfig:
+    steps: int = 2000  # optimisation steps
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    ema_decay: float = 0.999
+    step_counts: tuple[int, ...] = (1, 2, 3)  # one student for every step count
+    backward: bool = True  # False: the forward-distillation ablation
+    srl: bool = True  # False: regress onto the teacher's x0 at the same input
+    tau_min: float = 0.0  # [gamma]
+    tau_max: float = 0.8
+    guidance_scale: float | None = None  # the teacher's CFG scale distilled in (None: its default)
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 25
+    bf16_autocast: bool = True  # CPU bf16 matmuls, as the base model was trained; weights, EMA, loss fp32
+
+    def check(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise HastenError("--train-steps and --batch-size must be >= 1 and --lr > 0")
+        check_step_counts(self.step_counts)
+        if self.steps * self.batch_size > 10_000_000:
+            raise HastenError("too many captions for the seed range (steps x batch size must be <= 10M)")
+        srl_gamma(0.0, self.tau_min, self.tau_max)
+
+
+def flash_batch(pipe: Any, step: int, cfg: FlashConfig, gen: torch.Generator) -> dict:
+    """One step's batch: grammar captions (seeds ``CAPTION_SEED0 + step * batch + i``) and their MiniLM
+    embeddings, per row a step count K and a step d in [0, K), the start noise and the SRL noise eps', and
+    for forward distillation the VAE latents of the captions' rendered scenes. All randomness from ``gen``."""
+    from ..data.shapes import render, sample_scene, to_model_space
+
+    b = cfg.batch_size
+    scenes = [sample_scene(CAPTION_SEED0 + step * b + i) for i in range(b)]
+    text, pooled = pipe.encode_prompt([s.caption for s in scenes], torch.float32)
+    counts = torch.tensor(check_step_counts(cfg.step_counts))
+    ks = counts[torch.randint(0, len(counts), (b,), generator=gen)]
+    ds = (torch.rand(b, generator=gen) * ks).long().clamp_max(ks - 1)
+    shape = (b, *pipe.latent_shape)
+    batch = {"text": text, "pooled": pooled, "ks": ks, "ds": ds, "noise": torch.randn(shape, generator=gen),
+             "srl_noise": torch.randn(shape, generator=gen), "captions": [s.caption for s in scenes]}
+    if not cfg.backward:
+        c = pipe.vae.config
+        with torch.no_grad():
+            imgs = torch.from_numpy(to_model_space(np.stack([render(s) for s in scenes])))
+            z = pipe.vae.encode(imgs.to(pipe.vae.dtype)).latent_dist.mean.float()
+        batch["x0"] = (z - (c.shift_factor or 0.0)) * c.scaling_factor
+    return batch
+
+
+def flash_loss(student: FlashStudent, teacher: nn.Module, batch: dict, cfg: FlashConfig,
+               empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> tuple[torch.Tensor, dict]:
+    """The distillation loss of one batch and its parts (``inputs``, ``sigma``, ``x0`` with gradient,
+    ``target`` without, ``tau``): inputs by [BD] (or forward-noised), target by [SRL] (or the teacher's x0
+    at the inputs), d = mean squared error."""
+    text, pooled, ks, ds = batch["text"], batch["pooled"], batch["ks"], batch["ds"]
+    if cfg.backward:
+        x_in, sigma = backward_inputs(student, batch["noise"], text, pooled, ks, ds)
+    else:
+        x_in, sigma = forward_inputs(batch["x0"], batch["noise"], ks, ds)
+    x0 = student(x_in, sigma, text, pooled)
+    with torch.no_grad():
+        if cfg.srl:
+            tau = srl_gamma(sigma, cfg.tau_min, cfg.tau_max)
+            target = teacher_x0(teacher, renoise(x0.detach(), batch["srl_noise"], tau), tau, text, pooled, empty,
+                                scale)
+        else:
+            tau = sigma
+            target = teacher_x0(teacher, x_in, sigma, text, pooled, empty, scale)
+    loss = (x0 - target).pow(2).mean()
+    return loss, {"inputs": x_in, "sigma": sigma, "x0": x0, "target": target, "tau": tau}
+
+
+# --------------------------------------------------------------------------- training
+def train_flash(pipe: Any, out: str | Path, cfg: FlashConfig, progress: bool = True,
+                stop_after: int | None = None) -> dict:
+    """Train (or resume) an Imagine Flash student of the teacher pipeline ``pipe`` (a ``ShapesPipeline``:
+    transformer, frozen MiniLM, VAE for the forward ablation); returns the log and the EMA student.
+    Checkpoints (atomic) go to ``out/checkpoints``; each step's batch depends only on the seed and the step,
+    so a resumed run continues the same sequence."""
+    from ..pipelines.shapes import encode_text
+    from ..train import ema_update
+    from ..train_shapes import LossLog, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
+
+    cfg.check()
+    out = Path(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoints" / "student.pt"
+    teacher = pipe.transformer
+    scale = float(pipe.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale)
+    empty = tuple(t.float() for t in encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False))
+    student = FlashStudent(teacher, cfg.step_counts).train().requires_grad_(True)
+    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
+    start, curve, elapsed, cpu = 0, [], 0.0, 0.0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        if state["config"] != asdict(cfg):
+            raise HastenError(f"{out} holds a run with other settings ({ckpt_path}); use another --out")
+        student.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, curve, elapsed, cpu = state["step"], state["curve"], state["elapsed_s"], state["cpu_s"]
+    t0, c0 = time.time() - elapsed, time.process_time() - cpu
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    what = f"Imagine Flash {'backward' if cfg.backward else 'forward'}{' + SRL' if cfg.srl else ''}"
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc=what,
+               dynamic_ncols=True)
+    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = flash_batch(pipe, step, cfg, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            loss = flash_loss(student, teacher, batch, cfg, empty, scale)[0].float()
+        value = optimizer_step(loss, opt, sched, student.parameters(), what, step)
+        ema_update(ema, student, step, cfg.ema_decay)
+        loss_log.add(step, value)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(ckpt_path, {"model": student.state_dict(), "ema": ema.state_dict(),
+                                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
+                                        "curve": curve, "elapsed_s": time.time() - t0,
+                                        "cpu_s": time.process_time() - c0, "config": asdict(cfg)})
+    return {"train_config": asdict(cfg), "loss_curve": curve, "step": end, "finished": end == cfg.steps,
+            "train_seconds": round(time.time() - t0, 1), "train_cpu_seconds": round(time.process_time() - c0, 1),
+            "num_parameters": sum(p.numel() for p in student.parameters()), "guidance_scale": scale,
+            "student": ema}
+
+
+# --------------------------------------------------------------------------- saving, loading, sampling
+def save_flash(student: FlashStudent, folder: str | Path, base: str, meta: dict) -> Path:
+    """``folder/flash_config.json`` (base model, step counts and their schedules, ``meta``: it must hold
+    ``base_vae``, the :func:`hasten.plans.weights_hash` of the base's VAE, whose latent space the student
+    samples in, and ``guidance_scale``) and ``folder/student.safetensors``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
+    atomic_write(folder / FLASH_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    cfg = {"method": "imagine-flash", "base": base, "step_counts": list(student.step_counts),
+           "sigmas": {str(k): student_sigmas(k) for k in student.step_counts}, **meta}
+    write_json(folder / FLASH_CONFIG, cfg)
+    return folder
+
+
+def load_flash(folder: str | Path) -> Any:
+    """A :class:`ShapesFlashPipeline` from a folder written by :func:`save_flash` (base model loaded by name)."""
+    from safetensors.torch import load_file
+
+    from ..pipeline import load_pipeline
+    from ..plans import weights_hash
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / FLASH_CONFIG).read_text())
+        tensors = load_file(str(folder / FLASH_WEIGHTS))
+        counts = [int(k) for k in cfg["step_counts"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HastenError(f"cannot load the Imagine Flash student in {folder}: {e}") from None
+    base = load_pipeline(cfg["base"])
+    if weights_hash(base.vae) != cfg.get("base_vae"):
+        raise HastenError(f"{folder} was distilled in the latent space of other {cfg['base']!r} weights than "
+                          "the ones installed; re-run hasten distill imagine-flash")
+    student = FlashStudent(base.transformer, counts)
+    try:
+        student.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise HastenError(f"{folder}: the weights do not fit the student of {cfg['base']!r}: "
+                          f"{str(e).splitlines()[0]}") from None
+    student.requires_grad_(False).eval()
+    scale = float(cfg.get("guidance_scale", base.default_guidance_scale))
+    pipe = ShapesFlashPipeline.from_student(student, base, guidance_scale=scale)
+    pipe.name = folder.name
+    pipe.model_dir = folder
+    return pipe
+
+
+class ShapesFlashPipeline(ShapesPipeline):
+    """The ``shapes`` pipeline sampling with an Imagine Flash student: same call signature, 1 to 3 steps
+    (``num_steps``, the largest, by default), guidance distilled in (the teacher's scale; another one is an
+    error). No noise correction: for this velocity model it is the identity (module docstring)."""
+
+    student: FlashStudent
+    num_steps: int
+
+    @classmethod
+    def from_student(cls, student: FlashStudent, base: Any, guidance_scale: float) -> ShapesFlashPipeline:
+        """The student with the VAE, text encoder and scheduler of its ``base`` pipeline."""
+        pipe = cls(transformer=student.transformer, vae=base.vae, scheduler=base.scheduler,
+                   text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+        pipe.student, pipe.num_steps = student, student.steps
+        pipe.default_guidance_scale = guidance_scale
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, sigmas: list[float] | None = None,
+                 num_images_per_prompt: int = 1, output_type: str = "pil", height: int | None = None,
+                 width: int | None = None, return_dict: bool = True, callback_on_step_end: Any = None) -> Any:
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        k = self.num_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) not in self.student.step_counts:
+            raise HastenError(f"this Imagine Flash student samples in {_counts(self.student.step_counts)} steps, "
+                              f"not {num_inference_steps}")
+        k = int(k)
+        if guidance_scale is not None and not math.isclose(float(guidance_scale), self.default_guidance_scale):
+            raise HastenError(f"this student has guidance {self.default_guidance_scale:g} distilled in; "
+                              f"it cannot sample at guidance_scale {guidance_scale}")
+        if sigmas is not None or negative_prompt is not None or callback_on_step_end is not None:
+            raise HastenError("an Imagine Flash student takes no sigmas, negative_prompt or callback_on_step_end")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise HastenError(f"unknown output_type {output_type!r}: pil | np | pt | latent")
+        size = self.vae.config.sample_size
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and v != size:
+                raise HastenError(f"{name} must be {size} for this model, got {v}")
+        prompts = [p for p in self.check_prompts(prompt) for _ in range(num_images_per_prompt)]
+        text, pooled = self.encode_prompt(prompts)
+        if latents is None:
+            latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, device=text.device,
+                                   dtype=torch.float32)
+        z = self.student.sample(latents.to(text.device, torch.float32), text, pooled, steps=k)
+        if output_type == "latent":
+            images = z
+        else:
+            images = self.decode_latents(z)
+            if output_type == "np":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+            elif output_type == "pil":
+                images = self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().numpy())
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
