@@ -310,12 +310,14 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
 def save_ard(student: ARDStudent, folder: str | Path, base: str, meta: dict) -> Path:
     """``folder/ard_config.json`` (base model, kept sigmas, N, ``meta``: it must hold ``base_vae``, the
     :func:`hasten.plans.weights_hash` of the base's VAE, whose latent space the student samples in) and
-    ``folder/student.safetensors``."""
+    ``folder/student.safetensors`` (float16, like the base model's weights; :func:`load_ard` reads them
+    into float32)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
+    # float16 on disk, as the base model ships (half the size); loaded back as float32
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in student.state_dict().items()}
     atomic_write(folder / ARD_WEIGHTS, lambda tmp: save_file(tensors, tmp))
     cfg = {"base": base, "sigmas": student.sigmas.tolist(), "steps": student.steps,
            "layers_with_history": student.layers_with_history, **meta}
