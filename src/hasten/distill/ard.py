@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..errors import HastenError
 from ..io import atomic_write, write_json
-from ..pipelines.shapes import ShapesPipeline
+from .student import StudentPipeline
 
 ARD_CONFIG = "ard_config.json"
 ARD_WEIGHTS = "student.safetensors"
@@ -356,59 +355,12 @@ def load_ard(folder: str | Path) -> Any:
     return pipe
 
 
-class ShapesARDPipeline(ShapesPipeline):
+class ShapesARDPipeline(StudentPipeline):
     """The ``shapes`` pipeline sampling with an ARD student: same call signature, K steps, guidance
-    distilled in (the teacher's scale; another one is an error, as is another step count)."""
+    distilled in (:class:`hasten.distill.student.StudentPipeline`)."""
 
-    student: ARDStudent
-    num_steps: int
+    method = "ARD"
 
-    @classmethod
-    def from_student(cls, student: ARDStudent, base: Any, guidance_scale: float) -> ShapesARDPipeline:
-        """The student with the VAE, text encoder and scheduler of its ``base`` pipeline."""
-        pipe = cls(transformer=student.transformer, vae=base.vae, scheduler=base.scheduler,
-                   text_encoder=base.text_encoder, tokenizer=base.tokenizer)
-        pipe.student, pipe.num_steps = student, student.steps
-        pipe.default_guidance_scale = guidance_scale
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None,
-                 latents: torch.Tensor | None = None, sigmas: list[float] | None = None,
-                 num_images_per_prompt: int = 1, output_type: str = "pil", height: int | None = None,
-                 width: int | None = None, return_dict: bool = True, callback_on_step_end: Any = None) -> Any:
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
-        k = self.num_steps
-        if num_inference_steps is not None and int(num_inference_steps) != k:
-            raise HastenError(f"this ARD student samples in exactly {k} steps, not {num_inference_steps}")
-        if guidance_scale is not None and not math.isclose(float(guidance_scale), self.default_guidance_scale):
-            raise HastenError(f"this student has guidance {self.default_guidance_scale:g} distilled in; "
-                              f"it cannot sample at guidance_scale {guidance_scale}")
-        if sigmas is not None or negative_prompt is not None or callback_on_step_end is not None:
-            raise HastenError("an ARD student takes no sigmas, negative_prompt or callback_on_step_end")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise HastenError(f"unknown output_type {output_type!r}: pil | np | pt | latent")
-        size = self.vae.config.sample_size
-        for name, v in (("height", height), ("width", width)):
-            if v is not None and v != size:
-                raise HastenError(f"{name} must be {size} for this model, got {v}")
-        prompts = [p for p in self.check_prompts(prompt) for _ in range(num_images_per_prompt)]
-        text, pooled = self.encode_prompt(prompts)
-        if latents is None:
-            latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, device=text.device,
-                                   dtype=torch.float32)
-        z = self.student.sample(latents.to(text.device, torch.float32), text, pooled)
-        if output_type == "latent":
-            images = z
-        else:
-            images = self.decode_latents(z)
-            if output_type == "np":
-                images = images.permute(0, 2, 3, 1).cpu().numpy()
-            elif output_type == "pil":
-                images = self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().numpy())
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, steps: int
+                       ) -> torch.Tensor:
+        return self.student.sample(noise, text, pooled)

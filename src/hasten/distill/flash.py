@@ -93,8 +93,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -108,7 +106,7 @@ from tqdm.auto import tqdm
 
 from ..errors import HastenError
 from ..io import atomic_write, write_json
-from ..pipelines.shapes import ShapesPipeline
+from .student import StudentPipeline
 
 FLASH_CONFIG = "flash_config.json"
 FLASH_WEIGHTS = "student.safetensors"
@@ -477,64 +475,14 @@ def load_flash(folder: str | Path) -> Any:
     return pipe
 
 
-class ShapesFlashPipeline(ShapesPipeline):
+class ShapesFlashPipeline(StudentPipeline):
     """The ``shapes`` pipeline sampling with an Imagine Flash student: same call signature, 1 to 3 steps
-    (``num_steps``, the largest, by default), guidance distilled in (the teacher's scale; another one is an
-    error). No noise correction: for this velocity model it is the identity (module docstring)."""
+    (``num_steps``, the largest, by default), guidance distilled in
+    (:class:`hasten.distill.student.StudentPipeline`). No noise correction: for this velocity model it is
+    the identity (module docstring)."""
 
-    student: FlashStudent
-    num_steps: int
+    method = "Imagine Flash"
 
-    @classmethod
-    def from_student(cls, student: FlashStudent, base: Any, guidance_scale: float) -> ShapesFlashPipeline:
-        """The student with the VAE, text encoder and scheduler of its ``base`` pipeline."""
-        pipe = cls(transformer=student.transformer, vae=base.vae, scheduler=base.scheduler,
-                   text_encoder=base.text_encoder, tokenizer=base.tokenizer)
-        pipe.student, pipe.num_steps = student, student.steps
-        pipe.default_guidance_scale = guidance_scale
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None,
-                 latents: torch.Tensor | None = None, sigmas: list[float] | None = None,
-                 num_images_per_prompt: int = 1, output_type: str = "pil", height: int | None = None,
-                 width: int | None = None, return_dict: bool = True, callback_on_step_end: Any = None) -> Any:
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
-        k = self.num_steps if num_inference_steps is None else num_inference_steps
-        if isinstance(k, float) and k.is_integer():
-            k = int(k)
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) not in self.student.step_counts:
-            raise HastenError(f"this Imagine Flash student samples in {_counts(self.student.step_counts)} steps, "
-                              f"not {num_inference_steps}")
-        k = int(k)
-        if guidance_scale is not None and not math.isclose(float(guidance_scale), self.default_guidance_scale):
-            raise HastenError(f"this student has guidance {self.default_guidance_scale:g} distilled in; "
-                              f"it cannot sample at guidance_scale {guidance_scale}")
-        if sigmas is not None or negative_prompt is not None or callback_on_step_end is not None:
-            raise HastenError("an Imagine Flash student takes no sigmas, negative_prompt or callback_on_step_end")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise HastenError(f"unknown output_type {output_type!r}: pil | np | pt | latent")
-        size = self.vae.config.sample_size
-        for name, v in (("height", height), ("width", width)):
-            if v is not None and v != size:
-                raise HastenError(f"{name} must be {size} for this model, got {v}")
-        prompts = [p for p in self.check_prompts(prompt) for _ in range(num_images_per_prompt)]
-        text, pooled = self.encode_prompt(prompts)
-        if latents is None:
-            latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, device=text.device,
-                                   dtype=torch.float32)
-        z = self.student.sample(latents.to(text.device, torch.float32), text, pooled, steps=k)
-        if output_type == "latent":
-            images = z
-        else:
-            images = self.decode_latents(z)
-            if output_type == "np":
-                images = images.permute(0, 2, 3, 1).cpu().numpy()
-            elif output_type == "pil":
-                images = self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().numpy())
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, steps: int
+                       ) -> torch.Tensor:
+        return self.student.sample(noise, text, pooled, steps=steps)

@@ -197,6 +197,25 @@ class ShapesPipeline(DiffusionPipeline):
         z = latents / c.scaling_factor + (c.shift_factor or 0.0)
         return ((self.vae.decode(z.to(self.vae.dtype)).sample.float() + 1) / 2).clamp(0, 1)
 
+    def check_output(self, output_type: str, height: int | None, width: int | None) -> None:
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise HastenError(f"unknown output_type {output_type!r}: pil | np | pt | latent")
+        size = self.vae.config.sample_size
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and v != size:
+                raise HastenError(f"{name} must be {size} for this model, got {v}")
+
+    def to_output(self, latents: torch.Tensor, output_type: str) -> object:
+        """Final latents as ``output_type``: the latents, or decoded images as a tensor, numpy or PIL."""
+        if output_type == "latent":
+            return latents
+        images = self.decode_latents(latents)
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "pil":
+            return self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().numpy())
+        return images
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
@@ -207,12 +226,7 @@ class ShapesPipeline(DiffusionPipeline):
                  width: int | None = None, return_dict: bool = True, callback_on_step_end=None):
         """Generate one image per prompt (times ``num_images_per_prompt``); see the module docstring."""
         prompts = self.check_prompts(prompt)
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise HastenError(f"unknown output_type {output_type!r}: pil | np | pt | latent")
-        size = self.vae.config.sample_size
-        for name, v in (("height", height), ("width", width)):
-            if v is not None and v != size:
-                raise HastenError(f"{name} must be {size} for this model, got {v}")
+        self.check_output(output_type, height, width)
         if int(num_inference_steps) < 1:
             raise HastenError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -261,14 +275,7 @@ class ShapesPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, i, t, {"latents": latents})
                 bar.update()
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.decode_latents(latents)
-            if output_type == "np":
-                images = images.permute(0, 2, 3, 1).cpu().numpy()
-            elif output_type == "pil":
-                images = self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().numpy())
+        images = self.to_output(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -1,0 +1,82 @@
+"""``StudentPipeline``: the ``shapes`` pipeline sampling with a distilled few-step student.
+
+Same call signature as :class:`hasten.ShapesPipeline`, so users, ``hasten generate`` and the benchmarks
+swap a student in by name. What differs is said with an error, not silently ignored: a student samples
+only at the step counts it was trained for, and the teacher's guidance scale is distilled in (one branch
+per step), so another scale, negative prompts, custom sigmas or step callbacks are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from ..errors import HastenError
+from ..pipelines.shapes import ShapesPipeline
+
+
+class StudentPipeline(ShapesPipeline):
+    """Subclasses name their ``method`` and implement :meth:`sample_latents`; ``student.step_counts`` (or
+    ``(student.steps,)``) are the step counts it samples at, ``student.steps`` the default."""
+
+    method = "distilled"
+    student: Any
+    num_steps: int
+
+    @classmethod
+    def from_student(cls, student: Any, base: Any, guidance_scale: float) -> StudentPipeline:
+        """The student with the VAE, text encoder and scheduler of its ``base`` pipeline."""
+        pipe = cls(transformer=student.transformer, vae=base.vae, scheduler=base.scheduler,
+                   text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+        pipe.student, pipe.num_steps = student, student.steps
+        pipe.default_guidance_scale = guidance_scale
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        return tuple(getattr(self.student, "step_counts", (self.student.steps,)))
+
+    def sample_latents(self, noise: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, steps: int
+                       ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _steps(self, num_inference_steps: Any) -> int:
+        k = self.num_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
+        counts = self.step_counts
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) not in counts:
+            names = [str(c) for c in counts]
+            said = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            raise HastenError(f"this {self.method} student samples in {said} steps, not {num_inference_steps}")
+        return int(k)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, sigmas: list[float] | None = None,
+                 num_images_per_prompt: int = 1, output_type: str = "pil", height: int | None = None,
+                 width: int | None = None, return_dict: bool = True, callback_on_step_end: Any = None) -> Any:
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        k = self._steps(num_inference_steps)
+        if guidance_scale is not None and not math.isclose(float(guidance_scale), self.default_guidance_scale):
+            raise HastenError(f"this student has guidance {self.default_guidance_scale:g} distilled in; "
+                              f"it cannot sample at guidance_scale {guidance_scale}")
+        if sigmas is not None or negative_prompt is not None or callback_on_step_end is not None:
+            raise HastenError(f"an {self.method} student takes no sigmas, negative_prompt or callback_on_step_end")
+        self.check_output(output_type, height, width)
+        prompts = [p for p in self.check_prompts(prompt) for _ in range(num_images_per_prompt)]
+        text, pooled = self.encode_prompt(prompts)
+        if latents is None:
+            latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, device=text.device,
+                                   dtype=torch.float32)
+        z = self.sample_latents(latents.to(text.device, torch.float32), text, pooled, k)
+        images = self.to_output(z, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
