@@ -32,7 +32,6 @@ The guidance of the teacher (CFG) is distilled in: the student runs one branch.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -45,11 +44,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import HastenError
-from ..io import atomic_write, write_json
-from .student import StudentPipeline
+from .student import StudentPipeline, load_student, save_student
 
 ARD_CONFIG = "ard_config.json"
-ARD_WEIGHTS = "student.safetensors"
 
 
 def block_causal_mask(groups: int, tokens: int, history: bool = True) -> torch.Tensor:
@@ -307,52 +304,17 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
 
 # --------------------------------------------------------------------------- saving, loading, sampling
 def save_ard(student: ARDStudent, folder: str | Path, base: str, meta: dict) -> Path:
-    """``folder/ard_config.json`` (base model, kept sigmas, N, ``meta``: it must hold ``base_vae``, the
-    :func:`hasten.plans.weights_hash` of the base's VAE, whose latent space the student samples in) and
-    ``folder/student.safetensors`` (float16, like the base model's weights; :func:`load_ard` reads them
-    into float32)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # float16 on disk, as the base model ships (half the size); loaded back as float32
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in student.state_dict().items()}
-    atomic_write(folder / ARD_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    """``folder/ard_config.json`` (base model, kept sigmas, N, ``meta``: it must hold ``base_vae``) and
+    ``folder/student.safetensors`` in float16, like the base model's weights (:func:`save_student`)."""
     cfg = {"base": base, "sigmas": student.sigmas.tolist(), "steps": student.steps,
            "layers_with_history": student.layers_with_history, **meta}
-    write_json(folder / ARD_CONFIG, cfg)
-    return folder
+    return save_student(student, folder, ARD_CONFIG, cfg, torch.float16)
 
 
-def load_ard(folder: str | Path) -> Any:
+def load_ard(folder: str | Path) -> StudentPipeline:
     """A :class:`ShapesARDPipeline` from a folder written by :func:`save_ard` (base model loaded by name)."""
-    from safetensors.torch import load_file
-
-    from ..pipeline import load_pipeline
-    from ..plans import weights_hash
-
-    folder = Path(folder)
-    try:
-        cfg = json.loads((folder / ARD_CONFIG).read_text())
-        tensors = load_file(str(folder / ARD_WEIGHTS))
-    except (OSError, ValueError) as e:
-        raise HastenError(f"cannot load the ARD student in {folder}: {e}") from None
-    base = load_pipeline(cfg["base"])
-    if weights_hash(base.vae) != cfg.get("base_vae"):
-        raise HastenError(f"{folder} was distilled in the latent space of other {cfg['base']!r} weights than "
-                          "the ones installed; re-run hasten distill")
-    student = ARDStudent(base.transformer, cfg["sigmas"], int(cfg["layers_with_history"]))
-    try:
-        student.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise HastenError(f"{folder}: the weights do not fit the student of {cfg['base']!r}: "
-                          f"{str(e).splitlines()[0]}") from None
-    student.requires_grad_(False).eval()
-    scale = float(cfg.get("guidance_scale", base.default_guidance_scale))
-    pipe = ShapesARDPipeline.from_student(student, base, guidance_scale=scale)
-    pipe.name = folder.name
-    pipe.model_dir = folder
-    return pipe
+    return load_student(folder, ARD_CONFIG, "ARD", lambda base, cfg: ARDStudent(
+        base.transformer, cfg["sigmas"], int(cfg["layers_with_history"])), ShapesARDPipeline)
 
 
 class ShapesARDPipeline(StudentPipeline):

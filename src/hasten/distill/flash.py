@@ -92,7 +92,6 @@ and every state is checkpointed atomically, so an interrupted run resumes to the
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -105,11 +104,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import HastenError
-from ..io import atomic_write, write_json
-from .student import StudentPipeline
+from .student import StudentPipeline, load_student, save_student
 
 FLASH_CONFIG = "flash_config.json"
-FLASH_WEIGHTS = "student.safetensors"
 CAPTION_SEED0 = 20_000_000  # training < 10M, ARD trajectories 30M, calibration 40M, held-out 50M
 MAX_STEPS = 3  # the paper's regime: 1 to 3 steps
 
@@ -429,50 +426,23 @@ def train_flash(pipe: Any, out: str | Path, cfg: FlashConfig, progress: bool = T
 # --------------------------------------------------------------------------- saving, loading, sampling
 def save_flash(student: FlashStudent, folder: str | Path, base: str, meta: dict) -> Path:
     """``folder/flash_config.json`` (base model, step counts and their schedules, ``meta``: it must hold
-    ``base_vae``, the :func:`hasten.plans.weights_hash` of the base's VAE, whose latent space the student
-    samples in, and ``guidance_scale``) and ``folder/student.safetensors``."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
-    atomic_write(folder / FLASH_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    ``base_vae`` and ``guidance_scale``) and ``folder/student.safetensors`` (:func:`save_student`)."""
     cfg = {"method": "imagine-flash", "base": base, "step_counts": list(student.step_counts),
            "sigmas": {str(k): student_sigmas(k) for k in student.step_counts}, **meta}
-    write_json(folder / FLASH_CONFIG, cfg)
-    return folder
+    return save_student(student, folder, FLASH_CONFIG, cfg)
 
 
-def load_flash(folder: str | Path) -> Any:
+def load_flash(folder: str | Path) -> StudentPipeline:
     """A :class:`ShapesFlashPipeline` from a folder written by :func:`save_flash` (base model loaded by name)."""
-    from safetensors.torch import load_file
 
-    from ..pipeline import load_pipeline
-    from ..plans import weights_hash
+    def build(base: Any, cfg: dict) -> FlashStudent:
+        try:
+            counts = [int(k) for k in cfg["step_counts"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise HastenError(f"cannot load the Imagine Flash student in {folder}: bad step_counts ({e})") from None
+        return FlashStudent(base.transformer, counts)
 
-    folder = Path(folder)
-    try:
-        cfg = json.loads((folder / FLASH_CONFIG).read_text())
-        tensors = load_file(str(folder / FLASH_WEIGHTS))
-        counts = [int(k) for k in cfg["step_counts"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise HastenError(f"cannot load the Imagine Flash student in {folder}: {e}") from None
-    base = load_pipeline(cfg["base"])
-    if weights_hash(base.vae) != cfg.get("base_vae"):
-        raise HastenError(f"{folder} was distilled in the latent space of other {cfg['base']!r} weights than "
-                          "the ones installed; re-run hasten distill imagine-flash")
-    student = FlashStudent(base.transformer, counts)
-    try:
-        student.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise HastenError(f"{folder}: the weights do not fit the student of {cfg['base']!r}: "
-                          f"{str(e).splitlines()[0]}") from None
-    student.requires_grad_(False).eval()
-    scale = float(cfg.get("guidance_scale", base.default_guidance_scale))
-    pipe = ShapesFlashPipeline.from_student(student, base, guidance_scale=scale)
-    pipe.name = folder.name
-    pipe.model_dir = folder
-    return pipe
+    return load_student(folder, FLASH_CONFIG, "Imagine Flash", build, ShapesFlashPipeline)
 
 
 class ShapesFlashPipeline(StudentPipeline):

@@ -8,14 +8,72 @@ per step), so another scale, negative prompts, custom sigmas or step callbacks a
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import HastenError
+from ..io import atomic_write, write_json
 from ..pipelines.shapes import ShapesPipeline
+
+WEIGHTS = "student.safetensors"
+
+
+def save_student(student: torch.nn.Module, folder: str | Path, config_name: str, cfg: dict,
+                 dtype: torch.dtype | None = None) -> Path:
+    """``folder/config_name`` (``cfg``: the base model, the student's shape, and ``base_vae``, the
+    :func:`hasten.plans.weights_hash` of the base's VAE, whose latent space the student samples in) and
+    ``folder/student.safetensors`` (in ``dtype`` when given; :func:`load_student` reads float32), each
+    written atomically."""
+    from safetensors.torch import save_file
+
+    if "base_vae" not in cfg:
+        raise HastenError("a student's config must record base_vae (the base VAE's weights hash)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in student.state_dict().items()}
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    write_json(folder / config_name, cfg)
+    return folder
+
+
+def load_student(folder: str | Path, config_name: str, what: str,
+                 build: Callable[[Any, dict], torch.nn.Module], pipeline: type[StudentPipeline]) -> StudentPipeline:
+    """The ``pipeline`` around the student of ``folder`` (see :func:`save_student`): its base model loaded by
+    name, the VAE checked, the student built by ``build(base_pipeline, cfg)`` and its weights loaded."""
+    from safetensors.torch import load_file
+
+    from ..pipeline import load_pipeline
+    from ..plans import weights_hash
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / config_name).read_text())
+        tensors = load_file(str(folder / WEIGHTS))
+        base = cfg["base"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HastenError(f"cannot load the {what} student in {folder}: {e}") from None
+    base_pipe = load_pipeline(base)
+    if weights_hash(base_pipe.vae) != cfg.get("base_vae"):
+        raise HastenError(f"{folder} was distilled in the latent space of other {base!r} weights than the ones "
+                          "installed; distil it again")
+    student = build(base_pipe, cfg)
+    try:
+        student.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise HastenError(f"{folder}: the weights do not fit the student of {base!r}: "
+                          f"{str(e).splitlines()[0]}") from None
+    student.requires_grad_(False).eval()
+    scale = float(cfg.get("guidance_scale", base_pipe.default_guidance_scale))
+    pipe = pipeline.from_student(student, base_pipe, guidance_scale=scale)
+    pipe.name = folder.name
+    pipe.model_dir = folder
+    return pipe
 
 
 class StudentPipeline(ShapesPipeline):
