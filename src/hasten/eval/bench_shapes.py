@@ -296,8 +296,9 @@ def student_config(student, data: EvalSet) -> BenchConfig:
     """A distilled few-step student of the model (``hasten distill``: e.g. ``shapes-ard4``), at its own steps;
     guidance is distilled in, so each step is one branch."""
     steps = student.num_steps
-    params = {"steps": steps, "solver": "student", "student": student.name,
-              "layers_with_history": student.student.layers_with_history}
+    params = {"steps": steps, "solver": "student", "student": student.name, "method": student.method}
+    if hasattr(student.student, "layers_with_history"):  # ARD
+        params["layers_with_history"] = student.student.layers_with_history
     return BenchConfig(f"{student.name} @{steps} (student)", "hasten", params,
                        lambda: Prepared(sample=data.sampler(student, steps), transformer=student.transformer,
                                         denoiser=student.student))
