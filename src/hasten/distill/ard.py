@@ -32,19 +32,17 @@ The guidance of the teacher (CFG) is distilled in: the student runs one branch.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import HastenError
-from .student import StudentPipeline, load_student, save_student
+from .student import StudentPipeline, load_student, save_student, train_student
 
 ARD_CONFIG = "ard_config.json"
 
@@ -255,51 +253,16 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
     """Train (or resume) the student on ``data`` (:func:`load_trajectories`); returns the log and the EMA
     student. Checkpoints (atomic) go to ``out/checkpoints``; each step's batch depends only on the seed
     and the step, so a resumed run continues the same sequence."""
-    from ..train import ema_update
-    from ..train_shapes import LossLog, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
-
-    out = Path(out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoints" / "student.pt"
     sigmas = data["sigmas"].tolist()
-    student = ARDStudent(teacher, sigmas, cfg.layers_with_history).train()
-    ema = copy.deepcopy(student).requires_grad_(False).eval()  # its blocks hold their own processors
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
-    start, curve, elapsed, cpu = 0, [], 0.0, 0.0
-    state = load_checkpoint(ckpt_path)
-    if state is not None:
-        if state["config"] != asdict(cfg):
-            raise HastenError(f"{out} holds a run with other settings ({ckpt_path}); use another --out")
-        student.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start, curve, elapsed, cpu = state["step"], state["curve"], state["elapsed_s"], state["cpu_s"]
-    t0, c0 = time.time() - elapsed, time.process_time() - cpu
     n = data["states"].shape[0]
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress,
-               desc=f"ARD N={cfg.layers_with_history}", dynamic_ncols=True)
-    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
-    for step in bar:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+    def loss(student: ARDStudent, step: int, gen: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            loss = student.loss(data["states"][rows].float(), data["text"][rows].float(),
-                                data["pooled"][rows].float()).float()
-        value = optimizer_step(loss, opt, sched, student.parameters(), "ARD", step)
-        ema_update(ema, student, step, cfg.ema_decay)
-        loss_log.add(step, value)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            save_checkpoint(ckpt_path, {"model": student.state_dict(), "ema": ema.state_dict(),
-                                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
-                                        "curve": curve, "elapsed_s": time.time() - t0,
-                                        "cpu_s": time.process_time() - c0, "config": asdict(cfg)})
-    return {"train_config": asdict(cfg), "loss_curve": curve, "step": end, "finished": end == cfg.steps,
-            "train_seconds": round(time.time() - t0, 1), "train_cpu_seconds": round(time.process_time() - c0, 1),
-            "num_parameters": sum(p.numel() for p in student.parameters()), "samples": n, "sigmas": sigmas,
-            "student": ema}
+        return student.loss(data["states"][rows].float(), data["text"][rows].float(), data["pooled"][rows].float())
+
+    student = ARDStudent(teacher, sigmas, cfg.layers_with_history)
+    log = train_student(student, out, cfg, loss, f"ARD N={cfg.layers_with_history}", progress, stop_after)
+    return {**log, "samples": n, "sigmas": sigmas}
 
 
 # --------------------------------------------------------------------------- saving, loading, sampling

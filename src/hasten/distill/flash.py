@@ -92,19 +92,17 @@ and every state is checkpointed atomically, so an interrupted run resumes to the
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import HastenError
-from .student import StudentPipeline, load_student, save_student
+from .student import StudentPipeline, load_student, save_student, train_student
 
 FLASH_CONFIG = "flash_config.json"
 CAPTION_SEED0 = 20_000_000  # training < 10M, ARD trajectories 30M, calibration 40M, held-out 50M
@@ -374,53 +372,18 @@ def train_flash(pipe: Any, out: str | Path, cfg: FlashConfig, progress: bool = T
     Checkpoints (atomic) go to ``out/checkpoints``; each step's batch depends only on the seed and the step,
     so a resumed run continues the same sequence."""
     from ..pipelines.shapes import encode_text
-    from ..train import ema_update
-    from ..train_shapes import LossLog, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
 
     cfg.check()
-    out = Path(out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoints" / "student.pt"
     teacher = pipe.transformer
     scale = float(pipe.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale)
     empty = tuple(t.float() for t in encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False))
-    student = FlashStudent(teacher, cfg.step_counts).train().requires_grad_(True)
-    ema = copy.deepcopy(student).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
-    start, curve, elapsed, cpu = 0, [], 0.0, 0.0
-    state = load_checkpoint(ckpt_path)
-    if state is not None:
-        if state["config"] != asdict(cfg):
-            raise HastenError(f"{out} holds a run with other settings ({ckpt_path}); use another --out")
-        student.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start, curve, elapsed, cpu = state["step"], state["curve"], state["elapsed_s"], state["cpu_s"]
-    t0, c0 = time.time() - elapsed, time.process_time() - cpu
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+
+    def loss(student: FlashStudent, step: int, gen: torch.Generator) -> torch.Tensor:
+        return flash_loss(student, teacher, flash_batch(pipe, step, cfg, gen), cfg, empty, scale)[0]
+
     what = f"Imagine Flash {'backward' if cfg.backward else 'forward'}{' + SRL' if cfg.srl else ''}"
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc=what,
-               dynamic_ncols=True)
-    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
-    for step in bar:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        batch = flash_batch(pipe, step, cfg, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            loss = flash_loss(student, teacher, batch, cfg, empty, scale)[0].float()
-        value = optimizer_step(loss, opt, sched, student.parameters(), what, step)
-        ema_update(ema, student, step, cfg.ema_decay)
-        loss_log.add(step, value)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            save_checkpoint(ckpt_path, {"model": student.state_dict(), "ema": ema.state_dict(),
-                                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
-                                        "curve": curve, "elapsed_s": time.time() - t0,
-                                        "cpu_s": time.process_time() - c0, "config": asdict(cfg)})
-    return {"train_config": asdict(cfg), "loss_curve": curve, "step": end, "finished": end == cfg.steps,
-            "train_seconds": round(time.time() - t0, 1), "train_cpu_seconds": round(time.process_time() - c0, 1),
-            "num_parameters": sum(p.numel() for p in student.parameters()), "guidance_scale": scale,
-            "student": ema}
+    log = train_student(FlashStudent(teacher, cfg.step_counts), out, cfg, loss, what, progress, stop_after)
+    return {**log, "guidance_scale": scale}
 
 
 # --------------------------------------------------------------------------- saving, loading, sampling

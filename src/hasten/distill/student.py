@@ -8,20 +8,77 @@ per step), so another scale, negative prompts, custom sigmas or step callbacks a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import HastenError
 from ..io import atomic_write, write_json
 from ..pipelines.shapes import ShapesPipeline
 
 WEIGHTS = "student.safetensors"
+
+
+def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
+                  loss_fn: Callable[[torch.nn.Module, int, torch.Generator], torch.Tensor], what: str,
+                  progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train (or resume) ``student`` on ``loss_fn(student, step, gen)``: AdamW, cosine schedule with warm-up,
+    gradient clipping at 1, EMA, optional CPU bf16 autocast, atomic checkpoints in ``out/checkpoints``.
+
+    ``cfg`` is a dataclass with ``steps, lr, weight_decay, warmup, ema_decay, seed, checkpoint_every,
+    log_every, bf16_autocast``. Step ``s`` draws all its randomness from a generator seeded by
+    ``seed * 1_000_003 + s``, so an interrupted run resumes to the same weights; a checkpoint of other
+    settings is refused. Returns the log (config, loss curve, times) with the EMA student as ``student``.
+    ``stop_after`` interrupts (tests)."""
+    from ..train import ema_update
+    from ..train_shapes import LossLog, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
+
+    out = Path(out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoints" / "student.pt"
+    student.train().requires_grad_(True)
+    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
+    start, curve, elapsed, cpu = 0, [], 0.0, 0.0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        if state["config"] != asdict(cfg):
+            raise HastenError(f"{out} holds a run with other settings ({ckpt_path}); use another --out")
+        student.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, curve, elapsed, cpu = state["step"], state["curve"], state["elapsed_s"], state["cpu_s"]
+    t0, c0 = time.time() - elapsed, time.process_time() - cpu
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc=what,
+               dynamic_ncols=True)
+    loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            loss = loss_fn(student, step, gen).float()
+        value = optimizer_step(loss, opt, sched, student.parameters(), what, step)
+        ema_update(ema, student, step, cfg.ema_decay)
+        loss_log.add(step, value)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            save_checkpoint(ckpt_path, {"model": student.state_dict(), "ema": ema.state_dict(),
+                                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
+                                        "curve": curve, "elapsed_s": time.time() - t0,
+                                        "cpu_s": time.process_time() - c0, "config": asdict(cfg)})
+    return {"train_config": asdict(cfg), "loss_curve": curve, "step": end, "finished": end == cfg.steps,
+            "train_seconds": round(time.time() - t0, 1), "train_cpu_seconds": round(time.process_time() - c0, 1),
+            "num_parameters": sum(p.numel() for p in student.parameters()), "student": ema}
 
 
 def save_student(student: torch.nn.Module, folder: str | Path, config_name: str, cfg: dict,
