@@ -33,7 +33,7 @@ import hasten
 from hasten.distill.ard import ard_flops
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
-from hasten.eval.shapes_eval import score_images
+from hasten.eval.shapes_eval import generate_images, score_images
 from hasten.io import atomic_write
 
 
@@ -50,11 +50,7 @@ def main() -> None:
     data = EvalSet(teacher, args.samples, seed=0)
 
     def sample(pipe, steps: int, guidance_scale: float | None = None) -> tuple[torch.Tensor, float]:
-        t0, out = time.perf_counter(), []
-        for i in range(0, args.samples, args.batch_size):
-            idx = torch.arange(i, min(i + args.batch_size, args.samples))
-            out.append(data.sampler(pipe, steps, guidance_scale)(idx, None))
-        return torch.cat(out), time.perf_counter() - t0
+        return generate_images(pipe, data.prompts, steps, guidance_scale, batch_size=args.batch_size, noise=data.noise)
 
     configs = [("teacher: Euler 25, CFG", teacher, 25, None, 50),
                ("teacher: Euler 50, CFG (the default)", teacher, 50, None, 100),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch
 import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
-from hasten.eval.shapes_eval import score_images
+from hasten.eval.shapes_eval import generate_images, score_images
 from hasten.io import atomic_write
 
 
@@ -36,11 +35,7 @@ def main() -> None:
     data = EvalSet(teacher, args.samples, seed=0)
 
     def sample(pipe, steps: int, guidance_scale: float | None = None) -> tuple[torch.Tensor, float]:
-        t0, out = time.perf_counter(), []
-        for i in range(0, args.samples, args.batch_size):
-            idx = torch.arange(i, min(i + args.batch_size, args.samples))
-            out.append(data.sampler(pipe, steps, guidance_scale)(idx, None))
-        return torch.cat(out), time.perf_counter() - t0
+        return generate_images(pipe, data.prompts, steps, guidance_scale, batch_size=args.batch_size, noise=data.noise)
 
     configs = [("teacher: Euler 50, CFG", teacher, 50, None, 100)]
     configs += [(f"Imagine Flash student, {k} step{'s' if k > 1 else ''}", flash, k, None, k) for k in (1, 2, 3)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch
 import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
-from hasten.eval.shapes_eval import score_images
+from hasten.eval.shapes_eval import generate_images, score_images
 from hasten.io import atomic_write
 
 SHARES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25)
@@ -44,11 +43,7 @@ def main() -> None:
     data = EvalSet(base, args.samples, seed=0)
 
     def sample(pipe) -> tuple[torch.Tensor, float]:
-        t0, out = time.perf_counter(), []
-        for i in range(0, args.samples, args.batch_size):
-            idx = torch.arange(i, min(i + args.batch_size, args.samples))
-            out.append(data.sampler(pipe, args.steps)(idx, None))
-        return torch.cat(out), time.perf_counter() - t0
+        return generate_images(pipe, data.prompts, args.steps, None, batch_size=args.batch_size, noise=data.noise)
 
     def row(name: str, images: torch.Tensor, secs: float, ref_s: float, **extra) -> dict:
         q = score_images(data.scenes, images)
