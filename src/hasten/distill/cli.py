@@ -30,13 +30,9 @@ def register(app: typer.Typer) -> None:
         import json
 
         from ..pipeline import load_pipeline
-        from .trajectories import generate_trajectories, kept_indices
+        from .trajectories import check_options, generate_trajectories
 
-        kept_indices(steps, keep)  # fail on bad --steps/--keep before loading anything
-        if n < 1 or shard_size < 1 or batch_size < 1:
-            raise HastenError("--n, --shard-size and --batch-size must be >= 1")
-        if out.exists() and not out.is_dir():
-            raise HastenError(f"--out {out} exists and is not a folder")
+        check_options(out, n, steps, keep, shard_size, batch_size)  # before loading anything
         pipe = load_pipeline(teacher)
         if not hasattr(pipe, "encode_prompt") or hasattr(pipe, "student"):
             raise HastenError(f"--teacher {teacher!r} must be a text-to-image diffusion model (e.g. shapes)")

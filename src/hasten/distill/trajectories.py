@@ -53,6 +53,16 @@ def kept_indices(steps: int, keep: int) -> list[int]:
     return [0] + [first + j * d for j in range(keep)]
 
 
+def check_options(out: str | Path, n: int, steps: int, keep: int, shard_size: int, batch_size: int) -> list[int]:
+    """Fail on options that cannot be generated (before any model is loaded); the kept step indices."""
+    if n < 1 or shard_size < 1 or batch_size < 1:
+        raise HastenError("--n, --shard-size and --batch-size must be >= 1")
+    keep_at = kept_indices(steps, keep)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise HastenError(f"--out {out} exists and is not a folder")
+    return keep_at
+
+
 def shard_name(k: int) -> str:
     return f"shard_{k:05d}.safetensors"
 
@@ -99,12 +109,8 @@ def generate_trajectories(pipe: Any, out: str | Path, n: int, steps: int = 25, k
 
     from ..data.shapes import sample_scene
 
-    if n < 1 or shard_size < 1 or batch_size < 1:
-        raise HastenError("--n, --shard-size and --batch-size must be >= 1")
-    keep_at = kept_indices(steps, keep)
+    keep_at = check_options(out, n, steps, keep, shard_size, batch_size)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HastenError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"teacher": teacher, "steps": steps, "keep": keep, "kept_indices": keep_at,
                 "guidance_scale": float(pipe.default_guidance_scale), "shard_size": shard_size,
