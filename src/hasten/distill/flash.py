@@ -102,7 +102,7 @@ import torch
 from torch import nn
 
 from ..errors import HastenError
-from .student import StudentPipeline, load_student, save_student, train_student
+from .student import StudentPipeline, load_student, said_counts, save_student, train_student
 
 FLASH_CONFIG = "flash_config.json"
 CAPTION_SEED0 = 20_000_000  # training < 10M, ARD trajectories 30M, calibration 40M, held-out 50M
@@ -200,7 +200,7 @@ class FlashStudent(nn.Module):
     def schedule(self, k: int) -> torch.Tensor:
         """The K + 1 levels of the K-step schedule (float32)."""
         if int(k) not in self.step_counts:
-            raise HastenError(f"this Imagine Flash student samples in {_counts(self.step_counts)} steps, not {k}")
+            raise HastenError(f"this Imagine Flash student samples in {said_counts(self.step_counts)} steps, not {k}")
         return torch.tensor(student_sigmas(int(k)), dtype=torch.float32)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor
@@ -227,11 +227,6 @@ class FlashStudent(nn.Module):
             x = x + (s[d + 1] - s[d]) * v
             states.append(x)
         return (x, torch.stack(states, 1)) if return_states else x
-
-
-def _counts(counts: Sequence[int]) -> str:
-    c = [str(k) for k in counts]
-    return c[0] if len(c) == 1 else ", ".join(c[:-1]) + " or " + c[-1]
 
 
 # --------------------------------------------------------------------------- the losses

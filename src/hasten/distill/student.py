@@ -28,6 +28,12 @@ from ..pipelines.shapes import ShapesPipeline
 WEIGHTS = "student.safetensors"
 
 
+def said_counts(counts: Any) -> str:
+    """Step counts for a message: "4", "1 or 2", "1, 2 or 3"."""
+    c = [str(k) for k in counts]
+    return c[0] if len(c) == 1 else ", ".join(c[:-1]) + " or " + c[-1]
+
+
 def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
                   loss_fn: Callable[[torch.nn.Module, int, torch.Generator], torch.Tensor], what: str,
                   progress: bool = True, stop_after: int | None = None) -> dict:
@@ -165,9 +171,8 @@ class StudentPipeline(ShapesPipeline):
             k = int(k)
         counts = self.step_counts
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or int(k) not in counts:
-            names = [str(c) for c in counts]
-            said = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-            raise HastenError(f"this {self.method} student samples in {said} steps, not {num_inference_steps}")
+            raise HastenError(f"this {self.method} student samples in {said_counts(counts)} steps, "
+                              f"not {num_inference_steps}")
         return int(k)
 
     @torch.no_grad()
