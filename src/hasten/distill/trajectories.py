@@ -154,7 +154,6 @@ def generate_trajectories(pipe: Any, out: str | Path, n: int, steps: int = 25, k
 def load_trajectories(folder: str | Path) -> dict:
     """All shards of ``folder`` in sample order: text, pooled, states, seeds, sigmas, captions, manifest."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
@@ -169,12 +168,11 @@ def load_trajectories(folder: str | Path) -> dict:
     parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": [], "seeds": []}
     captions: list[str] = []
     for f in files:
-        t = load_file(str(f))
-        for key in parts:
-            parts[key].append(t[key])
-        with safe_open(str(f), "pt") as h:
+        with safe_open(str(f), "pt") as h:  # one open per shard: its tensors and its captions
+            for key in parts:
+                parts[key].append(h.get_tensor(key))
             captions += json.loads(h.metadata()["captions"])
-        sigmas = t["sigmas"]
+            sigmas = h.get_tensor("sigmas")
     data = {key: torch.cat(v) for key, v in parts.items()}
     data.update(sigmas=sigmas, captions=captions, manifest=manifest)
     return data
