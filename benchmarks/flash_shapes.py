@@ -1,11 +1,19 @@
-"""Imagine Flash on `shapes`: the 1-, 2- and 3-step student against the 50-step CFG teacher and cheap baselines.
+"""Imagine Flash on `shapes`: the 1-, 2- and 3-step students against the 50-step CFG teacher and cheap baselines.
 
-    python benchmarks/flash_shapes.py --flash runs/flash/bwd_srl --out benchmarks/flash_shapes
+    python benchmarks/flash_shapes.py --flash shapes-flash --out benchmarks/flash_shapes \\
+        --ablation "forward + SRL=runs/flash/fwd" --ablation "backward, no SRL=runs/flash/bwd_nosrl"
 
 Every configuration samples the same held-out captions from the same initial noise, one after the other in
-one process: the teacher (50 Euler steps with CFG, the quality and speed reference), the student at 1, 2
-and 3 steps (one branch: guidance is distilled in), and the teacher at 3 steps with UniPC (bh2) and
-DPM-Solver++(2M), with and without guidance. Wall times are sequential (indicative). Writes results.json.
+one process: the teacher (50 Euler steps with CFG, the quality and speed reference), each student at 1, 2
+and 3 steps (one branch: guidance is distilled in), the ARD student at 4 steps when installed, and the
+teacher at 3 steps with UniPC (bh2) and DPM-Solver++(2M), with and without guidance.
+
+Besides adherence and FD-shapes, each record has ``diversity``: the mean RMS pixel distance (images in
+[0, 1]) between two images of the same caption from two different initial noises, over the first
+``--diversity-samples`` captions. A student that collapses to one image per caption has FD far above the
+teacher's and diversity near 0; the teacher's own value is the reference. Noise correction has no row of
+its own: for this velocity model it is the identity (``hasten.distill.flash``, tested bitwise), so "with"
+and "without" are the same images. Wall times are sequential (indicative). Writes results.json.
 """
 
 from __future__ import annotations
@@ -20,47 +28,85 @@ import torch
 import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
-from hasten.eval.shapes_eval import generate_images, score_images
+from hasten.eval.shapes_eval import generate_images, initial_noise, score_images
 from hasten.io import atomic_write
+from hasten.pipeline import EMBEDDED
+
+
+def recipe(pipe) -> dict:
+    """The training recipe a student folder records (its flash_config.json)."""
+    keys = ("backward", "srl", "tau_max", "srl_noise", "teacher_steps", "train_steps")
+    try:
+        cfg = json.loads((Path(pipe.model_dir) / "flash_config.json").read_text())
+    except (AttributeError, OSError, ValueError):
+        return {}
+    return {k: cfg.get(k, {"srl_noise": "fresh", "teacher_steps": 1}.get(k)) for k in keys}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--flash", required=True)
+    ap.add_argument("--flash", default="shapes-flash", help="the main student (a model name or folder)")
+    ap.add_argument("--ablation", action="append", default=[], metavar="LABEL=FOLDER",
+                    help="another student for the ablation table (repeatable)")
     ap.add_argument("--out", default="benchmarks/flash_shapes")
-    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--diversity-samples", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=50)
     args = ap.parse_args()
-    teacher, flash = hasten.load_pipeline("shapes"), hasten.load_pipeline(args.flash)
+    teacher = hasten.load_pipeline("shapes")
+    students = [("Imagine Flash", hasten.load_pipeline(args.flash))]
+    for item in args.ablation:
+        label, _, folder = item.partition("=")
+        if not folder:
+            raise SystemExit(f"--ablation needs LABEL=FOLDER, got {item!r}")
+        students.append((label, hasten.load_pipeline(folder)))
     data = EvalSet(teacher, args.samples, seed=0)
+    nd = min(args.diversity_samples, args.samples)
+    other_noise = initial_noise(teacher, nd, seed=1)
 
-    def sample(pipe, steps: int, guidance_scale: float | None = None) -> tuple[torch.Tensor, float]:
-        return generate_images(pipe, data.prompts, steps, guidance_scale, batch_size=args.batch_size, noise=data.noise)
+    def sample(pipe, steps: int, gs: float | None, prompts: list[str], noise: torch.Tensor):
+        return generate_images(pipe, prompts, steps, gs, batch_size=args.batch_size, noise=noise)
 
-    configs = [("teacher: Euler 50, CFG", teacher, 50, None, 100)]
-    configs += [(f"Imagine Flash student, {k} step{'s' if k > 1 else ''}", flash, k, None, k) for k in (1, 2, 3)]
+    configs = [("teacher: Euler 50, CFG", "teacher", teacher, 50, None, 100, {})]
+    for label, pipe in students:
+        configs += [(f"{label}, {k} step{'s' if k > 1 else ''}", label, pipe, k, None, k, recipe(pipe))
+                    for k in (1, 2, 3)]
+    if EMBEDDED["shapes-ard4"].is_dir():
+        configs.append(("ARD student (shapes-ard4), 4 steps", "ARD", hasten.load_pipeline("shapes-ard4"), 4, None, 4,
+                        {}))
     for solver, label in (("unipc-bh2", "UniPC"), ("dpm++2m", "DPM-Solver++")):
         own = copy_shapes(teacher, solver)
-        configs += [(f"teacher: {label} 3, CFG", own, 3, None, 6), (f"teacher: {label} 3, no guidance", own, 3, 1.0, 3)]
-    sample(flash, 3)  # warm-up
+        configs += [(f"teacher: {label} 3, CFG", "baseline", own, 3, None, 6, {}),
+                    (f"teacher: {label} 3, no guidance", "baseline", own, 3, 1.0, 3, {})]
+    sample(students[0][1], 3, None, data.prompts[:50], data.noise[:50])  # warm-up
     rows = []
-    for name, pipe, steps, gs, nfe in configs:
-        images, secs = sample(pipe, steps, gs)
+    for name, family, pipe, steps, gs, nfe, params in configs:
+        images, secs = sample(pipe, steps, gs, data.prompts, data.noise)
+        again, _ = sample(pipe, steps, gs, data.prompts[:nd], other_noise)
         q = score_images(data.scenes, images)
-        rows.append({"name": name, "steps": steps, "nfe": nfe, "fd_shapes": round(q["fd_shapes"], 4),
-                     "adherence": round(q["adherence"], 4), "adherence_per_category": q["adherence_per_category"],
+        diversity = (images[:nd] - again).pow(2).mean((1, 2, 3)).sqrt().mean().item()
+        rows.append({"name": name, "family": family, "steps": steps, "nfe": nfe, **params,
+                     "fd_shapes": round(q["fd_shapes"], 4), "adherence": round(q["adherence"], 4),
+                     "diversity": round(diversity, 4), "adherence_per_category": q["adherence_per_category"],
                      "s_per_image": round(secs / args.samples, 4)})
-        print(f"{name:<40} NFE {nfe:3d}  FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}  "
-              f"{secs / args.samples * 1000:.1f} ms/image", flush=True)
+        print(f"{name:<44} NFE {nfe:3d}  FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}  "
+              f"diversity {diversity:.4f}  {secs / args.samples * 1000:.1f} ms/image", flush=True)
     ref = rows[0]
-    three = rows[3]
+    three = next(r for r in rows if r["family"] == "Imagine Flash" and r["steps"] == 3)
+    best_baseline = min((r for r in rows if r["family"] == "baseline"), key=lambda r: r["fd_shapes"])
     summary = {"adherence_drop_points_3_steps": round(100 * (ref["adherence"] - three["adherence"]), 2),
                "fd_increase_3_steps": round(three["fd_shapes"] / ref["fd_shapes"] - 1, 4),
                "target_adherence_within_5_points_met": 100 * (ref["adherence"] - three["adherence"]) <= 5,
                "target_fd_within_25pct_met": three["fd_shapes"] <= 1.25 * ref["fd_shapes"],
+               "diversity_ratio_3_steps": round(three["diversity"] / ref["diversity"], 3),
+               "best_3_step_baseline_by_fd": best_baseline["name"],
+               "vs_best_baseline_fd": round(three["fd_shapes"] - best_baseline["fd_shapes"], 4),
+               "vs_best_baseline_adherence_points": round(100 * (three["adherence"] - best_baseline["adherence"]), 2),
                "speedup_3_steps_sequential": round(ref["s_per_image"] / three["s_per_image"], 2)}
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-           "samples": args.samples, "flash": str(args.flash), "guidance_scale": teacher.default_guidance_scale,
+           "samples": args.samples, "diversity_samples": nd, "flash": str(args.flash),
+           "guidance_scale": teacher.default_guidance_scale,
+           "noise_correction": "identity for the velocity-prediction shapes model (tested bitwise): no separate row",
            "note": "one run per configuration on the same held-out captions and noise; wall times sequential",
            "summary": summary, "records": rows}
     out = Path(args.out)

@@ -25,6 +25,9 @@ from hasten.distill.flash import (
     save_flash,
     srl_gamma,
     student_sigmas,
+    teacher_denoise,
+    teacher_velocity,
+    teacher_x0,
     train_flash,
 )
 from hasten.pipelines.shapes import encode_text
@@ -238,8 +241,10 @@ def test_mixed_rows_each_follow_their_own_schedule(pipe, empty):
         torch.testing.assert_close(parts["inputs"][i], states[0, d], rtol=0, atol=1e-5)
 
 
-def test_the_srl_target_is_the_teachers_denoising_of_the_renoised_prediction_under_stop_gradient(pipe, empty):
-    cfg = FlashConfig(batch_size=3, bf16_autocast=False)
+@pytest.mark.parametrize("srl_noise", ["trajectory", "fresh"])
+def test_the_srl_target_is_the_teachers_denoising_of_the_renoised_prediction_under_stop_gradient(
+        pipe, empty, srl_noise):
+    cfg = FlashConfig(batch_size=3, bf16_autocast=False, srl_noise=srl_noise)
     student = FlashStudent(pipe.transformer).train().requires_grad_(True)
     batch = small_batch(pipe, cfg, [1, 2, 3], [0, 1, 2])
     t_calls, th = capture_inputs(pipe.transformer)
@@ -249,7 +254,8 @@ def test_the_srl_target_is_the_teachers_denoising_of_the_renoised_prediction_und
         th.remove()
     torch.testing.assert_close(parts["tau"], srl_gamma(parts["sigma"]))
     (seen, grad), = t_calls
-    want = renoise(parts["x0"].detach(), batch["srl_noise"], parts["tau"])
+    eps = batch["noise"] if srl_noise == "trajectory" else batch["srl_noise"]  # the sample's own start noise
+    want = renoise(parts["x0"].detach(), eps, parts["tau"])
     assert not grad and torch.equal(seen[:3], want) and torch.equal(seen[3:], want)
     target = parts["target"]
     assert not target.requires_grad and target.grad_fn is None
@@ -257,6 +263,38 @@ def test_the_srl_target_is_the_teachers_denoising_of_the_renoised_prediction_und
     torch.testing.assert_close(g, 2 * (parts["x0"] - target).detach() / target.numel())  # target held fixed
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_the_teachers_denoising_in_one_step_is_its_x0_and_in_m_steps_its_guided_euler_solve(pipe, empty):
+    cfg = FlashConfig(batch_size=3, bf16_autocast=False)
+    batch = small_batch(pipe, cfg, [1, 2, 3], [0, 1, 2])
+    x, sigma = batch["noise"], torch.tensor([0.8, 0.4, 0.2])
+    args = (batch["text"], batch["pooled"], empty, 5.0)
+    one = teacher_denoise(pipe.transformer, x, sigma, 1, *args)
+    assert torch.equal(one, teacher_x0(pipe.transformer, x, sigma, *args))
+    calls, h = capture_inputs(pipe.transformer)
+    try:
+        got = teacher_denoise(pipe.transformer, x, sigma, 3, *args)
+    finally:
+        h.remove()
+    assert len(calls) == 3  # one guided (two-branch) call per step
+    want = x.clone()
+    for i in range(3):  # row by row, scalar levels: Euler on sigma_i = sigma (1 - i / 3)
+        for r in range(3):
+            s0, s1 = float(sigma[r]) * (1 - i / 3), float(sigma[r]) * (1 - (i + 1) / 3)
+            v = teacher_velocity(pipe.transformer, want[r:r + 1], torch.tensor([s0]), batch["text"][r:r + 1],
+                                 batch["pooled"][r:r + 1], empty, 5.0)
+            want[r:r + 1] = want[r:r + 1] + (s1 - s0) * v
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    cfg3 = FlashConfig(batch_size=3, bf16_autocast=False, teacher_steps=3)
+    student = FlashStudent(pipe.transformer).eval()
+    with torch.no_grad():
+        _, parts = flash_loss(student, pipe.transformer, batch, cfg3, empty, 5.0)
+        x_tau = renoise(parts["x0"], batch["noise"], parts["tau"])
+        assert torch.equal(parts["target"], teacher_denoise(pipe.transformer, x_tau, parts["tau"], 3, *args))
+    for bad in (dict(teacher_steps=0), dict(srl_noise="other")):
+        with pytest.raises(HastenError):
+            FlashConfig(**bad).check()
 
 
 def test_the_forward_ablation_noises_the_captions_data_latents(pipe, empty):
@@ -335,7 +373,9 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
 
 def test_imagine_flash_cli_rejects_bad_input(capsys, tmp_path):
     for args, why in ((["--steps", "4"], "--steps"), (["--steps", "0"], "--steps"),
-                      (["--train-steps", "0"], "--train-steps"), (["--lr", "0"], "--lr")):
+                      (["--train-steps", "0"], "--train-steps"), (["--lr", "0"], "--lr"),
+                      (["--teacher-steps", "0"], "--teacher-steps"), (["--srl-noise", "x"], "--srl-noise"),
+                      (["--tau-max", "1"], "--tau-max")):
         code, _, err = run_cli(capsys, "distill", "imagine-flash", *args, "--out", str(tmp_path / "o"))
         assert code == 2 and err.count("\n") == 1 and why in err
     (tmp_path / "file").write_text("")
@@ -352,11 +392,16 @@ def test_the_cli_trains_a_loadable_resumable_student(pipe, cond, tmp_path, capsy
     noise = cond[0]
     pipe.save_pretrained(tmp_path / "teacher")
     args = ("distill", "imagine-flash", "--teacher", str(tmp_path / "teacher"), "--steps", "2", "--train-steps", "2",
-            "--batch-size", "2", "--forward", "--no-srl", "--out", str(tmp_path / "flash"), "--json")
+            "--batch-size", "2", "--forward", "--no-srl", "--teacher-steps", "2", "--srl-noise", "fresh",
+            "--tau-max", "0.6", "--out", str(tmp_path / "flash"), "--json")
     code, stdout, _ = run_cli(capsys, *args)
     log = json.loads(stdout)
     assert code == 0 and log["finished"] and log["train_config"]["step_counts"] == [1, 2]
-    assert not log["train_config"]["backward"] and not log["train_config"]["srl"]
+    tc = log["train_config"]
+    assert not tc["backward"] and not tc["srl"] and tc["teacher_steps"] == 2 and tc["srl_noise"] == "fresh"
+    assert tc["tau_max"] == 0.6
+    saved = json.loads((tmp_path / "flash" / "flash_config.json").read_text())
+    assert (saved["teacher_steps"], saved["srl_noise"], saved["tau_max"]) == (2, "fresh", 0.6)
     loaded = load_pipeline(tmp_path / "flash")
     assert loaded.num_steps == 2 and loaded.student.step_counts == (1, 2)
     assert loaded(PROMPTS, latents=noise, output_type="latent").images.shape == noise.shape

@@ -26,6 +26,21 @@ from .data.digits import IMAGE_SIZE, NUM_CLASSES, digits
 from .pipeline import SIGMA_MIN, TIME_SCALE, HastenPipeline
 
 
+def bf16_native() -> bool:
+    """Whether the CPU has native bfloat16 matmuls (AVX512-BF16 or AMX): only there does bf16 autocast pay
+    off; elsewhere it is emulated and ~20x slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_bf16(setting: bool | None) -> bool:
+    """A config's ``bf16_autocast``: True or False as set, None (the default) for :func:`bf16_native`."""
+    return bf16_native() if setting is None else bool(setting)
+
+
 def digits_transformer_config(**overrides) -> dict:
     """The default model: a DiT with 6 blocks, width 128 (4 heads x 32), patch 2 on 16x16x1."""
     cfg = dict(num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1,

@@ -91,15 +91,6 @@ def batch(problems: list, rng: random.Random, mix) -> tuple[torch.Tensor, torch.
     return ids, lab
 
 
-def _bf16_ok() -> bool:
-    """bfloat16 autocast pays off on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def train_lm(cfg: LMConfig, out: Path, progress: bool = True, ckpt_every: int = 50,
              ckpt_dir: Path = CHECKPOINTS, bf16: bool | None = None) -> dict:
     """Train one LM (AdamW, warm-up + cosine, loss on answer tokens); resumable.
@@ -111,8 +102,9 @@ def train_lm(cfg: LMConfig, out: Path, progress: bool = True, ckpt_every: int = 
     from tqdm import tqdm
 
     from ..io import atomic_write
+    from ..train import autocast_bf16
 
-    bf16 = _bf16_ok() if bf16 is None else bf16
+    bf16 = autocast_bf16(bf16)
     held = task.splits()["held_out_keys"]
     model = make_model(cfg).train()
     rng = random.Random(cfg.seed)

@@ -245,7 +245,7 @@ class ARDConfig:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 25
-    bf16_autocast: bool = True  # CPU bf16 matmuls, as the base model was trained; weights, EMA, loss fp32
+    bf16_autocast: bool | None = None  # CPU bf16 matmuls where native (None: hasten.train.bf16_native); fp32 state
 
 
 def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, progress: bool = True,

@@ -100,6 +100,11 @@ def register(app: typer.Typer) -> None:
                                       "schedule (backward distillation) or forward-noised data (ablation)"),
         srl: bool = typer.Option(True, "--srl/--no-srl", help="Shifted Reconstruction Loss, or regression onto "
                                  "the teacher's x0 at the same input (ablation)"),
+        tau_max: float = typer.Option(0.8, help="SRL shift: tau = tau_max * sigma (< 1)"),
+        srl_noise: str = typer.Option("trajectory", help="SRL re-noising noise: 'trajectory' (the sample's own "
+                                      "start noise) or 'fresh'"),
+        teacher_steps: int = typer.Option(1, help="teacher Euler steps (CFG) from the target's level to 0; "
+                                          "1: its x0-prediction"),
         as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
     ) -> None:
         """Train an Imagine Flash student (backward distillation, Shifted Reconstruction Loss, guidance
@@ -116,7 +121,8 @@ def register(app: typer.Typer) -> None:
         if not 1 <= steps <= MAX_STEPS:
             raise HastenError(f"--steps must be 1 to {MAX_STEPS} (Imagine Flash's few-step regime), got {steps}")
         cfg = FlashConfig(steps=train_steps, batch_size=batch_size, lr=lr, step_counts=tuple(range(1, steps + 1)),
-                          backward=backward, srl=srl)
+                          backward=backward, srl=srl, tau_max=tau_max, srl_noise=srl_noise,
+                          teacher_steps=teacher_steps)
         cfg.check()
         if out.exists() and not out.is_dir():
             raise HastenError(f"--out {out} exists and is not a folder")
@@ -130,7 +136,8 @@ def register(app: typer.Typer) -> None:
             base = teacher if teacher in EMBEDDED else str(Path(teacher).resolve())
             save_flash(student, out, base, {"guidance_scale": log["guidance_scale"], "base_vae": weights_hash(pipe.vae),
                                             "backward": backward, "srl": srl, "tau_min": cfg.tau_min,
-                                            "tau_max": cfg.tau_max, "train_steps": train_steps})
+                                            "tau_max": cfg.tau_max, "srl_noise": cfg.srl_noise,
+                                            "teacher_steps": cfg.teacher_steps, "train_steps": train_steps})
             from ..io import write_json
 
             write_json(out / "train_log.json", log)

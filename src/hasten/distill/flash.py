@@ -34,6 +34,20 @@ At high t the teacher re-draws the structure (and text alignment) of the student
 it only sharpens details. ``FlashConfig.srl = False`` is the ablation: the target is the teacher's
 x0 at the student's input, [BD]. d is the mean squared error.
 
+Two things the retrievable text leaves open, and hasten's choices (both options, ablated in
+``benchmarks/flash_shapes``):
+
+- *Which noise eps'* (``FlashConfig.srl_noise``). ``"fresh"``: an independent draw. Under an MSE the
+  student then regresses onto the mean over eps' of the teacher's answers, which at high tau is close to
+  independent of the student's own noise x_T: a first run collapsed to one image per caption (different
+  seeds, nearly the same picture; FD 6x the teacher's). ``"trajectory"`` (default): eps' = x_T, the
+  sample's own starting noise, so x_tau = (1 - tau) x0_theta + tau x_T is the point at level tau on the
+  straight flow path from x_T through the student's prediction, the target is a deterministic function of
+  x_T, and the student is asked for a different image per seed, as the teacher draws.
+- *How the teacher denoises x_tau* (``FlashConfig.teacher_steps``, :func:`teacher_denoise`). One step is
+  its x0-prediction, the posterior mean at tau (blurry at high tau); M > 1 guided Euler steps from tau to 0
+  follow its ODE to a sharp image at M times the teacher cost.
+
 The shift gamma (:func:`srl_gamma`): the paper's exact gamma could not be retrieved here (what was:
 tau grows with t, structure and text alignment at high t, details at low t); hasten uses the linear map
 
@@ -264,10 +278,10 @@ def forward_inputs(x0: torch.Tensor, noise: torch.Tensor, ks: torch.Tensor, ds: 
 
 
 @torch.no_grad()
-def teacher_x0(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-               empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
-    """The teacher's guided clean prediction x0_phi = x - sigma (v_u + s (v_c - v_u)) ([FM]), both branches
-    in one call ([uncond; cond], as the pipeline batches them); ``empty``: the "" caption's embeddings."""
+def teacher_velocity(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
+                     pooled: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """The teacher's guided velocity v_u + s (v_c - v_u) at per-row levels ``sigma``, both branches in one call
+    ([uncond; cond], as the pipeline batches them); ``empty``: the "" caption's embeddings."""
     b = x.shape[0]
     guided = scale > 1.0
     if guided:
@@ -281,7 +295,31 @@ def teacher_x0(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: t
     if guided:
         v_u, v_c = v.chunk(2)
         v = v_u + scale * (v_c - v_u)
-    return x0_from_v(x.float(), v, sigma)
+    return v
+
+
+@torch.no_grad()
+def teacher_x0(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
+               empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """The teacher's guided clean prediction x0_phi = x - sigma v ([FM])."""
+    return x0_from_v(x.float(), teacher_velocity(teacher, x, sigma, text, pooled, empty, scale), sigma)
+
+
+@torch.no_grad()
+def teacher_denoise(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, steps: int, text: torch.Tensor,
+                    pooled: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """The teacher's denoising of ``x`` from per-row levels ``sigma`` to 0: ``steps`` guided Euler steps uniform
+    in sigma. One step is its x0-prediction (:func:`teacher_x0`, bitwise); more steps follow its ODE and give
+    a sharp image instead of the posterior mean a single prediction is at high noise ([SRL], "the teacher
+    denoises x_tau": the paper does not say in how many steps; module docstring)."""
+    if steps == 1:
+        return teacher_x0(teacher, x, sigma, text, pooled, empty, scale)
+    x = x.float()
+    for i in range(steps):
+        s0, s1 = sigma * (1 - i / steps), sigma * (1 - (i + 1) / steps)
+        v = teacher_velocity(teacher, x, s0, text, pooled, empty, scale)
+        x = x + _col(s1 - s0, x) * v
+    return x
 
 
 @dataclass
@@ -297,11 +335,13 @@ class FlashConfig:
     srl: bool = True  # False: regress onto the teacher's x0 at the same input
     tau_min: float = 0.0  # [gamma]
     tau_max: float = 0.8
+    srl_noise: str = "trajectory"  # [SRL]'s eps': "trajectory" (the sample's own start noise) or "fresh"
+    teacher_steps: int = 1  # the teacher's Euler steps from tau to 0 that make the target (1: its x0)
     guidance_scale: float | None = None  # the teacher's CFG scale distilled in (None: its default)
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 25
-    bf16_autocast: bool = True  # CPU bf16 matmuls, as the base model was trained; weights, EMA, loss fp32
+    bf16_autocast: bool | None = None  # CPU bf16 matmuls where native (None: hasten.train.bf16_native); fp32 state
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -309,7 +349,13 @@ class FlashConfig:
         check_step_counts(self.step_counts)
         if self.steps * self.batch_size > 10_000_000:
             raise HastenError("too many captions for the seed range (steps x batch size must be <= 10M)")
-        srl_gamma(0.0, self.tau_min, self.tau_max)
+        if not 0.0 <= self.tau_min <= self.tau_max < 1.0:
+            raise HastenError(f"--tau-max must lie in [{self.tau_min:g}, 1) (the SRL shift keeps part of the "
+                              f"student's prediction), got {self.tau_max:g}")
+        if self.srl_noise not in ("trajectory", "fresh"):
+            raise HastenError(f"--srl-noise must be 'trajectory' or 'fresh', got {self.srl_noise!r}")
+        if not 1 <= self.teacher_steps <= 50:
+            raise HastenError(f"--teacher-steps must be 1 to 50, got {self.teacher_steps}")
 
 
 def flash_batch(pipe: Any, step: int, cfg: FlashConfig, gen: torch.Generator) -> dict:
@@ -350,11 +396,11 @@ def flash_loss(student: FlashStudent, teacher: nn.Module, batch: dict, cfg: Flas
     with torch.no_grad():
         if cfg.srl:
             tau = srl_gamma(sigma, cfg.tau_min, cfg.tau_max)
-            target = teacher_x0(teacher, renoise(x0.detach(), batch["srl_noise"], tau), tau, text, pooled, empty,
-                                scale)
+            eps = batch["noise"] if cfg.srl_noise == "trajectory" else batch["srl_noise"]
+            x_tau = renoise(x0.detach(), eps, tau)
         else:
-            tau = sigma
-            target = teacher_x0(teacher, x_in, sigma, text, pooled, empty, scale)
+            tau, x_tau = sigma, x_in
+        target = teacher_denoise(teacher, x_tau, tau, cfg.teacher_steps, text, pooled, empty, scale)
     loss = (x0 - target).pow(2).mean()
     return loss, {"inputs": x_in, "sigma": sigma, "x0": x0, "target": target, "tau": tau}
 

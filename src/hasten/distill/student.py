@@ -45,7 +45,7 @@ def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
     ``seed * 1_000_003 + s``, so an interrupted run resumes to the same weights; a checkpoint of other
     settings is refused. Returns the log (config, loss curve, times) with the EMA student as ``student``.
     ``stop_after`` interrupts (tests)."""
-    from ..train import ema_update
+    from ..train import autocast_bf16, ema_update
     from ..train_shapes import LossLog, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
 
     out = Path(out)
@@ -72,7 +72,7 @@ def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
     loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16(cfg.bf16_autocast)):
             loss = loss_fn(student, step, gen).float()
         value = optimizer_step(loss, opt, sched, student.parameters(), what, step)
         ema_update(ema, student, step, cfg.ema_decay)

@@ -76,6 +76,20 @@ def score_images(scenes: list, images01: torch.Tensor, reference: torch.Tensor |
     return out
 
 
+CHECK_FILE = "check_metrics.json"
+
+
+def card_check(pipe, steps: int, samples: int = 100) -> dict:
+    """The small, repeatable evaluation a shipped model records in its folder (``check_metrics.json``) and
+    ``tests/test_shipped_models.py`` re-runs: the first ``samples`` held-out captions on noise seed 0, ``steps``
+    steps at the model's default guidance; adherence and FD-shapes (FD at this n is biased upwards: compare
+    it only with itself)."""
+    scenes = eval_scenes(samples)
+    images, _ = generate_images(pipe, [s.caption for s in scenes], steps, None)
+    q = score_images(scenes, images)
+    return {"samples": samples, "steps": steps, "adherence": q["adherence"], "fd_shapes": q["fd_shapes"]}
+
+
 def evaluate_shapes(pipe, samples: int = 1000, steps: int = 30, guidance_scale: float | None = None,
                     seed: int = 0, batch_size: int = 50, real_vs_real: bool = True) -> dict:
     """Sample the held-out captions and score them (see ``score_images``)."""
