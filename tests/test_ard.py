@@ -239,7 +239,7 @@ def test_distill_cli_rejects_bad_input(capsys, tmp_path):
 def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
     from hasten import load_pipeline
     from hasten.eval.bench_harness import DenoiserTimer, WorkCounter
-    from hasten.eval.bench_shapes import EvalSet, student_config
+    from hasten.eval.bench_shapes import EvalSet, student_configs
     from hasten.plans import weights_hash
 
     pipe.save_pretrained(tmp_path / "teacher")
@@ -247,7 +247,7 @@ def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
              {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
     student = load_pipeline(tmp_path / "ard")
     data = EvalSet(student, 3, seed=0)
-    cfg = student_config(student, data)
+    cfg, = student_configs(student, data)  # one step count
     assert cfg.family == "hasten" and cfg.params["steps"] == 4 and cfg.params["layers_with_history"] == 1
     prepared = cfg.setup()
     counter = WorkCounter(prepared.transformer)

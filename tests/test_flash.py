@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -369,6 +370,27 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
     (tmp_path / "flash" / "flash_config.json").write_text(json.dumps({**cfg, "base_vae": "0" * 16}))
     with pytest.raises(HastenError, match="latent space"):
         load_flash(tmp_path / "flash")
+
+
+def test_a_flash_student_joins_the_bench_at_each_of_its_step_counts(pipe, tmp_path):
+    from hasten import load_pipeline
+    from hasten.eval.bench_harness import DenoiserTimer, WorkCounter
+    from hasten.eval.bench_shapes import EvalSet, student_configs
+    from hasten.plans import weights_hash
+
+    pipe.save_pretrained(tmp_path / "teacher")
+    save_flash(FlashStudent(pipe.transformer, (1, 3)), tmp_path / "flash", str(tmp_path / "teacher"),
+               {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
+    student = load_pipeline(tmp_path / "flash")
+    data = EvalSet(student, 2, seed=0)
+    cfgs = student_configs(student, data)
+    assert [c.params["steps"] for c in cfgs] == [1, 3] and all(c.family == "hasten" for c in cfgs)
+    prepared = cfgs[1].setup()
+    counter = WorkCounter(prepared.transformer)
+    clock = DenoiserTimer(prepared.denoiser, time.perf_counter)
+    images = prepared.sample(torch.arange(2), None)
+    assert images.shape == (2, 3, 64, 64) and counter.rows == 2 * 3  # 3 one-branch passes per image
+    assert clock.seconds > 0  # the bench times the student's transformer passes as its denoiser
 
 
 def test_imagine_flash_cli_rejects_bad_input(capsys, tmp_path):

@@ -286,7 +286,7 @@ def bench_cmd(
     flexi: str = typer.Option(None, help="a hasten flexify folder (or embedded name) of the model: adds FlexiDiT "
                               "configurations (default for --model shapes: the embedded shapes-flexi; 'none': off)"),
     students: str = typer.Option(None, help="distilled students of the model, comma-separated names or folders "
-                                 "(default for --model shapes: the embedded shapes-ard4; 'none': off)"),
+                                 "(default for --model shapes: the shipped shapes-ard4, shapes-flash; 'none': off)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Benchmark hasten's methods against fewer steps and peer caches, interleaved, in one process."""

@@ -211,6 +211,11 @@ class FlashStudent(nn.Module):
         self.transformer = copy.deepcopy(teacher)
         self.steps = self.step_counts[-1]  # the default step count
 
+    @property
+    def denoiser(self) -> nn.Module:
+        """The module each sampling step calls once (what the bench times as the denoiser)."""
+        return self.transformer
+
     def schedule(self, k: int) -> torch.Tensor:
         """The K + 1 levels of the K-step schedule (float32)."""
         if int(k) not in self.step_counts:

@@ -292,16 +292,20 @@ def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False) -> list[
     return cfgs
 
 
-def student_config(student, data: EvalSet) -> BenchConfig:
-    """A distilled few-step student of the model (``hasten distill``: e.g. ``shapes-ard4``), at its own steps;
-    guidance is distilled in, so each step is one branch."""
-    steps = student.num_steps
+def student_configs(student, data: EvalSet) -> list[BenchConfig]:
+    """A distilled few-step student of the model (``hasten distill``: ``shapes-ard4``, ``shapes-flash``) at each
+    step count it samples at; guidance is distilled in, so each step is one branch."""
+    return [student_config(student, data, k) for k in student.step_counts]
+
+
+def student_config(student, data: EvalSet, steps: int) -> BenchConfig:
+    """The ``student`` at ``steps`` steps (see :func:`student_configs`)."""
     params = {"steps": steps, "solver": "student", "student": student.name, "method": student.method}
     if hasattr(student.student, "layers_with_history"):  # ARD
         params["layers_with_history"] = student.student.layers_with_history
     return BenchConfig(f"{student.name} @{steps} (student)", "hasten", params,
                        lambda: Prepared(sample=data.sampler(student, steps), transformer=student.transformer,
-                                        denoiser=student.student))
+                                        denoiser=getattr(student.student, "denoiser", student.student)))
 
 
 def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool = True, flexi=None,
@@ -314,7 +318,7 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
     full = 50
     extra = [] if flexi is None else flexidit_configs(  # plans for the fine-tune's own weights
         flexi, data, type(assets)(flexi, assets.folder / "flexi", copier=assets.copier), quick)
-    extra += [student_config(st, data) for st in students]
+    extra += [c for st in students for c in student_configs(st, data)]
     if quick:
         cfgs = [baseline_config(pipe, data, full), quality_reference_config(pipe, data),
                 baseline_config(pipe, data, 10, BEST_SOLVER),

@@ -1,0 +1,119 @@
+"""Ship an Imagine Flash student (`hasten distill imagine-flash`) as the embedded `shapes-flash`, with its card.
+
+    python scripts/make_flash_model.py --from-run runs/flash/A --bench benchmarks/flash_shapes/results.json
+
+Copies ``flash_config.json`` and ``student.safetensors`` into ``src/hasten/models/shapes_flash``, checks that
+``hasten.load_pipeline("shapes-flash")`` samples exactly what the run's weights sample, writes
+``loss_curve.png`` and ``MODEL_CARD.md`` (recipe, data, seed, training time against the base model's, loss
+curve, the figures of ``--bench``) and the check metrics that ``tests/test_shipped_models.py`` re-runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from card_check import write_check  # scripts/ is on sys.path when this script runs
+from make_default_model import plot_loss
+from make_flexi_model import base_seconds, run_log
+
+import hasten
+from hasten.distill.flash import CAPTION_SEED0
+from hasten.io import atomic_write
+from hasten.pipeline import MODELS_DIR
+
+NAME = "shapes-flash"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--from-run", required=True, type=Path)
+    ap.add_argument("--bench", required=True, type=Path)
+    args = ap.parse_args()
+    run, dest = args.from_run, MODELS_DIR / NAME.replace("-", "_")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("flash_config.json", "student.safetensors"):
+        shutil.copyfile(run / f, dest / f)
+    shipped, trained = hasten.load_pipeline(NAME), hasten.load_pipeline(run)
+    noise = torch.randn(2, *shipped.latent_shape, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "two blue squares"]
+    a = shipped(prompts, latents=noise, output_type="latent").images
+    assert torch.equal(a, trained(prompts, latents=noise, output_type="latent").images)
+    cfg = json.loads((run / "flash_config.json").read_text())
+    log = run_log(run)
+    tc = log["config"]
+    plot_loss(log["curve"], dest / "loss_curve.png", "distillation MSE", f"{NAME}: Imagine Flash training")
+    res = json.loads(args.bench.read_text())
+    s = res["summary"]
+    b_s = base_seconds(cfg["base"])
+    share = f"{log['seconds'] / 60:.1f} min wall on the 2-core machine" + (
+        f", {100 * log['seconds'] / b_s:.1f}% of the base model's {b_s / 60:.0f} min" if b_s else "")
+    size = (dest / "student.safetensors").stat().st_size / 2**20
+    points = ", ".join(f"step {c['step']}: {c['loss']:.4f}" for c in log["curve"][:: max(1, len(log["curve"]) // 6)])
+    rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} | "
+                     f"{r['diversity']:.3f} |" for r in res["records"])
+    flags = ("--backward" if cfg["backward"] else "--forward") + ("" if cfg["srl"] else " --no-srl")
+    card = f"""# {NAME}: a 1-3 step Imagine Flash student of `{cfg['base']}`
+
+Imagine Flash (Kohler et al. 2024; `hasten.distill.flash`): a copy of `{cfg['base']}`'s transformer trained by
+backward distillation (its inputs come from its own few-step schedule run from pure noise) with the Shifted
+Reconstruction Loss. One network samples in {', '.join(map(str, cfg['step_counts']))} steps (uniform in sigma,
+Euler); guidance ({cfg['guidance_scale']:g}) is distilled in: one branch per step. {size:.1f} MB; the VAE and
+text encoder are `{cfg['base']}`'s.
+
+```python
+import hasten
+pipe = hasten.load_pipeline("{NAME}")          # same call signature as "{cfg['base']}", 3 steps by default
+images = pipe(["a red circle to the left of a blue square"], num_inference_steps=2).images
+```
+CLI: `hasten generate --model {NAME} --prompt "a red circle" --steps 3`.
+
+## Reproduce
+```
+hasten distill imagine-flash --teacher {cfg['base']} --steps {max(cfg['step_counts'])} --out {run} {flags} \\
+    --train-steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g} --tau-max {tc['tau_max']:g} \\
+    --srl-noise {tc['srl_noise']} --teacher-steps {tc['teacher_steps']}   # re-running resumes
+python scripts/make_flash_model.py --from-run {run} --bench {args.bench}
+```
+
+## Training
+- Data: no images. Captions from the scene grammar at seeds {CAPTION_SEED0} + step x batch + i (disjoint from
+  the base model's training scenes and the held-out evaluation captions), their MiniLM embeddings, Gaussian
+  noise; each row draws a step count K and a step d < K, and its input is the student's own state after d
+  of its K Euler steps (no gradient).
+- Target (SRL): the student's clean prediction re-noised to tau = {tc['tau_max']:g} sigma with
+  {'the sample' + "'" + 's own starting noise' if tc['srl_noise'] == 'trajectory' else 'fresh noise'}, then
+  denoised by the teacher with CFG {cfg['guidance_scale']:g} in {tc['teacher_steps']} Euler step(s); MSE.
+- Config: `{json.dumps(tc)}`; base VAE fingerprint `{cfg['base_vae']}` (a different `{cfg['base']}` is refused).
+- AdamW, cosine schedule with warm-up, gradient clipping 1, EMA {tc['ema_decay']}; seed {tc['seed']}.
+- Time: {share}.
+- Loss (`loss_curve.png`; it measures the gap to a target that moves with the student, so it need not fall
+  steadily): {points}, step {log['curve'][-1]['step']}: {log['curve'][-1]['loss']:.4f}.
+
+## Metrics (`{args.bench}`, {res['samples']} held-out captions, {res['date'][:10]},
+{res['machine'].get('cpu')} {res['machine'].get('cores')} cores)
+
+Diversity: mean RMS pixel distance between two images of one caption from two seeds
+({res['diversity_samples']} captions); the teacher's value is the reference.
+
+| configuration | NFE | FD-shapes | adherence | diversity |
+|---|---:|---:|---:|---:|
+{rows}
+
+- 3 steps against the 50-step CFG teacher: adherence {s['adherence_drop_points_3_steps']:+.1f} points below
+  (target: at most 5), FD-shapes {100 * s['fd_increase_3_steps']:+.0f}% (target: at most +25%).
+- Against the best 3-step teacher baseline by FD ({s['best_3_step_baseline_by_fd']}): FD
+  {s['vs_best_baseline_fd']:+.2f}, adherence {s['vs_best_baseline_adherence_points']:+.1f} points.
+- Speed-up at 3 steps over the 50-step CFG teacher (sequential wall time): {s['speedup_3_steps_sequential']}x.
+- Noise correction: the identity for this velocity-prediction model (derivation in `hasten/distill/flash.py`).
+"""
+    atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
+    write_check(NAME)
+    print((dest / "MODEL_CARD.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
