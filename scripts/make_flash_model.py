@@ -103,10 +103,12 @@ Diversity: mean RMS pixel distance between two images of one caption from two se
 |---|---:|---:|---:|---:|
 {rows}
 
-- 3 steps against the 50-step CFG teacher: adherence {s['adherence_drop_points_3_steps']:+.1f} points below
-  (target: at most 5), FD-shapes {100 * s['fd_increase_3_steps']:+.0f}% (target: at most +25%).
+- 3 steps against the 50-step CFG teacher: adherence {s['adherence_drop_points_3_steps']:.1f} points below
+  (target: at most 5), FD-shapes {100 * s['fd_increase_3_steps']:+.0f}% (target: at most +25%); seed diversity
+  {s['diversity_ratio_3_steps']:.2f}x the teacher's.
 - Against the best 3-step teacher baseline by FD ({s['best_3_step_baseline_by_fd']}): FD
-  {s['vs_best_baseline_fd']:+.2f}, adherence {s['vs_best_baseline_adherence_points']:+.1f} points.
+  {s['vs_best_baseline_fd']:+.2f} ({'worse' if s['vs_best_baseline_fd'] > 0 else 'better'}),
+  adherence {s['vs_best_baseline_adherence_points']:+.1f} points.
 - Speed-up at 3 steps over the 50-step CFG teacher (sequential wall time): {s['speedup_3_steps_sequential']}x.
 - Noise correction: the identity for this velocity-prediction model (derivation in `hasten/distill/flash.py`).
 """

@@ -347,6 +347,8 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
     with torch.no_grad():
         for p in student.transformer.proj_out.parameters():
             p.add_(0.01)  # weights that differ from the teacher's
+        for t in student.state_dict().values():
+            t.copy_(t.half().float())  # stored in float16: make the round trip exact
     save_flash(student, tmp_path / "flash", str(tmp_path / "teacher"),
                {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
     loaded = load_pipeline(tmp_path / "flash")
@@ -366,6 +368,9 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
                               "--steps", "1", "--out", str(tmp_path / "g.png"), "--json")
     assert code == 0 and json.loads(stdout)["steps"] == 1 and json.loads(stdout)["nfe"] == 1
     cfg = json.loads((tmp_path / "flash" / "flash_config.json").read_text())
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float16 for t in load_file(str(tmp_path / "flash" / "student.safetensors")).values())
     assert cfg["step_counts"] == [1, 2, 3] and cfg["sigmas"]["2"] == [1.0, 0.5, 0.0]
     (tmp_path / "flash" / "flash_config.json").write_text(json.dumps({**cfg, "base_vae": "0" * 16}))
     with pytest.raises(HastenError, match="latent space"):

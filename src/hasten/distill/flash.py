@@ -435,10 +435,11 @@ def train_flash(pipe: Any, out: str | Path, cfg: FlashConfig, progress: bool = T
 # --------------------------------------------------------------------------- saving, loading, sampling
 def save_flash(student: FlashStudent, folder: str | Path, base: str, meta: dict) -> Path:
     """``folder/flash_config.json`` (base model, step counts and their schedules, ``meta``: it must hold
-    ``base_vae`` and ``guidance_scale``) and ``folder/student.safetensors`` (:func:`save_student`)."""
+    ``base_vae`` and ``guidance_scale``) and ``folder/student.safetensors`` in float16, like the base model's
+    weights (:func:`save_student`)."""
     cfg = {"method": "imagine-flash", "base": base, "step_counts": list(student.step_counts),
            "sigmas": {str(k): student_sigmas(k) for k in student.step_counts}, **meta}
-    return save_student(student, folder, FLASH_CONFIG, cfg)
+    return save_student(student, folder, FLASH_CONFIG, cfg, torch.float16)
 
 
 def load_flash(folder: str | Path) -> StudentPipeline:
