@@ -1,4 +1,7 @@
-"""Record a shipped student's check metrics (``hasten.eval.shapes_eval.card_check``) in its folder and card.
+"""Shipping a distilled student: copy and verify a run's files (:func:`ship_run`) and record its check metrics
+(``hasten.eval.shapes_eval.card_check``) in its folder and card (:func:`write_check`).
+
+Record a shipped student's check metrics (``hasten.eval.shapes_eval.card_check``) in its folder and card.
 
     python scripts/card_check.py shapes-ard4
 
@@ -11,13 +14,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
+
+import torch
+from make_flexi_model import base_seconds, run_log  # scripts/ is on sys.path when this script runs
 
 import hasten
 from hasten.eval.shapes_eval import CHECK_FILE, card_check
 from hasten.io import atomic_write
+from hasten.pipeline import MODELS_DIR
 
 HEADING = "## Check (re-run by tests/test_shipped_models.py)"
+
+
+def ship_run(run: Path, name: str, config_file: str) -> tuple[Path, dict, dict, str]:
+    """Copy the run's ``config_file`` and weights into the embedded model ``name``, check that the shipped model
+    samples exactly what the run's weights sample, and return (its folder, the run's config, its training log
+    from :func:`run_log`, the training time as a sentence against the base model's)."""
+    dest = MODELS_DIR / name.replace("-", "_")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in (config_file, "student.safetensors"):
+        shutil.copyfile(run / f, dest / f)
+    shipped, trained = hasten.load_pipeline(name), hasten.load_pipeline(run)
+    noise = torch.randn(2, *shipped.latent_shape, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "two blue squares"]
+    a = shipped(prompts, latents=noise, output_type="latent").images
+    assert torch.equal(a, trained(prompts, latents=noise, output_type="latent").images)
+    cfg = json.loads((run / config_file).read_text())
+    log = run_log(run)
+    b_s = base_seconds(cfg["base"])
+    share = f"{log['seconds'] / 60:.1f} min wall on the 2-core machine" + (
+        f", {100 * log['seconds'] / b_s:.1f}% of the base model's {b_s / 60:.0f} min" if b_s else "")
+    return dest, cfg, log, share
 
 
 def write_check(name: str) -> list[dict]:

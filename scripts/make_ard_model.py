@@ -6,23 +6,21 @@
 Copies ``ard_config.json`` and ``student.safetensors`` into ``src/hasten/models/shapes_ard4``, checks that
 ``hasten.load_pipeline("shapes-ard4")`` loads it and samples exactly what the run's weights sample, and
 writes ``loss_curve.png`` and ``MODEL_CARD.md`` (config, data, seed, training time against the base
-model's, loss curve, and the figures of ``--bench``, measured on the run's weights).
+model's, loss curve, and the figures of ``--bench``, measured on the run's weights) and the check metrics
+that ``tests/test_shipped_models.py`` re-runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-import torch
-from make_default_model import plot_loss  # scripts/ is on sys.path when this script runs
-from make_flexi_model import base_seconds, run_log
+from card_check import ship_run, write_check  # scripts/ is on sys.path when this script runs
+from make_default_model import plot_loss
 
 import hasten
 from hasten.io import atomic_write
-from hasten.pipeline import MODELS_DIR
 
 NAME = "shapes-ard4"
 
@@ -33,23 +31,13 @@ def main() -> None:
     ap.add_argument("--data", required=True, type=Path, help="the trajectories the run trained on")
     ap.add_argument("--bench", required=True, type=Path)
     args = ap.parse_args()
-    run, dest = args.from_run, MODELS_DIR / NAME.replace("-", "_")
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in ("ard_config.json", "student.safetensors"):
-        shutil.copyfile(run / f, dest / f)
-    shipped, trained = hasten.load_pipeline(NAME), hasten.load_pipeline(run)
-    noise = torch.randn(2, *shipped.latent_shape, generator=torch.Generator().manual_seed(0))
-    a = shipped(["a red circle", "two blue squares"], latents=noise, output_type="latent").images
-    assert torch.equal(a, trained(["a red circle", "two blue squares"], latents=noise, output_type="latent").images)
-    cfg = json.loads((run / "ard_config.json").read_text())
+    run = args.from_run
+    dest, cfg, log, share = ship_run(run, NAME, "ard_config.json")
+    blocks = len(hasten.load_pipeline(NAME).transformer.transformer_blocks)
     man = json.loads((args.data / "trajectories.json").read_text())
-    log = run_log(run)
     plot_loss(log["curve"], dest / "loss_curve.png", "mean of the 4 per-step MSEs", f"{NAME}: ARD training")
     res = json.loads(args.bench.read_text())
     s = res["summary"]
-    b_s = base_seconds(cfg["base"])
-    share = f"{log['seconds'] / 60:.1f} min wall on the 2-core machine" + (
-        f", {100 * log['seconds'] / b_s:.1f}% of the base model's {b_s / 60:.0f} min" if b_s else "")
     size = (dest / "student.safetensors").stat().st_size / 2**20
     points = ", ".join(f"step {c['step']}: {c['loss']:.5f}" for c in log["curve"][:: max(1, len(log["curve"]) // 6)])
     rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} |"
@@ -59,7 +47,7 @@ def main() -> None:
 
 ARD (autoregressive distillation, Kim et al., CVPR 2025; `hasten.distill.ard`): `{cfg['base']}`'s transformer
 with every step's history in one sequence (token-wise time per step), block-causal attention across steps in
-the lower {cfg['layers_with_history']} of its {len(shipped.transformer.transformer_blocks)} blocks, one output
+the lower {cfg['layers_with_history']} of its {blocks} blocks, one output
 head per step, sampled in 4 passes with a KV cache. Guidance ({cfg['guidance_scale']:g}) is distilled in: one
 branch per step. {size:.1f} MB; the VAE and text encoder are `{cfg['base']}`'s.
 
@@ -104,7 +92,8 @@ python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {ar
   default: {s['speedup_ard_vs_default']}x.
 """
     atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
-    print(card)
+    write_check(NAME)
+    print((dest / "MODEL_CARD.md").read_text())
 
 
 if __name__ == "__main__":

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-import torch
-from card_check import write_check  # scripts/ is on sys.path when this script runs
+from card_check import ship_run, write_check  # scripts/ is on sys.path when this script runs
 from make_default_model import plot_loss
-from make_flexi_model import base_seconds, run_log
 
-import hasten
 from hasten.distill.flash import CAPTION_SEED0
 from hasten.io import atomic_write
-from hasten.pipeline import MODELS_DIR
 
 NAME = "shapes-flash"
 
@@ -33,24 +28,12 @@ def main() -> None:
     ap.add_argument("--from-run", required=True, type=Path)
     ap.add_argument("--bench", required=True, type=Path)
     args = ap.parse_args()
-    run, dest = args.from_run, MODELS_DIR / NAME.replace("-", "_")
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in ("flash_config.json", "student.safetensors"):
-        shutil.copyfile(run / f, dest / f)
-    shipped, trained = hasten.load_pipeline(NAME), hasten.load_pipeline(run)
-    noise = torch.randn(2, *shipped.latent_shape, generator=torch.Generator().manual_seed(0))
-    prompts = ["a red circle", "two blue squares"]
-    a = shipped(prompts, latents=noise, output_type="latent").images
-    assert torch.equal(a, trained(prompts, latents=noise, output_type="latent").images)
-    cfg = json.loads((run / "flash_config.json").read_text())
-    log = run_log(run)
+    run = args.from_run
+    dest, cfg, log, share = ship_run(run, NAME, "flash_config.json")
     tc = log["config"]
     plot_loss(log["curve"], dest / "loss_curve.png", "distillation MSE", f"{NAME}: Imagine Flash training")
     res = json.loads(args.bench.read_text())
     s = res["summary"]
-    b_s = base_seconds(cfg["base"])
-    share = f"{log['seconds'] / 60:.1f} min wall on the 2-core machine" + (
-        f", {100 * log['seconds'] / b_s:.1f}% of the base model's {b_s / 60:.0f} min" if b_s else "")
     size = (dest / "student.safetensors").stat().st_size / 2**20
     points = ", ".join(f"step {c['step']}: {c['loss']:.4f}" for c in log["curve"][:: max(1, len(log["curve"]) // 6)])
     rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} | "
