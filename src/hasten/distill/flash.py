@@ -32,7 +32,8 @@ noise eps' and held fixed (stop-gradient):
 
 At high t the teacher re-draws the structure (and text alignment) of the student's image, at low t
 it only sharpens details. ``FlashConfig.srl = False`` is the ablation: the target is the teacher's
-x0 at the student's input, [BD]. d is the mean squared error.
+x0 at the student's input, [BD]. d is the mean squared error. With ``teacher_steps`` M > 1 (below),
+x0_phi in both is the teacher's M-step guided solve to 0 instead of its one-step prediction.
 
 Two things the retrievable text leaves open, and hasten's choices (both options, ablated in
 ``benchmarks/flash_shapes``):
