@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 import hasten
+from hasten.distill.student import shipped_students
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
 from hasten.eval.shapes_eval import generate_images, initial_noise, score_images
 from hasten.io import atomic_write
-from hasten.pipeline import EMBEDDED
 
 
 def recipe(pipe) -> dict:
@@ -71,7 +71,7 @@ def main() -> None:
     for label, pipe in students:
         configs += [(f"{label}, {k} step{'s' if k > 1 else ''}", label, pipe, k, None, k, recipe(pipe))
                     for k in (1, 2, 3)]
-    if EMBEDDED["shapes-ard4"].is_dir():
+    if "shapes-ard4" in shipped_students():
         configs.append(("ARD student (shapes-ard4), 4 steps", "ARD", hasten.load_pipeline("shapes-ard4"), 4, None, 4,
                         {}))
     for solver, label in (("unipc-bh2", "UniPC"), ("dpm++2m", "DPM-Solver++")):

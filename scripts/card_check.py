@@ -1,13 +1,11 @@
-"""Shipping a distilled student: copy and verify a run's files (:func:`ship_run`) and record its check metrics
-(``hasten.eval.shapes_eval.card_check``) in its folder and card (:func:`write_check`).
-
-Record a shipped student's check metrics (``hasten.eval.shapes_eval.card_check``) in its folder and card.
+"""Record a shipped student's check metrics (``hasten.eval.shapes_eval.card_check``) in its folder and card.
 
     python scripts/card_check.py shapes-ard4
 
 Writes ``check_metrics.json`` (one entry per step count the model samples at) and adds (or replaces) the
 "Check" section of its ``MODEL_CARD.md``; ``tests/test_shipped_models.py`` re-runs the same evaluation and
-compares.
+compares. Also holds what ``make_ard_model.py`` and ``make_flash_model.py`` share: :func:`ship_run` copies a
+run's files into the package and verifies them, :func:`write_check` records the check.
 """
 
 from __future__ import annotations
@@ -15,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from make_flexi_model import base_seconds, run_log  # scripts/ is on sys.path when this script runs
@@ -28,10 +28,27 @@ from hasten.pipeline import MODELS_DIR
 HEADING = "## Check (re-run by tests/test_shipped_models.py)"
 
 
-def ship_run(run: Path, name: str, config_file: str) -> tuple[Path, dict, dict, str]:
-    """Copy the run's ``config_file`` and weights into the embedded model ``name``, check that the shipped model
-    samples exactly what the run's weights sample, and return (its folder, the run's config, its training log
-    from :func:`run_log`, the training time as a sentence against the base model's)."""
+@dataclass
+class ShippedRun:
+    dest: Path  # the embedded model's folder
+    pipe: Any  # the shipped model, loaded
+    cfg: dict  # the run's student config
+    log: dict  # its training log (:func:`run_log`)
+    share: str  # its training time as a sentence, against the base model's
+
+    @property
+    def size_mb(self) -> float:
+        return (self.dest / "student.safetensors").stat().st_size / 2**20
+
+    def loss_points(self, digits: int) -> str:
+        """About seven points of the loss curve, for the card."""
+        curve = self.log["curve"]
+        return ", ".join(f"step {c['step']}: {c['loss']:.{digits}f}" for c in curve[:: max(1, len(curve) // 6)])
+
+
+def ship_run(run: Path, name: str, config_file: str) -> ShippedRun:
+    """Copy the run's ``config_file`` and weights into the embedded model ``name`` and check that the shipped
+    model samples exactly what the run's weights sample."""
     dest = MODELS_DIR / name.replace("-", "_")
     dest.mkdir(parents=True, exist_ok=True)
     for f in (config_file, "student.safetensors"):
@@ -46,13 +63,14 @@ def ship_run(run: Path, name: str, config_file: str) -> tuple[Path, dict, dict, 
     b_s = base_seconds(cfg["base"])
     share = f"{log['seconds'] / 60:.1f} min wall on the 2-core machine" + (
         f", {100 * log['seconds'] / b_s:.1f}% of the base model's {b_s / 60:.0f} min" if b_s else "")
-    return dest, cfg, log, share
+    return ShippedRun(dest, shipped, cfg, log, share)
 
 
-def write_check(name: str) -> list[dict]:
-    pipe = hasten.load_pipeline(name)
+def write_check(pipe: Any) -> list[dict]:
+    """Evaluate the shipped student ``pipe`` at each of its step counts; write its folder's check metrics and
+    the card's "Check" section."""
     folder = Path(pipe.model_dir)
-    rows = [card_check(pipe, k) for k in getattr(pipe, "step_counts", (pipe.num_steps,))]
+    rows = [card_check(pipe, k) for k in pipe.step_counts]
     atomic_write(folder / CHECK_FILE, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2) + "\n"))
     card = folder / "MODEL_CARD.md"
     text = card.read_text().split(HEADING)[0].rstrip() + "\n\n" + HEADING + "\n"
@@ -66,7 +84,7 @@ def write_check(name: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", help="an embedded student (e.g. shapes-ard4, shapes-flash)")
-    for row in write_check(ap.parse_args().name):
+    for row in write_check(hasten.load_pipeline(ap.parse_args().name)):
         print(json.dumps(row))
 
 

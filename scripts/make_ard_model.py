@@ -19,7 +19,6 @@ from pathlib import Path
 from card_check import ship_run, write_check  # scripts/ is on sys.path when this script runs
 from make_default_model import plot_loss
 
-import hasten
 from hasten.io import atomic_write
 
 NAME = "shapes-ard4"
@@ -32,14 +31,15 @@ def main() -> None:
     ap.add_argument("--bench", required=True, type=Path)
     args = ap.parse_args()
     run = args.from_run
-    dest, cfg, log, share = ship_run(run, NAME, "ard_config.json")
-    blocks = len(hasten.load_pipeline(NAME).transformer.transformer_blocks)
+    shipped = ship_run(run, NAME, "ard_config.json")
+    dest, cfg, log, share = shipped.dest, shipped.cfg, shipped.log, shipped.share
+    blocks = len(shipped.pipe.transformer.transformer_blocks)
     man = json.loads((args.data / "trajectories.json").read_text())
     plot_loss(log["curve"], dest / "loss_curve.png", "mean of the 4 per-step MSEs", f"{NAME}: ARD training")
     res = json.loads(args.bench.read_text())
     s = res["summary"]
-    size = (dest / "student.safetensors").stat().st_size / 2**20
-    points = ", ".join(f"step {c['step']}: {c['loss']:.5f}" for c in log["curve"][:: max(1, len(log["curve"]) // 6)])
+    size = shipped.size_mb
+    points = shipped.loss_points(5)
     rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} |"
                      for r in res["records"])
     tc = log["config"]
@@ -92,7 +92,7 @@ python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {ar
   default: {s['speedup_ard_vs_default']}x.
 """
     atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
-    write_check(NAME)
+    write_check(shipped.pipe)
     print((dest / "MODEL_CARD.md").read_text())
 
 

@@ -29,13 +29,14 @@ def main() -> None:
     ap.add_argument("--bench", required=True, type=Path)
     args = ap.parse_args()
     run = args.from_run
-    dest, cfg, log, share = ship_run(run, NAME, "flash_config.json")
+    shipped = ship_run(run, NAME, "flash_config.json")
+    dest, cfg, log, share = shipped.dest, shipped.cfg, shipped.log, shipped.share
     tc = log["config"]
     plot_loss(log["curve"], dest / "loss_curve.png", "distillation MSE", f"{NAME}: Imagine Flash training")
     res = json.loads(args.bench.read_text())
     s = res["summary"]
-    size = (dest / "student.safetensors").stat().st_size / 2**20
-    points = ", ".join(f"step {c['step']}: {c['loss']:.4f}" for c in log["curve"][:: max(1, len(log["curve"]) // 6)])
+    size = shipped.size_mb
+    points = shipped.loss_points(4)
     rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} | "
                      f"{r['diversity']:.3f} |" for r in res["records"])
     flags = ("--backward" if cfg["backward"] else "--forward") + ("" if cfg["srl"] else " --no-srl")
@@ -96,7 +97,7 @@ Diversity: mean RMS pixel distance between two images of one caption from two se
 - Noise correction: the identity for this velocity-prediction model (derivation in `hasten/distill/flash.py`).
 """
     atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
-    write_check(NAME)
+    write_check(shipped.pipe)
     print((dest / "MODEL_CARD.md").read_text())
 
 

@@ -164,7 +164,8 @@ def srl_gamma(sigma: torch.Tensor | float, tau_min: float = 0.0, tau_max: float 
     """[gamma]: the shifted level tau = tau_min + (tau_max - tau_min) sigma of the Shifted Reconstruction
     Loss (module docstring: monotone, gamma(1) = tau_max < 1, gamma(sigma) <= sigma when tau_min = 0)."""
     if not 0.0 <= tau_min <= tau_max < 1.0:
-        raise HastenError(f"the SRL shift needs 0 <= tau_min <= tau_max < 1, got {tau_min}, {tau_max}")
+        raise HastenError(f"the SRL shift needs 0 <= tau_min <= tau_max (--tau-max) < 1: it keeps part of the "
+                          f"student's prediction; got tau_min {tau_min:g}, tau_max {tau_max:g}")
     return tau_min + (tau_max - tau_min) * sigma
 
 
@@ -355,9 +356,7 @@ class FlashConfig:
         check_step_counts(self.step_counts)
         if self.steps * self.batch_size > 10_000_000:
             raise HastenError("too many captions for the seed range (steps x batch size must be <= 10M)")
-        if not 0.0 <= self.tau_min <= self.tau_max < 1.0:
-            raise HastenError(f"--tau-max must lie in [{self.tau_min:g}, 1) (the SRL shift keeps part of the "
-                              f"student's prediction), got {self.tau_max:g}")
+        srl_gamma(0.0, self.tau_min, self.tau_max)
         if self.srl_noise not in ("trajectory", "fresh"):
             raise HastenError(f"--srl-noise must be 'trajectory' or 'fresh', got {self.srl_noise!r}")
         if not 1 <= self.teacher_steps <= 50:

@@ -87,6 +87,14 @@ def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
             "num_parameters": sum(p.numel() for p in student.parameters()), "student": ema}
 
 
+def shipped_students() -> list[str]:
+    """The embedded models that are distilled students with their weights in this install (``shapes-ard4``,
+    ``shapes-flash``): every ``EMBEDDED`` folder holding a ``student.safetensors``."""
+    from ..pipeline import EMBEDDED
+
+    return [name for name, folder in EMBEDDED.items() if (folder / WEIGHTS).is_file()]
+
+
 def save_student(student: torch.nn.Module, folder: str | Path, config_name: str, cfg: dict,
                  dtype: torch.dtype | None = None) -> Path:
     """``folder/config_name`` (``cfg``: the base model, the student's shape, and ``base_vae``, the

@@ -563,8 +563,9 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     ``hasten flexify``, or the pipeline) whose FlexiDiT configurations join the default suite; for
     ``model="shapes"`` the embedded ``shapes-flexi`` by default (``"none"``: without FlexiDiT); ``students``:
     distilled students of the model (names or folders from ``hasten distill``), for ``model="shapes"`` the
-    embedded ``shapes-ard4`` and ``shapes-flash`` by default (``"none"``: without)."""
-    from ..pipeline import EMBEDDED, load_pipeline
+    shipped students (:func:`hasten.distill.student.shipped_students`) by default (``"none"``: without)."""
+    from ..distill.student import shipped_students
+    from ..pipeline import load_pipeline
 
     out = Path(out)
     check_args(out, samples, batch_size, threads)
@@ -598,9 +599,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
                 flexi = load_pipeline(flexi)
                 flexi.set_progress_bar_config(disable=True)
             if students is None:
-                shipped = [n for n, f in (("shapes-ard4", "ard_config.json"), ("shapes-flash", "flash_config.json"))
-                           if (EMBEDDED[n] / f).is_file()]
-                students = shipped if model == "shapes" and suite == "default" and not quick else []
+                students = shipped_students() if model == "shapes" and suite == "default" and not quick else []
             elif isinstance(students, str):
                 students = [] if students.lower() == "none" else [s for s in students.split(",") if s]
             students = [load_pipeline(s) if isinstance(s, (str, os.PathLike)) else s for s in students]
