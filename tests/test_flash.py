@@ -377,6 +377,59 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
         load_flash(tmp_path / "flash")
 
 
+def test_step_draw_picks_counts_or_every_step_equally_often(pipe):
+    """'count': K uniform, then d uniform in [0, K) (the last step of 3 gets 1/9 of the rows); 'step': every
+    (K, d) pair 1/6 of the rows, so each step of the 3-step schedule trains as often as the 1-step one."""
+    n = 6000
+    for draw, want in (("count", {(1, 0): 1 / 3, (2, 1): 1 / 6, (3, 2): 1 / 9}),
+                       ("step", {(1, 0): 1 / 6, (2, 1): 1 / 6, (3, 2): 1 / 6})):
+        cfg = FlashConfig(batch_size=n, step_draw=draw)
+        gen = torch.Generator().manual_seed(0)
+        counts = torch.tensor([1, 2, 3])
+        # only the draw of (K, d), without encoding 6000 captions: the same code path on a stub pipeline
+        batch = flash_batch(_NoText(pipe), 0, cfg, gen)
+        ks, ds = batch["ks"], batch["ds"]
+        assert torch.isin(ks, counts).all() and (ds >= 0).all() and (ds < ks).all()
+        for (k, d), p in want.items():
+            share = ((ks == k) & (ds == d)).float().mean().item()
+            assert abs(share - p) < 0.02, (draw, k, d, share)
+    with pytest.raises(HastenError, match="--step-draw"):
+        FlashConfig(step_draw="other").check()
+
+
+class _NoText:
+    """A pipeline stand-in for :func:`flash_batch` whose text encoder returns zeros (shape only)."""
+
+    def __init__(self, pipe):
+        self.latent_shape = pipe.latent_shape
+
+    def encode_prompt(self, prompts, dtype):
+        return torch.zeros(len(prompts), 1, 1, dtype=dtype), torch.zeros(len(prompts), 1, dtype=dtype)
+
+
+def test_init_starts_from_a_saved_students_weights_and_refuses_others(pipe, tmp_path):
+    from hasten.distill.flash import init_weights
+    from hasten.plans import weights_hash
+
+    pipe.save_pretrained(tmp_path / "teacher")
+    first = FlashStudent(pipe.transformer).eval()
+    with torch.no_grad():
+        for t in first.state_dict().values():
+            t.add_(0.01).copy_(t.half().float())  # weights that differ from the teacher's, exact in float16
+    save_flash(first, tmp_path / "first", str(tmp_path / "teacher"),
+               {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
+    cfg = FlashConfig(steps=1, batch_size=2, lr=1e-12, warmup=1, ema_decay=0.0, bf16_autocast=False,
+                      init=str(tmp_path / "first"))
+    second = train_flash(pipe, tmp_path / "second", cfg, progress=False)["student"]
+    for p, q in zip(first.parameters(), second.parameters()):  # one step at lr 1e-12 moves nothing visible
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-8)
+    fresh = FlashStudent(pipe.transformer)
+    with pytest.raises(HastenError, match="not an Imagine Flash student of this teacher"):
+        init_weights(fresh, tmp_path / "first", "0" * 16)
+    with pytest.raises(HastenError, match="not an Imagine Flash student folder"):
+        init_weights(fresh, tmp_path / "teacher", weights_hash(pipe.vae))
+
+
 def test_a_flash_student_joins_the_bench_at_each_of_its_step_counts(pipe, tmp_path):
     from hasten import load_pipeline
     from hasten.eval.bench_harness import DenoiserTimer, WorkCounter
@@ -402,7 +455,7 @@ def test_imagine_flash_cli_rejects_bad_input(capsys, tmp_path):
     for args, why in ((["--steps", "4"], "--steps"), (["--steps", "0"], "--steps"),
                       (["--train-steps", "0"], "--train-steps"), (["--lr", "0"], "--lr"),
                       (["--teacher-steps", "0"], "--teacher-steps"), (["--srl-noise", "x"], "--srl-noise"),
-                      (["--tau-max", "1"], "--tau-max")):
+                      (["--tau-max", "1"], "--tau-max"), (["--step-draw", "x"], "--step-draw")):
         code, _, err = run_cli(capsys, "distill", "imagine-flash", *args, "--out", str(tmp_path / "o"))
         assert code == 2 and err.count("\n") == 1 and why in err
     (tmp_path / "file").write_text("")
@@ -420,7 +473,7 @@ def test_the_cli_trains_a_loadable_resumable_student(pipe, cond, tmp_path, capsy
     pipe.save_pretrained(tmp_path / "teacher")
     args = ("distill", "imagine-flash", "--teacher", str(tmp_path / "teacher"), "--steps", "2", "--train-steps", "2",
             "--batch-size", "2", "--forward", "--no-srl", "--teacher-steps", "2", "--srl-noise", "fresh",
-            "--tau-max", "0.6", "--out", str(tmp_path / "flash"), "--json")
+            "--tau-max", "0.6", "--step-draw", "step", "--out", str(tmp_path / "flash"), "--json")
     code, stdout, _ = run_cli(capsys, *args)
     log = json.loads(stdout)
     assert code == 0 and log["finished"] and log["train_config"]["step_counts"] == [1, 2]
@@ -428,7 +481,8 @@ def test_the_cli_trains_a_loadable_resumable_student(pipe, cond, tmp_path, capsy
     assert not tc["backward"] and not tc["srl"] and tc["teacher_steps"] == 2 and tc["srl_noise"] == "fresh"
     assert tc["tau_max"] == 0.6
     saved = json.loads((tmp_path / "flash" / "flash_config.json").read_text())
-    assert (saved["teacher_steps"], saved["srl_noise"], saved["tau_max"]) == (2, "fresh", 0.6)
+    assert (saved["teacher_steps"], saved["srl_noise"], saved["tau_max"], saved["step_draw"]) == (2, "fresh", 0.6,
+                                                                                                   "step")
     loaded = load_pipeline(tmp_path / "flash")
     assert loaded.num_steps == 2 and loaded.student.step_counts == (1, 2)
     assert loaded(PROMPTS, latents=noise, output_type="latent").images.shape == noise.shape

@@ -105,6 +105,10 @@ def register(app: typer.Typer) -> None:
                                       "start noise) or 'fresh'"),
         teacher_steps: int = typer.Option(1, help="teacher Euler steps (CFG) from the target's level to 0; "
                                           "1: its x0-prediction"),
+        step_draw: str = typer.Option("count", help="which step each caption trains: 'count' (a step count, "
+                                      "then one of its steps) or 'step' (every step of every count equally often)"),
+        init: Path | None = typer.Option(None, help="an Imagine Flash student folder to start from (a second "
+                                         "training stage)"),
         as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
     ) -> None:
         """Train an Imagine Flash student (backward distillation, Shifted Reconstruction Loss, guidance
@@ -122,7 +126,8 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"--steps must be 1 to {MAX_STEPS} (Imagine Flash's few-step regime), got {steps}")
         cfg = FlashConfig(steps=train_steps, batch_size=batch_size, lr=lr, step_counts=tuple(range(1, steps + 1)),
                           backward=backward, srl=srl, tau_max=tau_max, srl_noise=srl_noise,
-                          teacher_steps=teacher_steps)
+                          teacher_steps=teacher_steps, step_draw=step_draw,
+                          init=None if init is None else str(init))
         cfg.check()
         if out.exists() and not out.is_dir():
             raise HastenError(f"--out {out} exists and is not a folder")
@@ -137,7 +142,8 @@ def register(app: typer.Typer) -> None:
             save_flash(student, out, base, {"guidance_scale": log["guidance_scale"], "base_vae": weights_hash(pipe.vae),
                                             "backward": backward, "srl": srl, "tau_min": cfg.tau_min,
                                             "tau_max": cfg.tau_max, "srl_noise": cfg.srl_noise,
-                                            "teacher_steps": cfg.teacher_steps, "train_steps": train_steps})
+                                            "teacher_steps": cfg.teacher_steps, "step_draw": cfg.step_draw,
+                                            "init": cfg.init, "train_steps": train_steps})
             from ..io import write_json
 
             write_json(out / "train_log.json", log)

@@ -91,7 +91,9 @@ sampler therefore takes plain Euler steps, and the pipeline has no noise-correct
 **The student** (:class:`FlashStudent`): a copy of the teacher transformer, one network for every
 step count in ``step_counts`` (the paper's 1, 2 and 3 steps): each training sample draws K from the
 step counts and a step d in [0, K) of the K-step schedule, so the student learns every schedule's
-inputs. Schedules are uniform in sigma, sigma_d = 1 - d / K ("trailing" spacing, every step starts at
+inputs (``step_draw="count"``: K uniform, then d; the last step of 3 then sees 1/9 of the rows and the
+pure-noise level 11/18; ``"step"``: every (K, d) pair equally often, 1/6 each for counts 1-3).
+Schedules are uniform in sigma, sigma_d = 1 - d / K ("trailing" spacing, every step starts at
 a distinct level; diffusers' ``set_timesteps(2)`` would start the second step at sigma 0.001). The
 sampler is K Euler steps x_{d+1} = x_d + (sigma_{d+1} - sigma_d) v: for flow matching the DDIM step
 with the predicted x0 and eps is exactly this step (above). A fresh student is therefore the teacher's
@@ -101,7 +103,9 @@ conditional branch taking K Euler steps (tested bitwise).
 batch + i``, disjoint from training scenes < 10M, ARD trajectories 30M, calibration 40M and held-out
 50M), MiniLM embeddings from the teacher pipeline's frozen encoder, AdamW, gradient clipping at 1,
 cosine schedule with warm-up, EMA; each step's randomness comes from a generator seeded by (seed, step)
-and every state is checkpointed atomically, so an interrupted run resumes to the same weights.
+and every state is checkpointed atomically, so an interrupted run resumes to the same weights. ``init`` starts
+from a saved student's weights (a second stage: e.g. a dearer target, more teacher steps, after a cheap
+first stage).
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ import torch
 from torch import nn
 
 from ..errors import HastenError
-from .student import StudentPipeline, load_student, said_counts, save_student, train_student
+from ..plans import weights_hash
+from .student import WEIGHTS, StudentPipeline, load_student, said_counts, save_student, train_student
 
 FLASH_CONFIG = "flash_config.json"
 CAPTION_SEED0 = 20_000_000  # training < 10M, ARD trajectories 30M, calibration 40M, held-out 50M
@@ -344,6 +349,8 @@ class FlashConfig:
     tau_max: float = 0.8
     srl_noise: str = "trajectory"  # [SRL]'s eps': "trajectory" (the sample's own start noise) or "fresh"
     teacher_steps: int = 1  # the teacher's Euler steps from tau to 0 that make the target (1: its x0)
+    step_draw: str = "count"  # per row: "count" (K uniform, then d) or "step" (every (K, d) pair equally likely)
+    init: str | None = None  # an Imagine Flash student folder whose weights start the run (a second stage)
     guidance_scale: float | None = None  # the teacher's CFG scale distilled in (None: its default)
     seed: int = 0
     checkpoint_every: int = 100
@@ -361,6 +368,8 @@ class FlashConfig:
             raise HastenError(f"--srl-noise must be 'trajectory' or 'fresh', got {self.srl_noise!r}")
         if not 1 <= self.teacher_steps <= 50:
             raise HastenError(f"--teacher-steps must be 1 to 50, got {self.teacher_steps}")
+        if self.step_draw not in ("count", "step"):
+            raise HastenError(f"--step-draw must be 'count' or 'step', got {self.step_draw!r}")
 
 
 def flash_batch(pipe: Any, step: int, cfg: FlashConfig, gen: torch.Generator) -> dict:
@@ -373,8 +382,12 @@ def flash_batch(pipe: Any, step: int, cfg: FlashConfig, gen: torch.Generator) ->
     scenes = [sample_scene(CAPTION_SEED0 + step * b + i) for i in range(b)]
     text, pooled = pipe.encode_prompt([s.caption for s in scenes], torch.float32)
     counts = torch.tensor(check_step_counts(cfg.step_counts))
-    ks = counts[torch.randint(0, len(counts), (b,), generator=gen)]
-    ds = (torch.rand(b, generator=gen) * ks).long().clamp_max(ks - 1)
+    if cfg.step_draw == "count":  # K uniform, then d uniform in [0, K)
+        ks = counts[torch.randint(0, len(counts), (b,), generator=gen)]
+        ds = (torch.rand(b, generator=gen) * ks).long().clamp_max(ks - 1)
+    else:  # "step": every (K, d) pair equally likely
+        pairs = torch.tensor([(int(k), d) for k in counts for d in range(int(k))])
+        ks, ds = pairs[torch.randint(0, len(pairs), (b,), generator=gen)].unbind(1)
     shape = (b, *pipe.latent_shape)
     batch = {"text": text, "pooled": pooled, "ks": ks, "ds": ds, "noise": torch.randn(shape, generator=gen),
              "srl_noise": torch.randn(shape, generator=gen), "captions": [s.caption for s in scenes]}
@@ -428,8 +441,33 @@ def train_flash(pipe: Any, out: str | Path, cfg: FlashConfig, progress: bool = T
         return flash_loss(student, teacher, flash_batch(pipe, step, cfg, gen), cfg, empty, scale)[0]
 
     what = f"Imagine Flash {'backward' if cfg.backward else 'forward'}{' + SRL' if cfg.srl else ''}"
-    log = train_student(FlashStudent(teacher, cfg.step_counts), out, cfg, loss, what, progress, stop_after)
+    student = FlashStudent(teacher, cfg.step_counts)
+    if cfg.init is not None:
+        init_weights(student, cfg.init, weights_hash(pipe.vae))
+    log = train_student(student, out, cfg, loss, what, progress, stop_after)
     return {**log, "guidance_scale": scale}
+
+
+def init_weights(student: FlashStudent, folder: str | Path, vae_hash: str) -> None:
+    """Load the weights of the Imagine Flash student in ``folder`` (``--init``: a second training stage, e.g.
+    more teacher steps after a cheaper first stage) into ``student``; it must have been distilled in the
+    latent space of the VAE whose :func:`hasten.plans.weights_hash` is ``vae_hash``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / FLASH_CONFIG).read_text())
+        tensors = load_file(str(folder / WEIGHTS))
+    except (OSError, ValueError) as e:
+        raise HastenError(f"--init {folder} is not an Imagine Flash student folder: {e}") from None
+    if meta.get("method") != "imagine-flash" or meta.get("base_vae") != vae_hash:
+        raise HastenError(f"--init {folder} is not an Imagine Flash student of this teacher")
+    try:
+        student.load_state_dict({k: v.float() for k, v in tensors.items()})
+    except RuntimeError as e:
+        raise HastenError(f"--init {folder}: the weights do not fit this student: {str(e).splitlines()[0]}") from None
 
 
 # --------------------------------------------------------------------------- saving, loading, sampling
