@@ -35,12 +35,13 @@ from hasten.io import atomic_write
 
 def recipe(pipe) -> dict:
     """The training recipe a student folder records (its flash_config.json)."""
-    keys = ("backward", "srl", "tau_max", "srl_noise", "teacher_steps", "train_steps")
+    keys = ("backward", "srl", "tau_max", "srl_noise", "teacher_steps", "step_draw", "init", "train_steps")
+    older = {"srl_noise": "fresh", "teacher_steps": 1, "step_draw": "count"}  # folders from before an option
     try:
         cfg = json.loads((Path(pipe.model_dir) / "flash_config.json").read_text())
     except (AttributeError, OSError, ValueError):
         return {}
-    return {k: cfg.get(k, {"srl_noise": "fresh", "teacher_steps": 1}.get(k)) for k in keys}
+    return {k: cfg.get(k, older.get(k)) for k in keys}
 
 
 def main() -> None:

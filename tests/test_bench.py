@@ -216,6 +216,30 @@ def test_counters_count_rows_and_blocks_and_peers_install_exactly():
 
 
 
+def test_configurations_sharing_a_module_count_only_their_own_calls():
+    """A student at several step counts is one module under several configurations: each configuration's NFE
+    and block evaluations come from its own timed runs, not from every call the shared module saw."""
+    shared = tiny_pipeline().transformer
+    size, channels = shared.config.sample_size, shared.config.in_channels
+
+    def config(name: str, calls: int) -> BenchConfig:
+        def sample(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            x = torch.randn(len(labels), channels, size, size, generator=gen)
+            with torch.no_grad():
+                for _ in range(calls):
+                    x = shared(x, timestep=torch.full((len(labels),), 500), class_labels=labels).sample[:, :channels]
+            return x
+
+        return BenchConfig(name, "hasten", {}, lambda: Prepared(sample=sample, transformer=shared))
+
+    batches = make_batches(4, 2, 0, 10)
+    measured = run_interleaved([config("one", 1), config("three", 3)], batches, warmup=batches[0])
+    one, three = measured["one"], measured["three"]
+    assert one.error is None and three.error is None
+    assert (one.nfe, three.nfe) == (1, 3)
+    assert (one.block_evals, three.block_evals) == (2, 6)  # 2 blocks per call
+
+
 @pytest.mark.parametrize("args, message", [
     (["--samples", "3"], "--samples must be >= 10"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),

@@ -98,6 +98,12 @@ class WorkCounter:
     def reset(self) -> None:
         self.rows = self.attn_rows = self.ff_rows = 0
 
+    def snapshot(self) -> tuple[int, int, int]:
+        """(rows, attention rows, feed-forward rows) so far: the harness counts each timed run as a difference
+        of two snapshots, so configurations that share a module (a student at several step counts) do not
+        count each other's calls."""
+        return self.rows, self.attn_rows, self.ff_rows
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -276,6 +282,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
     out = {c.name: Measurement(c.name) for c in configs}
     prepared: dict[str, Prepared] = {}
     counters: dict[str, WorkCounter] = {}
+    work: dict[str, list[int]] = {}  # per configuration: rows, attention rows, feed-forward rows in its timed runs
     clocks: dict[str, DenoiserTimer] = {}
     with rss:
         for c in configs:
@@ -287,7 +294,6 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 counters[c.name] = WorkCounter(p.transformer)
                 if warmup is not None:
                     run_one(p, warmup)
-                counters[c.name].reset()
                 clocks[c.name] = DenoiserTimer(p.denoiser or p.transformer, timer)
             except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
                 m.error = error_text(e)
@@ -300,13 +306,16 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                     continue
                 try:
                     rss.start_window()
-                    clock = clocks[c.name]
-                    d0 = clock.seconds
+                    clock, cnt = clocks[c.name], counters[c.name]
+                    d0, w0 = clock.seconds, cnt.snapshot()
                     c0 = time.process_time()
                     t0 = timer()
                     images = run_one(p, batch)
                     m.times.append(timer() - t0)
                     m.cpu_times.append(time.process_time() - c0)
+                    w = work.setdefault(c.name, [0, 0, 0])
+                    for i, (a, b) in enumerate(zip(w0, cnt.snapshot())):
+                        w[i] += b - a
                     if clock.active:
                         m.denoiser_times.append(clock.seconds - d0)
                     peak = rss.window_peak_mb()
@@ -321,8 +330,9 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
         for c in configs:
             cnt, m = counters.get(c.name), out[c.name]
             if cnt is not None:
-                m.counted = cnt.blocks_seen and cnt.rows > 0
-                m.rows, m.block_rows = cnt.rows, (cnt.attn_rows + cnt.ff_rows) / 2
+                rows, attn_rows, ff_rows = work.get(c.name, (0, 0, 0))
+                m.counted = cnt.blocks_seen and rows > 0
+                m.rows, m.block_rows = rows, (attn_rows + ff_rows) / 2
                 cnt.remove()
             if c.name in clocks:
                 clocks[c.name].remove()
