@@ -23,6 +23,27 @@ from hasten.io import atomic_write
 NAME = "shapes-flash"
 
 
+def command(run: Path | str, base: str, steps: int, tc: dict) -> str:
+    """The ``hasten distill imagine-flash`` command of a run with training config ``tc``."""
+    flags = ("--backward" if tc["backward"] else "--forward") + ("" if tc["srl"] else " --no-srl")
+    extra = "" if tc.get("step_draw", "count") == "count" else f" --step-draw {tc['step_draw']}"
+    extra += f" --init {tc['init']}" if tc.get("init") else ""
+    return (f"hasten distill imagine-flash --teacher {base} --steps {steps} --out {run} {flags} \\\n"
+            f"    --train-steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g} "
+            f"--tau-max {tc['tau_max']:g} \\\n    --srl-noise {tc['srl_noise']} --teacher-steps {tc['teacher_steps']}"
+            f"{extra}")
+
+
+def earlier_stages(tc: dict) -> list[tuple[str, dict, float]]:
+    """The runs a ``--init`` chain started from, first stage first: (folder, training config, seconds)."""
+    stages, init = [], tc.get("init")
+    while init:
+        log = json.loads((Path(init) / "train_log.json").read_text())
+        stages.insert(0, (init, log["train_config"], log["train_seconds"]))
+        init = log["train_config"].get("init")
+    return stages
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--from-run", required=True, type=Path)
@@ -39,7 +60,18 @@ def main() -> None:
     points = shipped.loss_points(4)
     rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} | "
                      f"{r['diversity']:.3f} |" for r in res["records"])
-    flags = ("--backward" if cfg["backward"] else "--forward") + ("" if cfg["srl"] else " --no-srl")
+    steps = max(cfg["step_counts"])
+    stages = earlier_stages(tc)
+    commands = "\n".join(command(r, cfg["base"], steps, c) + "   # re-running resumes" for r, c, _ in stages)
+    commands += ("\n" if stages else "") + command(run, cfg["base"], steps, tc) + "   # re-running resumes"
+    if stages:
+        total = sum(t for _, _, t in stages) + log["seconds"]
+        share += "; before it, " + ", ".join(f"{t / 60:.1f} min for {r}" for r, _, t in stages) + (
+            f" ({total / 60:.1f} min in all)")
+    draw = "every (K, d) pair equally often" if tc.get("step_draw") == "step" else "K uniform, then d"
+    last = " (last stage)" if stages else ""
+    stage_lines = "".join(f"- Stage {i + 1} (`{r}`, whose weights start the next stage): `{json.dumps(c)}`.\n"
+                          for i, (r, c, _) in enumerate(stages))
     card = f"""# {NAME}: a 1-3 step Imagine Flash student of `{cfg['base']}`
 
 Imagine Flash (Kohler et al. 2024; `hasten.distill.flash`): a copy of `{cfg['base']}`'s transformer trained by
@@ -57,21 +89,20 @@ CLI: `hasten generate --model {NAME} --prompt "a red circle" --steps 3`.
 
 ## Reproduce
 ```
-hasten distill imagine-flash --teacher {cfg['base']} --steps {max(cfg['step_counts'])} --out {run} {flags} \\
-    --train-steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g} --tau-max {tc['tau_max']:g} \\
-    --srl-noise {tc['srl_noise']} --teacher-steps {tc['teacher_steps']}   # re-running resumes
+{commands}
 python scripts/make_flash_model.py --from-run {run} --bench {args.bench}
 ```
 
 ## Training
 - Data: no images. Captions from the scene grammar at seeds {CAPTION_SEED0} + step x batch + i (disjoint from
   the base model's training scenes and the held-out evaluation captions), their MiniLM embeddings, Gaussian
-  noise; each row draws a step count K and a step d < K, and its input is the student's own state after d
-  of its K Euler steps (no gradient).
+  noise; each row draws a step count K and a step d < K ({draw}), and its
+  input is the student's own state after d of its K Euler steps (no gradient).
 - Target (SRL): the student's clean prediction re-noised to tau = {tc['tau_max']:g} sigma with
   {'the sample' + "'" + 's own starting noise' if tc['srl_noise'] == 'trajectory' else 'fresh noise'}, then
   denoised by the teacher with CFG {cfg['guidance_scale']:g} in {tc['teacher_steps']} Euler step(s); MSE.
-- Config: `{json.dumps(tc)}`; base VAE fingerprint `{cfg['base_vae']}` (a different `{cfg['base']}` is refused).
+{stage_lines}- Config{last}: `{json.dumps(tc)}`; base VAE fingerprint `{cfg['base_vae']}`
+  (a different `{cfg['base']}` is refused).
 - AdamW, cosine schedule with warm-up, gradient clipping 1, EMA {tc['ema_decay']}; seed {tc['seed']}.
 - Time: {share}.
 - Loss (`loss_curve.png`; it measures the gap to a target that moves with the student, so it need not fall
