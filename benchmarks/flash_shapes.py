@@ -35,7 +35,7 @@ from hasten.io import atomic_write
 
 def recipe(pipe) -> dict:
     """The training recipe a student folder records (its flash_config.json)."""
-    keys = ("backward", "srl", "tau_max", "srl_noise", "teacher_steps", "step_draw", "init", "train_steps")
+    keys = ("backward", "srl", "tau_min", "tau_max", "srl_noise", "teacher_steps", "step_draw", "init", "train_steps")
     older = {"srl_noise": "fresh", "teacher_steps": 1, "step_draw": "count"}  # folders from before an option
     try:
         cfg = json.loads((Path(pipe.model_dir) / "flash_config.json").read_text())

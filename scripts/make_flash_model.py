@@ -26,7 +26,8 @@ NAME = "shapes-flash"
 def command(run: Path | str, base: str, steps: int, tc: dict) -> str:
     """The ``hasten distill imagine-flash`` command of a run with training config ``tc``."""
     flags = ("--backward" if tc["backward"] else "--forward") + ("" if tc["srl"] else " --no-srl")
-    extra = "" if tc.get("step_draw", "count") == "count" else f" --step-draw {tc['step_draw']}"
+    extra = f" --tau-min {tc['tau_min']:g}" if tc.get("tau_min") else ""
+    extra += "" if tc.get("step_draw", "count") == "count" else f" --step-draw {tc['step_draw']}"
     extra += f" --init {tc['init']}" if tc.get("init") else ""
     return (f"hasten distill imagine-flash --teacher {base} --steps {steps} --out {run} {flags} \\\n"
             f"    --train-steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g} "

@@ -100,7 +100,8 @@ def register(app: typer.Typer) -> None:
                                       "schedule (backward distillation) or forward-noised data (ablation)"),
         srl: bool = typer.Option(True, "--srl/--no-srl", help="Shifted Reconstruction Loss, or regression onto "
                                  "the teacher's x0 at the same input (ablation)"),
-        tau_max: float = typer.Option(0.8, help="SRL shift: tau = tau_max * sigma (< 1)"),
+        tau_max: float = typer.Option(0.8, help="SRL shift: tau = tau_min + (tau_max - tau_min) sigma (< 1)"),
+        tau_min: float = typer.Option(0.0, help="SRL shift at sigma = 0 (0 <= tau_min <= tau_max)"),
         srl_noise: str = typer.Option("trajectory", help="SRL re-noising noise: 'trajectory' (the sample's own "
                                       "start noise) or 'fresh'"),
         teacher_steps: int = typer.Option(1, help="teacher Euler steps (CFG) from the target's level to 0; "
@@ -125,7 +126,7 @@ def register(app: typer.Typer) -> None:
         if not 1 <= steps <= MAX_STEPS:
             raise HastenError(f"--steps must be 1 to {MAX_STEPS} (Imagine Flash's few-step regime), got {steps}")
         cfg = FlashConfig(steps=train_steps, batch_size=batch_size, lr=lr, step_counts=tuple(range(1, steps + 1)),
-                          backward=backward, srl=srl, tau_max=tau_max, srl_noise=srl_noise,
+                          backward=backward, srl=srl, tau_min=tau_min, tau_max=tau_max, srl_noise=srl_noise,
                           teacher_steps=teacher_steps, step_draw=step_draw,
                           init=None if init is None else str(init))
         cfg.check()

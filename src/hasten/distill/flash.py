@@ -169,8 +169,8 @@ def srl_gamma(sigma: torch.Tensor | float, tau_min: float = 0.0, tau_max: float 
     """[gamma]: the shifted level tau = tau_min + (tau_max - tau_min) sigma of the Shifted Reconstruction
     Loss (module docstring: monotone, gamma(1) = tau_max < 1, gamma(sigma) <= sigma when tau_min = 0)."""
     if not 0.0 <= tau_min <= tau_max < 1.0:
-        raise HastenError(f"the SRL shift needs 0 <= tau_min <= tau_max (--tau-max) < 1: it keeps part of the "
-                          f"student's prediction; got tau_min {tau_min:g}, tau_max {tau_max:g}")
+        raise HastenError(f"the SRL shift needs 0 <= tau_min (--tau-min) <= tau_max (--tau-max) < 1: it keeps "
+                          f"part of the student's prediction; got tau_min {tau_min:g}, tau_max {tau_max:g}")
     return tau_min + (tau_max - tau_min) * sigma
 
 
