@@ -71,6 +71,8 @@ def main() -> None:
             f" ({total / 60:.1f} min in all)")
     draw = "every (K, d) pair equally often" if tc.get("step_draw") == "step" else "K uniform, then d"
     last = " (last stage)" if stages else ""
+    lo, hi = tc.get("tau_min", 0.0), tc["tau_max"]
+    tau = f"{hi:g} sigma" if not lo else f"{lo:g} + {hi - lo:g} sigma"
     stage_lines = "".join(f"- Stage {i + 1} (`{r}`, whose weights start the next stage): `{json.dumps(c)}`.\n"
                           for i, (r, c, _) in enumerate(stages))
     card = f"""# {NAME}: a 1-3 step Imagine Flash student of `{cfg['base']}`
@@ -99,7 +101,7 @@ python scripts/make_flash_model.py --from-run {run} --bench {args.bench}
   the base model's training scenes and the held-out evaluation captions), their MiniLM embeddings, Gaussian
   noise; each row draws a step count K and a step d < K ({draw}), and its
   input is the student's own state after d of its K Euler steps (no gradient).
-- Target (SRL): the student's clean prediction re-noised to tau = {tc['tau_max']:g} sigma with
+- Target (SRL): the student's clean prediction re-noised to tau = {tau} with
   {'the sample' + "'" + 's own starting noise' if tc['srl_noise'] == 'trajectory' else 'fresh noise'}, then
   denoised by the teacher with CFG {cfg['guidance_scale']:g} in {tc['teacher_steps']} Euler step(s); MSE.
 {stage_lines}- Config{last}: `{json.dumps(tc)}`; base VAE fingerprint `{cfg['base_vae']}`
