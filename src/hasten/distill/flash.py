@@ -456,9 +456,9 @@ def train_flash(pipe: Any, out: str | Path, cfg: FlashConfig, progress: bool = T
 
 
 def init_weights(student: FlashStudent, folder: str | Path, vae_hash: str) -> None:
-    """Load the weights of the Imagine Flash student in ``folder`` (``--init``: a second training stage, e.g.
-    more teacher steps after a cheaper first stage) into ``student``; it must have been distilled in the
-    latent space of the VAE whose :func:`hasten.plans.weights_hash` is ``vae_hash``."""
+    """Load the weights of the Imagine Flash student in ``folder`` into ``student`` (``--init``: a second
+    training stage, as the shipped student's floor on the SRL shift after its first stage); it must have been
+    distilled in the latent space of the VAE whose :func:`hasten.plans.weights_hash` is ``vae_hash``."""
     import json
 
     from safetensors.torch import load_file
