@@ -200,17 +200,13 @@ def _is_flex(name: str) -> bool:
 
 def load_flexi(folder: str | Path) -> Any:
     """The base pipeline with the flexified transformer of ``folder`` (see :func:`save_flexi`)."""
-    from safetensors.torch import load_file
-
+    from .io import read_model_folder
     from .pipeline import load_pipeline
     from .plans import weights_hash
 
     folder = Path(folder)
-    try:
-        cfg = json.loads((folder / FLEXI_CONFIG).read_text())
-        tensors = load_file(str(folder / FLEXI_WEIGHTS))
-    except (OSError, ValueError) as e:
-        raise HastenError(f"cannot load the flexified model in {folder}: {e}") from None
+    cfg, tensors = read_model_folder(folder, FLEXI_CONFIG, FLEXI_WEIGHTS,
+                                     f"cannot load the flexified model in {folder}")
     base = cfg["base"]
     base_path = folder / base if (folder / base).is_dir() else base
     pipe = load_pipeline(base_path)

@@ -57,3 +57,16 @@ def check_writable(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise HastenError(f"cannot write {path}: it is a folder")
     return path
+
+
+def read_model_folder(folder: str | os.PathLike, config_name: str, weights_name: str, error: str
+                      ) -> tuple[Any, dict[str, Any]]:
+    """The JSON config and the safetensors weights of a saved model folder (a student, a FlexiDiT fine-tune);
+    a missing or unreadable file is the one-line ``HastenError`` "``error``: reason"."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        return json.loads((folder / config_name).read_text()), load_file(str(folder / weights_name))
+    except (OSError, ValueError) as e:
+        raise HastenError(f"{error}: {e}") from None

@@ -459,20 +459,14 @@ def init_weights(student: FlashStudent, folder: str | Path, vae_hash: str) -> No
     """Load the weights of the Imagine Flash student in ``folder`` into ``student`` (``--init``: a second
     training stage, as the shipped student's floor on the SRL shift after its first stage); it must have been
     distilled in the latent space of the VAE whose :func:`hasten.plans.weights_hash` is ``vae_hash``."""
-    import json
+    from ..io import read_model_folder
 
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / FLASH_CONFIG).read_text())
-        tensors = load_file(str(folder / WEIGHTS))
-    except (OSError, ValueError) as e:
-        raise HastenError(f"--init {folder} is not an Imagine Flash student folder: {e}") from None
-    if meta.get("method") != "imagine-flash" or meta.get("base_vae") != vae_hash:
+    meta, tensors = read_model_folder(folder, FLASH_CONFIG, WEIGHTS,
+                                      f"--init {folder} is not an Imagine Flash student folder")
+    if not isinstance(meta, dict) or meta.get("method") != "imagine-flash" or meta.get("base_vae") != vae_hash:
         raise HastenError(f"--init {folder} is not an Imagine Flash student of this teacher")
     try:
-        student.load_state_dict({k: v.float() for k, v in tensors.items()})
+        student.load_state_dict(tensors)  # float16 on disk, copied into the float32 parameters
     except RuntimeError as e:
         raise HastenError(f"--init {folder}: the weights do not fit this student: {str(e).splitlines()[0]}") from None
 

@@ -9,7 +9,6 @@ per step), so another scale, negative prompts, custom sigmas or step callbacks a
 from __future__ import annotations
 
 import copy
-import json
 import math
 import numbers
 import time
@@ -22,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HastenError
-from ..io import atomic_write, write_json
+from ..io import atomic_write, read_model_folder, write_json
 from ..pipelines.shapes import ShapesPipeline
 
 WEIGHTS = "student.safetensors"
@@ -117,18 +116,16 @@ def load_student(folder: str | Path, config_name: str, what: str,
                  build: Callable[[Any, dict], torch.nn.Module], pipeline: type[StudentPipeline]) -> StudentPipeline:
     """The ``pipeline`` around the student of ``folder`` (see :func:`save_student`): its base model loaded by
     name, the VAE checked, the student built by ``build(base_pipeline, cfg)`` and its weights loaded."""
-    from safetensors.torch import load_file
-
     from ..pipeline import load_pipeline
     from ..plans import weights_hash
 
     folder = Path(folder)
+    error = f"cannot load the {what} student in {folder}"
+    cfg, tensors = read_model_folder(folder, config_name, WEIGHTS, error)
     try:
-        cfg = json.loads((folder / config_name).read_text())
-        tensors = load_file(str(folder / WEIGHTS))
         base = cfg["base"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise HastenError(f"cannot load the {what} student in {folder}: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise HastenError(f"{error}: {e}") from None
     base_pipe = load_pipeline(base)
     if weights_hash(base_pipe.vae) != cfg.get("base_vae"):
         raise HastenError(f"{folder} was distilled in the latent space of other {base!r} weights than the ones "

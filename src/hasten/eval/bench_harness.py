@@ -282,7 +282,6 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
     out = {c.name: Measurement(c.name) for c in configs}
     prepared: dict[str, Prepared] = {}
     counters: dict[str, WorkCounter] = {}
-    work: dict[str, list[int]] = {}  # per configuration: rows, attention rows, feed-forward rows in its timed runs
     clocks: dict[str, DenoiserTimer] = {}
     with rss:
         for c in configs:
@@ -313,9 +312,9 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                     images = run_one(p, batch)
                     m.times.append(timer() - t0)
                     m.cpu_times.append(time.process_time() - c0)
-                    w = work.setdefault(c.name, [0, 0, 0])
-                    for i, (a, b) in enumerate(zip(w0, cnt.snapshot())):
-                        w[i] += b - a
+                    rows, attn_rows, ff_rows = (b - a for a, b in zip(w0, cnt.snapshot()))
+                    m.rows += rows  # this run's calls only: another configuration may share the module
+                    m.block_rows += (attn_rows + ff_rows) / 2
                     if clock.active:
                         m.denoiser_times.append(clock.seconds - d0)
                     peak = rss.window_peak_mb()
@@ -330,9 +329,7 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
         for c in configs:
             cnt, m = counters.get(c.name), out[c.name]
             if cnt is not None:
-                rows, attn_rows, ff_rows = work.get(c.name, (0, 0, 0))
-                m.counted = cnt.blocks_seen and rows > 0
-                m.rows, m.block_rows = rows, (attn_rows + ff_rows) / 2
+                m.counted = cnt.blocks_seen and m.rows > 0
                 cnt.remove()
             if c.name in clocks:
                 clocks[c.name].remove()
