@@ -90,6 +90,28 @@ def test_speedup_is_the_median_of_interleaved_pairs():
     assert paired_speedup([1.0, 2.0], []) is None
 
 
+def test_setup_seconds_cover_setup_and_warmup_but_not_the_timed_batches():
+    """``setup_s`` is what installing a configuration cost a user (calibration, a warm-up batch); it is
+    measured on its own and never enters the timed batches."""
+    import time as _time
+
+    clock = FakeClock()
+    slow = fake_config("slow", "baseline", clock, [1.0, 1.0])
+    inner = slow.setup
+
+    def slow_setup():
+        _time.sleep(0.05)  # stands in for a calibration
+        return inner()
+
+    slow.setup = slow_setup
+    measured = run_interleaved([slow], make_batches(4, 2, 0, 10), warmup=None, timer=clock)
+    m = measured["slow"]
+    assert m.setup_s is not None and m.setup_s >= 0.05
+    assert m.times == [1.0, 1.0]  # the fake clock's batches, untouched by the setup's sleep
+    broken = fake_config("broken", "baseline", clock, [1.0], setup_error=RuntimeError("boom"))
+    assert run_interleaved([broken], make_batches(2, 2, 0, 10), timer=clock)["broken"].setup_s is None
+
+
 def test_interleaving_order_is_a_b_c_per_batch():
     clock, order = FakeClock(), []
 
@@ -145,7 +167,7 @@ def test_results_json_round_trip_and_schema_errors(tmp_path):
     assert set(rec) == {"name", "family", "params", "wall_s_median", "speedup", "nfe", "block_evals",
                         "peak_rss_mb", "psnr", "ssim", "fd_digits", "class_accuracy", "fd_shapes", "adherence",
                         "denoiser_s_median", "denoiser_share", "denoiser_speedup", "transformer_flops_share",
-                        "error"}
+                        "setup_s", "error"}
     assert rec["transformer_flops_share"] is None  # FlexiDiT records only
     assert {"cpu", "cores", "torch"} <= set(loaded["machine"]) and loaded["date"]
     bad = json.loads(json.dumps(res))

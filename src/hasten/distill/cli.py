@@ -110,6 +110,8 @@ def register(app: typer.Typer) -> None:
                                       "then one of its steps) or 'step' (every step of every count equally often)"),
         init: Path | None = typer.Option(None, help="an Imagine Flash student folder to start from (a second "
                                          "training stage)"),
+        cfg_scale: float | None = typer.Option(None, "--cfg", help="the teacher's guidance scale distilled in "
+                                               "(default: the teacher's)"),
         as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
     ) -> None:
         """Train an Imagine Flash student (backward distillation, Shifted Reconstruction Loss, guidance
@@ -128,7 +130,7 @@ def register(app: typer.Typer) -> None:
         cfg = FlashConfig(steps=train_steps, batch_size=batch_size, lr=lr, step_counts=tuple(range(1, steps + 1)),
                           backward=backward, srl=srl, tau_min=tau_min, tau_max=tau_max, srl_noise=srl_noise,
                           teacher_steps=teacher_steps, step_draw=step_draw,
-                          init=None if init is None else str(init))
+                          init=None if init is None else str(init), guidance_scale=cfg_scale)
         cfg.check()
         if out.exists() and not out.is_dir():
             raise HastenError(f"--out {out} exists and is not a folder")

@@ -377,6 +377,8 @@ class FlashConfig:
             raise HastenError(f"--teacher-steps must be 1 to 50, got {self.teacher_steps}")
         if self.step_draw not in ("count", "step"):
             raise HastenError(f"--step-draw must be 'count' or 'step', got {self.step_draw!r}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 1:
+            raise HastenError(f"--cfg must be >= 1 (1: no guidance), got {self.guidance_scale}")
 
 
 def flash_batch(pipe: Any, step: int, cfg: FlashConfig, gen: torch.Generator) -> dict:

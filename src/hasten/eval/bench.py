@@ -332,13 +332,14 @@ def build_records(configs: Sequence[BenchConfig], measured: dict[str, Measuremen
     for c in configs:
         m = measured[c.name]
         if m.error is not None or not m.times:
-            records.append(new_record(c.name, c.family, c.params, error=m.error or "no timed batch"))
+            records.append(new_record(c.name, c.family, c.params, setup_s=_round(m.setup_s, 1),
+                                      error=m.error or "no timed batch"))
             continue
         vals: dict[str, Any] = {
             "wall_s_median": _round(statistics.median(m.times), 4),
             "speedup": _round(paired_speedup(ref.times, m.times), 4),
             "nfe": _round(m.nfe, 4), "block_evals": _round(m.block_evals, 4),
-            "peak_rss_mb": _round(m.peak_rss_mb, 1)}
+            "peak_rss_mb": _round(m.peak_rss_mb, 1), "setup_s": _round(m.setup_s, 1)}
         flexi = (m.report or {}).get("flexidit")
         if flexi:  # analytic transformer FLOPs over the full model's on the same calls
             vals["transformer_flops_share"] = flexi["compute_share"]

@@ -211,6 +211,7 @@ class Measurement:
     counted: bool = False
     peak_rss_mb: float | None = None
     report: dict | None = None  # Prepared.report() after the last batch (e.g. FlexiDiT's compute share)
+    setup_s: float | None = None  # setup() (calibrations it is the first to need) and the warm-up batch
     error: str | None = None
 
     @property
@@ -288,12 +289,15 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
             m = out[c.name]
             try:
                 say(f"setup {c.name}")
+                t0 = time.perf_counter()
                 p = c.setup()
                 prepared[c.name] = p
                 counters[c.name] = WorkCounter(p.transformer)
                 if warmup is not None:
                     run_one(p, warmup)
                 clocks[c.name] = DenoiserTimer(p.denoiser or p.transformer, timer)
+                m.setup_s = time.perf_counter() - t0
+                say(f"  {m.setup_s:.1f} s")
             except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
                 m.error = error_text(e)
                 say(f"  {c.name}: {m.error}")

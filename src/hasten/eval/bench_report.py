@@ -81,6 +81,9 @@ def _table(records: list[dict], with_quality: bool) -> list[str]:
     flops = any(r.get("transformer_flops_share") is not None for r in records)
     if flops:
         head.append("FLOPs share")
+    setup = any(r.get("setup_s") is not None for r in records)
+    if setup:
+        head.append("setup s")
     text = any(r.get("adherence") is not None for r in records)
     if with_quality:
         head += ["PSNR", "SSIM", "FD-shapes", "adherence"] if text else ["PSNR", "SSIM", "FD-digits", "class acc"]
@@ -98,6 +101,8 @@ def _table(records: list[dict], with_quality: bool) -> list[str]:
                  _fmt(r["nfe"], ".4g"), _fmt(r["block_evals"], ".4g"), _fmt(r["peak_rss_mb"], ".0f")]
         if flops:
             cells.append(_fmt(r.get("transformer_flops_share"), ".3f"))
+        if setup:
+            cells.append(_fmt(r.get("setup_s"), ".1f"))
         if with_quality:
             q = ("fd_shapes", "adherence") if text else ("fd_digits", "class_accuracy")
             cells += [_fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f"), _fmt(r.get(q[0]), ".3f"),

@@ -18,11 +18,12 @@ SCHEMA = "hasten-bench/1"
 FAMILIES = ("baseline", "hasten", "peer")
 RECORD_FIELDS = ("name", "family", "params", "wall_s_median", "speedup", "nfe", "block_evals", "peak_rss_mb",
                  "psnr", "ssim", "fd_digits", "class_accuracy", "fd_shapes", "adherence",
-                 "denoiser_s_median", "denoiser_share", "denoiser_speedup", "transformer_flops_share", "error")
+                 "denoiser_s_median", "denoiser_share", "denoiser_speedup", "transformer_flops_share",
+                 "setup_s", "error")
 NUMERIC_FIELDS = RECORD_FIELDS[3:-1]
-# text-to-image quality, and the denoiser's part of the end-to-end time: absent in older results
+# text-to-image quality, the denoiser's part of the end-to-end time, setup seconds: absent in older results
 OPTIONAL_FIELDS = ("fd_shapes", "adherence", "denoiser_s_median", "denoiser_share", "denoiser_speedup",
-                   "transformer_flops_share")
+                   "transformer_flops_share", "setup_s")
 ADHERENCE_TOLERANCE = 0.01  # text-to-image gates: adherence at most 1 point below the reference
 TOP_FIELDS = ("schema", "date", "machine", "model", "protocol", "records", "quality_levels", "realistic")
 MACHINE_FIELDS = ("cpu", "cores", "torch")
