@@ -358,6 +358,32 @@ def test_bench_runs_on_a_text_to_image_pipeline(tiny_pipe, tmp_path):
     assert "| name | family | solver |" in md and "Quality reference `cfg @100 unipc-bh2`" in md
 
 
+def test_default_bench_suite_is_a_subset_of_full_with_every_family_and_solver(tiny_pipe, tmp_path):
+    """The default ``shapes`` suite (the 35-minute budget) drops finer grid points and variants of
+    ``--suite full`` but keeps every solver down to 4 steps, guidance off and in an interval, each hasten
+    method on Euler 50 and on the best solver, and the peers on both."""
+    from hasten.eval.bench import HastenAssets
+    from hasten.eval.bench_shapes import BEST_SOLVER, EvalSet, copy_shapes, shapes_configs
+
+    data, assets = EvalSet(tiny_pipe, 4, 0), HastenAssets(tiny_pipe, tmp_path / "plans", copier=copy_shapes)
+    default = shapes_configs(tiny_pipe, data, assets, flexi=tiny_pipe)
+    full = shapes_configs(tiny_pipe, data, assets, flexi=tiny_pipe, every=True)
+    names, full_names = [c.name for c in default], [c.name for c in full]
+    assert len(set(names)) == len(names) and len(set(full_names)) == len(full_names)
+    assert set(names) < set(full_names) and names[:2] == full_names[:2] == ["cfg @50", "cfg @100 unipc-bh2"]
+    base = [c.params for c in default if c.family == "baseline" and c.params.get("guidance") == "cfg"]
+    for solver in ("euler", "unipc-bh2", "unipc-bh1", "dpm++2m", "heun"):
+        steps = {p["steps"] for p in base if p["solver"] == solver}
+        assert min(steps) <= 5 and (solver in ("unipc-bh1", "heun") or max(steps) >= 20), solver
+    assert any(c.params.get("guidance") == "off" and c.params["solver"] == BEST_SOLVER for c in default)
+    assert len({c.params["guidance"] for c in default if str(c.params.get("guidance")).startswith("interval")}) == 2
+    for method in ("block-cache", "ag", "linear-ag", "flexidit"):
+        solvers = {c.params["solver"] for c in default if c.family == "hasten"
+                   and any(s.startswith(method + ":") or s == method for s in c.params.get("specs", ()))}
+        assert solvers >= ({BEST_SOLVER} if method == "linear-ag" else {"euler", BEST_SOLVER}), method
+    assert {c.params["solver"] for c in default if c.family == "peer"} == {"euler", BEST_SOLVER}
+
+
 def test_cache_dit_runs_on_the_text_to_image_pipeline(tiny_pipe):
     """cache-dit's DBCache through BlockAdapter with its SD3 block pattern: runs, and with a threshold no
     residual change reaches it skips blocks after the warm-up steps (counted at the blocks)."""

@@ -279,7 +279,8 @@ def bench_cmd(
     realistic: bool = typer.Option(None, "--realistic/--no-realistic",
                                    help="the DiT-XL/2-size overhead check (default: on, off with --quick)"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)"),
-    suite: str = typer.Option("default", help="default (every method, solvers, peers) | guidance (AG and "
+    suite: str = typer.Option("default", help="default (every method, solvers, peers) | full (shapes: finer "
+                              "step grids and more variants, ~46 min) | guidance (AG and "
                               "LinearAG, calibrated and at the paper's threshold) | interval (guidance in "
                               "limited intervals)"),
     cfg: float = typer.Option(None, help="guidance scale for every configuration (default: the model's)"),
@@ -298,7 +299,7 @@ def bench_cmd(
                     students=students, progress=None if as_json else (lambda m: typer.echo(m, err=True)))
     lines = [f"wrote {out}/results.json, results.md, pareto.png ({len(res['records'])} configurations, "
              f"{res['protocol']['total_wall_s']:.0f} s)"]
-    if suite != "default":
+    if suite not in ("default", "full"):
         for r in res["records"]:
             if r.get("error"):
                 lines.append(f"{r['name']:<36} error: {r['error']}")

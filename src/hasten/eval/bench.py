@@ -557,8 +557,9 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
               students: Any = None) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``pareto.png`` into ``out``.
 
-    ``suite``: ``default`` (every method, solvers and peers), ``guidance`` or ``interval``
-    (:func:`guidance_configs`);
+    ``suite``: ``default`` (every method, solvers and peers), ``full`` (on ``shapes``, the default suite with
+    finer step grids and more variants: :func:`hasten.eval.bench_shapes.shapes_configs`; elsewhere the
+    default), ``guidance`` or ``interval`` (:func:`guidance_configs`);
     ``guidance_scale``: run every configuration (and calibrate every plan) at this scale instead of
     the model's default; ``flexi``: a flexified fine-tune of the model (a folder or embedded name from
     ``hasten flexify``, or the pipeline) whose FlexiDiT configurations join the default suite; for
@@ -571,8 +572,9 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     out = Path(out)
     check_args(out, samples, batch_size, threads)
     say = progress or (lambda _m: None)
-    if suite not in ("default", "guidance", "interval"):
-        raise HastenError(f"unknown suite {suite!r}: default | guidance | interval")
+    if suite not in ("default", "full", "guidance", "interval"):
+        raise HastenError(f"unknown suite {suite!r}: default | full | guidance | interval")
+    broad = suite in ("default", "full")  # every family, not one method's study
     if threads is not None:
         torch.set_num_threads(threads)
     pipe = pipe if pipe is not None else load_pipeline(model)
@@ -592,7 +594,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         data = EvalSet(pipe, n, seed)
         assets = HastenAssets(pipe, out / "plans", copier=copy_shapes)
         if configs is None:
-            if flexi is None and model == "shapes" and suite == "default" and not quick:
+            if flexi is None and model == "shapes" and broad and not quick:
                 flexi = "shapes-flexi"  # the embedded FlexiDiT fine-tune of the embedded model
             if str(flexi).lower() == "none":
                 flexi = None
@@ -600,25 +602,26 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
                 flexi = load_pipeline(flexi)
                 flexi.set_progress_bar_config(disable=True)
             if students is None:
-                students = shipped_students() if model == "shapes" and suite == "default" and not quick else []
+                students = shipped_students() if model == "shapes" and broad and not quick else []
             elif isinstance(students, str):
                 students = [] if students.lower() == "none" else [s for s in students.split(",") if s]
             students = [load_pipeline(s) if isinstance(s, (str, os.PathLike)) else s for s in students]
-            configs = (guidance_configs(pipe, assets, data, suite) if suite != "default"
-                       else shapes_configs(pipe, data, assets, quick, peers, flexi=flexi, students=students))
+            configs = (guidance_configs(pipe, assets, data, suite) if not broad
+                       else shapes_configs(pipe, data, assets, quick, peers, flexi=flexi, students=students,
+                                           every=suite == "full"))
         configs = list(configs)
         batches = make_batches(n, bs, seed, n)  # "labels" are indices into the evaluation captions
         warm = Batch(torch.arange(min(budget.warmup_samples, n)), seed)
         scorer = scorer if scorer is not None else ShapesScorer(data)
         realistic = False if realistic is None else realistic
-        if suite == "default" and len(configs) > 1 and configs[1].params.get("role") == "quality-reference":
+        if broad and len(configs) > 1 and configs[1].params.get("role") == "quality-reference":
             quality_ref = configs[1].name
             say("convergence check of the quality reference")
             convergence = convergence_check(pipe, data, samples=4 if quick else 16)
     else:
         assets = HastenAssets(pipe, out / "plans")
         if configs is None:
-            configs = (guidance_configs(pipe, assets, suite=suite) if suite != "default"
+            configs = (guidance_configs(pipe, assets, suite=suite) if not broad
                        else digits_configs(pipe, assets, quick=quick, peers=peers))
         configs = list(configs)
         batches = make_batches(n, bs, seed, pipe.num_classes)
@@ -628,7 +631,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer(),
                             quality_reference=quality_ref)
     levels = quality_levels(records, quality_ref or configs[0].name)
-    do_real = (budget.realistic and suite == "default") if realistic is None else realistic
+    do_real = (budget.realistic and broad) if realistic is None else realistic
     results = {
         "schema": SCHEMA, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "model": model,

@@ -261,8 +261,13 @@ def mag_ratios(pipe, steps: int) -> list[float]:
 # speed reference (1.00x) that users recognise.
 QUALITY_SOLVER, QUALITY_STEPS = "unipc-bh2", 100
 BEST_SOLVER = "unipc-bh2"  # the solver hasten's methods and the peers are also run on at reduced steps
-SOLVER_STEPS = {"euler": (20, 15, 10, 8, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
-                "unipc-bh1": (8, 6, 4), "dpm++2m": (20, 15, 10, 8, 6, 4), "heun": (15, 10, 5)}
+# Step grids of the default suite (inside the 35-minute budget on 2 cores) and of ``--suite full`` (finer
+# grids, both intervals everywhere, AG at two thresholds and every FlexiDiT share on Euler 50: ~46 min).
+SOLVER_STEPS = {"euler": (20, 10, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
+                "unipc-bh1": (8, 6, 4), "dpm++2m": (20, 10, 6, 4), "heun": (10, 5)}
+SOLVER_STEPS_FULL = {"euler": (20, 15, 10, 8, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
+                     "unipc-bh1": (8, 6, 4), "dpm++2m": (20, 15, 10, 8, 6, 4), "heun": (15, 10, 5)}
+NO_GUIDANCE_STEPS = (20, 10, 6, 4)
 GUIDANCE_INTERVALS = ((0.22, 0.84), (0.0, 0.84))
 
 
@@ -273,17 +278,20 @@ def quality_reference_config(pipe, data: EvalSet, steps: int = QUALITY_STEPS) ->
     return cfg
 
 
-def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False) -> list[BenchConfig]:
-    """FlexiDiT on a flexified fine-tune of the model (``hasten flexify``): compute shares on Euler 50,
-    the paper's weak-guide variant, and on the best solver at reduced steps alone and composed with AG
-    and Block Caching. ``assets`` calibrate on ``flexi`` (its plans are for its own weights)."""
+def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False, every: bool = False) -> list[BenchConfig]:
+    """FlexiDiT on a flexified fine-tune of the model (``hasten flexify``): 60% compute on Euler 50 (``every``:
+    also 80% and 45% and the paper's weak-guide variant; the whole curve is ``benchmarks/flexidit_shapes``),
+    and on the best solver at reduced steps alone and composed with AG and Block Caching. ``assets``
+    calibrate on ``flexi`` (its plans are for its own weights)."""
     full = 50
     if quick:
         return [hasten_config(flexi, data, ["flexidit:compute=0.6"], full, assets),
                 hasten_config(flexi, data, ["ag:threshold=0.99", "block-cache:delta=0.1", "flexidit:compute=0.6"], 10,
                               assets, BEST_SOLVER)]
-    cfgs = [hasten_config(flexi, data, [f"flexidit:compute={c}"], full, assets) for c in (0.8, 0.6, 0.45)]
-    cfgs += [hasten_config(flexi, data, ["flexidit:weak_steps=15,weak_guide_steps=10"], full, assets)]
+    shares = (0.8, 0.6, 0.45) if every else (0.6,)
+    cfgs = [hasten_config(flexi, data, [f"flexidit:compute={c}"], full, assets) for c in shares]
+    if every:
+        cfgs += [hasten_config(flexi, data, ["flexidit:weak_steps=15,weak_guide_steps=10"], full, assets)]
     cfgs += [hasten_config(flexi, data, ["flexidit:compute=0.6"], s, assets, BEST_SOLVER) for s in (20, 10)]
     for s in (20, 15):
         cfgs += [hasten_config(flexi, data, ["ag:threshold=0.99", "flexidit:compute=0.6"], s, assets, BEST_SOLVER),
@@ -309,15 +317,17 @@ def student_config(student, data: EvalSet, steps: int) -> BenchConfig:
 
 
 def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool = True, flexi=None,
-                   students: Sequence = ()) -> list[BenchConfig]:
+                   students: Sequence = (), every: bool = False) -> list[BenchConfig]:
     """The configurations on ``shapes``: first the speed reference (50-step Euler CFG), second the
     converged quality reference; then the baselines (every solver from 30 down to 4 steps, guidance off
     and in an interval), hasten's methods on Euler at 50 steps and on the best solver at reduced steps,
     FlexiDiT when ``flexi`` (the flexified fine-tune of ``pipe``) is given, distilled ``students`` of
-    ``pipe`` (their pipelines), and the peers on both."""
+    ``pipe`` (their pipelines), and the peers on both. ``every`` (``--suite full``): the finer grids of
+    ``SOLVER_STEPS_FULL``, both guidance intervals at every step count, AG at two thresholds on Euler 50,
+    scale-shift Block Caching at 15 steps too, and every FlexiDiT share on Euler 50."""
     full = 50
     extra = [] if flexi is None else flexidit_configs(  # plans for the fine-tune's own weights
-        flexi, data, type(assets)(flexi, assets.folder / "flexi", copier=assets.copier), quick)
+        flexi, data, type(assets)(flexi, assets.folder / "flexi", copier=assets.copier), quick, every)
     extra += [c for st in students for c in student_configs(st, data)]
     if quick:
         cfgs = [baseline_config(pipe, data, full), quality_reference_config(pipe, data),
@@ -327,20 +337,26 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
         if peers:
             cfgs.append(peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, full))
         return cfgs
+    grids = SOLVER_STEPS_FULL if every else SOLVER_STEPS
     cfgs = [baseline_config(pipe, data, full), quality_reference_config(pipe, data)]
-    for solver, steps in SOLVER_STEPS.items():
+    for solver, steps in grids.items():
         cfgs += [baseline_config(pipe, data, s, solver) for s in steps]
     cfgs += [baseline_config(pipe, data, full, guidance="off")]
-    cfgs += [baseline_config(pipe, data, s, BEST_SOLVER, "off") for s in SOLVER_STEPS[BEST_SOLVER]]
-    cfgs += [baseline_config(pipe, data, full, guidance=iv) for iv in GUIDANCE_INTERVALS]
-    cfgs += [baseline_config(pipe, data, s, BEST_SOLVER, iv) for s in (20, 10) for iv in GUIDANCE_INTERVALS]
+    cfgs += [baseline_config(pipe, data, s, BEST_SOLVER, "off")
+             for s in (grids[BEST_SOLVER] if every else NO_GUIDANCE_STEPS)]
+    first = GUIDANCE_INTERVALS[0]
+    cfgs += [baseline_config(pipe, data, full, guidance=iv) for iv in (GUIDANCE_INTERVALS if every else [first])]
+    cfgs += [baseline_config(pipe, data, s, BEST_SOLVER, iv) for s in (20, 10)
+             for iv in (GUIDANCE_INTERVALS if every or s == 20 else [first])]
     # hasten on Euler at 50 steps, as before, and on the best solver at reduced steps (they compose)
     cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], full, assets) for d in (0.05, 0.1, 0.2)]
-    cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], full, assets) for t in (0.999, 0.99)]
+    cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], full, assets)
+             for t in ((0.999, 0.99) if every else (0.99,))]
     for s in (20, 15, 10):
         cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], s, assets, BEST_SOLVER) for d in (0.1, 0.2)]
-        cfgs += [hasten_config(pipe, data, ["block-cache:delta=0.1,scale_shift=1,train_steps=300"], s, assets,
-                               BEST_SOLVER)]
+        if every or s != 15:
+            cfgs += [hasten_config(pipe, data, ["block-cache:delta=0.1,scale_shift=1,train_steps=300"], s, assets,
+                                   BEST_SOLVER)]
         cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], s, assets, BEST_SOLVER) for t in (0.999, 0.99)]
         cfgs += [hasten_config(pipe, data, ["linear-ag"], s, assets, BEST_SOLVER),
                  hasten_config(pipe, data, ["ag:threshold=0.99", "block-cache:delta=0.1"], s, assets, BEST_SOLVER)]
