@@ -29,6 +29,7 @@ def command(run: Path | str, base: str, steps: int, tc: dict) -> str:
     extra = f" --tau-min {tc['tau_min']:g}" if tc.get("tau_min") else ""
     extra += "" if tc.get("step_draw", "count") == "count" else f" --step-draw {tc['step_draw']}"
     extra += f" --init {tc['init']}" if tc.get("init") else ""
+    extra += f" --cfg {tc['guidance_scale']:g}" if tc.get("guidance_scale") is not None else ""
     return (f"hasten distill imagine-flash --teacher {base} --steps {steps} --out {run} {flags} \\\n"
             f"    --train-steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g} "
             f"--tau-max {tc['tau_max']:g} \\\n    --srl-noise {tc['srl_noise']} --teacher-steps {tc['teacher_steps']}"
@@ -73,6 +74,8 @@ def main() -> None:
     last = " (last stage)" if stages else ""
     lo, hi = tc.get("tau_min", 0.0), tc["tau_max"]
     tau = f"{hi:g} sigma" if not lo else f"{lo:g} + {hi - lo:g} sigma"
+    revisit = ("\n  Every stage counts its steps from 0, so later stages revisit the first stage's captions (with"
+               " new inputs: the student's own states)." if stages else "")
     stage_lines = "".join(f"- Stage {i + 1} (`{r}`, whose weights start the next stage): `{json.dumps(c)}`.\n"
                           for i, (r, c, _) in enumerate(stages))
     card = f"""# {NAME}: a 1-3 step Imagine Flash student of `{cfg['base']}`
@@ -100,7 +103,7 @@ python scripts/make_flash_model.py --from-run {run} --bench {args.bench}
 - Data: no images. Captions from the scene grammar at seeds {CAPTION_SEED0} + step x batch + i (disjoint from
   the base model's training scenes and the held-out evaluation captions), their MiniLM embeddings, Gaussian
   noise; each row draws a step count K and a step d < K ({draw}), and its
-  input is the student's own state after d of its K Euler steps (no gradient).
+  input is the student's own state after d of its K Euler steps (no gradient).{revisit}
 - Target (SRL): the student's clean prediction re-noised to tau = {tau} with
   {'the sample' + "'" + 's own starting noise' if tc['srl_noise'] == 'trajectory' else 'fresh noise'}, then
   denoised by the teacher with CFG {cfg['guidance_scale']:g} in {tc['teacher_steps']} Euler step(s); MSE.

@@ -456,7 +456,7 @@ def test_imagine_flash_cli_rejects_bad_input(capsys, tmp_path):
                       (["--train-steps", "0"], "--train-steps"), (["--lr", "0"], "--lr"),
                       (["--teacher-steps", "0"], "--teacher-steps"), (["--srl-noise", "x"], "--srl-noise"),
                       (["--tau-max", "1"], "--tau-max"), (["--step-draw", "x"], "--step-draw"),
-                      (["--tau-min", "0.9"], "--tau-min")):
+                      (["--tau-min", "0.9"], "--tau-min"), (["--cfg", "0.5"], "--cfg")):
         code, _, err = run_cli(capsys, "distill", "imagine-flash", *args, "--out", str(tmp_path / "o"))
         assert code == 2 and err.count("\n") == 1 and why in err
     (tmp_path / "file").write_text("")
