@@ -304,6 +304,14 @@ def test_text_quality_levels_gate_adherence_and_fd():
     recs.append(new_record("cheap-solver", "baseline", {}, speedup=1.8, psnr=40.5, fd_shapes=10.0, adherence=0.9))
     row = {r["level"].split(" ")[0]: r for r in quality_levels(recs, "ref")}["psnr>=40"]
     assert row["hasten_vs_best_other"] == round(2.0 / 1.8, 4) and row["target_met"] is False
+    # a separate converged quality reference is the yardstick, not a contender: with the speed reference and
+    # the cheap solver off the gates, no other family reaches the level (no ratio), rather than 4x over it
+    qref = new_record("converged", "baseline", {"role": "quality-reference"}, speedup=0.5, psnr=100.0,
+                      fd_shapes=10.0, adherence=0.90)
+    slow = [dict(r, psnr=20.0) if r["name"] in ("ref", "cheap-solver") else r for r in recs]
+    row = {r["level"].split(" ")[0]: r for r in quality_levels([*slow, qref], "converged")}["psnr>=40"]
+    assert row["fewer_steps"] is None and row["hasten"]["name"] == "ok" and row["hasten_fastest"] is True
+    assert row["hasten_vs_best_other"] is None and row["target_met"] is None
 
 
 class FakeTextScorer:

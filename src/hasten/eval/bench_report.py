@@ -61,8 +61,11 @@ def markdown(results: dict) -> str:
                 cells.append("none" if b is None else f"{b['speedup']:.2f}x `{b['name']}`")
             verdict = {True: "yes", False: "**no**", None: "no hasten config"}[row["hasten_fastest"]]
             ratio = row.get("hasten_vs_best_other")
-            cells += [verdict, "–" if ratio is None else f"{ratio:.2f}x" + (" (target 1.3x met)"
-                                                                           if row.get("target_met") else "")]
+            if ratio is None:
+                shown = "no other family passes" if row["hasten"] is not None else "–"
+            else:
+                shown = f"{ratio:.2f}x" + (" (target 1.3x met)" if row.get("target_met") else "")
+            cells += [verdict, shown]
             lines.append(f"| {row['level']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _table(results["records"], with_quality=True)

@@ -130,7 +130,9 @@ def quality_levels(records: list[dict], reference: str) -> list[dict]:
     adherence) every level also requires adherence at most 1 point below the reference's and the PSNR
     levels FD within 5 % too: the gates of a text-to-image bench.
     Groups: ``hasten``; ``peer``; ``fewer_steps`` (the baseline family: every solver, step count and
-    guidance schedule; the speed reference itself counts, at speedup 1). ``hasten_fastest`` is true when
+    guidance schedule; the speed reference itself counts, at speedup 1, but a separate converged quality
+    reference (``params.role == "quality-reference"``) does not: it is the yardstick, at PSNR 100 by
+    construction, and no user's fast option). ``hasten_fastest`` is true when
     hasten's fastest is faster than both others' (a group with no configuration at the level counts as
     beaten); ``None`` when hasten has none. ``hasten_vs_best_other`` is hasten's speed-up over the faster
     of the other two groups, and ``target_met`` whether it reaches ``TARGET_RATIO`` (1.3x).
@@ -161,8 +163,8 @@ def quality_levels(records: list[dict], reference: str) -> list[dict]:
     for label, ok in levels:
         row: dict[str, Any] = {"level": label}
         for key, fam in groups.items():
-            cands = [r for r in records if r["family"] == fam and r["error"] is None
-                     and r["speedup"] is not None and ok(r)]
+            cands = [r for r in records if r["family"] == fam and r["error"] is None and r["speedup"] is not None
+                     and r["params"].get("role") != "quality-reference" and ok(r)]
             best = max(cands, key=lambda r: r["speedup"], default=None)
             row[key] = None if best is None else {"name": best["name"], "speedup": best["speedup"],
                                                   "psnr": best["psnr"], fd_key: best.get(fd_key)}
