@@ -109,7 +109,8 @@ def test_setup_seconds_cover_setup_and_warmup_but_not_the_timed_batches():
     assert m.setup_s is not None and m.setup_s >= 0.05
     assert m.times == [1.0, 1.0]  # the fake clock's batches, untouched by the setup's sleep
     broken = fake_config("broken", "baseline", clock, [1.0], setup_error=RuntimeError("boom"))
-    assert run_interleaved([broken], make_batches(2, 2, 0, 10), timer=clock)["broken"].setup_s is None
+    failed = run_interleaved([broken], make_batches(2, 2, 0, 10), timer=clock)["broken"]
+    assert failed.error == "RuntimeError: boom" and failed.setup_s is not None  # what the failure cost
 
 
 def test_interleaving_order_is_a_b_c_per_batch():

@@ -287,9 +287,9 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
     with rss:
         for c in configs:
             m = out[c.name]
+            say(f"setup {c.name}")
+            t0 = time.perf_counter()
             try:
-                say(f"setup {c.name}")
-                t0 = time.perf_counter()
                 p = c.setup()
                 prepared[c.name] = p
                 counters[c.name] = WorkCounter(p.transformer)
@@ -300,7 +300,8 @@ def run_interleaved(configs: Sequence[BenchConfig], batches: Sequence[Batch], wa
                 say(f"  {m.setup_s:.1f} s")
             except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
                 m.error = error_text(e)
-                say(f"  {c.name}: {m.error}")
+                m.setup_s = time.perf_counter() - t0  # what the failure cost before it surfaced
+                say(f"  {c.name}: {m.error} ({m.setup_s:.1f} s)")
         for k, batch in enumerate(batches):
             say(f"batch {k + 1}/{len(batches)}")
             for c in _order(configs, k, order):
