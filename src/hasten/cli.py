@@ -280,7 +280,7 @@ def bench_cmd(
                                    help="the DiT-XL/2-size overhead check (default: on, off with --quick)"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)"),
     suite: str = typer.Option("default", help="default (every method, solvers, peers) | full (shapes: finer "
-                              "step grids and more variants, ~46 min) | guidance (AG and "
+                              "step grids and more variants, longer) | guidance (AG and "
                               "LinearAG, calibrated and at the paper's threshold) | interval (guidance in "
                               "limited intervals)"),
     cfg: float = typer.Option(None, help="guidance scale for every configuration (default: the model's)"),

@@ -261,8 +261,9 @@ def mag_ratios(pipe, steps: int) -> list[float]:
 # speed reference (1.00x) that users recognise.
 QUALITY_SOLVER, QUALITY_STEPS = "unipc-bh2", 100
 BEST_SOLVER = "unipc-bh2"  # the solver hasten's methods and the peers are also run on at reduced steps
-# Step grids of the default suite (inside the 35-minute budget on 2 cores) and of ``--suite full`` (finer
-# grids, both intervals everywhere, AG at two thresholds and every FlexiDiT share on Euler 50: ~46 min).
+# Step grids of the default suite (cut to approach the 35-minute budget on 2 cores; it still took 40.5 min)
+# and of ``--suite full`` (finer grids, both intervals everywhere, AG at two thresholds and every FlexiDiT
+# share on Euler 50: longer).
 SOLVER_STEPS = {"euler": (20, 10, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
                 "unipc-bh1": (8, 6, 4), "dpm++2m": (20, 10, 6, 4), "heun": (10, 5)}
 SOLVER_STEPS_FULL = {"euler": (20, 15, 10, 8, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
