@@ -112,6 +112,8 @@ def register(app: typer.Typer) -> None:
                                          "training stage)"),
         cfg_scale: float | None = typer.Option(None, "--cfg", help="the teacher's guidance scale distilled in "
                                                "(default: the teacher's)"),
+        caption_offset: int = typer.Option(0, help="the first caption seed (offset into the grammar's training "
+                                           "captions): a later stage on captions no earlier stage saw"),
         as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
     ) -> None:
         """Train an Imagine Flash student (backward distillation, Shifted Reconstruction Loss, guidance
@@ -130,7 +132,8 @@ def register(app: typer.Typer) -> None:
         cfg = FlashConfig(steps=train_steps, batch_size=batch_size, lr=lr, step_counts=tuple(range(1, steps + 1)),
                           backward=backward, srl=srl, tau_min=tau_min, tau_max=tau_max, srl_noise=srl_noise,
                           teacher_steps=teacher_steps, step_draw=step_draw,
-                          init=None if init is None else str(init), guidance_scale=cfg_scale)
+                          init=None if init is None else str(init), guidance_scale=cfg_scale,
+                          caption_offset=caption_offset)
         cfg.check()
         if out.exists() and not out.is_dir():
             raise HastenError(f"--out {out} exists and is not a folder")

@@ -108,7 +108,7 @@ sampler is K Euler steps x_{d+1} = x_d + (sigma_{d+1} - sigma_d) v: for flow mat
 with the predicted x0 and eps is exactly this step (above). A fresh student is therefore the teacher's
 conditional branch taking K Euler steps (tested bitwise).
 
-**Training** (:func:`train_flash`): captions from the scene grammar (seeds ``CAPTION_SEED0 + step *
+**Training** (:func:`train_flash`): captions from the scene grammar (seeds ``CAPTION_SEED0 + offset + step *
 batch + i``, disjoint from training scenes < 10M, ARD trajectories 30M, calibration 40M and held-out
 50M), MiniLM embeddings from the teacher pipeline's frozen encoder, AdamW, gradient clipping at 1,
 cosine schedule with warm-up, EMA; each step's randomness comes from a generator seeded by (seed, step)
@@ -361,6 +361,7 @@ class FlashConfig:
     step_draw: str = "count"  # per row: "count" (K uniform, then d) or "step" (every (K, d) pair equally likely)
     init: str | None = None  # an Imagine Flash student folder whose weights start the run (a second stage)
     guidance_scale: float | None = None  # the teacher's CFG scale distilled in (None: its default)
+    caption_offset: int = 0  # caption seeds start here (a later stage on captions no earlier stage saw)
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 25
@@ -370,8 +371,9 @@ class FlashConfig:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise HastenError("--train-steps and --batch-size must be >= 1 and --lr > 0")
         check_step_counts(self.step_counts)
-        if self.steps * self.batch_size > 10_000_000:
-            raise HastenError("too many captions for the seed range (steps x batch size must be <= 10M)")
+        if self.caption_offset < 0 or self.caption_offset + self.steps * self.batch_size > 10_000_000:
+            raise HastenError("too many captions for the seed range (--caption-offset >= 0 and caption offset + "
+                              "steps x batch size must be <= 10M)")
         srl_gamma(0.0, self.tau_min, self.tau_max)
         if self.srl_noise not in ("trajectory", "fresh"):
             raise HastenError(f"--srl-noise must be 'trajectory' or 'fresh', got {self.srl_noise!r}")
@@ -384,13 +386,13 @@ class FlashConfig:
 
 
 def flash_batch(pipe: Any, step: int, cfg: FlashConfig, gen: torch.Generator) -> dict:
-    """One step's batch: grammar captions (seeds ``CAPTION_SEED0 + step * batch + i``) and their MiniLM
+    """One step's batch: grammar captions (seeds ``CAPTION_SEED0 + offset + step * batch + i``) and their MiniLM
     embeddings, per row a step count K and a step d in [0, K), the start noise and the SRL noise eps', and
     for forward distillation the VAE latents of the captions' rendered scenes. All randomness from ``gen``."""
     from ..data.shapes import render, sample_scene, to_model_space
 
     b = cfg.batch_size
-    scenes = [sample_scene(CAPTION_SEED0 + step * b + i) for i in range(b)]
+    scenes = [sample_scene(CAPTION_SEED0 + cfg.caption_offset + step * b + i) for i in range(b)]
     text, pooled = pipe.encode_prompt([s.caption for s in scenes], torch.float32)
     counts = torch.tensor(check_step_counts(cfg.step_counts))
     if cfg.step_draw == "count":  # K uniform, then d uniform in [0, K)
