@@ -30,6 +30,7 @@ def command(run: Path | str, base: str, steps: int, tc: dict) -> str:
     extra += "" if tc.get("step_draw", "count") == "count" else f" --step-draw {tc['step_draw']}"
     extra += f" --init {tc['init']}" if tc.get("init") else ""
     extra += f" --cfg {tc['guidance_scale']:g}" if tc.get("guidance_scale") is not None else ""
+    extra += f" --caption-offset {tc['caption_offset']}" if tc.get("caption_offset") else ""
     return (f"hasten distill imagine-flash --teacher {base} --steps {steps} --out {run} {flags} \\\n"
             f"    --train-steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g} "
             f"--tau-max {tc['tau_max']:g} \\\n    --srl-noise {tc['srl_noise']} --teacher-steps {tc['teacher_steps']}"
@@ -74,8 +75,12 @@ def main() -> None:
     last = " (last stage)" if stages else ""
     lo, hi = tc.get("tau_min", 0.0), tc["tau_max"]
     tau = f"{hi:g} sigma" if not lo else f"{lo:g} + {hi - lo:g} sigma"
-    revisit = ("\n  Every stage counts its steps from 0, so later stages revisit the first stage's captions (with"
-               " new inputs: the student's own states)." if stages else "")
+    chain = [(r, c) for r, c, _ in stages] + [(run, tc)]
+    spans = [(r, c.get("caption_offset", 0), c.get("caption_offset", 0) + c["steps"] * c["batch_size"])
+             for r, c in chain]
+    revisit = ("\n  Training captions per stage (grammar caption indices): " + ", ".join(
+        f"`{r}` {lo}-{hi - 1}" for r, lo, hi in spans) + "; a stage whose range overlaps an earlier one's "
+        "revisits those captions (with new inputs: the student's own states)." if stages else "")
     stage_lines = "".join(f"- Stage {i + 1} (`{r}`, whose weights start the next stage): `{json.dumps(c)}`.\n"
                           for i, (r, c, _) in enumerate(stages))
     card = f"""# {NAME}: a 1-3 step Imagine Flash student of `{cfg['base']}`

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hasten import HastenError
+from hasten.data.shapes import sample_scene
 from hasten.distill.flash import (
     FlashConfig,
     FlashStudent,
@@ -397,6 +398,24 @@ def test_step_draw_picks_counts_or_every_step_equally_often(pipe):
         FlashConfig(step_draw="other").check()
 
 
+def test_caption_offset_moves_a_stage_onto_captions_no_earlier_stage_saw(pipe):
+    """Step s of a run with ``caption_offset=k`` trains on the captions of step s + k / batch of a run
+    without it (and only its captions move: the step's other randomness is the same)."""
+    from hasten.distill.flash import CAPTION_SEED0
+
+    b = 4
+    plain = flash_batch(_NoText(pipe), 3, FlashConfig(batch_size=b), torch.Generator().manual_seed(0))
+    moved = flash_batch(_NoText(pipe), 1, FlashConfig(batch_size=b, caption_offset=2 * b),
+                        torch.Generator().manual_seed(0))
+    assert moved["captions"] == plain["captions"]
+    assert moved["captions"] == [sample_scene(CAPTION_SEED0 + 2 * b + b + i).caption for i in range(b)]
+    again = flash_batch(_NoText(pipe), 1, FlashConfig(batch_size=b), torch.Generator().manual_seed(0))
+    assert again["captions"] != moved["captions"] and torch.equal(again["noise"], moved["noise"])
+    for bad in (-1, 10_000_000):
+        with pytest.raises(HastenError, match="caption-offset"):
+            FlashConfig(batch_size=b, caption_offset=bad).check()
+
+
 class _NoText:
     """A pipeline stand-in for :func:`flash_batch` whose text encoder returns zeros (shape only)."""
 
@@ -456,7 +475,8 @@ def test_imagine_flash_cli_rejects_bad_input(capsys, tmp_path):
                       (["--train-steps", "0"], "--train-steps"), (["--lr", "0"], "--lr"),
                       (["--teacher-steps", "0"], "--teacher-steps"), (["--srl-noise", "x"], "--srl-noise"),
                       (["--tau-max", "1"], "--tau-max"), (["--step-draw", "x"], "--step-draw"),
-                      (["--tau-min", "0.9"], "--tau-min"), (["--cfg", "0.5"], "--cfg")):
+                      (["--tau-min", "0.9"], "--tau-min"), (["--cfg", "0.5"], "--cfg"),
+                      (["--caption-offset", "-1"], "--caption-offset")):
         code, _, err = run_cli(capsys, "distill", "imagine-flash", *args, "--out", str(tmp_path / "o"))
         assert code == 2 and err.count("\n") == 1 and why in err
     (tmp_path / "file").write_text("")
