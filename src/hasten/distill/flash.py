@@ -108,8 +108,8 @@ sampler is K Euler steps x_{d+1} = x_d + (sigma_{d+1} - sigma_d) v: for flow mat
 with the predicted x0 and eps is exactly this step (above). A fresh student is therefore the teacher's
 conditional branch taking K Euler steps (tested bitwise).
 
-**Training** (:func:`train_flash`): captions from the scene grammar (seeds ``CAPTION_SEED0 + offset + step *
-batch + i``, disjoint from training scenes < 10M, ARD trajectories 30M, calibration 40M and held-out
+**Training** (:func:`train_flash`): captions from the scene grammar (seeds ``CAPTION_SEED0 + caption_offset +
+step * batch + i``, disjoint from training scenes < 10M, ARD trajectories 30M, calibration 40M and held-out
 50M), MiniLM embeddings from the teacher pipeline's frozen encoder, AdamW, gradient clipping at 1,
 cosine schedule with warm-up, EMA; each step's randomness comes from a generator seeded by (seed, step)
 and every state is checkpointed atomically, so an interrupted run resumes to the same weights. ``init`` starts
@@ -371,9 +371,11 @@ class FlashConfig:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise HastenError("--train-steps and --batch-size must be >= 1 and --lr > 0")
         check_step_counts(self.step_counts)
-        if self.caption_offset < 0 or self.caption_offset + self.steps * self.batch_size > 10_000_000:
-            raise HastenError("too many captions for the seed range (--caption-offset >= 0 and caption offset + "
-                              "steps x batch size must be <= 10M)")
+        if self.caption_offset < 0:
+            raise HastenError(f"--caption-offset must be >= 0, got {self.caption_offset}")
+        if self.caption_offset + self.steps * self.batch_size > 10_000_000:
+            raise HastenError("too many captions for the seed range (--caption-offset + steps x batch size must "
+                              "be <= 10M)")
         srl_gamma(0.0, self.tau_min, self.tau_max)
         if self.srl_noise not in ("trajectory", "fresh"):
             raise HastenError(f"--srl-noise must be 'trajectory' or 'fresh', got {self.srl_noise!r}")
@@ -386,7 +388,7 @@ class FlashConfig:
 
 
 def flash_batch(pipe: Any, step: int, cfg: FlashConfig, gen: torch.Generator) -> dict:
-    """One step's batch: grammar captions (seeds ``CAPTION_SEED0 + offset + step * batch + i``) and their MiniLM
+    """One step's batch: grammar captions (seeds ``CAPTION_SEED0 + caption_offset + step * batch + i``) and their MiniLM
     embeddings, per row a step count K and a step d in [0, K), the start noise and the SRL noise eps', and
     for forward distillation the VAE latents of the captions' rendered scenes. All randomness from ``gen``."""
     from ..data.shapes import render, sample_scene, to_model_space
