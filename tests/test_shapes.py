@@ -396,9 +396,11 @@ def test_default_bench_suite_is_a_subset_of_full_with_every_family_and_solver(ti
     assert {c.params["solver"] for c in default if c.family == "peer"} == {"euler", BEST_SOLVER}
 
 
-def test_cache_dit_runs_on_the_text_to_image_pipeline(tiny_pipe):
-    """cache-dit's DBCache through BlockAdapter with its SD3 block pattern: runs, and with a threshold no
-    residual change reaches it skips blocks after the warm-up steps (counted at the blocks)."""
+@pytest.mark.parametrize("taylorseer", [False, True])
+def test_cache_dit_runs_on_the_text_to_image_pipeline(tiny_pipe, taylorseer):
+    """cache-dit's DBCache through BlockAdapter with its SD3 block pattern, alone and with its TaylorSeer
+    calibrator (Bn = 0: the last block's missing text stream once made that fail): runs, and with a
+    threshold no residual change reaches it skips blocks after the warm-up steps (counted at the blocks)."""
     pytest.importorskip("cache_dit")
     from hasten.eval.bench_harness import Batch, WorkCounter, run_one
     from hasten.eval.bench_shapes import EvalSet, cache_dit_config
@@ -406,13 +408,35 @@ def test_cache_dit_runs_on_the_text_to_image_pipeline(tiny_pipe):
     data = EvalSet(tiny_pipe, 2, seed=0)
     counts = {}
     for th in (0.0, 1e6):
-        p = cache_dit_config(tiny_pipe, data, {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 2}, 8).setup()
+        params = {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 2, **({"taylorseer": True} if taylorseer else {})}
+        p = cache_dit_config(tiny_pipe, data, params, 8).setup()
         counter = WorkCounter(p.transformer)
         images = run_one(p, Batch(torch.arange(2), 0))
         counts[th] = counter.attn_rows
         counter.remove()
         assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
     assert counts[1e6] < counts[0.0]
+
+
+def test_convergence_check_reuses_the_bench_images_of_the_same_solves(tiny_pipe):
+    """Given the references' images (as the bench made them, in batches), the check only runs the finer
+    solve, and its figures equal those of solving all three itself."""
+    from hasten.eval.bench_shapes import QUALITY_SOLVER, QUALITY_STEPS, EvalSet, convergence_check, copy_shapes
+
+    data = EvalSet(tiny_pipe, 4, seed=0)
+    gen = torch.Generator()
+    ref = torch.cat([data.sampler(copy_shapes(tiny_pipe, QUALITY_SOLVER), QUALITY_STEPS)(torch.arange(k, k + 2), gen)
+                     for k in (0, 2)])
+    euler = torch.cat([data.sampler(copy_shapes(tiny_pipe, "euler"), 50)(torch.arange(k, k + 2), gen) for k in (0, 2)])
+    solves, sampler = [], data.sampler
+    data.sampler = lambda pipe, steps, *a: solves.append(steps) or sampler(pipe, steps, *a)
+    own = convergence_check(tiny_pipe, data, samples=3)
+    assert sorted(solves) == [50, QUALITY_STEPS, 2 * QUALITY_STEPS]
+    solves.clear()
+    reused = convergence_check(tiny_pipe, data, samples=3, reference=ref, euler=euler)
+    assert solves == [2 * QUALITY_STEPS] and reused["samples"] == own["samples"] == 3
+    for key in ("reference_vs_finer_psnr", "euler50_vs_finer_psnr"):  # batches of 2 vs 3: float rounding only
+        assert reused[key] == pytest.approx(own[key], abs=0.05), key
 
 
 def test_block_caching_on_the_text_to_image_pipeline(tiny_pipe):

@@ -201,11 +201,11 @@ def peer_config(pipe, data: EvalSet, kind: str, params: dict, steps: int, solver
 
 def cache_dit_config(pipe, data: EvalSet, params: dict, steps: int, solver: str = "euler") -> BenchConfig:
     """cache-dit's DBCache (``threshold``, ``Fn``, ``Bn``, ``warmup_steps``; ``taylorseer`` adds its
-    TaylorSeer calibrator; ``mask`` = ``"fast"``/``"medium"``/``"slow"`` its steps computation mask) through
-    ``cache_dit.enable_cache(BlockAdapter(...))``, cache-dit's documented path for a pipeline it does not
-    know by name, with the block pattern of its own SD3 recipe (``ForwardPattern.Pattern_1``). CFG rows
-    are batched in one call here, so ``enable_separate_cfg=False``. cache-dit patches the pipeline class's
-    ``__call__``: each install uses a throwaway subclass."""
+    TaylorSeer calibrator, on the image stream only; ``mask`` = ``"fast"``/``"medium"``/``"slow"`` its steps
+    computation mask) through ``cache_dit.enable_cache(BlockAdapter(...))``, cache-dit's documented path
+    for a pipeline it does not know by name, with the block pattern of its own SD3 recipe
+    (``ForwardPattern.Pattern_1``). CFG rows are batched in one call here, so ``enable_separate_cfg=False``.
+    cache-dit patches the pipeline class's ``__call__``: each install uses a throwaway subclass."""
     def setup() -> Prepared:
         from .bench_peers import cache_dit_version
 
@@ -224,7 +224,10 @@ def cache_dit_config(pipe, data: EvalSet, params: dict, steps: int, solver: str 
                             residual_diff_threshold=float(params.get("threshold", 0.08)),
                             max_warmup_steps=int(params.get("warmup_steps", 4)), num_inference_steps=steps,
                             enable_separate_cfg=False, **extra)
-        cal = (TaylorSeerCalibratorConfig(taylorseer_order=int(params.get("taylorseer_order", 1)))
+        # the text stream is not forecast: SD3's last block returns none, so cache-dit's encoder calibrator
+        # would look up a state it never set (AssertionError in cache-dit 1.5.3)
+        cal = (TaylorSeerCalibratorConfig(taylorseer_order=int(params.get("taylorseer_order", 1)),
+                                          enable_encoder_calibrator=False)
                if params.get("taylorseer") else None)
         adapter = BlockAdapter(pipe=own, transformer=own.transformer, blocks=own.transformer.transformer_blocks,
                                forward_pattern=ForwardPattern.Pattern_1, check_forward_pattern=True)
@@ -282,7 +285,8 @@ def quality_reference_config(pipe, data: EvalSet, steps: int = QUALITY_STEPS) ->
 def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False, every: bool = False) -> list[BenchConfig]:
     """FlexiDiT on a flexified fine-tune of the model (``hasten flexify``): 60% compute on Euler 50 (``every``:
     also 80% and 45% and the paper's weak-guide variant; the whole curve is ``benchmarks/flexidit_shapes``),
-    and on the best solver at reduced steps alone and composed with AG and Block Caching. ``assets``
+    and on the best solver at 20 steps alone and at 20 and 15 composed with AG and Block Caching (``every``:
+    also alone at 10 and with AG only). ``assets``
     calibrate on ``flexi`` (its plans are for its own weights)."""
     full = 50
     if quick:
@@ -293,9 +297,11 @@ def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False, every: b
     cfgs = [hasten_config(flexi, data, [f"flexidit:compute={c}"], full, assets) for c in shares]
     if every:
         cfgs += [hasten_config(flexi, data, ["flexidit:weak_steps=15,weak_guide_steps=10"], full, assets)]
-    cfgs += [hasten_config(flexi, data, ["flexidit:compute=0.6"], s, assets, BEST_SOLVER) for s in (20, 10)]
+    cfgs += [hasten_config(flexi, data, ["flexidit:compute=0.6"], s, assets, BEST_SOLVER)
+             for s in ((20, 10) if every else (20,))]
     for s in (20, 15):
-        cfgs += [hasten_config(flexi, data, ["ag:threshold=0.99", "flexidit:compute=0.6"], s, assets, BEST_SOLVER),
+        cfgs += [*([hasten_config(flexi, data, ["ag:threshold=0.99", "flexidit:compute=0.6"], s, assets, BEST_SOLVER)]
+                   if every else []),
                  hasten_config(flexi, data, ["ag:threshold=0.99", "block-cache:delta=0.1", "flexidit:compute=0.6"],
                                s, assets, BEST_SOLVER)]
     return cfgs
@@ -324,8 +330,10 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
     and in an interval), hasten's methods on Euler at 50 steps and on the best solver at reduced steps,
     FlexiDiT when ``flexi`` (the flexified fine-tune of ``pipe``) is given, distilled ``students`` of
     ``pipe`` (their pipelines), and the peers on both. ``every`` (``--suite full``): the finer grids of
-    ``SOLVER_STEPS_FULL``, both guidance intervals at every step count, AG at two thresholds on Euler 50,
-    scale-shift Block Caching at 15 steps too, and every FlexiDiT share on Euler 50."""
+    ``SOLVER_STEPS_FULL``, guidance off and in both intervals on Euler 50 too, AG at two thresholds and Block
+    Caching at delta 0.2 on Euler 50, scale-shift and LinearAG at every reduced step count, AG with Block
+    Caching at 10 steps, more FlexiDiT variants (:func:`flexidit_configs`), and on Euler 50 the second variants
+    of the peers (TaylorSeer orders 1 and 2, MagCache 0.06, cache-dit 0.15 without a calibrator)."""
     full = 50
     extra = [] if flexi is None else flexidit_configs(  # plans for the fine-tune's own weights
         flexi, data, type(assets)(flexi, assets.folder / "flexi", copier=assets.copier), quick, every)
@@ -350,7 +358,8 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
     cfgs += [baseline_config(pipe, data, s, BEST_SOLVER, iv) for s in (20, 10)
              for iv in (GUIDANCE_INTERVALS if every else [first])]
     # hasten on Euler at 50 steps, as before, and on the best solver at reduced steps (they compose)
-    cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], full, assets) for d in (0.05, 0.1, 0.2)]
+    cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], full, assets)
+             for d in ((0.05, 0.1, 0.2) if every else (0.05, 0.1))]
     cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], full, assets)
              for t in ((0.999, 0.99) if every else (0.99,))]
     for s in (20, 15, 10):
@@ -362,19 +371,25 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
         cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], s, assets, BEST_SOLVER) for t in (0.999, 0.99)]
         if every or s == 10:  # each step count calibrates its own plan (24 full-CFG runs and a search)
             cfgs += [hasten_config(pipe, data, ["linear-ag"], s, assets, BEST_SOLVER)]
-        cfgs += [hasten_config(pipe, data, ["ag:threshold=0.99", "block-cache:delta=0.1"], s, assets, BEST_SOLVER)]
+        if every or s != 10:  # on shapes, delta 0.1 at 10 steps reuses nothing: the images of AG alone
+            cfgs += [hasten_config(pipe, data, ["ag:threshold=0.99", "block-cache:delta=0.1"], s, assets,
+                                   BEST_SOLVER)]
     cfgs += extra
     if peers:
+        # on Euler 50 the default keeps each peer's variant that some quality level can pick (TaylorSeer runs
+        # on the best solver below; MagCache 0.06 and cache-dit 0.15 without a calibrator are slower than
+        # MagCache 0.24 at every level both pass); --suite full runs them all
         cfgs += [peer_config(pipe, data, "first-block-cache", {"threshold": 0.1}, full),
-                 peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, full),
-                 *([peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 4, "max_order": 2}, full)]
+                 *([peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, full),
+                    peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 4, "max_order": 2}, full)]
                    if every else []),
                  peer_config(pipe, data, "pyramid-attention-broadcast", {"skip_range": 2}, full),
                  peer_config(pipe, data, "faster-cache", {"skip_range": 2, "uncond_skip_range": 5}, full),
-                 peer_config(pipe, data, "mag-cache", {"threshold": 0.06}, full),
+                 *([peer_config(pipe, data, "mag-cache", {"threshold": 0.06}, full)] if every else []),
                  peer_config(pipe, data, "mag-cache", {"threshold": 0.24}, full)]
         db = {"Fn": 1, "Bn": 0, "warmup_steps": 8}
-        cfgs += [cache_dit_config(pipe, data, {"threshold": t, **db}, full) for t in (0.08, 0.15)]
+        cfgs += [cache_dit_config(pipe, data, {"threshold": t, **db}, full)
+                 for t in ((0.08, 0.15) if every else (0.08,))]
         cfgs += [cache_dit_config(pipe, data, {"threshold": 0.15, **db, "taylorseer": True}, full),
                  cache_dit_config(pipe, data, {"threshold": 0.15, **db, "mask": "fast"}, full)]
         for s in (20, 10):
@@ -386,21 +401,26 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
 
 
 @torch.no_grad()
-def convergence_check(pipe, data: EvalSet, samples: int = 16) -> dict:
+def convergence_check(pipe, data: EvalSet, samples: int = 16, reference: torch.Tensor | None = None,
+                      euler: torch.Tensor | None = None) -> dict:
     """How far the quality reference is from the ODE's solution: PSNR of the reference solve
     (``QUALITY_SOLVER`` at ``QUALITY_STEPS``) and of 50-step Euler against the same solver at twice the
-    steps, on the first ``samples`` evaluation captions (untimed)."""
+    steps, on the first ``samples`` evaluation captions (untimed). ``reference`` / ``euler``: those two
+    solves' images of the evaluation captions when the bench already made them (only the finer solve
+    then runs here); each image starts from its own noise whatever its batch, so they are the same solves."""
     from .metrics import psnr
 
     idx = torch.arange(min(samples, len(data.prompts)))
     gen = torch.Generator()
 
-    def solve(solver: str, steps: int) -> torch.Tensor:
+    def solve(solver: str, steps: int, done: torch.Tensor | None) -> torch.Tensor:
+        if done is not None and done.shape[0] >= len(idx):
+            return done[: len(idx)]
         return data.sampler(copy_shapes(pipe, solver), steps)(idx, gen)
 
-    finer = solve(QUALITY_SOLVER, 2 * QUALITY_STEPS)
-    ref = solve(QUALITY_SOLVER, QUALITY_STEPS)
-    euler = solve("euler", 50)
+    finer = solve(QUALITY_SOLVER, 2 * QUALITY_STEPS, None)
+    ref = solve(QUALITY_SOLVER, QUALITY_STEPS, reference)
+    euler = solve("euler", 50, euler)
     return {"reference": f"cfg @{QUALITY_STEPS} {QUALITY_SOLVER}",
             "finer": f"cfg @{2 * QUALITY_STEPS} {QUALITY_SOLVER}", "samples": len(idx),
             "reference_vs_finer_psnr": round(psnr(ref, finer), 2),
