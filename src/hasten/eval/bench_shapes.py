@@ -267,9 +267,9 @@ BEST_SOLVER = "unipc-bh2"  # the solver hasten's methods and the peers are also 
 # Step grids of the default suite (cut to fit the 35-minute budget on 2 cores) and of ``--suite full``
 # (finer grids; guidance off and in an interval on Euler 50, both intervals everywhere, LinearAG and
 # scale-shift at every reduced step count, AG at two thresholds, every FlexiDiT share on Euler 50: longer).
-SOLVER_STEPS = {"euler": (20, 10, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
+SOLVER_STEPS = {"euler": (20, 10, 6, 4), "unipc-bh2": (30, 25, 20, 15, 10, 6, 4),
                 "unipc-bh1": (4,), "dpm++2m": (10, 6, 4), "heun": (5,)}
-SOLVER_STEPS_FULL = {"euler": (20, 15, 10, 8, 6, 4), "unipc-bh2": (30, 20, 15, 10, 8, 6, 4),
+SOLVER_STEPS_FULL = {"euler": (20, 15, 10, 8, 6, 4), "unipc-bh2": (30, 25, 20, 15, 10, 8, 6, 4),
                      "unipc-bh1": (8, 6, 4), "dpm++2m": (20, 15, 10, 8, 6, 4), "heun": (15, 10, 5)}
 NO_GUIDANCE_STEPS = (20, 10, 6, 4)
 GUIDANCE_INTERVALS = ((0.22, 0.84), (0.0, 0.84))
@@ -330,10 +330,11 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
     and in an interval), hasten's methods on Euler at 50 steps and on the best solver at reduced steps,
     FlexiDiT when ``flexi`` (the flexified fine-tune of ``pipe``) is given, distilled ``students`` of
     ``pipe`` (their pipelines), and the peers on both. ``every`` (``--suite full``): the finer grids of
-    ``SOLVER_STEPS_FULL``, guidance off and in both intervals on Euler 50 too, AG at two thresholds and Block
-    Caching at delta 0.2 on Euler 50, scale-shift and LinearAG at every reduced step count, AG with Block
-    Caching at 10 steps, more FlexiDiT variants (:func:`flexidit_configs`), and on Euler 50 the second variants
-    of the peers (TaylorSeer orders 1 and 2, MagCache 0.06, cache-dit 0.15 without a calibrator)."""
+    ``SOLVER_STEPS_FULL`` (UniPC at 8 steps too), guidance off and in both intervals on Euler 50 too, AG at
+    two thresholds and Block Caching at delta 0.05 and 0.2 on Euler 50, scale-shift and LinearAG at every
+    reduced step count, AG with Block Caching at 10 steps, more FlexiDiT variants (:func:`flexidit_configs`),
+    and on Euler 50 the second variants of the peers (TaylorSeer orders 1 and 2, MagCache 0.06, cache-dit 0.15
+    without a calibrator)."""
     full = 50
     extra = [] if flexi is None else flexidit_configs(  # plans for the fine-tune's own weights
         flexi, data, type(assets)(flexi, assets.folder / "flexi", copier=assets.copier), quick, every)
@@ -359,9 +360,11 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
              for iv in (GUIDANCE_INTERVALS if every else [first])]
     # hasten on Euler at 50 steps, as before, and on the best solver at reduced steps (they compose)
     cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], full, assets)
-             for d in ((0.05, 0.1, 0.2) if every else (0.05, 0.1))]
+             for d in ((0.05, 0.1, 0.2) if every else (0.1,))]
     cfgs += [hasten_config(pipe, data, [f"ag:threshold={t}"], full, assets)
              for t in ((0.999, 0.99) if every else (0.99,))]
+    # at 30 steps for the >= 40 dB level, where plain UniPC at 25-30 steps is the one to beat
+    cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], 30, assets, BEST_SOLVER) for d in (0.08, 0.1)]
     for s in (20, 15, 10):
         cfgs += [hasten_config(pipe, data, [f"block-cache:delta={d}"], s, assets, BEST_SOLVER) for d in (0.1, 0.2)]
         if every or s == 20:  # on shapes, delta 0.1 at 10 steps reuses no block: nothing to train
@@ -392,6 +395,8 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
                  for t in ((0.08, 0.15) if every else (0.08,))]
         cfgs += [cache_dit_config(pipe, data, {"threshold": 0.15, **db, "taylorseer": True}, full),
                  cache_dit_config(pipe, data, {"threshold": 0.15, **db, "mask": "fast"}, full)]
+        cfgs += [cache_dit_config(pipe, data, {"threshold": 0.08, "Fn": 1, "Bn": 0, "warmup_steps": 3}, 30,
+                                  BEST_SOLVER)]
         for s in (20, 10):
             cfgs += [peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, s, BEST_SOLVER),
                      peer_config(pipe, data, "mag-cache", {"threshold": 0.06}, s, BEST_SOLVER),
