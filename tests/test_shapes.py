@@ -408,7 +408,7 @@ def test_cache_dit_runs_on_the_text_to_image_pipeline(tiny_pipe, taylorseer):
     data = EvalSet(tiny_pipe, 2, seed=0)
     counts = {}
     for th in (0.0, 1e6):
-        params = {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 2, **({"taylorseer": True} if taylorseer else {})}
+        params = {"threshold": th, "Fn": 1, "Bn": 0, "warmup_steps": 2, "taylorseer": taylorseer}
         p = cache_dit_config(tiny_pipe, data, params, 8).setup()
         counter = WorkCounter(p.transformer)
         images = run_one(p, Batch(torch.arange(2), 0))

@@ -300,10 +300,11 @@ def flexidit_configs(flexi, data: EvalSet, assets, quick: bool = False, every: b
     cfgs += [hasten_config(flexi, data, ["flexidit:compute=0.6"], s, assets, BEST_SOLVER)
              for s in ((20, 10) if every else (20,))]
     for s in (20, 15):
-        cfgs += [*([hasten_config(flexi, data, ["ag:threshold=0.99", "flexidit:compute=0.6"], s, assets, BEST_SOLVER)]
-                   if every else []),
-                 hasten_config(flexi, data, ["ag:threshold=0.99", "block-cache:delta=0.1", "flexidit:compute=0.6"],
-                               s, assets, BEST_SOLVER)]
+        if every:
+            cfgs.append(hasten_config(flexi, data, ["ag:threshold=0.99", "flexidit:compute=0.6"], s, assets,
+                                      BEST_SOLVER))
+        cfgs.append(hasten_config(flexi, data, ["ag:threshold=0.99", "block-cache:delta=0.1", "flexidit:compute=0.6"],
+                                  s, assets, BEST_SOLVER))
     return cfgs
 
 
@@ -395,13 +396,12 @@ def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool
                  for t in ((0.08, 0.15) if every else (0.08,))]
         cfgs += [cache_dit_config(pipe, data, {"threshold": 0.15, **db, "taylorseer": True}, full),
                  cache_dit_config(pipe, data, {"threshold": 0.15, **db, "mask": "fast"}, full)]
-        cfgs += [cache_dit_config(pipe, data, {"threshold": 0.08, "Fn": 1, "Bn": 0, "warmup_steps": 3}, 30,
-                                  BEST_SOLVER)]
+        db_short = {**db, "warmup_steps": 3}  # on the best solver's fewer steps
+        cfgs += [cache_dit_config(pipe, data, {"threshold": 0.08, **db_short}, 30, BEST_SOLVER)]
         for s in (20, 10):
             cfgs += [peer_config(pipe, data, "taylorseer-cache", {"cache_interval": 2}, s, BEST_SOLVER),
                      peer_config(pipe, data, "mag-cache", {"threshold": 0.06}, s, BEST_SOLVER),
-                     cache_dit_config(pipe, data, {"threshold": 0.15, "Fn": 1, "Bn": 0, "warmup_steps": 3}, s,
-                                      BEST_SOLVER)]
+                     cache_dit_config(pipe, data, {"threshold": 0.15, **db_short}, s, BEST_SOLVER)]
     return cfgs
 
 
