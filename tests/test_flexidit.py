@@ -273,6 +273,8 @@ def test_lora_variant_is_off_at_the_original_size_and_trains_only_its_own_parame
     train_flexify(a, tmp_path / "a", data, empty, cfg, progress=False)
     after = a.transformer.state_dict()
     assert all(torch.equal(after[k], v) for k, v in frozen.items())  # the base is frozen
+    lora_b = [v for k, v in after.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # the adapters trained (they start at 0)
     b = _copy_pipe(tiny_shapes)
     train_flexify(b, tmp_path / "b", data, empty, cfg, progress=False, stop_after=2)
     c = _copy_pipe(tiny_shapes)  # a fresh process resuming from the checkpoint
@@ -309,6 +311,28 @@ def test_cli_flexify_writes_a_folder_that_loads_and_keeps_the_base_bitwise(tmp_p
     assert torch.isfinite(fast).all() and not torch.equal(fast, run(ref))
     code, _, err = run_cli(capsys, "flexify", "--model", "digits", "--out", str(tmp_path / "d"), "--steps", "0")
     assert code == 2 and "--steps must be >= 1" in err
+
+
+def test_joint_lora_targets_adapt_the_text_stream_and_reload_from_the_folder(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    import hasten
+    from hasten.testing import run_cli, tiny_shapes_pipeline
+
+    tiny_shapes_pipeline().save_pretrained(tmp_path / "base")
+    out = tmp_path / "flex"
+    code, _, err = run_cli(capsys, "flexify", "--model", str(tmp_path / "base"), "--out", str(out), "--steps", "2",
+                           "--batch-size", "2", "--scenes", "16", "--rank", "2", "--lora-targets", "joint")
+    assert code == 0, err
+    saved = load_file(out / "flexi.safetensors")
+    text_stream = [k for k in saved if "lora_B" in k and ("add_q_proj" in k or "ff_context" in k)]
+    assert text_stream and any(saved[k].abs().sum() > 0 for k in text_stream)  # trained, not left at init (0)
+    tr = hasten.load_pipeline(out).transformer
+    state = tr.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    code, _, err = run_cli(capsys, "flexify", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "x"),
+                           "--lora-targets", "text")
+    assert code == 2 and "--lora-targets" in err
 
 
 def test_the_weak_guide_runs_the_conditional_rows_at_both_sizes(tiny_shapes):

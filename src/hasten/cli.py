@@ -358,6 +358,8 @@ def flexify_cmd(
     batch_size: int = typer.Option(None, help="batch size (default: 32; digits: 64)"),
     scenes: int = typer.Option(20_000, help="training scenes rendered and encoded for the distillation"),
     rank: int = typer.Option(32, help="LoRA rank"),
+    lora_targets: str = typer.Option("image", help="LoRA variant: the modules with adapters, 'image' (the image "
+                                     "stream's attention and feed-forward) or 'joint' (both streams')"),
     weak_patch: int = typer.Option(4, help="the coarse patch size"),
     weak_sigma_min: float = typer.Option(0.3, help="LoRA variant: distil at sigma uniform on [this, 1], where the "
                                          "weak mode runs"),
@@ -376,6 +378,8 @@ def flexify_cmd(
             raise HastenError(f"--{name} must be >= 1, got {v}")
     if not 0.0 <= weak_sigma_min < 1.0:
         raise HastenError(f"--weak-sigma-min must be in [0, 1), got {weak_sigma_min}")
+    if lora_targets not in ("image", "joint"):
+        raise HastenError(f"--lora-targets must be 'image' or 'joint', got {lora_targets!r}")
     if out.exists() and not out.is_dir():
         raise HastenError(f"--out {out} exists and is not a folder")
     pipe = load_pipeline(model)
@@ -397,10 +401,10 @@ def flexify_cmd(
         data = load_data(prepare_data(out, pipe.vae, scenes, 0, not as_json, pipe.text_encoder, pipe.tokenizer))
         empty = encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False)
         cfg = FlexifyConfig(steps=steps, batch_size=batch_size, rank=rank, weak_patch=weak_patch,
-                            weak_sigma_min=weak_sigma_min)
+                            weak_sigma_min=weak_sigma_min, lora_targets=lora_targets)
         log = train_flexify(pipe, out, data, empty, cfg, progress=not as_json)
         save_flexi(pipe, out, base, {"rank": rank, "weak_patch": weak_patch, "steps": steps, "scenes": scenes,
-                                     "weak_sigma_min": weak_sigma_min})
+                                     "weak_sigma_min": weak_sigma_min, "lora_targets": lora_targets})
     emit(log, as_json, [f"wrote {out} ({log['trainable_parameters']} trained parameters, "
                         f"{log['train_seconds']:.0f} s); load it with --model {out}"])
 

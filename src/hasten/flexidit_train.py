@@ -32,7 +32,14 @@ from .errors import HastenError
 from .methods.flexidit import flexi_parameters, flexify, patch_size
 from .train_shapes import LossLog, caption_batch, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
 
-LORA_TARGETS = r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+LORA_TARGETS = {
+    # the image stream's attention projections and feed-forward (the text stream frozen)
+    "image": r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))",
+    # both streams of the joint attention and both feed-forwards: in an MMDiT the text tokens are part of the one
+    # self-attention, and at the coarse size they attend to other image tokens
+    "joint": r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+             r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))",
+}
 
 
 @dataclass
@@ -43,6 +50,7 @@ class FlexifyConfig:
     weight_decay: float = 1e-2
     warmup: int = 50
     rank: int = 32
+    lora_targets: str = "image"  # a key of LORA_TARGETS
     weak_patch: int = 4
     caption_dropout: float = 0.1
     weak_sigma_min: float = 0.3  # distil on sigma ~ U(weak_sigma_min, 1): where the weak mode runs
@@ -55,14 +63,18 @@ def adapter_name(p: int) -> str:
     return f"flexi_p{p}"
 
 
-def add_lora(transformer: Any, p: int, rank: int) -> None:
-    """Per-size LoRA adapters (inactive at the original size; ``patch_size`` switches them on)."""
+def add_lora(transformer: Any, p: int, rank: int, targets: str = "image") -> None:
+    """Per-size LoRA adapters on the modules ``LORA_TARGETS[targets]`` names (inactive at the original size;
+    ``patch_size`` switches them on)."""
     from peft import LoraConfig
 
+    if targets not in LORA_TARGETS:
+        raise HastenError(f"LoRA targets must be one of {sorted(LORA_TARGETS)}, got {targets!r}")
     if not hasattr(transformer, "add_adapter"):
         raise HastenError(f"{type(transformer).__name__} has no diffusers peft integration: use the "
                           "shared-parameter variant")
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True),
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS[targets],
+                                       init_lora_weights=True),
                             adapter_name=adapter_name(p))
     transformer.flex_lora = {p: adapter_name(p)}
     transformer.disable_adapters()
@@ -118,7 +130,7 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
     if getattr(tr, "flex_patch_sizes", None) is None:
         flexify(tr, (tr.config.patch_size, cfg.weak_patch))
     if not getattr(tr, "flex_lora", None):
-        add_lora(tr, cfg.weak_patch, cfg.rank)
+        add_lora(tr, cfg.weak_patch, cfg.rank, cfg.lora_targets)
     params = trainable_parameters(tr)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
@@ -213,7 +225,7 @@ def load_flexi(folder: str | Path) -> Any:
     tr = flexify(pipe.transformer, cfg["patch_sizes"])
     tr.flex_variant = cfg.get("variant", "lora")
     for p, _name in cfg.get("lora", {}).items():
-        add_lora(tr, int(p), int(cfg["rank"]))
+        add_lora(tr, int(p), int(cfg["rank"]), cfg.get("lora_targets", "image"))
     if weights_hash(_base_only(tr)) != cfg["base_weights"]:
         raise HastenError(f"{folder} was fine-tuned from other weights of {base!r} than the ones installed; "
                           "re-run hasten flexify")

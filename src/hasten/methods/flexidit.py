@@ -254,6 +254,10 @@ def patch_size(transformer: nn.Module, p: int):
         transformer.patch_size = p
     lora = (getattr(transformer, "flex_lora", None) or {}).get(p)  # the LoRA variant's adapters for size p
     if lora is not None:
+        # peft's disable_adapters() also sets requires_grad=False on the adapters, which would drop the
+        # gradient of a loss computed here and back-propagated after the block: keep the caller's flags
+        adapters = [q for n, q in transformer.named_parameters() if "lora_" in n]
+        trainable = [q.requires_grad for q in adapters]
         transformer.set_adapter(lora)
         transformer.enable_adapters()
     try:
@@ -261,6 +265,8 @@ def patch_size(transformer: nn.Module, p: int):
     finally:
         if lora is not None:
             transformer.disable_adapters()
+            for q, flag in zip(adapters, trainable):
+                q.requires_grad_(flag)
         transformer.flex_mode = old_mode
         if old_cfg is not None:
             transformer._internal_dict = cfg
