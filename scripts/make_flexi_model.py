@@ -85,9 +85,11 @@ def main() -> None:
     share = f"{log['seconds'] / 60:.1f} min wall on the 2-core machine" + (
         f", {100 * log['seconds'] / b_s:.1f}% of the base model's {b_s / 60:.0f} min" if b_s else "")
     size = (dest / "flexi.safetensors").stat().st_size / 2**20
-    steps_cmd = f" --steps {log['config']['steps']}"
+    targets = log["config"].get("lora_targets", "image")
+    steps_cmd = f" --steps {log['config']['steps']}" + (f" --lora-targets {targets}" if targets != "image" else "")
     points = ", ".join(f"step {c['step']}: {c['loss']:.4f}" for c in log["curve"][:: max(1, len(log["curve"]) // 6)])
-    variant = ("LoRA variant (base frozen; per-size LoRAs on the image stream's attention and feed-forward, own "
+    streams = "the image stream's" if targets == "image" else "both streams' (image and text)"
+    variant = (f"LoRA variant (base frozen; per-size LoRAs on {streams} attention and feed-forward, own "
                "embedding/de-embedding, distillation from the powerful mode; `hasten.flexidit_train`)"
                if cfg["variant"] == "lora" else
                "shared-parameter variant (PI-resized patch embedding/de-embedding, per-size embedding and norms, "
