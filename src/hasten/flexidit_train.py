@@ -4,7 +4,8 @@ for text-conditioned models.
 The base transformer is frozen; the coarse patch size gets its own LoRA adapters (``peft``, through
 diffusers' ``add_adapter``) on the image stream's attention projections and feed-forward (the paper:
 LoRAs on self-attention and FFN, cross-attention frozen without LoRA; SD3's joint attention has no
-separate cross-attention, so the text stream's projections stay frozen), its own embedding and
+separate cross-attention, so by default the text stream's projections stay frozen; ``lora_targets="joint"``
+adapts them too, which measured the same on `shapes`), its own embedding and
 de-embedding and the per-size embedding and norms of :func:`hasten.flexify`. The adapters are active
 only while the model runs at the coarse size, so the original size stays the pretrained model bitwise.
 
