@@ -368,7 +368,7 @@ def flexify_cmd(
     """FlexiDiT fine-tuning: the LoRA variant for text-to-image models (coarse mode distilled into
     per-size adapters, base frozen), the shared-parameter variant for class-conditional ones (digits);
     writes a folder that hasten.load_pipeline and --model load."""
-    from .flexidit_train import FlexifyConfig, save_flexi, train_flexify
+    from .flexidit_train import LORA_TARGETS, FlexifyConfig, save_flexi, train_flexify
     from .pipeline import EMBEDDED, load_pipeline
     from .pipelines.shapes import encode_text
     from .train_shapes import load_data, prepare_data
@@ -378,8 +378,8 @@ def flexify_cmd(
             raise HastenError(f"--{name} must be >= 1, got {v}")
     if not 0.0 <= weak_sigma_min < 1.0:
         raise HastenError(f"--weak-sigma-min must be in [0, 1), got {weak_sigma_min}")
-    if lora_targets not in ("image", "joint"):
-        raise HastenError(f"--lora-targets must be 'image' or 'joint', got {lora_targets!r}")
+    if lora_targets not in LORA_TARGETS:
+        raise HastenError(f"--lora-targets must be {' or '.join(map(repr, LORA_TARGETS))}, got {lora_targets!r}")
     if out.exists() and not out.is_dir():
         raise HastenError(f"--out {out} exists and is not a folder")
     pipe = load_pipeline(model)
