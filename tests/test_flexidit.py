@@ -284,6 +284,48 @@ def test_lora_variant_is_off_at_the_original_size_and_trains_only_its_own_parame
         assert torch.equal(v, c.transformer.state_dict()[k]), k  # resumed == uninterrupted
 
 
+def test_guided_distillation_loss_is_both_branches_plus_the_guided_velocity(tiny_shapes):
+    """--distil-guidance s: (|dv_c|^2 + |dv_u|^2) / 2 + |dv_u + s (dv_c - dv_u)|^2 / s^2, every row in both
+    branches; 0 keeps the paper's per-branch loss."""
+    from hasten.flexidit_train import add_lora, distillation_loss
+
+    pipe = _copy_pipe(tiny_shapes)
+    tr = pipe.transformer
+    if getattr(tr, "flex_patch_sizes", None) is None:
+        flexify(tr, (2, 4))
+    add_lora(tr, 4, rank=4)
+    with torch.no_grad():
+        for name, q in tr.named_parameters():
+            if "lora_B" in name:
+                q.normal_(std=0.1)  # a partly trained adapter: the weak mode differs from the powerful one
+    data, empty = _tiny_data(tiny_shapes)
+    z, text, pooled = data["latents"][:3], data["text"][data["index"][:3]], data["pooled"][data["index"][:3]]
+    s_g = 5.0
+    with torch.no_grad():
+        got = distillation_loss(tr, z, text, pooled, 4, torch.Generator().manual_seed(3), 0.3, s_g, empty)
+        plain = distillation_loss(tr, z, text, pooled, 4, torch.Generator().manual_seed(3), 0.3)
+        # the same draws, by hand
+        g = torch.Generator().manual_seed(3)
+        e = torch.randn(z.shape, generator=g)
+        sigma = 0.3 + 0.7 * torch.rand(3, generator=g)
+        x = (1 - sigma.view(-1, 1, 1, 1)) * z + sigma.view(-1, 1, 1, 1) * e
+
+        def v(t, p, weak):
+            kw = dict(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=t, pooled_projections=p,
+                      return_dict=False)
+            if not weak:
+                return tr(**kw)[0]
+            with patch_size(tr, 4):
+                return tr(**kw)[0]
+
+        e_t, e_p = empty[0].expand(3, -1, -1), empty[1].expand(3, -1)
+        d_c = v(text, pooled, True) - v(text, pooled, False)
+        d_u = v(e_t, e_p, True) - v(e_t, e_p, False)
+    want = (d_c.pow(2).mean() + d_u.pow(2).mean()) / 2 + ((d_u + s_g * (d_c - d_u)) / s_g).pow(2).mean()
+    assert plain > 0 and torch.allclose(plain, d_c.pow(2).mean(), rtol=1e-4)
+    assert torch.allclose(got, want, rtol=1e-4), (got, want)  # batched [uncond; cond] vs one branch at a time
+
+
 def test_cli_flexify_writes_a_folder_that_loads_and_keeps_the_base_bitwise(tmp_path, capsys):
     import json
 
@@ -314,6 +356,9 @@ def test_cli_flexify_writes_a_folder_that_loads_and_keeps_the_base_bitwise(tmp_p
 
 
 def test_joint_lora_targets_adapt_the_text_stream_and_reload_from_the_folder(tmp_path, capsys):
+    """Also trains with the guided distillation loss (--distil-guidance), which the folder records."""
+    import json
+
     from safetensors.torch import load_file
 
     import hasten
@@ -322,8 +367,10 @@ def test_joint_lora_targets_adapt_the_text_stream_and_reload_from_the_folder(tmp
     tiny_shapes_pipeline().save_pretrained(tmp_path / "base")
     out = tmp_path / "flex"
     code, _, err = run_cli(capsys, "flexify", "--model", str(tmp_path / "base"), "--out", str(out), "--steps", "2",
-                           "--batch-size", "2", "--scenes", "16", "--rank", "2", "--lora-targets", "joint")
+                           "--batch-size", "2", "--scenes", "16", "--rank", "2", "--lora-targets", "joint",
+                           "--distil-guidance", "5")
     assert code == 0, err
+    assert json.loads((out / "flexi_config.json").read_text())["distil_guidance"] == 5.0
     saved = load_file(out / "flexi.safetensors")
     text_stream = [k for k in saved if "lora_B" in k and ("add_q_proj" in k or "ff_context" in k)]
     assert text_stream and any(saved[k].abs().sum() > 0 for k in text_stream)  # trained, not left at init (0)
@@ -333,6 +380,9 @@ def test_joint_lora_targets_adapt_the_text_stream_and_reload_from_the_folder(tmp
     code, _, err = run_cli(capsys, "flexify", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "x"),
                            "--lora-targets", "text")
     assert code == 2 and "--lora-targets" in err
+    code, _, err = run_cli(capsys, "flexify", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "x"),
+                           "--distil-guidance", "0.5")
+    assert code == 2 and "--distil-guidance" in err
 
 
 def test_the_weak_guide_runs_the_conditional_rows_at_both_sizes(tiny_shapes):

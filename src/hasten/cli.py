@@ -363,6 +363,8 @@ def flexify_cmd(
     weak_patch: int = typer.Option(4, help="the coarse patch size"),
     weak_sigma_min: float = typer.Option(0.3, help="LoRA variant: distil at sigma uniform on [this, 1], where the "
                                          "weak mode runs"),
+    distil_guidance: float = typer.Option(0.0, help="LoRA variant: > 1 distils both CFG branches of every caption "
+                                          "and the guided velocity at this scale (0: the paper's loss)"),
     as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
 ) -> None:
     """FlexiDiT fine-tuning: the LoRA variant for text-to-image models (coarse mode distilled into
@@ -378,6 +380,8 @@ def flexify_cmd(
             raise HastenError(f"--{name} must be >= 1, got {v}")
     if not 0.0 <= weak_sigma_min < 1.0:
         raise HastenError(f"--weak-sigma-min must be in [0, 1), got {weak_sigma_min}")
+    if not (distil_guidance == 0.0 or distil_guidance > 1.0):
+        raise HastenError(f"--distil-guidance must be 0 (off) or > 1, got {distil_guidance}")
     if lora_targets not in LORA_TARGETS:
         raise HastenError(f"--lora-targets must be {' or '.join(map(repr, LORA_TARGETS))}, got {lora_targets!r}")
     if out.exists() and not out.is_dir():
@@ -401,10 +405,12 @@ def flexify_cmd(
         data = load_data(prepare_data(out, pipe.vae, scenes, 0, not as_json, pipe.text_encoder, pipe.tokenizer))
         empty = encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False)
         cfg = FlexifyConfig(steps=steps, batch_size=batch_size, rank=rank, weak_patch=weak_patch,
-                            weak_sigma_min=weak_sigma_min, lora_targets=lora_targets)
+                            weak_sigma_min=weak_sigma_min, lora_targets=lora_targets,
+                            distil_guidance=distil_guidance)
         log = train_flexify(pipe, out, data, empty, cfg, progress=not as_json)
         save_flexi(pipe, out, base, {"rank": rank, "weak_patch": weak_patch, "steps": steps, "scenes": scenes,
-                                     "weak_sigma_min": weak_sigma_min, "lora_targets": lora_targets})
+                                     "weak_sigma_min": weak_sigma_min, "lora_targets": lora_targets,
+                                     "distil_guidance": distil_guidance})
     emit(log, as_json, [f"wrote {out} ({log['trainable_parameters']} trained parameters, "
                         f"{log['train_seconds']:.0f} s); load it with --model {out}"])
 
