@@ -13,7 +13,8 @@ Besides adherence and FD-shapes, each record has ``diversity``: the mean RMS pix
 ``--diversity-samples`` captions. A student that collapses to one image per caption has FD far above the
 teacher's and diversity near 0; the teacher's own value is the reference. Noise correction has no row of
 its own: for this velocity model it is the identity (``hasten.distill.flash``, tested bitwise), so "with"
-and "without" are the same images. Wall times are sequential (indicative). Writes results.json.
+and "without" are the same images. Wall times are sequential (indicative). ``--carry-from`` keeps the
+ablation rows of an earlier run (see :func:`carry_rows`). Writes results.json.
 """
 
 from __future__ import annotations
@@ -44,6 +45,23 @@ def recipe(pipe) -> dict:
     return {k: cfg.get(k, older.get(k)) for k in keys}
 
 
+def carry_rows(old: dict, rows: list[dict], samples: int) -> list[dict]:
+    """``rows`` with the earlier run's ablation rows (student families not re-run here) inserted after this
+    run's students, each marked ``carried_from`` (the earlier run's date). Sampling is deterministic given
+    the captions and the noise, so a row re-run would reproduce itself; the check is that the teacher's row
+    does, to the digit, and that the caption count is the same."""
+    old_teacher = next(r for r in old["records"] if r["family"] == "teacher")
+    keys = ("fd_shapes", "adherence", "diversity")
+    if old["samples"] != samples or any(old_teacher[k] != rows[0][k] for k in keys):
+        raise SystemExit(f"--carry-from: the earlier run is not reproduced (samples {old['samples']} vs {samples}, "
+                         f"teacher {[old_teacher[k] for k in keys]} vs {[rows[0][k] for k in keys]})")
+    here = {r["family"] for r in rows}
+    extra = [{**r, "carried_from": old["date"]} for r in old["records"]
+             if r["family"] not in here and r["family"] not in ("teacher", "ARD", "baseline")]
+    cut = max(i for i, r in enumerate(rows) if r["family"] not in ("ARD", "baseline")) + 1
+    return rows[:cut] + extra + rows[cut:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flash", default="shapes-flash", help="the main student (a model name or folder)")
@@ -54,7 +72,12 @@ def main() -> None:
                     help="held-out captions (two disjoint halves of 400 differed by up to 5 adherence points)")
     ap.add_argument("--diversity-samples", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--carry-from", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="copy the ablation rows of an earlier run whose students are not re-run here (their "
+                         "folders may be gone); refused unless that run had the same captions and noise and its "
+                         "teacher row is reproduced exactly")
     args = ap.parse_args()
+    carried = json.loads(args.carry_from.read_text()) if args.carry_from else None
     teacher = hasten.load_pipeline("shapes")
     students = [("Imagine Flash", hasten.load_pipeline(args.flash))]
     for item in args.ablation:
@@ -94,6 +117,8 @@ def main() -> None:
         print(f"{name:<44} NFE {nfe:3d}  FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}  "
               f"diversity {diversity:.4f}  {secs / args.samples * 1000:.1f} ms/image", flush=True)
     ref = rows[0]
+    if carried is not None:
+        rows = carry_rows(carried, rows, args.samples)
     three = next(r for r in rows if r["family"] == "Imagine Flash" and r["steps"] == 3)
     best_baseline = min((r for r in rows if r["family"] == "baseline"), key=lambda r: r["fd_shapes"])
     summary = {"adherence_drop_points_3_steps": round(100 * (ref["adherence"] - three["adherence"]), 2),
