@@ -61,8 +61,11 @@ def main() -> None:
     s = res["summary"]
     size = shipped.size_mb
     points = shipped.loss_points(4)
-    rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} | "
-                     f"{r['diversity']:.3f} |" for r in res["records"])
+    rows = "\n".join(f"| {r['name']}{' *' if r.get('carried_from') else ''} | {r['nfe']} | {r['fd_shapes']:.2f} | "
+                     f"{r['adherence']:.3f} | {r['diversity']:.3f} |" for r in res["records"])
+    carried = sorted({r["carried_from"][:10] for r in res["records"] if r.get("carried_from")})
+    carried = (f"\n\n\\* carried from the run of {', '.join(carried)} (`--carry-from`: same captions and noise, its "
+               "teacher row reproduced exactly; those students' folders are gone)." if carried else "")
     steps = max(cfg["step_counts"])
     stages = earlier_stages(tc)
     commands = "\n".join(command(r, cfg["base"], steps, c) + "   # re-running resumes" for r, c, _ in stages)
@@ -127,7 +130,7 @@ Diversity: mean RMS pixel distance between two images of one caption from two se
 
 | configuration | NFE | FD-shapes | adherence | diversity |
 |---|---:|---:|---:|---:|
-{rows}
+{rows}{carried}
 
 - 3 steps against the 50-step CFG teacher: adherence {s['adherence_drop_points_3_steps']:.1f} points below
   (target: at most 5), FD-shapes {100 * s['fd_increase_3_steps']:+.0f}% (target: at most +25%); seed diversity
