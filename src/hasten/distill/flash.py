@@ -60,14 +60,17 @@ step (pure-noise input) the target keeps 1 - tau_max of the student's prediction
 corrects the student's image instead of drawing an unrelated one from fresh noise (tau = 1 would make
 the target independent of the student, the mean of the teacher's images: blur).
 
-A floor tau_min > 0 (``--tau-min``; the shipped student's stages 2-4 use tau in [0.4, 0.9]) gives up
+A floor tau_min > 0 (``--tau-min``; the shipped student's stages 2-4 use tau in [0.4, 0.9], stages 5-6 in
+[0.6, 0.9]) gives up
 gamma(sigma) <= sigma at low sigma, on evidence: with tau_min = 0 the last step of a 3-step sample (sigma 1/3,
 tau 0.27) is trained towards the teacher's light sharpening of the student's own image, so nothing corrects
 what the earlier steps got wrong, and the samples drift from the data as steps are added (FD-shapes 14.9 /
 19.4 / 25.4 at 1 / 2 / 3 steps on 400 captions). 400 more steps with the floor gave 12.3 / 13.1 / 14.7 at
 the same 3-step adherence (0.362 against 0.370), and 1100 more after those raised 3-step adherence to 0.411
-on 800 captions (``benchmarks/flash_shapes``). Distilling a stronger guidance than the teacher's (``--cfg``
-7.5 against 5) lowered adherence there.
+on 800 captions (``benchmarks/flash_shapes``). Raising the floor to 0.6 (with a 4-step teacher solve; the
+last of 3 steps then trains towards the teacher's re-draw from tau 0.7, not 0.57) for 1200 more steps gave
+0.430 at FD-shapes 9.3 (12.3 before; the teacher: 0.477, 9.9); a floor of 0.7 did no better. Distilling a
+stronger guidance than the teacher's (``--cfg`` 7.5 against 5) lowered adherence there.
 
 **Noise correction** (method section, "Noise Correction"; training-free, inference only). For an
 epsilon-prediction model, the first step starts at t = T where the input is pure noise: the noise is
