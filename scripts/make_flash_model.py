@@ -51,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--from-run", required=True, type=Path)
     ap.add_argument("--bench", required=True, type=Path)
+    ap.add_argument("--note", default="", help="a paragraph for the Metrics section (how this stage was chosen, "
+                    "figures on other captions)")
     args = ap.parse_args()
     run = args.from_run
     shipped = ship_run(run, NAME, "flash_config.json")
@@ -140,7 +142,7 @@ Diversity: mean RMS pixel distance between two images of one caption from two se
   adherence {s['vs_best_baseline_adherence_points']:+.1f} points.
 - Speed-up at 3 steps over the 50-step CFG teacher (sequential wall time): {s['speedup_3_steps_sequential']}x.
 - Noise correction: the identity for this velocity-prediction model (derivation in `hasten/distill/flash.py`).
-"""
+{chr(10) + args.note.strip() + chr(10) if args.note else ""}"""
     atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
     write_check(shipped.pipe)
     print((dest / "MODEL_CARD.md").read_text())
