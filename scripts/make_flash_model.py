@@ -134,7 +134,7 @@ Diversity: mean RMS pixel distance between two images of one caption from two se
 |---|---:|---:|---:|---:|
 {rows}{carried}
 
-- 3 steps against the 50-step CFG teacher: adherence {s['adherence_drop_points_3_steps']:.1f} points below
+- 3 steps against the 50-step CFG teacher: adherence {s['adherence_drop_points_3_steps']:.2f} points below
   (target: at most 5), FD-shapes {100 * s['fd_increase_3_steps']:+.0f}% (target: at most +25%); seed diversity
   {s['diversity_ratio_3_steps']:.2f}x the teacher's.
 - Against the best 3-step teacher baseline by FD ({s['best_3_step_baseline_by_fd']}): FD
