@@ -124,12 +124,12 @@ def distillation_loss(model: Any, z: torch.Tensor, text: torch.Tensor, pooled: t
     s = sigma.view(-1, 1, 1, 1)
     x = (1 - s) * z + s * e
     if guidance > 1.0:
+        from .pipelines.shapes import with_unconditional
+
         if empty is None:
             raise HastenError("guided distillation needs the empty caption's embeddings")
-        b = x.shape[0]
         x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
-        text = torch.cat([empty[0].expand(b, -1, -1), text])
-        pooled = torch.cat([empty[1].expand(b, -1), pooled])
+        text, pooled = with_unconditional(text, pooled, empty)
     kw = dict(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=text, pooled_projections=pooled,
               return_dict=False)
     with torch.no_grad():
@@ -176,11 +176,10 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
                dynamic_ncols=True)
     names = {id(q): k for k, q in tr.named_parameters()}
     loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
+    dropout = 0.0 if cfg.distil_guidance > 1.0 else cfg.caption_dropout  # guided: both branches of every row
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 77 + step)
-        guided = cfg.distil_guidance > 1.0  # both branches of every row: no caption dropout
-        z, text, pooled = caption_batch(data, cfg.batch_size, 0.0 if guided else cfg.caption_dropout,
-                                        (e_tok, e_pool), gen)
+        z, text, pooled = caption_batch(data, cfg.batch_size, dropout, (e_tok, e_pool), gen)
         loss = distillation_loss(tr, z, text, pooled, cfg.weak_patch, gen, cfg.weak_sigma_min,
                                  cfg.distil_guidance, (e_tok, e_pool))
         loss_log.add(step, optimizer_step(loss, opt, sched, params, "flexify", step))

@@ -306,12 +306,12 @@ def teacher_velocity(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, t
                      pooled: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
     """The teacher's guided velocity v_u + s (v_c - v_u) at per-row levels ``sigma``, both branches in one call
     ([uncond; cond], as the pipeline batches them); ``empty``: the "" caption's embeddings."""
-    b = x.shape[0]
+    from ..pipelines.shapes import with_unconditional
+
     guided = scale > 1.0
     if guided:
         xin, sin = torch.cat([x, x]), torch.cat([sigma, sigma])
-        tin = torch.cat([empty[0].expand(b, -1, -1), text])
-        pin = torch.cat([empty[1].expand(b, -1), pooled])
+        tin, pin = with_unconditional(text, pooled, empty)
     else:
         xin, sin, tin, pin = x, sigma, text, pooled
     v = teacher(hidden_states=xin, timestep=sin * 1000.0, encoder_hidden_states=tin, pooled_projections=pin,

@@ -81,6 +81,14 @@ def load_text_encoder() -> tuple[torch.nn.Module, object]:
     return AutoModel.from_pretrained(path).eval().requires_grad_(False), AutoTokenizer.from_pretrained(path)
 
 
+def with_unconditional(text: torch.Tensor, pooled: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[uncond; cond] conditioning for one batched CFG call, the pipeline's order: the "" caption's embeddings
+    ``empty`` ((1, L, D), (1, D)) repeated for each row of ``text`` / ``pooled``, then those rows."""
+    b = text.shape[0]
+    return torch.cat([empty[0].expand(b, -1, -1), text]), torch.cat([empty[1].expand(b, -1), pooled])
+
+
 @torch.no_grad()
 def encode_text(text_encoder, tokenizer, prompts: list[str], device=None, dtype=None,
                 warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
