@@ -4,6 +4,7 @@ coarse one, and the init that embeds a coarse patch as the pretrained model embe
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -282,6 +283,26 @@ def test_lora_variant_is_off_at_the_original_size_and_trains_only_its_own_parame
     assert log["finished"] and log["trainable_parameters"] > 0
     for k, v in a.transformer.state_dict().items():
         assert torch.equal(v, c.transformer.state_dict()[k]), k  # resumed == uninterrupted
+    other = FlexifyConfig(steps=4, batch_size=4, rank=4, checkpoint_every=2, warmup=1, distil_guidance=5.0)
+    with pytest.raises(HastenError, match=r"other settings \(distil_guidance: 0.0 there, 5.0 now\)"):
+        train_flexify(_copy_pipe(tiny_shapes), tmp_path / "b", data, empty, other, progress=False)
+
+
+def test_resume_refuses_other_settings_but_accepts_a_setting_added_since_at_its_default(tmp_path):
+    """A checkpoint written before an option existed resumes when the option is at its default (what that run
+    used), and is refused otherwise."""
+    from hasten.flexidit_train import FlexifyConfig
+    from hasten.train_shapes import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "run" / "checkpoints" / "flexify.pt"
+    path.parent.mkdir(parents=True)
+    old = {k: v for k, v in asdict(FlexifyConfig(steps=8)).items() if k != "distil_guidance"}
+    save_checkpoint(path, {"step": 4, "config": old})
+    assert load_checkpoint(path, FlexifyConfig(steps=8))["step"] == 4
+    with pytest.raises(HastenError, match="distil_guidance"):
+        load_checkpoint(path, FlexifyConfig(steps=8, distil_guidance=3.0))
+    with pytest.raises(HastenError, match=r"steps: 8 there, 9 now"):
+        load_checkpoint(path, FlexifyConfig(steps=9))
 
 
 def test_guided_distillation_loss_is_both_branches_plus_the_guided_velocity(tiny_shapes):

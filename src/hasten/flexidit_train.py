@@ -160,7 +160,7 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
     start, curve, elapsed = 0, [], 0.0
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, cfg)
     if state is not None:
         missing = tr.load_state_dict(state["trainable"], strict=False)
         if missing.unexpected_keys:
@@ -305,7 +305,7 @@ def train_flexify_shared(pipe: Any, out: str | Path, cfg: SharedFlexifyConfig, d
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     start, curve, elapsed = 0, [], 0.0
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, cfg)
     if state is not None:
         tr.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +93,27 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict | None:
+def load_checkpoint(path: Path, cfg: Any = None) -> dict | None:
+    """The checkpoint at ``path``, or None when there is none. With ``cfg`` (the run's config dataclass),
+    a checkpoint written with other settings is refused: resuming it would silently mix two recipes (a
+    later ``--lr`` or ``--distil-guidance`` applied to a half-trained run). A setting the checkpoint does
+    not record (written before the option existed) must be at its default, which is what that run used."""
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint from another version or a damaged file
         raise HastenError(f"cannot resume from {path}: {e}; delete it to start over") from None
+    if cfg is not None:
+        saved, now = state.get("config") or {}, asdict(cfg)
+        defaults = {f.name: f.default_factory() if f.default is MISSING and f.default_factory is not MISSING
+                    else f.default for f in fields(cfg)}
+        for key, value in now.items():
+            old = saved.get(key, defaults[key])
+            if old != value:
+                raise HastenError(f"{path.parent.parent} holds a run with other settings ({key}: {old!r} there, "
+                                  f"{value!r} now); use another --out, or delete {path} to start over")
+    return state
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -162,7 +176,7 @@ def train_vae(out: str | Path, cfg: VAETrainConfig, model_config: dict | None = 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
     start, curve, elapsed = 0, [], 0.0
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, cfg)
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -337,7 +351,7 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
     start, curve, elapsed = 0, [], 0.0
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, cfg)
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])

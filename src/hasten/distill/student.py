@@ -55,10 +55,8 @@ def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
     start, curve, elapsed, cpu = 0, [], 0.0, 0.0
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, cfg)
     if state is not None:
-        if state["config"] != asdict(cfg):
-            raise HastenError(f"{out} holds a run with other settings ({ckpt_path}); use another --out")
         student.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
