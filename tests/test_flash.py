@@ -299,6 +299,34 @@ def test_the_teachers_denoising_in_one_step_is_its_x0_and_in_m_steps_its_guided_
             FlashConfig(**bad).check()
 
 
+def test_a_guidance_interval_guides_the_rows_inside_it_and_gives_the_conditional_velocity_outside(pipe, empty):
+    """--cfg-interval lo,hi: per row, CFG where lo < sigma <= hi (GuidanceInterval's rule), v_c elsewhere;
+    (0, 1] is plain CFG bitwise."""
+    cfg = FlashConfig(batch_size=3, bf16_autocast=False)
+    batch = small_batch(pipe, cfg, [1, 2, 3], [0, 1, 2])
+    x, sigma = batch["noise"], torch.tensor([0.9, 0.5, 0.2])
+    args = (batch["text"], batch["pooled"], empty)
+    guided = teacher_velocity(pipe.transformer, x, sigma, *args, 5.0)
+    plain = teacher_velocity(pipe.transformer, x, sigma, *args, 1.0)
+    assert torch.equal(teacher_velocity(pipe.transformer, x, sigma, *args, 5.0, (0.0, 1.0)), guided)
+    got = teacher_velocity(pipe.transformer, x, sigma, *args, 5.0, (0.2, 0.84))
+    assert torch.equal(got[1], guided[1])  # 0.2 < 0.5 <= 0.84: guided
+    torch.testing.assert_close(got[[0, 2]], plain[[0, 2]], rtol=0, atol=1e-5)  # 0.9 above, 0.2 not above lo
+    assert not torch.allclose(guided[0], plain[0], atol=1e-3)  # the rows outside really changed
+    one = teacher_denoise(pipe.transformer, x, sigma, 1, *args, 5.0, (0.2, 0.84))
+    assert torch.equal(one, teacher_x0(pipe.transformer, x, sigma, *args, 5.0, (0.2, 0.84)))
+    cfg_i = FlashConfig(batch_size=3, bf16_autocast=False, teacher_steps=2, guidance_interval=(0.2, 0.84))
+    student = FlashStudent(pipe.transformer).eval()
+    with torch.no_grad():
+        _, parts = flash_loss(student, pipe.transformer, batch, cfg_i, empty, 5.0)
+        x_tau = renoise(parts["x0"], batch["noise"], parts["tau"])
+        assert torch.equal(parts["target"], teacher_denoise(pipe.transformer, x_tau, parts["tau"], 2, *args, 5.0,
+                                                            (0.2, 0.84)))
+    for bad in ((0.5, 0.5), (-0.1, 0.8), (0.2, 1.1)):
+        with pytest.raises(HastenError, match="--cfg-interval"):
+            FlashConfig(guidance_interval=bad).check()
+
+
 def test_the_forward_ablation_noises_the_captions_data_latents(pipe, empty):
     cfg = FlashConfig(batch_size=2, backward=False, srl=False, bf16_autocast=False)
     student = FlashStudent(pipe.transformer).eval()
@@ -476,7 +504,8 @@ def test_imagine_flash_cli_rejects_bad_input(capsys, tmp_path):
                       (["--teacher-steps", "0"], "--teacher-steps"), (["--srl-noise", "x"], "--srl-noise"),
                       (["--tau-max", "1"], "--tau-max"), (["--step-draw", "x"], "--step-draw"),
                       (["--tau-min", "0.9"], "--tau-min"), (["--cfg", "0.5"], "--cfg"),
-                      (["--caption-offset", "-1"], "--caption-offset")):
+                      (["--caption-offset", "-1"], "--caption-offset"), (["--cfg-interval", "0.8"], "--cfg-interval"),
+                      (["--cfg-interval", "0.9,0.2"], "--cfg-interval")):
         code, _, err = run_cli(capsys, "distill", "imagine-flash", *args, "--out", str(tmp_path / "o"))
         assert code == 2 and err.count("\n") == 1 and why in err
     (tmp_path / "file").write_text("")

@@ -112,6 +112,8 @@ def register(app: typer.Typer) -> None:
                                          "training stage)"),
         cfg_scale: float | None = typer.Option(None, "--cfg", help="the teacher's guidance scale distilled in "
                                                "(default: the teacher's)"),
+        cfg_interval: str | None = typer.Option(None, help="LO,HI: the teacher guides only at noise levels "
+                                                "LO < sigma <= HI, unguided elsewhere (Kynkaenniemi et al. 2024)"),
         caption_offset: int = typer.Option(0, help="the first caption seed (offset into the grammar's training "
                                            "captions): a later stage on captions no earlier stage saw"),
         as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
@@ -133,7 +135,7 @@ def register(app: typer.Typer) -> None:
                           backward=backward, srl=srl, tau_min=tau_min, tau_max=tau_max, srl_noise=srl_noise,
                           teacher_steps=teacher_steps, step_draw=step_draw,
                           init=None if init is None else str(init), guidance_scale=cfg_scale,
-                          caption_offset=caption_offset)
+                          guidance_interval=_interval(cfg_interval), caption_offset=caption_offset)
         cfg.check()
         if out.exists() and not out.is_dir():
             raise HastenError(f"--out {out} exists and is not a folder")
@@ -149,9 +151,21 @@ def register(app: typer.Typer) -> None:
                                             "backward": backward, "srl": srl, "tau_min": cfg.tau_min,
                                             "tau_max": cfg.tau_max, "srl_noise": cfg.srl_noise,
                                             "teacher_steps": cfg.teacher_steps, "step_draw": cfg.step_draw,
-                                            "init": cfg.init, "train_steps": train_steps})
+                                            "init": cfg.init, "train_steps": train_steps,
+                                            "guidance_interval": cfg.guidance_interval})
             from ..io import write_json
 
             write_json(out / "train_log.json", log)
         typer.echo(json.dumps(log) if as_json else f"wrote {out} ({log['train_seconds']:.0f} s, final loss "
                    f"{log['loss_curve'][-1]['loss']:.5f}); load it with --model {out}")
+
+
+def _interval(text: str | None) -> tuple[float, float] | None:
+    """``--cfg-interval LO,HI`` as two floats (range checked by ``FlashConfig.check``)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise HastenError(f"--cfg-interval needs two numbers LO,HI, got {text!r}") from None
+    return lo, hi

@@ -303,9 +303,12 @@ def forward_inputs(x0: torch.Tensor, noise: torch.Tensor, ks: torch.Tensor, ds: 
 
 @torch.no_grad()
 def teacher_velocity(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor,
-                     pooled: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+                     pooled: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor], scale: float,
+                     interval: tuple[float, float] | None = None) -> torch.Tensor:
     """The teacher's guided velocity v_u + s (v_c - v_u) at per-row levels ``sigma``, both branches in one call
-    ([uncond; cond], as the pipeline batches them); ``empty``: the "" caption's embeddings."""
+    ([uncond; cond], as the pipeline batches them); ``empty``: the "" caption's embeddings. ``interval``
+    (lo, hi): guidance only on the rows with lo < sigma <= hi and the conditional velocity v_c on the others
+    (:class:`hasten.GuidanceInterval`'s rule, Kynkaenniemi et al. 2024)."""
     from ..pipelines.shapes import with_unconditional
 
     guided = scale > 1.0
@@ -318,30 +321,35 @@ def teacher_velocity(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, t
                 return_dict=False)[0].float()
     if guided:
         v_u, v_c = v.chunk(2)
+        if interval is not None:
+            inside = (sigma > interval[0]) & (sigma <= interval[1])
+            v_u = torch.where(_col(inside, v_c), v_u, v_c)
         v = v_u + scale * (v_c - v_u)
     return v
 
 
 @torch.no_grad()
 def teacher_x0(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-               empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+               empty: tuple[torch.Tensor, torch.Tensor], scale: float,
+               interval: tuple[float, float] | None = None) -> torch.Tensor:
     """The teacher's guided clean prediction x0_phi = x - sigma v ([FM])."""
-    return x0_from_v(x.float(), teacher_velocity(teacher, x, sigma, text, pooled, empty, scale), sigma)
+    return x0_from_v(x.float(), teacher_velocity(teacher, x, sigma, text, pooled, empty, scale, interval), sigma)
 
 
 @torch.no_grad()
 def teacher_denoise(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, steps: int, text: torch.Tensor,
-                    pooled: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+                    pooled: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor], scale: float,
+                    interval: tuple[float, float] | None = None) -> torch.Tensor:
     """The teacher's denoising of ``x`` from per-row levels ``sigma`` to 0: ``steps`` guided Euler steps uniform
     in sigma. One step is its x0-prediction (:func:`teacher_x0`, bitwise); more steps follow its ODE and give
     a sharp image instead of the posterior mean a single prediction is at high noise ([SRL], "the teacher
     denoises x_tau": the paper does not say in how many steps; module docstring)."""
     if steps == 1:
-        return teacher_x0(teacher, x, sigma, text, pooled, empty, scale)
+        return teacher_x0(teacher, x, sigma, text, pooled, empty, scale, interval)
     x = x.float()
     for i in range(steps):
         s0, s1 = sigma * (1 - i / steps), sigma * (1 - (i + 1) / steps)
-        v = teacher_velocity(teacher, x, s0, text, pooled, empty, scale)
+        v = teacher_velocity(teacher, x, s0, text, pooled, empty, scale, interval)
         x = x + _col(s1 - s0, x) * v
     return x
 
@@ -364,6 +372,7 @@ class FlashConfig:
     step_draw: str = "count"  # per row: "count" (K uniform, then d) or "step" (every (K, d) pair equally likely)
     init: str | None = None  # an Imagine Flash student folder whose weights start the run (a second stage)
     guidance_scale: float | None = None  # the teacher's CFG scale distilled in (None: its default)
+    guidance_interval: tuple[float, float] | None = None  # the teacher guides only at lo < sigma <= hi
     caption_offset: int = 0  # caption seeds start here (a later stage on captions no earlier stage saw)
     seed: int = 0
     checkpoint_every: int = 100
@@ -388,6 +397,10 @@ class FlashConfig:
             raise HastenError(f"--step-draw must be 'count' or 'step', got {self.step_draw!r}")
         if self.guidance_scale is not None and not self.guidance_scale >= 1:
             raise HastenError(f"--cfg must be >= 1 (1: no guidance), got {self.guidance_scale}")
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0.0 <= lo < hi <= 1.0:
+                raise HastenError(f"--cfg-interval needs 0 <= lo < hi <= 1, got {lo:g},{hi:g}")
 
 
 def flash_batch(pipe: Any, step: int, cfg: FlashConfig, gen: torch.Generator) -> dict:
@@ -436,7 +449,8 @@ def flash_loss(student: FlashStudent, teacher: nn.Module, batch: dict, cfg: Flas
             x_tau = renoise(x0.detach(), eps, tau)
         else:
             tau, x_tau = sigma, x_in
-        target = teacher_denoise(teacher, x_tau, tau, cfg.teacher_steps, text, pooled, empty, scale)
+        target = teacher_denoise(teacher, x_tau, tau, cfg.teacher_steps, text, pooled, empty, scale,
+                                 cfg.guidance_interval)
     loss = (x0 - target).pow(2).mean()
     return loss, {"inputs": x_in, "sigma": sigma, "x0": x0, "target": target, "tau": tau}
 
