@@ -6,7 +6,9 @@
 Every configuration samples the same held-out captions from the same initial noise, one after the other in
 one process: the teacher (50 Euler steps with CFG, the quality and speed reference), each student at 1, 2
 and 3 steps (one branch: guidance is distilled in), the ARD student at 4 steps when installed, and the
-teacher at 3 steps with UniPC (bh2) and DPM-Solver++(2M), with and without guidance.
+teacher at 3 steps with UniPC (bh2) and DPM-Solver++(2M), with and without guidance, and with guidance in
+the interval the student's teacher was limited to (``--cfg-interval``; the student's own recipe as a
+training-free baseline).
 
 Besides adherence and FD-shapes, each record has ``diversity``: the mean RMS pixel distance (images in
 [0, 1]) between two images of the same caption from two different initial noises, over the first
@@ -20,6 +22,7 @@ ablation rows of an earlier run (see :func:`carry_rows`). Writes results.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 from pathlib import Path
@@ -36,7 +39,8 @@ from hasten.io import atomic_write
 
 def recipe(pipe) -> dict:
     """The training recipe a student folder records (its flash_config.json)."""
-    keys = ("backward", "srl", "tau_min", "tau_max", "srl_noise", "teacher_steps", "step_draw", "init", "train_steps")
+    keys = ("backward", "srl", "tau_min", "tau_max", "srl_noise", "teacher_steps", "step_draw", "init", "train_steps",
+            "guidance_interval")
     older = {"srl_noise": "fresh", "teacher_steps": 1, "step_draw": "count"}  # folders from before an option
     try:
         cfg = json.loads((Path(pipe.model_dir) / "flash_config.json").read_text())
@@ -89,8 +93,9 @@ def main() -> None:
     nd = min(args.diversity_samples, args.samples)
     other_noise = initial_noise(teacher, nd, seed=1)
 
-    def sample(pipe, steps: int, gs: float | None, prompts: list[str], noise: torch.Tensor):
-        return generate_images(pipe, prompts, steps, gs, batch_size=args.batch_size, noise=noise)
+    def sample(pipe, steps: int, gs: float | None, prompts: list[str], noise: torch.Tensor, methods=()):
+        with hasten.accelerate(pipe, *methods) if methods else contextlib.nullcontext():
+            return generate_images(pipe, prompts, steps, gs, batch_size=args.batch_size, noise=noise)
 
     configs = [("teacher: Euler 50, CFG", "teacher", teacher, 50, None, 100, {})]
     for label, pipe in students:
@@ -103,11 +108,19 @@ def main() -> None:
         own = copy_shapes(teacher, solver)
         configs += [(f"teacher: {label} 3, CFG", "baseline", own, 3, None, 6, {}),
                     (f"teacher: {label} 3, no guidance", "baseline", own, 3, 1.0, 3, {})]
+        interval = recipe(students[0][1]).get("guidance_interval")
+        if interval:  # guided (two branches) at the steps with lo < sigma <= hi
+            own.scheduler.set_timesteps(3)
+            guided = sum(interval[0] < float(t) / 1000 <= interval[1] for t in own.scheduler.timesteps)
+            configs.append((f"teacher: {label} 3, CFG in ({interval[0]:g}, {interval[1]:g}]", "baseline", own, 3,
+                            None, 3 + guided, {"guidance_interval": interval, "methods": interval}))
     sample(students[0][1], 3, None, data.prompts[:50], data.noise[:50])  # warm-up
     rows = []
     for name, family, pipe, steps, gs, nfe, params in configs:
-        images, secs = sample(pipe, steps, gs, data.prompts, data.noise)
-        again, _ = sample(pipe, steps, gs, data.prompts[:nd], other_noise)
+        gi = params.pop("methods", None)
+        methods = [hasten.GuidanceInterval(*gi)] if gi else []
+        images, secs = sample(pipe, steps, gs, data.prompts, data.noise, methods)
+        again, _ = sample(pipe, steps, gs, data.prompts[:nd], other_noise, methods)
         q = score_images(data.scenes, images)
         diversity = (images[:nd] - again).pow(2).mean((1, 2, 3)).sqrt().mean().item()
         rows.append({"name": name, "family": family, "steps": steps, "nfe": nfe, **params,
@@ -129,7 +142,14 @@ def main() -> None:
                "best_3_step_baseline_by_fd": best_baseline["name"],
                "vs_best_baseline_fd": round(three["fd_shapes"] - best_baseline["fd_shapes"], 4),
                "vs_best_baseline_adherence_points": round(100 * (three["adherence"] - best_baseline["adherence"]), 2),
-               "speedup_3_steps_sequential": round(ref["s_per_image"] / three["s_per_image"], 2)}
+               "speedup_3_steps_sequential": round(ref["s_per_image"] / three["s_per_image"], 2),
+               "vs_each_3_step_baseline": {r["name"]: {"fd": round(three["fd_shapes"] - r["fd_shapes"], 4),
+                                                       "adherence_points": round(100 * (three["adherence"]
+                                                                                        - r["adherence"]), 2)}
+                                           for r in rows if r["family"] == "baseline"},
+               "better_than_every_3_step_baseline_on_both": all(
+                   three["fd_shapes"] < r["fd_shapes"] and three["adherence"] > r["adherence"]
+                   for r in rows if r["family"] == "baseline")}
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "samples": args.samples, "diversity_samples": nd, "flash": str(args.flash),
            "guidance_scale": teacher.default_guidance_scale,

@@ -31,6 +31,8 @@ def command(run: Path | str, base: str, steps: int, tc: dict) -> str:
     extra += f" --init {tc['init']}" if tc.get("init") else ""
     extra += f" --cfg {tc['guidance_scale']:g}" if tc.get("guidance_scale") is not None else ""
     extra += f" --caption-offset {tc['caption_offset']}" if tc.get("caption_offset") else ""
+    extra += (f" --cfg-interval {tc['guidance_interval'][0]:g},{tc['guidance_interval'][1]:g}"
+              if tc.get("guidance_interval") else "")
     return (f"hasten distill imagine-flash --teacher {base} --steps {steps} --out {run} {flags} \\\n"
             f"    --train-steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g} "
             f"--tau-max {tc['tau_max']:g} \\\n    --srl-noise {tc['srl_noise']} --teacher-steps {tc['teacher_steps']}"
@@ -88,6 +90,9 @@ def main() -> None:
         "revisits those captions (with new inputs: the student's own states)." if stages else "")
     stage_lines = "".join(f"- Stage {i + 1} (`{r}`, whose weights start the next stage): `{json.dumps(c)}`.\n"
                           for i, (r, c, _) in enumerate(stages))
+    gi = tc.get("guidance_interval")
+    interval = (f" (this stage: guidance only at {gi[0]:g} < sigma <= {gi[1]:g}, the conditional velocity "
+                "elsewhere; `--cfg-interval`)") if gi else ""
     card = f"""# {NAME}: a 1-3 step Imagine Flash student of `{cfg['base']}`
 
 Imagine Flash (Kohler et al. 2024; `hasten.distill.flash`): a copy of `{cfg['base']}`'s transformer trained by
@@ -116,7 +121,7 @@ python scripts/make_flash_model.py --from-run {run} --bench {args.bench}
   input is the student's own state after d of its K Euler steps (no gradient).{revisit}
 - Target (SRL): the student's clean prediction re-noised to tau = {tau} with
   {'the sample' + "'" + 's own starting noise' if tc['srl_noise'] == 'trajectory' else 'fresh noise'}, then
-  denoised by the teacher with CFG {cfg['guidance_scale']:g} in {tc['teacher_steps']} Euler step(s); MSE.
+  denoised by the teacher with CFG {cfg['guidance_scale']:g}{interval} in {tc['teacher_steps']} Euler step(s); MSE.
 {stage_lines}- Config{last}: `{json.dumps(tc)}`; base VAE fingerprint `{cfg['base_vae']}`
   (a different `{cfg['base']}` is refused).
 - AdamW, cosine schedule with warm-up, gradient clipping 1, EMA {tc['ema_decay']}; seed {tc['seed']}.
