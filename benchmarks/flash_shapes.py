@@ -3,6 +3,9 @@
     python benchmarks/flash_shapes.py --flash shapes-flash --out benchmarks/flash_shapes \\
         --ablation "forward + SRL=runs/flash/fwd" --ablation "backward, no SRL=runs/flash/bwd_nosrl"
 
+``--first-caption 800 --samples 1200 --noise-seed 7 --out benchmarks/flash_shapes/validation`` is the
+validation set the training stages were compared on (captions and noise disjoint from the default run's).
+
 Every configuration samples the same held-out captions from the same initial noise, one after the other in
 one process: the teacher (50 Euler steps with CFG, the quality and speed reference), each student at 1, 2
 and 3 steps (one branch: guidance is distilled in), the ARD student at 4 steps when installed, and the
@@ -74,6 +77,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/flash_shapes")
     ap.add_argument("--samples", type=int, default=800,
                     help="held-out captions (two disjoint halves of 400 differed by up to 5 adherence points)")
+    ap.add_argument("--first-caption", type=int, default=0,
+                    help="skip this many held-out captions (a validation set disjoint from the default one)")
+    ap.add_argument("--noise-seed", type=int, default=0, help="the initial noise's seed")
     ap.add_argument("--diversity-samples", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--carry-from", type=Path, default=None, metavar="RESULTS_JSON",
@@ -89,7 +95,9 @@ def main() -> None:
         if not folder:
             raise SystemExit(f"--ablation needs LABEL=FOLDER, got {item!r}")
         students.append((label, hasten.load_pipeline(folder)))
-    data = EvalSet(teacher, args.samples, seed=0)
+    data = EvalSet(teacher, args.first_caption + args.samples, seed=args.noise_seed)
+    k = args.first_caption
+    data.scenes, data.prompts, data.noise = data.scenes[k:], data.prompts[k:], data.noise[k:]
     nd = min(args.diversity_samples, args.samples)
     other_noise = initial_noise(teacher, nd, seed=1)
 
@@ -151,7 +159,8 @@ def main() -> None:
                    three["fd_shapes"] < r["fd_shapes"] and three["adherence"] > r["adherence"]
                    for r in rows if r["family"] == "baseline")}
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-           "samples": args.samples, "diversity_samples": nd, "flash": str(args.flash),
+           "samples": args.samples, "first_caption": args.first_caption, "noise_seed": args.noise_seed,
+           "diversity_samples": nd, "flash": str(args.flash),
            "guidance_scale": teacher.default_guidance_scale,
            "noise_correction": "identity for the velocity-prediction shapes model (tested bitwise): no separate row",
            "note": "one run per configuration on the same held-out captions and noise; wall times sequential",

@@ -72,6 +72,20 @@ last of 3 steps then trains towards the teacher's re-draw from tau 0.7, not 0.57
 0.430 at FD-shapes 9.3 (12.3 before; the teacher: 0.477, 9.9); a floor of 0.7 did no better. Distilling a
 stronger guidance than the teacher's (``--cfg`` 7.5 against 5) lowered adherence there.
 
+*Guidance in a limited interval* (``--cfg-interval LO,HI``, ``FlashConfig.guidance_interval``; hasten's
+addition, not the paper's): the SRL teacher guides only at LO < sigma <= HI and gives its conditional
+velocity elsewhere (Kynkaenniemi et al. 2024, arXiv 2404.07724; :class:`hasten.GuidanceInterval`'s rule).
+Guidance at high noise narrows the teacher's layouts and raises FD, and a student that matches the guided
+teacher inherits that: after stage 6 its 3-step FD-shapes was above that of 3 UniPC steps without any
+guidance. Stage 7 (600 steps from stage 6, floor 0.6 and the 4-step solve kept) limits the teacher's
+guidance to (0.22, 0.84], and stage 8 (600 more) to (0.22, 0.7]. On 1200 validation captions (800-1999, noise seed 7)
+the 3-step figures went from adherence 0.414 / FD-shapes 7.60 to 0.432 / 7.07, then 0.418 / 6.32 (the
+50-step CFG teacher: 0.462 / 6.67; UniPC 3 without guidance: 0.263 / 7.13); (0.22, 0.84] for a second stage
+instead gave 0.414 / 6.83. On the bench's 800 captions (``benchmarks/flash_shapes``) the gain held at 1 and 2
+steps but not in 3-step FD-shapes (stage 6: 0.430 / 9.31, stage 7: 0.436 / 10.05, stage 8: 0.419 / 9.84):
+differences of this size in FD-shapes do not carry from one caption set to another. The shipped student is
+stage 7.
+
 **Noise correction** (method section, "Noise Correction"; training-free, inference only). For an
 epsilon-prediction model, the first step starts at t = T where the input is pure noise: the noise is
 KNOWN, eps = x_T, while the network's eps_hat(x_T, T) is a poor, nearly trivial estimate of it (and
