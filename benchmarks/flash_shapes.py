@@ -112,20 +112,20 @@ def main() -> None:
     if "shapes-ard4" in shipped_students():
         configs.append(("ARD student (shapes-ard4), 4 steps", "ARD", hasten.load_pipeline("shapes-ard4"), 4, None, 4,
                         {}))
+    interval = recipe(students[0][1]).get("guidance_interval")
     for solver, label in (("unipc-bh2", "UniPC"), ("dpm++2m", "DPM-Solver++")):
         own = copy_shapes(teacher, solver)
         configs += [(f"teacher: {label} 3, CFG", "baseline", own, 3, None, 6, {}),
                     (f"teacher: {label} 3, no guidance", "baseline", own, 3, 1.0, 3, {})]
-        interval = recipe(students[0][1]).get("guidance_interval")
         if interval:  # guided (two branches) at the steps with lo < sigma <= hi
             own.scheduler.set_timesteps(3)
             guided = sum(interval[0] < float(t) / 1000 <= interval[1] for t in own.scheduler.timesteps)
             configs.append((f"teacher: {label} 3, CFG in ({interval[0]:g}, {interval[1]:g}]", "baseline", own, 3,
-                            None, 3 + guided, {"guidance_interval": interval, "methods": interval}))
+                            None, 3 + guided, {"guidance_interval": interval}))
     sample(students[0][1], 3, None, data.prompts[:50], data.noise[:50])  # warm-up
     rows = []
     for name, family, pipe, steps, gs, nfe, params in configs:
-        gi = params.pop("methods", None)
+        gi = params.get("guidance_interval") if family == "baseline" else None  # a student's is its recipe
         methods = [hasten.GuidanceInterval(*gi)] if gi else []
         images, secs = sample(pipe, steps, gs, data.prompts, data.noise, methods)
         again, _ = sample(pipe, steps, gs, data.prompts[:nd], other_noise, methods)
