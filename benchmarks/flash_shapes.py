@@ -5,6 +5,9 @@
 
 ``--first-caption 800 --samples 1200 --noise-seed 7 --out benchmarks/flash_shapes/validation`` is the
 validation set the training stages were compared on (captions and noise disjoint from the default run's).
+``--head-to-head --first-caption 2000 --samples 4000 --noise-seed 11 --out benchmarks/flash_shapes/head_to_head``
+runs only the 3-step student and the 3-step baselines, on captions no stage was chosen on, at a size where
+FD-shapes differences of about 1 are resolved.
 
 Every configuration samples the same held-out captions from the same initial noise, one after the other in
 one process: the teacher (50 Euler steps with CFG, the quality and speed reference), each student at 1, 2
@@ -18,7 +21,10 @@ Besides adherence and FD-shapes, each record has ``diversity``: the mean RMS pix
 ``--diversity-samples`` captions. A student that collapses to one image per caption has FD far above the
 teacher's and diversity near 0; the teacher's own value is the reference. Noise correction has no row of
 its own: for this velocity model it is the identity (``hasten.distill.flash``, tested bitwise), so "with"
-and "without" are the same images. Wall times are sequential (indicative). ``--carry-from`` keeps the
+and "without" are the same images. The 3-step student's differences to each 3-step baseline come with 95%
+paired-bootstrap intervals (``hasten.eval.shapes_eval.paired_bootstrap``);
+``clearly_better_than_every_3_step_baseline`` asks that both intervals exclude 0 in the student's favour.
+Wall times are sequential (indicative). ``--carry-from`` keeps the
 ablation rows of an earlier run (see :func:`carry_rows`). Writes results.json.
 """
 
@@ -36,7 +42,7 @@ import hasten
 from hasten.distill.student import shipped_students
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
-from hasten.eval.shapes_eval import generate_images, initial_noise, score_images
+from hasten.eval.shapes_eval import generate_images, initial_noise, paired_bootstrap, score_images
 from hasten.io import atomic_write
 
 
@@ -69,6 +75,39 @@ def carry_rows(old: dict, rows: list[dict], samples: int) -> list[dict]:
     return rows[:cut] + extra + rows[cut:]
 
 
+def compare(rows: list[dict], per_image: dict, resamples: int) -> dict:
+    """The summary: the 3-step student against the teacher (when run) and against each 3-step baseline, the
+    latter with paired-bootstrap intervals."""
+    three = next(r for r in rows if r["family"] == "Imagine Flash" and r["steps"] == 3)
+    baselines = [r for r in rows if r["family"] == "baseline"]
+    versus = {}
+    for r in baselines:
+        b = paired_bootstrap(per_image[three["name"]], per_image[r["name"]], resamples=resamples)
+        versus[r["name"]] = {"fd": round(b["fd"], 4), "fd_ci95": [round(x, 3) for x in b["fd_ci95"]],
+                             "adherence_points": round(b["adherence_points"], 2),
+                             "adherence_points_ci95": [round(x, 2) for x in b["adherence_points_ci95"]]}
+    best = min(baselines, key=lambda r: r["fd_shapes"])
+    summary = {}
+    if rows[0]["family"] == "teacher":
+        ref = rows[0]
+        summary = {"adherence_drop_points_3_steps": round(100 * (ref["adherence"] - three["adherence"]), 2),
+                   "fd_increase_3_steps": round(three["fd_shapes"] / ref["fd_shapes"] - 1, 4),
+                   "target_adherence_within_5_points_met": 100 * (ref["adherence"] - three["adherence"]) <= 5,
+                   "target_fd_within_25pct_met": three["fd_shapes"] <= 1.25 * ref["fd_shapes"],
+                   "diversity_ratio_3_steps": round(three["diversity"] / ref["diversity"], 3),
+                   "speedup_3_steps_sequential": round(ref["s_per_image"] / three["s_per_image"], 2)}
+    summary |= {"best_3_step_baseline_by_fd": best["name"],
+                "vs_best_baseline_fd": versus[best["name"]]["fd"],
+                "vs_best_baseline_adherence_points": versus[best["name"]]["adherence_points"],
+                "vs_each_3_step_baseline": versus,
+                "better_than_every_3_step_baseline_on_both": all(
+                    v["fd"] < 0 and v["adherence_points"] > 0 for v in versus.values()),
+                "clearly_better_than_every_3_step_baseline": all(
+                    v["fd_ci95"][1] < 0 and v["adherence_points_ci95"][0] > 0 for v in versus.values()),
+                "bootstrap_resamples": resamples}
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flash", default="shapes-flash", help="the main student (a model name or folder)")
@@ -86,7 +125,12 @@ def main() -> None:
                     help="copy the ablation rows of an earlier run whose students are not re-run here (their "
                          "folders may be gone); refused unless that run had the same captions and noise and its "
                          "teacher row is reproduced exactly")
+    ap.add_argument("--head-to-head", action="store_true",
+                    help="only the main student at 3 steps and the 3-step baselines (no teacher: large --samples)")
+    ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
     args = ap.parse_args()
+    if args.head_to_head and (args.ablation or args.carry_from):
+        raise SystemExit("--head-to-head runs the main student and the baselines only: drop --ablation/--carry-from")
     carried = json.loads(args.carry_from.read_text()) if args.carry_from else None
     teacher = hasten.load_pipeline("shapes")
     students = [("Imagine Flash", hasten.load_pipeline(args.flash))]
@@ -105,11 +149,11 @@ def main() -> None:
         with hasten.accelerate(pipe, *methods) if methods else contextlib.nullcontext():
             return generate_images(pipe, prompts, steps, gs, batch_size=args.batch_size, noise=noise)
 
-    configs = [("teacher: Euler 50, CFG", "teacher", teacher, 50, None, 100, {})]
+    configs = [] if args.head_to_head else [("teacher: Euler 50, CFG", "teacher", teacher, 50, None, 100, {})]
     for label, pipe in students:
         configs += [(f"{label}, {k} step{'s' if k > 1 else ''}", label, pipe, k, None, k, recipe(pipe))
-                    for k in (1, 2, 3)]
-    if "shapes-ard4" in shipped_students():
+                    for k in ((3,) if args.head_to_head else (1, 2, 3))]
+    if "shapes-ard4" in shipped_students() and not args.head_to_head:
         configs.append(("ARD student (shapes-ard4), 4 steps", "ARD", hasten.load_pipeline("shapes-ard4"), 4, None, 4,
                         {}))
     interval = recipe(students[0][1]).get("guidance_interval")
@@ -123,13 +167,14 @@ def main() -> None:
             configs.append((f"teacher: {label} 3, CFG in ({interval[0]:g}, {interval[1]:g}]", "baseline", own, 3,
                             None, 3 + guided, {"guidance_interval": interval}))
     sample(students[0][1], 3, None, data.prompts[:50], data.noise[:50])  # warm-up
-    rows = []
+    rows, per_image = [], {}
     for name, family, pipe, steps, gs, nfe, params in configs:
         gi = params.get("guidance_interval") if family == "baseline" else None  # a student's is its recipe
         methods = [hasten.GuidanceInterval(*gi)] if gi else []
         images, secs = sample(pipe, steps, gs, data.prompts, data.noise, methods)
         again, _ = sample(pipe, steps, gs, data.prompts[:nd], other_noise, methods)
-        q = score_images(data.scenes, images)
+        q = score_images(data.scenes, images, per_image=True)
+        per_image[name] = q["per_image"]
         diversity = (images[:nd] - again).pow(2).mean((1, 2, 3)).sqrt().mean().item()
         rows.append({"name": name, "family": family, "steps": steps, "nfe": nfe, **params,
                      "fd_shapes": round(q["fd_shapes"], 4), "adherence": round(q["adherence"], 4),
@@ -137,34 +182,16 @@ def main() -> None:
                      "s_per_image": round(secs / args.samples, 4)})
         print(f"{name:<44} NFE {nfe:3d}  FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}  "
               f"diversity {diversity:.4f}  {secs / args.samples * 1000:.1f} ms/image", flush=True)
-    ref = rows[0]
     if carried is not None:
         rows = carry_rows(carried, rows, args.samples)
-    three = next(r for r in rows if r["family"] == "Imagine Flash" and r["steps"] == 3)
-    best_baseline = min((r for r in rows if r["family"] == "baseline"), key=lambda r: r["fd_shapes"])
-    summary = {"adherence_drop_points_3_steps": round(100 * (ref["adherence"] - three["adherence"]), 2),
-               "fd_increase_3_steps": round(three["fd_shapes"] / ref["fd_shapes"] - 1, 4),
-               "target_adherence_within_5_points_met": 100 * (ref["adherence"] - three["adherence"]) <= 5,
-               "target_fd_within_25pct_met": three["fd_shapes"] <= 1.25 * ref["fd_shapes"],
-               "diversity_ratio_3_steps": round(three["diversity"] / ref["diversity"], 3),
-               "best_3_step_baseline_by_fd": best_baseline["name"],
-               "vs_best_baseline_fd": round(three["fd_shapes"] - best_baseline["fd_shapes"], 4),
-               "vs_best_baseline_adherence_points": round(100 * (three["adherence"] - best_baseline["adherence"]), 2),
-               "speedup_3_steps_sequential": round(ref["s_per_image"] / three["s_per_image"], 2),
-               "vs_each_3_step_baseline": {r["name"]: {"fd": round(three["fd_shapes"] - r["fd_shapes"], 4),
-                                                       "adherence_points": round(100 * (three["adherence"]
-                                                                                        - r["adherence"]), 2)}
-                                           for r in rows if r["family"] == "baseline"},
-               "better_than_every_3_step_baseline_on_both": all(
-                   three["fd_shapes"] < r["fd_shapes"] and three["adherence"] > r["adherence"]
-                   for r in rows if r["family"] == "baseline")}
+    summary = compare(rows, per_image, args.resamples)
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "samples": args.samples, "first_caption": args.first_caption, "noise_seed": args.noise_seed,
            "diversity_samples": nd, "flash": str(args.flash),
            "guidance_scale": teacher.default_guidance_scale,
            "noise_correction": "identity for the velocity-prediction shapes model (tested bitwise): no separate row",
            "note": "one run per configuration on the same held-out captions and noise; wall times sequential",
-           "summary": summary, "records": rows}
+           "head_to_head": args.head_to_head, "summary": summary, "records": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))

@@ -12,6 +12,7 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from hasten.data.shapes import CATEGORIES, TEMPLATES, render, sample_scene, scenes
 from hasten.errors import HastenError
 from hasten.eval.scene_parser import check_facts, parse, parser_accuracy
+from hasten.eval.shapes_eval import PerImage, paired_bootstrap
 from hasten.pipelines.shapes import (
     MAX_TOKENS,
     ShapesPipeline,
@@ -109,6 +110,32 @@ def test_facts_fail_on_the_wrong_image():
     assert not all(check_facts(s_a.facts, parse(render(s_b))).values())
 
 
+def _per_image(features: torch.Tensor, satisfied) -> PerImage:
+    return PerImage(features, np.asarray(satisfied, dtype=bool))
+
+
+def test_paired_bootstrap_resolves_a_real_difference_and_not_a_null_one():
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 8
+    ref = (np.zeros(d), np.eye(d))  # the reference distribution: standard normal features
+    good = torch.randn(n, d, generator=g)
+    bad = good + 0.5  # the same images, shifted: the covariance terms cancel, ||mu + 0.5||^2 - ||mu||^2 remains
+    ok_good = torch.rand(n, generator=g).numpy() < 0.6
+    ok_bad = ok_good & (torch.rand(n, generator=g).numpy() < 0.7)  # fails a subset of the good one's captions
+    r = paired_bootstrap(_per_image(good, ok_good), _per_image(bad, ok_bad), resamples=200, reference=ref)
+    mu = good.double().mean(0)
+    assert r["fd"] == pytest.approx(-float((mu + 0.5).square().sum() - mu.square().sum()), abs=1e-6)  # eigh round-off
+    assert r["fd_ci95"][1] < 0 and r["adherence_points_ci95"][0] > 0  # resolved in favour of "good"
+    assert r["adherence_points"] == pytest.approx(100 * (ok_good.mean() - ok_bad.mean()))
+    same = paired_bootstrap(_per_image(good, ok_good), _per_image(good.clone(), ok_good), resamples=50, reference=ref)
+    assert same["fd"] == 0 and same["fd_ci95"] == [0, 0] and same["adherence_points_ci95"] == [0, 0]
+    other = torch.randn(n, d, generator=g)  # another draw of the same distribution: not resolved
+    null = paired_bootstrap(_per_image(good, ok_good), _per_image(other, ok_good), resamples=200, reference=ref)
+    assert null["fd_ci95"][0] < 0 < null["fd_ci95"][1]
+    with pytest.raises(ValueError, match="same captions"):
+        paired_bootstrap(_per_image(good, ok_good), _per_image(good[:10], ok_good[:10]), reference=ref)
+
+
 # --------------------------------------------------------------------------- pipeline
 def test_save_load_round_trip_is_bitwise(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "m")
@@ -136,6 +163,27 @@ def test_a_swapped_diffusers_scheduler_runs(tiny_pipe, make):
         assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
     finally:
         tiny_pipe.scheduler = default
+
+
+def test_callback_on_step_end_sees_every_step_and_may_replace_the_latents(tiny_pipe):
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    seen = {}
+
+    def grab(_pipe, i, _t, kw):
+        seen[i] = kw["latents"].clone()
+        return kw
+
+    plain = tiny_pipe("a red circle", num_inference_steps=4, latents=noise, output_type="latent").images
+    assert torch.equal(tiny_pipe("a red circle", num_inference_steps=4, latents=noise, output_type="latent",
+                                 callback_on_step_end=grab).images, plain) and sorted(seen) == [0, 1, 2, 3]
+    assert torch.equal(seen[3], plain)
+    # diffusers' convention: the returned "latents" replace the loop's
+    swap = tiny_pipe("a red circle", num_inference_steps=4, latents=noise, output_type="latent",
+                     callback_on_step_end=lambda _p, i, _t, kw: {"latents": seen[1]} if i == 3 else kw).images
+    assert torch.equal(swap, seen[1])
+    kept = tiny_pipe("a red circle", num_inference_steps=4, latents=noise, output_type="latent",
+                     callback_on_step_end=lambda *_: None).images  # returning nothing keeps the latents
+    assert torch.equal(kept, plain)
 
 
 def test_batched_cfg_equals_separate_branch_calls(tiny_pipe):

@@ -280,8 +280,8 @@ class ShapesPipeline(DiffusionPipeline):
                     v_u, v_c = v.chunk(2)
                     v = v_u + scale * (v_c - v_u)
                 latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    callback_on_step_end(self, i, t, {"latents": latents})
+                if callback_on_step_end is not None:  # diffusers' convention: it may return new latents
+                    latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
                 bar.update()
         images = self.to_output(latents, output_type)
         self.maybe_free_model_hooks()
