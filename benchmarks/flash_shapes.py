@@ -60,7 +60,8 @@ def recipe(pipe) -> dict:
 
 def carry_rows(old: dict, rows: list[dict], samples: int) -> list[dict]:
     """``rows`` with the earlier run's ablation rows (student families not re-run here) inserted after this
-    run's students, each marked ``carried_from`` (the earlier run's date). Sampling is deterministic given
+    run's students, each marked ``carried_from``: the date of the run that sampled it (a row the earlier run
+    had itself carried keeps its own date). Sampling is deterministic given
     the captions and the noise, so a row re-run would reproduce itself; the check is that the teacher's row
     does, to the digit, and that the caption count is the same."""
     old_teacher = next(r for r in old["records"] if r["family"] == "teacher")
@@ -69,7 +70,7 @@ def carry_rows(old: dict, rows: list[dict], samples: int) -> list[dict]:
         raise SystemExit(f"--carry-from: the earlier run is not reproduced (samples {old['samples']} vs {samples}, "
                          f"teacher {[old_teacher[k] for k in keys]} vs {[rows[0][k] for k in keys]})")
     here = {r["family"] for r in rows}
-    extra = [{**r, "carried_from": old["date"]} for r in old["records"]
+    extra = [{**r, "carried_from": r.get("carried_from", old["date"])} for r in old["records"]
              if r["family"] not in here and r["family"] not in ("teacher", "ARD", "baseline")]
     cut = max(i for i, r in enumerate(rows) if r["family"] not in ("ARD", "baseline")) + 1
     return rows[:cut] + extra + rows[cut:]

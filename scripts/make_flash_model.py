@@ -39,6 +39,11 @@ def command(run: Path | str, base: str, steps: int, tc: dict) -> str:
             f"{extra}")
 
 
+def ci(diff: dict, key: str) -> str:
+    """``; 95% interval [lo, hi]`` of a paired-bootstrap difference, or nothing when the bench had none."""
+    return f"; 95% interval [{diff[key][0]:+.2f}, {diff[key][1]:+.2f}]" if key in diff else ""
+
+
 def earlier_stages(tc: dict) -> list[tuple[str, dict, float]]:
     """The runs a ``--init`` chain started from, first stage first: (folder, training config, seconds)."""
     stages, init = [], tc.get("init")
@@ -93,6 +98,10 @@ def main() -> None:
     gi = tc.get("guidance_interval")
     interval = (f" (this stage: guidance only at {gi[0]:g} < sigma <= {gi[1]:g}, the conditional velocity "
                 "elsewhere; `--cfg-interval`)") if gi else ""
+    best = s["vs_each_3_step_baseline"][s["best_3_step_baseline_by_fd"]]
+    clearly = ("" if "clearly_better_than_every_3_step_baseline" not in s else
+               "\n  Both 95% intervals in the student's favour against every 3-step baseline "
+               f"(`clearly_better_than_every_3_step_baseline`): {s['clearly_better_than_every_3_step_baseline']}.")
     card = f"""# {NAME}: a 1-3 step Imagine Flash student of `{cfg['base']}`
 
 Imagine Flash (Kohler et al. 2024; `hasten.distill.flash`): a copy of `{cfg['base']}`'s transformer trained by
@@ -143,8 +152,8 @@ Diversity: mean RMS pixel distance between two images of one caption from two se
   (target: at most 5), FD-shapes {100 * s['fd_increase_3_steps']:+.0f}% (target: at most +25%); seed diversity
   {s['diversity_ratio_3_steps']:.2f}x the teacher's.
 - Against the best 3-step teacher baseline by FD ({s['best_3_step_baseline_by_fd']}): FD
-  {s['vs_best_baseline_fd']:+.2f} ({'worse' if s['vs_best_baseline_fd'] > 0 else 'better'}),
-  adherence {s['vs_best_baseline_adherence_points']:+.1f} points.
+  {s['vs_best_baseline_fd']:+.2f} ({'worse' if s['vs_best_baseline_fd'] > 0 else 'better'}{ci(best, 'fd_ci95')}),
+  adherence {s['vs_best_baseline_adherence_points']:+.1f} points{ci(best, 'adherence_points_ci95')}.{clearly}
 - Speed-up at 3 steps over the 50-step CFG teacher (sequential wall time): {s['speedup_3_steps_sequential']}x.
 - Noise correction: the identity for this velocity-prediction model (derivation in `hasten/distill/flash.py`).
 {chr(10) + args.note.strip() + chr(10) if args.note else ""}"""

@@ -53,8 +53,12 @@ def _reference_stats(n: int = FD_REFERENCE_SIZE, seed0: int = FD_REFERENCE_SEED0
 
 def fd_shapes(images01: torch.Tensor) -> float:
     """FD between the scene-encoder features of ``images01`` and 2000 held-out rendered scenes."""
-    mu, s = _stats(encoder_features(images01))
-    return _gaussian_fd(mu, s, *_reference_stats())
+    return fd_of_features(encoder_features(images01))
+
+
+def fd_of_features(features: torch.Tensor, reference: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """FD-shapes of scene-encoder ``features`` (against ``reference`` statistics, by default the rendered scenes')."""
+    return _gaussian_fd(*_stats(features), *(_reference_stats() if reference is None else reference))
 
 
 def real_vs_real_fd(n: int) -> float:
@@ -81,7 +85,7 @@ def score_images(scenes: list, images01: torch.Tensor, reference: torch.Tensor |
     res = adherence([s.facts for s in scenes], [s.category for s in scenes], to_uint8(images01))
     features = encoder_features(images01)
     out = {"adherence": res["adherence"], "adherence_per_category": res["per_category"],
-           "fd_shapes": _gaussian_fd(*_stats(features), *_reference_stats()), "samples": len(scenes)}
+           "fd_shapes": fd_of_features(features), "samples": len(scenes)}
     if reference is not None:
         out["psnr"] = psnr(images01, reference)
         out["ssim"] = ssim(images01, reference)
@@ -106,7 +110,7 @@ def paired_bootstrap(a: PerImage, b: PerImage, resamples: int = 1000, seed: int 
     fa, fb = a.features.double(), b.features.double()
 
     def fd(f: torch.Tensor) -> float:
-        return _gaussian_fd(*_stats(f), *ref)
+        return fd_of_features(f, ref)
 
     rng = np.random.default_rng(seed)
     d_fd, d_adh = [], []
