@@ -100,8 +100,9 @@ def main() -> None:
                 "elsewhere; `--cfg-interval`)") if gi else ""
     best = s["vs_each_3_step_baseline"][s["best_3_step_baseline_by_fd"]]
     clearly = ("" if "clearly_better_than_every_3_step_baseline" not in s else
-               "\n  Both 95% intervals in the student's favour against every 3-step baseline "
-               f"(`clearly_better_than_every_3_step_baseline`): {s['clearly_better_than_every_3_step_baseline']}.")
+               "\n  Clearly better than every 3-step baseline (both 95% intervals in the student's favour;\n"
+               f"  `clearly_better_than_every_3_step_baseline`): "
+               f"{'yes' if s['clearly_better_than_every_3_step_baseline'] else 'no'}.")
     card = f"""# {NAME}: a 1-3 step Imagine Flash student of `{cfg['base']}`
 
 Imagine Flash (Kohler et al. 2024; `hasten.distill.flash`): a copy of `{cfg['base']}`'s transformer trained by
