@@ -42,16 +42,11 @@ def student_from(student, d0: int, x: torch.Tensor, history: list[torch.Tensor],
     """The ARD student's passes d0..until-1 (default: to the end) from state ``x`` at its kept sigma d0; the KV
     cache of the lower blocks is first filled with passes 0..d0-1 on the inputs ``history`` (outputs unused)."""
     dt_, until = student.step_sizes(), student.steps if until is None else until
-    for proc in student.history:
-        proc.start_cache()
-    try:
+    with student.kv_cache():
         for d in range(d0):
             student(history[d], text, pooled, group=d)
         for d in range(d0, until):
             x = x + dt_[d] * student(x, text, pooled, group=d).float()
-    finally:
-        for proc in student.history:
-            proc.stop_cache()
     return x
 
 

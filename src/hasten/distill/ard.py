@@ -31,8 +31,9 @@ The guidance of the teacher (CFG) is distilled in: the student runs one branch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,8 @@ class ARDStudent(nn.Module):
         ``states`` (B, C, H, W) (see :meth:`sample`)."""
         if group is not None:
             if any(proc.cache is None for proc in self.history):
-                raise HastenError("a single-group pass reads the KV cache of the earlier groups: use sample()")
+                raise HastenError("a single-group pass reads the KV cache of the earlier groups: "
+                                  "use sample() or kv_cache()")
             ids = torch.full((states.shape[0],), group, device=states.device, dtype=torch.long)
             h, temb, ctx = self._condition(states, ids, text, pooled)
             return self._head(group, self._blocks(h, ctx, temb), temb, states.shape[-2:])
@@ -200,16 +202,23 @@ class ARDStudent(nn.Module):
                return_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """K sequential passes (KV cache in the lower blocks): the final latent (and all K + 1 states)."""
         x, states, dt = noise.float(), [noise.float()], self.step_sizes()
-        for proc in self.history:
-            proc.start_cache()
-        try:
+        with self.kv_cache():
             for d in range(self.steps):
                 x = x + dt[d] * self(x, text, pooled, group=d).float()
                 states.append(x)
+        return (x, torch.stack(states, 1)) if return_states else x
+
+    @contextlib.contextmanager
+    def kv_cache(self) -> Iterator[None]:
+        """Single-group passes (``forward(..., group=d)``) inside this block append to and read the lower blocks'
+        KV cache, which starts empty and is dropped on exit."""
+        for proc in self.history:
+            proc.start_cache()
+        try:
+            yield
         finally:
             for proc in self.history:
                 proc.stop_cache()
-        return (x, torch.stack(states, 1)) if return_states else x
 
 
 def ard_flops(student: ARDStudent, text_tokens: int, height: int, width: int) -> dict:

@@ -106,11 +106,10 @@ def paired_bootstrap(a: PerImage, b: PerImage, resamples: int = 1000, seed: int 
     n = len(a.satisfied)
     if len(b.satisfied) != n or a.features.shape != b.features.shape:
         raise ValueError(f"paired_bootstrap needs the same captions: {n} vs {len(b.satisfied)} images")
-    ref = _reference_stats() if reference is None else reference
     fa, fb = a.features.double(), b.features.double()
 
     def fd(f: torch.Tensor) -> float:
-        return fd_of_features(f, ref)
+        return fd_of_features(f, reference)
 
     rng = np.random.default_rng(seed)
     d_fd, d_adh = [], []
