@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from hasten import HastenError
-from hasten.distill.ard import ARDConfig, ARDStudent, ard_flops, block_causal_mask, load_ard, save_ard, train_ard
+from hasten.distill.ard import (
+    ARDConfig,
+    ARDStudent,
+    ard_flops,
+    block_causal_mask,
+    load_ard,
+    own_history_inputs,
+    save_ard,
+    train_ard,
+)
 from hasten.distill.trajectories import generate_trajectories, kept_indices, load_trajectories, teacher_states
 from hasten.testing import run_cli, tiny_shapes_pipeline
 from hasten.testing_pipelines import count_block_calls
@@ -256,3 +265,47 @@ def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
     clock = DenoiserTimer(prepared.denoiser, time.perf_counter)
     prepared.sample(torch.arange(3), None)
     assert clock.seconds > 0  # the bench times the student's passes as its denoiser
+
+
+def test_own_history_inputs_are_the_students_own_states_without_gradient(pipe, cond):
+    noise, text, pooled = cond
+    states, sigmas = teacher_states(pipe, PROMPTS, noise, 5, kept_indices(5, 4))
+    student = ARDStudent(pipe.transformer, sigmas.tolist(), 1)
+    none = own_history_inputs(student, states, text, pooled, torch.tensor([False, False]))
+    assert torch.equal(none, states[:, :-1])  # no row chosen: teacher forcing
+    with count_block_calls(student.transformer) as counts:
+        mixed = own_history_inputs(student, states, text, pooled, torch.tensor([False, True]))
+    assert counts == [student.steps] * len(student.transformer.transformer_blocks)  # K cached passes, once
+    _, own = student.sample(noise[1:], text[1:], pooled[1:], return_states=True)
+    assert torch.equal(mixed[0], states[0, :-1]) and torch.equal(mixed[1], own[0, :-1])
+    assert torch.equal(mixed[1, 0], noise[1]) and not mixed.requires_grad
+
+
+def test_own_history_training_samples_the_student_and_init_starts_from_a_saved_student(pipe, cond, tmp_path):
+    noise, text, pooled = cond
+    states, sigmas = teacher_states(pipe, PROMPTS, noise, 5, kept_indices(5, 4))
+    data = {"states": states.repeat(2, 1, 1, 1, 1), "text": text.repeat(2, 1, 1), "pooled": pooled.repeat(2, 1),
+            "sigmas": sigmas}
+    base = dict(steps=2, batch_size=4, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
+                log_every=1, bf16_autocast=False)
+    sampled = []
+    original = ARDStudent.sample
+    ARDStudent.sample = lambda self, *a, **k: sampled.append(a[0].shape[0]) or original(self, *a, **k)
+    try:
+        forced = train_ard(pipe.transformer, data, tmp_path / "tf", ARDConfig(**base), progress=False)
+        assert sampled == []  # own_history = 0: the paper's teacher forcing, no sampling
+        own = train_ard(pipe.transformer, data, tmp_path / "own", ARDConfig(**base, own_history=1.0), progress=False)
+        assert sampled == [4, 4]  # every row of both steps on the student's own history
+    finally:
+        ARDStudent.sample = original
+    assert forced["loss_curve"][1]["loss"] != own["loss_curve"][1]["loss"]
+    save_ard(own["student"], tmp_path / "saved", "shapes", {"base_vae": "x"})
+    again = train_ard(pipe.transformer, data, tmp_path / "init", ARDConfig(**{**base, "lr": 1e-12},
+                      init=str(tmp_path / "saved")), progress=False)
+    for p, q in zip(own["student"].parameters(), again["student"].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-3)  # float16 storage; lr ~ 0
+    with pytest.raises(HastenError, match="N = 1"):
+        train_ard(pipe.transformer, data, tmp_path / "n2", ARDConfig(**{**base, "layers_with_history": 2},
+                  init=str(tmp_path / "saved")), progress=False)
+    with pytest.raises(HastenError, match="must be in"):
+        train_ard(pipe.transformer, data, tmp_path / "bad", ARDConfig(**base, own_history=1.5), progress=False)

@@ -37,3 +37,17 @@ def test_decode_json_speculative_and_judge(capsys):
 def test_bad_input_one_line_exit_2(capsys, args, msg):
     code, out, err = run_cli(capsys, *args)
     assert code == 2 and msg in err and err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_lm_training_resumes_and_refuses_a_changed_config(tmp_path):
+    from dataclasses import replace
+
+    from hasten import HastenError
+    from hasten.decoding.train import DRAFT, train_lm
+
+    cfg = replace(DRAFT, hidden_size=32, layers=1, heads=2, intermediate=64, steps=2, batch_size=2, warmup=1)
+    first = train_lm(cfg, tmp_path / "out", progress=False, ckpt_every=1, ckpt_dir=tmp_path / "ckpt")
+    again = train_lm(cfg, tmp_path / "out", progress=False, ckpt_every=1, ckpt_dir=tmp_path / "ckpt")
+    assert first["steps_done"] == again["steps_done"] == 2 and again["loss_curve"] == first["loss_curve"]
+    with pytest.raises(HastenError, match="another config"):  # one-line error, not SystemExit
+        train_lm(replace(cfg, lr=5e-4), tmp_path / "out", progress=False, ckpt_dir=tmp_path / "ckpt")

@@ -22,12 +22,14 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..errors import HastenError
 from . import task
 
 __all__ = ["LMConfig", "TARGET", "DRAFT", "train_lm", "load_lm", "load_tokenizer", "greedy_accuracy"]
@@ -118,7 +120,7 @@ def train_lm(cfg: LMConfig, out: Path, progress: bool = True, ckpt_every: int = 
     if state_file.is_file():
         st = torch.load(state_file, weights_only=False)
         if st["config"] != asdict(cfg):
-            raise SystemExit(f"{state_file} was made with another config; delete it to start over")
+            raise HastenError(f"{state_file} was made with another config; delete it to start over")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -372,4 +374,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HastenError as e:  # one line and exit 2, like the hasten CLI
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

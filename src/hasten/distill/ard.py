@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HastenError
-from .student import StudentPipeline, load_student, save_student, train_student
+from .student import WEIGHTS, StudentPipeline, load_student, save_student, train_student
 
 ARD_CONFIG = "ard_config.json"
 
@@ -190,10 +190,13 @@ class ARDStudent(nn.Module):
     def step_sizes(self) -> torch.Tensor:
         return self.sigmas[1:] - self.sigmas[:-1]
 
-    def loss(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Mean over the K steps of the MSE between the predicted and the teacher's next state."""
-        v = self(states[:, :-1], text, pooled)
-        pred = states[:, :-1] + self.step_sizes().view(1, -1, 1, 1, 1) * v
+    def loss(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
+             inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over the K steps of the MSE between the predicted and the teacher's next state ``states[:, 1:]``.
+        The groups' inputs are the teacher's states ``states[:, :-1]`` (teacher forcing), or ``inputs`` (B, K, ...)
+        when given (:func:`own_history_inputs`)."""
+        x = states[:, :-1] if inputs is None else inputs
+        pred = x + self.step_sizes().view(1, -1, 1, 1, 1) * self(x, text, pooled)
         return ((pred - states[:, 1:]) ** 2).mean(dim=(0, 2, 3, 4)).mean()
 
     # ------------------------------------------------------------------ inference
@@ -255,6 +258,27 @@ class ARDConfig:
     checkpoint_every: int = 100
     log_every: int = 25
     bf16_autocast: bool | None = None  # CPU bf16 matmuls where native (None: hasten.train.bf16_native); fp32 state
+    own_history: float = 0.0  # share of each batch trained on the student's own history (0: the paper's recipe)
+    init: str | None = None  # an ARD student folder to start from (a second training stage)
+
+
+def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
+                       rows: torch.Tensor) -> torch.Tensor:
+    """The groups' inputs (B, K, ...) with the samples ``rows`` (bool, B) on the student's own history.
+
+    An extension, not the paper's recipe (which is teacher-forced, ``own_history=0``): at inference every
+    group's input and history are the student's own states, in training the teacher's, and the gap
+    compounds over the K steps (exposure bias; measured by ``benchmarks/ard_steps.py``). For the chosen
+    rows, the student samples its own states from the trajectory's noise without gradient (K cached passes,
+    as at inference); the targets stay the teacher's next states on the same noise, so each step learns to
+    bring the student's state back onto the teacher's trajectory (DAgger-style, with the trajectory the
+    expert gives for that noise). Group 0's input is the noise either way.
+    """
+    inputs = states[:, :-1].clone()
+    if rows.any():
+        _, own = student.sample(states[rows, 0], text[rows], pooled[rows], return_states=True)
+        inputs[rows, 1:] = own[:, 1:-1].to(inputs.dtype)
+    return inputs
 
 
 def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, progress: bool = True,
@@ -264,14 +288,38 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
     and the step, so a resumed run continues the same sequence."""
     sigmas = data["sigmas"].tolist()
     n = data["states"].shape[0]
+    if not 0.0 <= cfg.own_history <= 1.0:
+        raise HastenError(f"--own-history must be in [0, 1], got {cfg.own_history}")
 
     def loss(student: ARDStudent, step: int, gen: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        return student.loss(data["states"][rows].float(), data["text"][rows].float(), data["pooled"][rows].float())
+        states, text, pooled = data["states"][rows].float(), data["text"][rows].float(), data["pooled"][rows].float()
+        own = torch.rand(cfg.batch_size, generator=gen) < cfg.own_history
+        inputs = own_history_inputs(student, states, text, pooled, own) if cfg.own_history > 0 else None
+        return student.loss(states, text, pooled, inputs)
 
     student = ARDStudent(teacher, sigmas, cfg.layers_with_history)
+    if cfg.init is not None:
+        start_from(student, cfg.init)
     log = train_student(student, out, cfg, loss, f"ARD N={cfg.layers_with_history}", progress, stop_after)
     return {**log, "samples": n, "sigmas": sigmas}
+
+
+def start_from(student: ARDStudent, folder: str | Path) -> None:
+    """Load the weights of the ARD student in ``folder`` (an embedded name such as ``shapes-ard4`` or a path)
+    into ``student``; one with other kept noise levels or another N is refused."""
+    from ..io import read_model_folder
+    from ..pipeline import EMBEDDED
+
+    path = EMBEDDED.get(str(folder), Path(folder))
+    cfg, tensors = read_model_folder(path, ARD_CONFIG, WEIGHTS, f"--init {folder}: not an ARD student")
+    theirs = torch.tensor(cfg.get("sigmas", []), dtype=torch.float32)
+    ours = student.sigmas.cpu()
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours) or \
+            cfg.get("layers_with_history") != student.layers_with_history:
+        raise HastenError(f"--init {folder} has kept sigmas {theirs.tolist()} and N = {cfg.get('layers_with_history')}"
+                          f"; this run has {ours.tolist()} and N = {student.layers_with_history}")
+    student.load_state_dict({k: v.float() for k, v in tensors.items()})
 
 
 # --------------------------------------------------------------------------- saving, loading, sampling

@@ -50,6 +50,9 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(2000, help="optimisation steps"),
         batch_size: int = typer.Option(32, help="trajectories per step"),
         lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+        own_history: float = typer.Option(0.0, help="share of each batch whose inputs are the student's own "
+                                          "sampled history (0: teacher-forced, the paper's recipe)"),
+        init: str | None = typer.Option(None, help="an ARD student (folder or shapes-ard4) to start from"),
         as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
     ) -> None:
         """Train an ARD student (teacher-forced, mean of per-step MSEs, AdamW, EMA); writes a folder that
@@ -65,13 +68,16 @@ def register(app: typer.Typer) -> None:
 
         if steps < 1 or batch_size < 1 or not lr > 0:
             raise HastenError("--steps and --batch-size must be >= 1 and --lr > 0")
+        if not 0.0 <= own_history <= 1.0:
+            raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
         if out.exists() and not out.is_dir():
             raise HastenError(f"--out {out} exists and is not a folder")
         traj = load_trajectories(data)
         if traj["manifest"]["teacher"] != teacher:
             raise HastenError(f"{data} holds trajectories of {traj['manifest']['teacher']!r}, not --teacher {teacher}")
         pipe = load_pipeline(teacher)
-        cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, layers_with_history=layers_with_history)
+        cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, layers_with_history=layers_with_history,
+                        own_history=own_history, init=init)
         torch.manual_seed(cfg.seed)
         log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json)
         student = log.pop("student")
@@ -80,7 +86,8 @@ def register(app: typer.Typer) -> None:
             base = teacher if teacher in EMBEDDED else str(Path(teacher).resolve())
             save_ard(student, out, base, {"guidance_scale": m["guidance_scale"], "teacher_steps": m["steps"],
                                           "kept_indices": m["kept_indices"], "base_vae": weights_hash(pipe.vae),
-                                          "trajectories": len(traj["captions"]), "train_steps": steps})
+                                          "trajectories": len(traj["captions"]), "train_steps": steps,
+                                          "own_history": own_history, "init": init})
             from ..io import write_json
 
             write_json(out / "train_log.json", log)
