@@ -52,6 +52,15 @@ def teacher_euler(pipe, noise, text, pooled, sigmas):
     return x
 
 
+def trajectory_data(pipe, cond, copies: int) -> dict:
+    """A tiny trajectory set (what :func:`load_trajectories` returns): the teacher's 4 kept states on PROMPTS,
+    repeated ``copies`` times."""
+    noise, text, pooled = cond
+    states, sigmas = teacher_states(pipe, PROMPTS, noise, 5, kept_indices(5, 4))
+    return {"states": states.repeat(copies, 1, 1, 1, 1), "text": text.repeat(copies, 1, 1),
+            "pooled": pooled.repeat(copies, 1), "sigmas": sigmas}
+
+
 def test_kept_indices_follow_the_papers_spacing():
     assert kept_indices(25, 4) == [0, 10, 15, 20, 25]  # DDIM 25 -> 15 -> 10 -> 5 -> 0 in the paper
     assert kept_indices(10, 4) == [0, 4, 6, 8, 10]
@@ -157,10 +166,7 @@ def test_flop_formula_matches_the_flop_counter(pipe, cond):
 
 
 def test_training_lowers_the_loss_and_resumes_exactly(pipe, cond, tmp_path):
-    noise, text, pooled = cond
-    states, sigmas = teacher_states(pipe, PROMPTS, noise, 5, kept_indices(5, 4))
-    data = {"states": states.repeat(4, 1, 1, 1, 1), "text": text.repeat(4, 1, 1), "pooled": pooled.repeat(4, 1),
-            "sigmas": sigmas}
+    data = trajectory_data(pipe, cond, copies=4)
     cfg = ARDConfig(steps=6, batch_size=4, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
                     log_every=1, bf16_autocast=False)
     straight = train_ard(pipe.transformer, data, tmp_path / "a", cfg, progress=False)
@@ -282,10 +288,7 @@ def test_own_history_inputs_are_the_students_own_states_without_gradient(pipe, c
 
 
 def test_own_history_training_samples_the_student_and_init_starts_from_a_saved_student(pipe, cond, tmp_path):
-    noise, text, pooled = cond
-    states, sigmas = teacher_states(pipe, PROMPTS, noise, 5, kept_indices(5, 4))
-    data = {"states": states.repeat(2, 1, 1, 1, 1), "text": text.repeat(2, 1, 1), "pooled": pooled.repeat(2, 1),
-            "sigmas": sigmas}
+    data = trajectory_data(pipe, cond, copies=2)
     base = dict(steps=2, batch_size=4, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
                 log_every=1, bf16_autocast=False)
     sampled = []
