@@ -23,14 +23,8 @@ from pathlib import Path
 import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
-from hasten.eval.shapes_eval import generate_images, paired_bootstrap, score_images
+from hasten.eval.shapes_eval import generate_images, paired_bootstrap, rounded_difference, score_images
 from hasten.io import atomic_write
-
-
-def rounded(diff: dict) -> dict:
-    return {"fd": round(diff["fd"], 3), "fd_ci95": [round(v, 3) for v in diff["fd_ci95"]],
-            "adherence_points": round(diff["adherence_points"], 2),
-            "adherence_points_ci95": [round(v, 2) for v in diff["adherence_points_ci95"]]}
 
 
 def main() -> None:
@@ -63,9 +57,9 @@ def main() -> None:
                      "adherence_per_category": q["adherence_per_category"], "wall_s": round(secs, 2)})
         print(f"{name:<34} FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}", flush=True)
     teacher_name = configs[0][0]
-    vs_teacher = {label: rounded(paired_bootstrap(per_image[label], per_image[teacher_name], args.resamples))
+    vs_teacher = {label: rounded_difference(paired_bootstrap(per_image[label], per_image[teacher_name], args.resamples))
                   for label, _ in students}
-    pairs = {f"{b} minus {a}": rounded(paired_bootstrap(per_image[b], per_image[a], args.resamples))
+    pairs = {f"{b} minus {a}": rounded_difference(paired_bootstrap(per_image[b], per_image[a], args.resamples))
              for i, (b, _) in enumerate(students) for a, _ in students[:i]}
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "samples": args.samples, "noise_seed": 0, "resamples": args.resamples,

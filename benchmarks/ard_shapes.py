@@ -33,7 +33,7 @@ import hasten
 from hasten.distill.ard import ard_flops
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
-from hasten.eval.shapes_eval import generate_images, score_images
+from hasten.eval.shapes_eval import generate_images, paired_bootstrap, rounded_difference, score_images
 from hasten.io import atomic_write
 
 
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--timing-rounds", type=int, default=3)
+    ap.add_argument("--resamples", type=int, default=1000, help="paired-bootstrap resamples for the intervals")
     args = ap.parse_args()
     teacher, ard, n0 = (hasten.load_pipeline(m) for m in ("shapes", args.ard, args.step_distill))
     data = EvalSet(teacher, args.samples, seed=0)
@@ -61,10 +62,11 @@ def main() -> None:
         configs += [(f"teacher: {label} 4, CFG", own, 4, None, 8), (f"teacher: {label} 4, no guidance", own, 4, 1.0, 4)]
     configs.append(("teacher: UniPC 2, CFG", copy_shapes(teacher, "unipc-bh2"), 2, None, 4))
     sample(ard, 4)  # warm-up
-    rows = []
+    rows, per_image = [], {}
     for name, pipe, steps, gs, nfe in configs:
         images, secs = sample(pipe, steps, gs)
-        q = score_images(data.scenes, images)
+        q = score_images(data.scenes, images, per_image=True)
+        per_image[name] = q.pop("per_image")
         rows.append({"name": name, "steps": steps, "nfe": nfe, "fd_shapes": round(q["fd_shapes"], 4),
                      "adherence": round(q["adherence"], 4), "adherence_per_category": q["adherence_per_category"],
                      "wall_s": round(secs, 2), "s_per_image": round(secs / args.samples, 4)})
@@ -85,6 +87,9 @@ def main() -> None:
         "ard_flops_per_image": flops["total"], "n0_flops_per_image": flops["step_distillation"],
         "speedup_ard_vs_default": timing["speedup"]["ard"], "speedup_n0_vs_default": timing["speedup"]["n0"],
     }
+    for key, (x, y) in {"ard_minus_teacher": (a, t25), "step_distillation_minus_teacher": (s, t25),
+                        "ard_minus_step_distillation": (a, s)}.items():
+        summary[key] = rounded_difference(paired_bootstrap(per_image[x["name"]], per_image[y["name"]], args.resamples))
     d_a, d_s = summary["ard_fd_degradation"], summary["step_distillation_fd_degradation"]
     summary["ard_degradation_over_n0"] = round(d_a / d_s, 4) if d_s > 0 else None
     summary["target_fd_half_of_n0_met"] = bool(d_s > 0 and d_a <= 0.5 * d_s)
@@ -133,6 +138,9 @@ def markdown(res: dict) -> str:
               f"N=0 {s['step_distillation_fd_degradation']:+.2f} (ratio {s['ard_degradation_over_n0']})",
               f"- adherence drop: ARD {s['ard_adherence_drop_points']:.1f} points, "
               f"N=0 {s['step_distillation_adherence_drop_points']:.1f} points",
+              *[f"- {k.replace('_', ' ')}: FD {v['fd']:+.2f} {v['fd_ci95']}, adherence {v['adherence_points']:+.2f} "
+                f"points {v['adherence_points_ci95']} (95% paired bootstrap)"
+                for k, v in s.items() if k.endswith(("minus_teacher", "minus_step_distillation"))],
               f"- ARD's extra FLOPs over N=0: {100 * s['ard_extra_flops_over_n0']:.2f}%",
               f"- end-to-end speed-up over the 50-step CFG default: ARD {s['speedup_ard_vs_default']}x, "
               f"N=0 {s['speedup_n0_vs_default']}x", ""]

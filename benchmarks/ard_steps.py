@@ -31,7 +31,7 @@ import torch
 import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
-from hasten.eval.shapes_eval import paired_bootstrap, score_images
+from hasten.eval.shapes_eval import paired_bootstrap, rounded_difference, score_images
 from hasten.io import atomic_write
 
 TEACHER_STEPS = 25
@@ -111,10 +111,7 @@ def main() -> None:
     versus = {}
     for name in names:
         if name != "student":
-            b = paired_bootstrap(per_image[name], per_image["student"])
-            versus[name] = {"adherence_points": round(b["adherence_points"], 2),
-                            "adherence_points_ci95": [round(x, 2) for x in b["adherence_points_ci95"]],
-                            "fd": round(b["fd"], 3), "fd_ci95": [round(x, 3) for x in b["fd_ci95"]]}
+            versus[name] = rounded_difference(paired_bootstrap(per_image[name], per_image["student"]))
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "samples": args.samples, "ard": str(args.ard), "kept_sigmas": student.sigmas.tolist(),
            "kept_teacher_steps": kept, "guidance_scale": teacher.default_guidance_scale,

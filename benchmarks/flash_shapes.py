@@ -42,7 +42,7 @@ import hasten
 from hasten.distill.student import shipped_students
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
-from hasten.eval.shapes_eval import generate_images, initial_noise, paired_bootstrap, score_images
+from hasten.eval.shapes_eval import generate_images, initial_noise, paired_bootstrap, rounded_difference, score_images
 from hasten.io import atomic_write
 
 
@@ -83,10 +83,8 @@ def compare(rows: list[dict], per_image: dict, resamples: int) -> dict:
     baselines = [r for r in rows if r["family"] == "baseline"]
     versus = {}
     for r in baselines:
-        b = paired_bootstrap(per_image[three["name"]], per_image[r["name"]], resamples=resamples)
-        versus[r["name"]] = {"fd": round(b["fd"], 4), "fd_ci95": [round(x, 3) for x in b["fd_ci95"]],
-                             "adherence_points": round(b["adherence_points"], 2),
-                             "adherence_points_ci95": [round(x, 2) for x in b["adherence_points_ci95"]]}
+        versus[r["name"]] = rounded_difference(paired_bootstrap(per_image[three["name"]], per_image[r["name"]],
+                                                                resamples=resamples))
     best = min(baselines, key=lambda r: r["fd_shapes"])
     summary = {}
     if rows[0]["family"] == "teacher":

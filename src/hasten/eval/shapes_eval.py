@@ -122,6 +122,14 @@ def paired_bootstrap(a: PerImage, b: PerImage, resamples: int = 1000, seed: int 
             "adherence_points_ci95": np.percentile(d_adh, [2.5, 97.5]).tolist(), "resamples": resamples}
 
 
+def rounded_difference(diff: dict) -> dict:
+    """A :func:`paired_bootstrap` result as a benchmark JSON records it: FD-shapes to 3 decimals, adherence
+    points to 2, each with its 95% interval."""
+    return {"fd": round(diff["fd"], 3), "fd_ci95": [round(v, 3) for v in diff["fd_ci95"]],
+            "adherence_points": round(diff["adherence_points"], 2),
+            "adherence_points_ci95": [round(v, 2) for v in diff["adherence_points_ci95"]]}
+
+
 CHECK_FILE = "check_metrics.json"
 
 
