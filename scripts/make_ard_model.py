@@ -8,6 +8,11 @@ Copies ``ard_config.json`` and ``student.safetensors`` into ``src/hasten/models/
 writes ``loss_curve.png`` and ``MODEL_CARD.md`` (config, data, seed, training time against the base
 model's, loss curve, and the figures of ``--bench``, measured on the run's weights) and the check metrics
 that ``tests/test_shipped_models.py`` re-runs.
+
+    python scripts/make_ard_model.py --metrics-only --bench benchmarks/ard_shapes/results.json
+
+rewrites only the card's metrics section from a newer bench of the shipped weights (the run folder is not
+needed; the weights, the training record and the check metrics stay as they are).
 """
 
 from __future__ import annotations
@@ -26,10 +31,16 @@ NAME = "shapes-ard4"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--from-run", required=True, type=Path)
-    ap.add_argument("--data", required=True, type=Path, help="the trajectories the run trained on")
+    ap.add_argument("--from-run", type=Path)
+    ap.add_argument("--data", type=Path, help="the trajectories the run trained on")
     ap.add_argument("--bench", required=True, type=Path)
+    ap.add_argument("--metrics-only", action="store_true", help="only rewrite the card's metrics section")
     args = ap.parse_args()
+    if args.metrics_only:
+        update_metrics(args.bench)
+        return
+    if args.from_run is None or args.data is None:
+        ap.error("--from-run and --data are needed unless --metrics-only")
     run = args.from_run
     shipped = ship_run(run, NAME, "ard_config.json")
     dest, cfg, log, share = shipped.dest, shipped.cfg, shipped.log, shipped.share
@@ -37,11 +48,8 @@ def main() -> None:
     man = json.loads((args.data / "trajectories.json").read_text())
     plot_loss(log["curve"], dest / "loss_curve.png", "mean of the 4 per-step MSEs", f"{NAME}: ARD training")
     res = json.loads(args.bench.read_text())
-    s = res["summary"]
     size = shipped.size_mb
     points = shipped.loss_points(5)
-    rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} |"
-                     for r in res["records"])
     tc = log["config"]
     card = f"""# {NAME}: a 4-step ARD student of `{cfg['base']}`
 
@@ -77,7 +85,18 @@ python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {ar
 - Time: {share}.
 - Loss (`loss_curve.png`): {points}, step {log['curve'][-1]['step']}: {log['curve'][-1]['loss']:.5f}.
 
-## Metrics (`{args.bench}`, {res['samples']} held-out captions, {res['date'][:10]},
+{metrics_section(res, args.bench)}"""
+    atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
+    write_check(shipped.pipe)
+    print((dest / "MODEL_CARD.md").read_text())
+
+
+def metrics_section(res: dict, bench: Path) -> str:
+    """The card's "## Metrics" section from an ARD bench's results."""
+    s = res["summary"]
+    rows = "\n".join(f"| {r['name']} | {r['nfe']} | {r['fd_shapes']:.2f} | {r['adherence']:.3f} |"
+                     for r in res["records"])
+    text = f"""## Metrics (`{bench}`, {res['samples']} held-out captions, {res['date'][:10]},
 {res['machine'].get('cpu')} {res['machine'].get('cores')} cores)
 
 | configuration | NFE | FD-shapes | adherence |
@@ -91,9 +110,25 @@ python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {ar
 - Extra FLOPs over N = 0: {100 * s['ard_extra_flops_over_n0']:.2f}%. End-to-end speed-up over the 50-step CFG
   default: {s['speedup_ard_vs_default']}x.
 """
-    atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
-    write_check(shipped.pipe)
-    print((dest / "MODEL_CARD.md").read_text())
+    if "ard_minus_teacher" in s:
+        text += "".join(f"- {label}: FD-shapes {v['fd']:+.2f} {v['fd_ci95']}, adherence {v['adherence_points']:+.2f} "
+                        f"points {v['adherence_points_ci95']} (95% paired-bootstrap intervals).\n"
+                        for label, v in (("ARD minus teacher", s["ard_minus_teacher"]),
+                                         ("N = 0 minus teacher", s["step_distillation_minus_teacher"]),
+                                         ("ARD minus N = 0", s["ard_minus_step_distillation"])))
+    return text
+
+
+def update_metrics(bench: Path) -> None:
+    """Replace the metrics section of the shipped card (up to "## Check") with one from ``bench``."""
+    from hasten.pipeline import EMBEDDED
+
+    card = EMBEDDED[NAME] / "MODEL_CARD.md"
+    text = card.read_text()
+    a, b = text.index("## Metrics"), text.index("## Check")
+    new = text[:a] + metrics_section(json.loads(bench.read_text()), bench) + "\n" + text[b:]
+    atomic_write(card, lambda tmp: Path(tmp).write_text(new))
+    print(new)
 
 
 if __name__ == "__main__":
