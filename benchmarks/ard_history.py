@@ -24,7 +24,7 @@ import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
 from hasten.eval.shapes_eval import generate_images, paired_bootstrap, rounded_difference, score_images
-from hasten.io import atomic_write
+from hasten.io import write_json
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
            "student_minus_teacher": vs_teacher, "student_minus_student": pairs, "records": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))
+    write_json(out / "results.json", res)
     print(json.dumps({"student_minus_teacher": vs_teacher, "student_minus_student": pairs}, indent=2))
 
 

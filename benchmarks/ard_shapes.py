@@ -34,7 +34,7 @@ from hasten.distill.ard import ard_flops
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
 from hasten.eval.shapes_eval import generate_images, paired_bootstrap, rounded_difference, score_images
-from hasten.io import atomic_write
+from hasten.io import atomic_write, write_json
 
 
 def main() -> None:
@@ -108,7 +108,7 @@ def main() -> None:
            "summary": summary, "timing": timing, "records": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))
+    write_json(out / "results.json", res)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown(res)))
     print(json.dumps(summary, indent=2))
 

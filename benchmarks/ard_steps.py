@@ -32,7 +32,7 @@ import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
 from hasten.eval.shapes_eval import paired_bootstrap, rounded_difference, score_images
-from hasten.io import atomic_write
+from hasten.io import write_json
 
 TEACHER_STEPS = 25
 
@@ -118,7 +118,7 @@ def main() -> None:
            "records": rows, "minus_student": versus}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))
+    write_json(out / "results.json", res)
     print(json.dumps(versus, indent=2))
 
 

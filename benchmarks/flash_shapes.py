@@ -43,7 +43,7 @@ from hasten.distill.student import shipped_students
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
 from hasten.eval.shapes_eval import generate_images, initial_noise, paired_bootstrap, rounded_difference, score_images
-from hasten.io import atomic_write
+from hasten.io import write_json
 
 
 def recipe(pipe) -> dict:
@@ -193,7 +193,7 @@ def main() -> None:
            "head_to_head": args.head_to_head, "summary": summary, "records": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))
+    write_json(out / "results.json", res)
     print(json.dumps(summary, indent=2))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.metrics import class_accuracy, fd_to_held_out
-from hasten.io import atomic_write
+from hasten.io import write_json
 
 
 def main() -> None:
@@ -56,7 +55,7 @@ def main() -> None:
            "records": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))
+    write_json(out / "results.json", res)
     for r in rows:
         print(f"{r['name']:<24} compute {r['compute_share']:.3f}  FD {r['fd_digits']:8.2f}  "
               f"acc {r['class_accuracy']:.3f}  {r['speedup']:.2f}x")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
 from hasten.eval.shapes_eval import generate_images, score_images
-from hasten.io import atomic_write
+from hasten.io import atomic_write, write_json
 
 SHARES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25)
 
@@ -79,7 +78,7 @@ def main() -> None:
            "records": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2) + "\n"))
+    write_json(out / "results.json", res)
     plot(out / "curve.png", rows)
 
 
