@@ -288,6 +288,8 @@ def test_own_history_inputs_are_the_students_own_states_without_gradient(pipe, c
 
 
 def test_own_history_training_samples_the_student_and_init_starts_from_a_saved_student(pipe, cond, tmp_path):
+    from hasten.plans import weights_hash
+
     data = trajectory_data(pipe, cond, copies=2)
     base = dict(steps=2, batch_size=4, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
                 log_every=1, bf16_autocast=False)
@@ -302,13 +304,17 @@ def test_own_history_training_samples_the_student_and_init_starts_from_a_saved_s
     finally:
         ARDStudent.sample = original
     assert forced["loss_curve"][1]["loss"] != own["loss_curve"][1]["loss"]
-    save_ard(own["student"], tmp_path / "saved", "shapes", {"base_vae": "x"})
+    vae = weights_hash(pipe.vae)
+    save_ard(own["student"], tmp_path / "saved", "shapes", {"base_vae": vae})
     again = train_ard(pipe.transformer, data, tmp_path / "init", ARDConfig(**{**base, "lr": 1e-12},
-                      init=str(tmp_path / "saved")), progress=False)
+                      init=str(tmp_path / "saved")), progress=False, vae_hash=vae)
     for p, q in zip(own["student"].parameters(), again["student"].parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-3)  # float16 storage; lr ~ 0
     with pytest.raises(HastenError, match="N = 1"):
         train_ard(pipe.transformer, data, tmp_path / "n2", ARDConfig(**{**base, "layers_with_history": 2},
-                  init=str(tmp_path / "saved")), progress=False)
+                  init=str(tmp_path / "saved")), progress=False, vae_hash=vae)
+    with pytest.raises(HastenError, match="not an ARD student of this teacher"):  # another latent space
+        train_ard(pipe.transformer, data, tmp_path / "vae", ARDConfig(**base, init=str(tmp_path / "saved")),
+                  progress=False, vae_hash="0" * 16)
     with pytest.raises(HastenError, match="must be in"):
         train_ard(pipe.transformer, data, tmp_path / "bad", ARDConfig(**base, own_history=1.5), progress=False)

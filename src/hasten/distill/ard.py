@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HastenError
-from .student import WEIGHTS, StudentPipeline, load_student, save_student, train_student
+from .student import StudentPipeline, init_student, load_student, save_student, train_student
 
 ARD_CONFIG = "ard_config.json"
 
@@ -284,7 +284,7 @@ def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Te
 
 
 def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, progress: bool = True,
-              stop_after: int | None = None) -> dict:
+              stop_after: int | None = None, vae_hash: str | None = None) -> dict:
     """Train (or resume) the student on ``data`` (:func:`load_trajectories`); returns the log and the EMA
     student. Checkpoints (atomic) go to ``out/checkpoints``; each step's batch depends only on the seed
     and the step, so a resumed run continues the same sequence."""
@@ -302,26 +302,30 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
 
     student = ARDStudent(teacher, sigmas, cfg.layers_with_history)
     if cfg.init is not None:
-        start_from(student, cfg.init)
+        if vae_hash is None:
+            raise HastenError("--init needs the teacher's VAE hash (train_ard(..., vae_hash=...))")
+        start_from(student, cfg.init, vae_hash)
     log = train_student(student, out, cfg, loss, f"ARD N={cfg.layers_with_history}", progress, stop_after)
     return {**log, "samples": n, "sigmas": sigmas}
 
 
-def start_from(student: ARDStudent, folder: str | Path) -> None:
+def start_from(student: ARDStudent, folder: str | Path, vae_hash: str) -> None:
     """Load the weights of the ARD student in ``folder`` (an embedded name such as ``shapes-ard4`` or a path)
-    into ``student``; one with other kept noise levels or another N is refused."""
-    from ..io import read_model_folder
+    into ``student`` (:func:`hasten.distill.student.init_student`: distilled in the latent space of the VAE
+    ``vae_hash``); one with other kept noise levels or another N is refused."""
     from ..pipeline import EMBEDDED
 
-    path = EMBEDDED.get(str(folder), Path(folder))
-    cfg, tensors = read_model_folder(path, ARD_CONFIG, WEIGHTS, f"--init {folder}: not an ARD student")
-    theirs = torch.tensor(cfg.get("sigmas", []), dtype=torch.float32)
     ours = student.sigmas.cpu()
-    if theirs.shape != ours.shape or not torch.allclose(theirs, ours) or \
-            cfg.get("layers_with_history") != student.layers_with_history:
-        raise HastenError(f"--init {folder} has kept sigmas {theirs.tolist()} and N = {cfg.get('layers_with_history')}"
-                          f"; this run has {ours.tolist()} and N = {student.layers_with_history}")
-    student.load_state_dict({k: v.float() for k, v in tensors.items()})
+
+    def check(cfg: dict) -> str | None:
+        theirs = torch.tensor(cfg.get("sigmas", []), dtype=torch.float32)
+        if theirs.shape == ours.shape and torch.allclose(theirs, ours) and \
+                cfg.get("layers_with_history") == student.layers_with_history:
+            return None
+        return (f"kept sigmas {theirs.tolist()} and N = {cfg.get('layers_with_history')} there; this run has "
+                f"{ours.tolist()} and N = {student.layers_with_history}")
+
+    init_student(student, EMBEDDED.get(str(folder), Path(folder)), ARD_CONFIG, "ARD", vae_hash, check)
 
 
 # --------------------------------------------------------------------------- saving, loading, sampling

@@ -79,13 +79,14 @@ def register(app: typer.Typer) -> None:
         cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, layers_with_history=layers_with_history,
                         own_history=own_history, init=init)
         torch.manual_seed(cfg.seed)
-        log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json)
+        vae = weights_hash(pipe.vae)
+        log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json, vae_hash=vae)
         student = log.pop("student")
         if log["finished"]:
             m = traj["manifest"]
             base = teacher if teacher in EMBEDDED else str(Path(teacher).resolve())
             save_ard(student, out, base, {"guidance_scale": m["guidance_scale"], "teacher_steps": m["steps"],
-                                          "kept_indices": m["kept_indices"], "base_vae": weights_hash(pipe.vae),
+                                          "kept_indices": m["kept_indices"], "base_vae": vae,
                                           "trajectories": len(traj["captions"]), "train_steps": steps,
                                           "own_history": own_history, "init": init})
             from ..io import write_json

@@ -148,7 +148,7 @@ from torch import nn
 
 from ..errors import HastenError
 from ..plans import weights_hash
-from .student import WEIGHTS, StudentPipeline, load_student, said_counts, save_student, train_student
+from .student import StudentPipeline, init_student, load_student, said_counts, save_student, train_student
 
 FLASH_CONFIG = "flash_config.json"
 CAPTION_SEED0 = 20_000_000  # training < 10M, ARD trajectories 30M, calibration 40M, held-out 50M
@@ -498,16 +498,8 @@ def init_weights(student: FlashStudent, folder: str | Path, vae_hash: str) -> No
     """Load the weights of the Imagine Flash student in ``folder`` into ``student`` (``--init``: a second
     training stage, as the shipped student's floor on the SRL shift after its first stage); it must have been
     distilled in the latent space of the VAE whose :func:`hasten.plans.weights_hash` is ``vae_hash``."""
-    from ..io import read_model_folder
-
-    meta, tensors = read_model_folder(folder, FLASH_CONFIG, WEIGHTS,
-                                      f"--init {folder} is not an Imagine Flash student folder")
-    if not isinstance(meta, dict) or meta.get("method") != "imagine-flash" or meta.get("base_vae") != vae_hash:
-        raise HastenError(f"--init {folder} is not an Imagine Flash student of this teacher")
-    try:
-        student.load_state_dict(tensors)  # float16 on disk, copied into the float32 parameters
-    except RuntimeError as e:
-        raise HastenError(f"--init {folder}: the weights do not fit this student: {str(e).splitlines()[0]}") from None
+    init_student(student, folder, FLASH_CONFIG, "Imagine Flash", vae_hash, lambda cfg: None
+                 if cfg.get("method") == "imagine-flash" else "not an Imagine Flash student of this teacher")
 
 
 # --------------------------------------------------------------------------- saving, loading, sampling

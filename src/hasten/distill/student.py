@@ -142,6 +142,24 @@ def load_student(folder: str | Path, config_name: str, what: str,
     return pipe
 
 
+def init_student(student: torch.nn.Module, folder: str | Path, config_name: str, what: str, vae_hash: str,
+                 check: Callable[[dict], str | None] | None = None) -> None:
+    """``--init``: load the weights of the saved ``what`` student in ``folder`` (see :func:`save_student`) into
+    ``student`` to start a second training stage. It must have been distilled in the latent space of the VAE
+    whose :func:`hasten.plans.weights_hash` is ``vae_hash``; ``check(config)`` returns what else is wrong with
+    it, or None."""
+    cfg, tensors = read_model_folder(folder, config_name, WEIGHTS, f"--init {folder} is not an {what} student folder")
+    if not isinstance(cfg, dict) or cfg.get("base_vae") != vae_hash:
+        raise HastenError(f"--init {folder} is not an {what} student of this teacher")
+    problem = check(cfg) if check is not None else None
+    if problem:
+        raise HastenError(f"--init {folder}: {problem}")
+    try:
+        student.load_state_dict(tensors)  # float16 on disk, copied into the float32 parameters
+    except RuntimeError as e:
+        raise HastenError(f"--init {folder}: the weights do not fit this student: {str(e).splitlines()[0]}") from None
+
+
 class StudentPipeline(ShapesPipeline):
     """Subclasses name their ``method`` and implement :meth:`sample_latents`; ``student.step_counts`` (or
     ``(student.steps,)``) are the step counts it samples at, ``student.steps`` the default."""
