@@ -51,8 +51,8 @@ def main() -> None:
         images, secs = generate_images(pipe, data.prompts, steps, None, batch_size=args.batch_size, noise=data.noise)
         q = score_images(data.scenes, images, per_image=True)
         per_image[name] = q["per_image"]
-        cfg = getattr(getattr(pipe, "student", None), "layers_with_history", None)
-        rows.append({"name": name, "model": model, "steps": steps, "layers_with_history": cfg,
+        n_history = getattr(getattr(pipe, "student", None), "layers_with_history", None)
+        rows.append({"name": name, "model": model, "steps": steps, "layers_with_history": n_history,
                      "fd_shapes": round(q["fd_shapes"], 4), "adherence": round(q["adherence"], 4),
                      "adherence_per_category": q["adherence_per_category"], "wall_s": round(secs, 2)})
         print(f"{name:<34} FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}", flush=True)
