@@ -9,10 +9,19 @@ from dataclasses import asdict
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
 from hasten.errors import HastenError
-from hasten.methods.flexidit import flexi_parameters, flexify, patch_size, pi_resize, resize_matrix
+from hasten.methods.flexidit import (
+    FlexOutput,
+    flexi_parameters,
+    flexify,
+    pack_latent,
+    patch_size,
+    pi_resize,
+    resize_matrix,
+    unpack_tokens,
+)
 
 
 def tiny(kind: str) -> torch.nn.Module:
@@ -25,9 +34,20 @@ def tiny(kind: str) -> torch.nn.Module:
         return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                                      num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10,
                                      norm_num_groups=8).eval()
+    if kind == "flux":  # 4 latent channels, packed 2 x 2 by the pipeline: 16 per token
+        return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                      pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
     return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                     num_layers=2, sample_size=16, patch_size=2, cross_attention_dim=32,
                                     caption_channels=32, norm_num_groups=8).eval()
+
+
+def flux_ids(rows: int, cols: int) -> torch.Tensor:
+    """Flux's image ids for a rows x cols token grid (as FluxPipeline._prepare_latent_image_ids)."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
+    return ids.reshape(-1, 3)
 
 
 def call(kind: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +58,12 @@ def call(kind: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
                      pooled_projections=torch.randn(x.shape[0], 32, generator=g), return_dict=False)[0]
     if kind == "dit":
         return model(x, timestep=t.long(), class_labels=torch.tensor([1] * x.shape[0]), return_dict=False)[0]
+    if kind == "flux":  # packed as FluxPipeline packs, unpacked back to the latent
+        rows, cols = x.shape[-2] // 2, x.shape[-1] // 2
+        out = model(hidden_states=pack_latent(x, 2), timestep=t / 1000, img_ids=flux_ids(rows, cols),
+                    encoder_hidden_states=torch.randn(x.shape[0], 5, 32, generator=g), txt_ids=torch.zeros(5, 3),
+                    pooled_projections=torch.randn(x.shape[0], 32, generator=g), return_dict=False)[0]
+        return unpack_tokens(out, 2, rows, cols)
     return model(x, encoder_hidden_states=torch.randn(x.shape[0], 5, 32, generator=g), timestep=t.long(),
                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
 
@@ -57,7 +83,7 @@ def test_pi_resize_keeps_every_inner_product_when_upsampling():
     assert not torch.allclose((x4 @ resize_matrix(4, 2).T) @ pi_resize(w4, 2).reshape(-1), x4 @ w4.reshape(-1))
 
 
-@pytest.mark.parametrize("kind", ["sd3", "dit", "pixart"])
+@pytest.mark.parametrize("kind", ["sd3", "dit", "pixart", "flux"])
 def test_original_patch_size_is_bitwise_and_the_coarse_one_has_a_quarter_of_the_tokens(kind):
     model = tiny(kind)
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -77,7 +103,9 @@ def test_original_patch_size_is_bitwise_and_the_coarse_one_has_a_quarter_of_the_
     assert coarse.shape == before.shape and torch.isfinite(coarse).all()
     # what flexify adds: embedding at P=4 (D C P^2) + size embedding (D); de-embedding (P^2 C_out D) + its
     # bias (P^2 C_out) + output scale and shift (2 D)
-    d, c, c_out = model.pos_embed.weight.shape[0], 4, model.pos_embed._owner[0].out_channels
+    embed = model.x_embedder if kind == "flux" else model.pos_embed
+    d, c = embed.weight.shape[0], 4
+    c_out = next(m.c for m in model.modules() if isinstance(m, FlexOutput))
     expected = d * c * 16 + d + 16 * c_out * d + 16 * c_out + 2 * d
     assert sum(p.numel() for p in flexi_parameters(model)) == expected
 
@@ -194,7 +222,7 @@ def test_the_scheduler_runs_the_first_steps_coarse_and_weak_steps_0_is_bitwise(t
         assert torch.equal(run(), fast)  # threshold > 1 never switches: bitwise CFG on top of FlexiDiT
 
 
-@pytest.mark.parametrize("kind", ["sd3", "dit"])
+@pytest.mark.parametrize("kind", ["sd3", "dit", "flux"])
 @pytest.mark.parametrize("patch", [2, 4])
 def test_the_flop_formula_matches_the_flop_counter(kind, patch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -209,11 +237,82 @@ def test_the_flop_formula_matches_the_flop_counter(kind, patch):
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             call(kind, model, x)
     counted = fc.get_total_flops()
-    want = transformer_flops(model, 16, 16, patch, text_tokens=5 if kind == "sd3" else 0, batch=2)
+    text = 0 if kind == "dit" else 5
+    want = transformer_flops(model, 16, 16, patch, text_tokens=text, batch=2)
     assert want["total"] == counted
     if patch == 4:  # the weak mode: 16 tokens instead of 64
-        full = transformer_flops(model, 16, 16, 2, text_tokens=5 if kind == "sd3" else 0, batch=2)
+        full = transformer_flops(model, 16, 16, 2, text_tokens=text, batch=2)
         assert want["total"] < 0.4 * full["total"]
+
+
+# --------------------------------------------------------------------------- Flux (packed tokens, rotary ids)
+def test_flux_coarse_tokens_are_embedded_as_their_down_sampling_at_the_patch_centres():
+    """Flux: the pipeline packs 2 x 2 latent pixels per token and sends rotary ids. At patch 4 the call
+    hook repacks 4 x 4 patches, the embedding is the PI-resized x_embedder (a coarse patch embedded as
+    its bilinear down-sampling at init), the ids sit at the centre of the fine tokens each patch covers,
+    and the output comes back as the pipeline's 2 x 2 tokens, channel-first as Flux unpacks them."""
+    from hasten.methods.flexidit import coarse_ids, packed_grid
+
+    model = flexify(tiny("flux"), (2, 4))
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    emb = model.x_embedder
+    down = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=False)
+    torch.testing.assert_close(F.linear(pack_latent(x, 4), emb.weight_for(4)),
+                               F.linear(pack_latent(down, 2), emb.orig.weight), rtol=1e-5, atol=1e-5)
+    # ids: each coarse patch at the mean of the ids of the 2 x 2 fine tokens it covers
+    fine = flux_ids(8, 8)
+    mean = F.avg_pool2d(fine.reshape(8, 8, 3).permute(2, 0, 1)[None], 2)[0].permute(1, 2, 0).reshape(-1, 3)
+    assert torch.equal(coarse_ids(fine, 2, 8, 8), mean)
+    assert coarse_ids(fine[None], 2, 8, 8).shape == (1, 16, 3)  # the deprecated 3-D ids keep their form
+    # the de-embedding in Flux's channel-first layout: the coarse patch is the up-sampled fine one
+    out = model.proj_out
+    h = torch.randn(3, out.orig.in_features, generator=torch.Generator().manual_seed(2))
+    w4, b4 = out.weight_for(4)
+    y4 = unpack_tokens(F.linear(h, w4, b4)[None], 4, 1, 3)  # three 4 x 4 patches side by side
+    y2 = unpack_tokens(out.orig(h)[None], 2, 1, 3)
+    for i in range(3):  # patch by patch (bilinear up-sampling of each 2 x 2 patch on its own)
+        one = F.interpolate(y2[..., 2 * i:2 * i + 2], size=(4, 4), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(y4[..., 4 * i:4 * i + 4], one, rtol=1e-4, atol=1e-5)
+    # a grid that is not one plain latent grid (Kontext's reference tokens) is refused at the coarse size
+    assert packed_grid(fine, 64) == (8, 8)
+    extra = torch.cat([fine, fine])
+    extra[64:, 0] = 1
+    with pytest.raises(HastenError, match="one plain latent grid"):
+        packed_grid(extra, 128)
+    with torch.no_grad(), patch_size(model, 4), pytest.raises(HastenError, match="not divisible"):
+        call("flux", model, torch.randn(1, 4, 10, 16))  # 5 x 8 tokens of 2 x 2
+
+
+def test_flexidit_on_a_flux_pipeline_with_true_cfg():
+    """The scheduler on FluxPipeline (true CFG: each branch its own call): weak_steps=0 is bitwise, the
+    first steps of both branches run at patch 4 (a quarter of the tokens), and the FLOPs share is the
+    analytic one."""
+    import hasten
+    from hasten.methods.flexidit import transformer_flops
+    from hasten.testing_pipelines import STEPS, L, build_flux
+
+    pipe, run = build_flux()
+    base = run(0)
+    hasten.flexify(pipe.transformer, (2, 4))
+    assert torch.equal(run(0), base)
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=0)):
+        assert torch.equal(run(0), base)
+    tokens = []
+    h = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a, kw: tokens.append(kw["hidden_states"].shape[1]), with_kwargs=True)
+    with hasten.accelerate(pipe, hasten.FlexiDiT(weak_steps=2)) as handle:
+        fast = run(0)
+        rep = handle.report()["methods"]["flexidit"]
+    h.remove()
+    fine = (64 // 8 // 2) ** 2  # a 64 x 64 image is an 8 x 8 latent: 16 tokens of 2 x 2, 4 of 4 x 4
+    assert tokens == [fine // 4] * 4 + [fine] * (2 * STEPS - 4)  # cond and uncond calls of steps 0, 1 weak
+    assert rep["weak_calls"] == 4 and rep["powerful_calls"] == 2 * STEPS - 4
+    assert fast.shape == base.shape and torch.isfinite(fast).all() and not torch.equal(fast, base)
+    text = L  # tokens of build_flux's prompt embeddings
+    full = transformer_flops(pipe.transformer, 8, 8, 2, text_tokens=text)["total"]
+    weak = transformer_flops(pipe.transformer, 8, 8, 4, text_tokens=text)["total"]
+    assert rep["compute_share"] == pytest.approx((2 * weak + (STEPS - 2) * full) / (STEPS * full), abs=1e-4)
+    assert torch.equal(run(0), base)  # leaving the block restores the model
 
 
 def test_inference_caches_the_resized_weights_until_they_change():

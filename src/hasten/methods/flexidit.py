@@ -3,8 +3,9 @@ per doubling), so the early, noisy denoising steps cost a fraction of the late o
 
 ``flexify(transformer, patch_sizes=(2, 4))`` converts, in place, any diffusers transformer whose input
 is a ``PatchEmbed`` and whose output is one linear de-embedding followed by the usual unpatchify
-(``SD3Transformer2DModel``, ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``). This is the
-paper's **shared-parameter variant**:
+(``SD3Transformer2DModel``, ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``), and
+``FluxTransformer2DModel``, whose pipeline packs the patches and sends rotary position ids (see
+``_flexify_packed``). This is the paper's **shared-parameter variant**:
 
 - The patch embedding and de-embedding of the coarse sizes live at an underlying patch size
   ``P = max(patch_sizes)`` and are projected to each patch size ``p`` with PI-resize (FlexiViT, Beyer
@@ -36,14 +37,14 @@ de-embedding (which the underlying weights reproduce exactly at init), so that t
 the pretrained model whatever fine-tuning does to the coarse ones (the blocks are shared either way).
 
 ``flex_mode = p`` (or ``with patch_size(transformer, p):``) runs size ``p``: the patch embedding,
-de-embedding and unpatchify use ``p`` for that call. Still to come (issue "FlexiDiT"): the scheduler
-``hasten.FlexiDiT`` that picks the mode per denoiser call, fine-tuning (``hasten flexify``) and the LoRA
-variant (per-size ``peft`` adapters on the same modules, base frozen).
+de-embedding and unpatchify use ``p`` for that call. The scheduler ``hasten.FlexiDiT`` (below) picks the
+mode per denoiser call; fine-tuning (``hasten flexify``, for ``shapes`` and ``digits``) and the LoRA variant
+(per-size ``peft`` adapters on the same modules, base frozen) are in ``hasten.flexidit_train``.
 
-Rotary models (Flux-style, not shipped): there the position ids of the image tokens are built by the
-pipeline from the latent grid; for size ``p = k p0`` they would be rebuilt on the coarse grid at each
-patch's centre in original-cell units, ``(k i + (k - 1) / 2, k j + (k - 1) / 2)``, so that the rotary
-phases keep meaning pixel positions.
+Rotary models (Flux): the position ids of the image tokens are built by the pipeline from the latent
+grid; at size ``p = k p0`` they are rebuilt on the coarse grid at each patch's centre in fine-token
+units, ``(k i + (k - 1) / 2, k j + (k - 1) / 2)``, so that the rotary phases keep meaning the same image
+positions (``coarse_ids``; the mean of the covered tokens' ids, as the averaged sin-cos table above).
 """
 
 from __future__ import annotations
@@ -86,6 +87,21 @@ def pi_resize(w: torch.Tensor, dst: int) -> torch.Tensor:
     return (flat @ proj.T).reshape(*w.shape[:-2], dst, dst).to(w.dtype)
 
 
+def _embedding_at_underlying_size(w0: torch.Tensor, big: int) -> torch.Tensor:
+    """``B_{P->p0}^T w0``: patch-embedding weights (D, C, p0, p0) at the underlying size P, so that PI-resize
+    back to ``p0`` gives ``w0`` again and a P-patch is embedded as its bilinear down-sampling is."""
+    d, c, p0 = w0.shape[0], w0.shape[1], w0.shape[-1]
+    w_big = w0.reshape(d * c, -1).double() @ resize_matrix(big, p0)
+    return w_big.reshape(d, c, big, big).to(w0.dtype)
+
+
+def _embedding_at_size(weight: torch.Tensor, p: int) -> torch.Tensor:
+    """PI-resize of the underlying weights (D, C, P, P) to (D, C, p, p), differentiable."""
+    d, c, big = weight.shape[0], weight.shape[1], weight.shape[-1]
+    proj = torch.linalg.pinv(resize_matrix(big, p).T).to(weight.dtype)  # (p^2, P^2)
+    return (weight.reshape(d * c, -1) @ proj.T).reshape(d, c, p, p)
+
+
 # --------------------------------------------------------------------------- the modules
 class FlexPatchEmbed(nn.Module):
     """Wraps a diffusers ``PatchEmbed``: the original module at size ``p0``, PI-resized shared weights
@@ -100,22 +116,14 @@ class FlexPatchEmbed(nn.Module):
         self.big = max(patch_sizes)
         self._owner = [owner]  # not a submodule: the transformer owns this module
         w0 = orig.proj.weight.detach()  # (D, C, p0, p0)
-        d, c = w0.shape[:2]
-        b = resize_matrix(self.big, self.p0)  # (p0^2, P^2)
-        w_big = (w0.reshape(d * c, -1).double() @ b).reshape(d, c, self.big, self.big)  # B^T w0
-        self.weight = nn.Parameter(w_big.to(w0.dtype))  # shared weights at the underlying size P
-        self.size_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in patch_sizes
+        self.weight = nn.Parameter(_embedding_at_underlying_size(w0, self.big))
+        self.size_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(w0.shape[0])) for p in patch_sizes
                                             if p != self.p0})
 
     def weight_for(self, p: int) -> torch.Tensor:
-        """The embedding weights at size ``p``: PI-resize of the shared ones (kept differentiable while
-        training; computed once per weights version at inference)."""
-        return _cached(self, ("w", p), (self.weight,), lambda: self._weight_for(p))
-
-    def _weight_for(self, p: int) -> torch.Tensor:
-        proj = torch.linalg.pinv(resize_matrix(self.big, p).T).to(self.weight.dtype)  # (p^2, P^2)
-        d, c = self.weight.shape[:2]
-        return (self.weight.reshape(d * c, -1) @ proj.T).reshape(d, c, p, p)
+        """The embedding weights (D, C, p, p) at size ``p``: PI-resize of the shared ones (kept
+        differentiable while training; computed once per weights version at inference)."""
+        return _cached(self, ("w", p), (self.weight,), lambda: _embedding_at_size(self.weight, p))
 
     def original_positions(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The pretrained positional embeddings for a (height, width) latent: (h0, w0, D)."""
@@ -146,22 +154,57 @@ class FlexPatchEmbed(nn.Module):
         return F.avg_pool2d(pos.permute(2, 0, 1)[None], k).flatten(2).transpose(1, 2)  # centres of the k x k cells
 
 
+class FlexTokenEmbed(nn.Module):
+    """Wraps the linear patch embedding of a model whose pipeline packs the patches into tokens (Flux's
+    ``x_embedder``: ``C p0^2 -> D`` on tokens laid out ``(c, dy, dx)``, which is a ``p0 x p0`` convolution's
+    weight flattened): the original at ``p0``, the shared PI-resized weights and a per-size embedding at
+    other sizes, as ``FlexPatchEmbed``. There is no positional table: positions are the rotary ids, which
+    the call hook of ``flexify`` rebuilds on the coarse grid."""
+
+    def __init__(self, orig: nn.Linear, p0: int, patch_sizes: Sequence[int], owner: Any):
+        super().__init__()
+        d, width = orig.weight.shape
+        if width % (p0 * p0):
+            raise HastenError(f"flexify: input width {width} is not a multiple of patch size {p0}^2")
+        self.orig, self.p0, self.big = orig, p0, max(patch_sizes)
+        self._owner = [owner]
+        w0 = orig.weight.detach().reshape(d, width // (p0 * p0), p0, p0)
+        self.weight = nn.Parameter(_embedding_at_underlying_size(w0, self.big))
+        self.size_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in patch_sizes if p != p0})
+
+    def weight_for(self, p: int) -> torch.Tensor:
+        """The embedding weights (D, C p^2) at size ``p`` (cached at inference, as ``FlexPatchEmbed``)."""
+        return _cached(self, ("w", p), (self.weight,),
+                       lambda: _embedding_at_size(self.weight, p).reshape(self.weight.shape[0], -1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        p = self._owner[0].flex_mode
+        if p == self.p0:
+            return self.orig(tokens)
+        return F.linear(tokens, self.weight_for(p), self.orig.bias) + self.size_embed[str(p)]
+
+
 class FlexOutput(nn.Module):
     """Wraps the de-embedding linear (D -> p0^2 C): the original at ``p0``, PI-resized shared weights
     (transposed construction) and a per-size output scale/shift at other sizes."""
 
-    def __init__(self, orig: nn.Linear, p0: int, patch_sizes: Sequence[int], owner: Any):
+    def __init__(self, orig: nn.Linear, p0: int, patch_sizes: Sequence[int], owner: Any,
+                 channels_first: bool = False):
         super().__init__()
         self.orig, self.p0, self.big = orig, p0, max(patch_sizes)
         self._owner = [owner]
+        self.channels_first = channels_first  # rows ordered (c, p, q) (Flux's packing), else (p, q, c)
         out = orig.out_features
         if out % (p0 * p0):
             raise HastenError(f"flexify: output width {out} is not a multiple of patch size {p0}^2")
         self.c = out // (p0 * p0)
         up = resize_matrix(p0, self.big)  # (P^2, p0^2)
-        w = orig.weight.detach().reshape(p0 * p0, self.c, -1)  # rows ordered (p, q, c) as unpatchify reads them
+        w = orig.weight.detach()
+        w = w.reshape(self.c, p0 * p0, -1).transpose(0, 1) if channels_first else w.reshape(p0 * p0, self.c, -1)
         self.weight = nn.Parameter(torch.einsum("ij,jcd->icd", up, w.double()).to(w.dtype))  # (P^2, C, D)
-        b = orig.bias.detach().reshape(p0 * p0, self.c) if orig.bias is not None else None
+        b = None if orig.bias is None else orig.bias.detach()
+        if b is not None:
+            b = b.reshape(self.c, p0 * p0).T if channels_first else b.reshape(p0 * p0, self.c)
         self.bias = None if b is None else nn.Parameter((up @ b.double()).to(b.dtype))
         d = orig.in_features
         self.norm_scale = nn.ParameterDict({str(p): nn.Parameter(torch.ones(d)) for p in patch_sizes if p != p0})
@@ -173,9 +216,11 @@ class FlexOutput(nn.Module):
 
     def _weight_for(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         back = torch.linalg.pinv(resize_matrix(p, self.big)).to(self.weight.dtype)  # (p^2, P^2)
-        w = torch.einsum("ij,jcd->icd", back, self.weight).reshape(p * p * self.c, -1)
-        b = None if self.bias is None else (back @ self.bias).reshape(-1)
-        return w, b
+        w = torch.einsum("ij,jcd->icd", back, self.weight)  # (p^2, C, D)
+        b = None if self.bias is None else back @ self.bias  # (p^2, C)
+        if self.channels_first:
+            w, b = w.transpose(0, 1), None if b is None else b.T
+        return w.reshape(p * p * self.c, -1), None if b is None else b.reshape(-1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         p = self._owner[0].flex_mode
@@ -212,6 +257,8 @@ def flexify(transformer: nn.Module, patch_sizes: Sequence[int] = (2, 4)) -> nn.M
 
     if getattr(transformer, "flex_patch_sizes", None) is not None:
         raise HastenError("this transformer is already flexified")
+    if isinstance_by_name(transformer, "FluxTransformer2DModel"):
+        return _flexify_packed(transformer, patch_sizes)
     embed = getattr(transformer, "pos_embed", None)
     if not isinstance(embed, PatchEmbed):
         raise HastenError(f"flexify needs a transformer with a diffusers PatchEmbed as pos_embed; "
@@ -220,6 +267,14 @@ def flexify(transformer: nn.Module, patch_sizes: Sequence[int] = (2, 4)) -> nn.M
     if name is None:
         raise HastenError(f"flexify: no linear de-embedding ({' or '.join(_OUTPUTS)}) on {type(transformer).__name__}")
     p0 = int(embed.patch_size)
+    sizes = _flex_sizes(transformer, p0, patch_sizes)
+    transformer.pos_embed = FlexPatchEmbed(embed, sizes, transformer)
+    setattr(transformer, name, FlexOutput(getattr(transformer, name), p0, sizes, transformer))
+    return transformer
+
+
+def _flex_sizes(transformer: nn.Module, p0: int, patch_sizes: Sequence[int]) -> list[int]:
+    """Check the sizes (multiples of ``p0``, at least one coarse) and mark ``transformer`` as flexified."""
     sizes = sorted({int(p) for p in patch_sizes} | {p0})
     bad = [p for p in sizes if p % p0 or p < p0]
     if bad:
@@ -229,9 +284,98 @@ def flexify(transformer: nn.Module, patch_sizes: Sequence[int] = (2, 4)) -> nn.M
     object.__setattr__(transformer, "flex_mode", p0)
     transformer.flex_patch_sizes = tuple(sizes)
     transformer.flex_base_patch_size = p0
-    transformer.pos_embed = FlexPatchEmbed(embed, sizes, transformer)
-    setattr(transformer, name, FlexOutput(getattr(transformer, name), p0, sizes, transformer))
+    return sizes
+
+
+PACKED_PATCH = 2  # Flux pipelines pack 2 x 2 latent pixels into each token (the transformer's patch_size is 1)
+
+
+def _flexify_packed(transformer: nn.Module, patch_sizes: Sequence[int]) -> nn.Module:
+    """``flexify`` for Flux-style models, whose pipeline packs ``2 x 2`` latent patches into tokens and sends
+    rotary position ids (``img_ids``) instead of the model adding a positional table. Patch sizes are in
+    latent pixels, as for the other models (the original is 2). At a coarse size ``p = k 2`` a call hook,
+    innermost on the transformer, repacks the pipeline's tokens into ``p x p`` patches and rebuilds the
+    image ids on the coarse grid at each patch's centre in fine-token units, ``(k i + (k - 1) / 2,
+    k j + (k - 1) / 2)``, so that the rotary phases keep meaning the same image positions (the analogue
+    of the averaged sin-cos table of ``FlexPatchEmbed``); the output is unpacked back to the pipeline's
+    ``2 x 2`` tokens, so the pipeline and its scheduler see the usual shapes. The embedding and
+    de-embedding are the PI-resized shared weights (``FlexTokenEmbed``, ``FlexOutput`` in Flux's
+    channel-first layout). Only one plain image grid is supported at coarse sizes (not Kontext's extra
+    reference-image tokens): other ids are a clear error."""
+    from ..hooks import _BlockHook, register_hook
+
+    if int(transformer.config.patch_size) != 1:
+        raise HastenError("flexify: a Flux transformer with patch_size != 1 is not supported")
+    p0 = PACKED_PATCH
+    sizes = _flex_sizes(transformer, p0, patch_sizes)
+    transformer.flex_packed = True
+    transformer.x_embedder = FlexTokenEmbed(transformer.x_embedder, p0, sizes, transformer)
+    transformer.proj_out = FlexOutput(transformer.proj_out, p0, sizes, transformer, channels_first=True)
+
+    def call(inner: Callable, *args: Any, **kwargs: Any) -> Any:
+        p = transformer.flex_mode
+        if p == p0:
+            return inner(*args, **kwargs)
+        ids = kwargs.get("img_ids")
+        if ids is None:
+            raise HastenError("flexify: a Flux call at a coarse patch size needs img_ids= as a keyword")
+        args = list(args)
+        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        rows, cols = packed_grid(ids, hs.shape[1])
+        k = p // p0
+        if rows % k or cols % k:
+            raise HastenError(f"flexify: latent {rows * p0}x{cols * p0} is not divisible by patch size {p}")
+        coarse = pack_latent(unpack_tokens(hs, p0, rows, cols), p)
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = coarse
+        else:
+            args[0] = coarse
+        kwargs["img_ids"] = coarse_ids(ids, k, rows, cols)
+        sample, rebuild = unwrap_output(inner(*args, **kwargs))
+        return rebuild(pack_latent(unpack_tokens(sample, p, rows // k, cols // k), p0))
+
+    register_hook(transformer, _BlockHook(call), "flexify")
     return transformer
+
+
+def pack_latent(latent: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), C p^2), each token laid out ``(c, dy, dx)`` (Flux's ``_pack_latents``)."""
+    b, c, h, w = latent.shape
+    x = latent.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpack_tokens(tokens: torch.Tensor, p: int, rows: int, cols: int) -> torch.Tensor:
+    """The inverse of ``pack_latent`` for a ``rows x cols`` grid of tokens: (B, C, rows p, cols p)."""
+    b, _, width = tokens.shape
+    c = width // (p * p)
+    x = tokens.reshape(b, rows, cols, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, rows * p, cols * p)
+
+
+def packed_grid(img_ids: torch.Tensor, tokens: int) -> tuple[int, int]:
+    """(rows, cols) of the token grid that Flux's ``img_ids`` (N, 3) describe; a clear error unless they
+    are one plain row-major grid (``_prepare_latent_image_ids``) of ``tokens`` tokens."""
+    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+    rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    if rows * cols != tokens or ids.shape[0] != tokens or not torch.equal(ids[:, 1:].cpu().to(grid.dtype), grid):
+        raise HastenError("flexify: at a coarse patch size the image ids must be one plain latent grid "
+                          "(Flux's _prepare_latent_image_ids); these are not")
+    return rows, cols
+
+
+def coarse_ids(img_ids: torch.Tensor, k: int, rows: int, cols: int) -> torch.Tensor:
+    """Image ids of the ``(rows / k) x (cols / k)`` coarse grid: each patch at the centre of the ``k x k``
+    fine tokens it covers, ``k i + (k - 1) / 2``, in fine-token units (the first id column is kept)."""
+    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+    dtype = ids.dtype if ids.is_floating_point() else torch.float32
+    i = torch.arange(rows // k, device=ids.device, dtype=dtype) * k + (k - 1) / 2
+    j = torch.arange(cols // k, device=ids.device, dtype=dtype) * k + (k - 1) / 2
+    out = torch.empty(rows // k, cols // k, 3, device=ids.device, dtype=dtype)
+    out[..., 0], out[..., 1], out[..., 2] = ids[0, 0], i[:, None], j[None, :]
+    out = out.reshape(-1, 3)
+    return out.expand(img_ids.shape[0], -1, -1) if img_ids.dim() == 3 else out
 
 
 @contextmanager
@@ -245,7 +389,8 @@ def patch_size(transformer: nn.Module, p: int):
         raise HastenError(f"patch size {p} is not one of this model's {list(sizes)}")
     old_mode = transformer.flex_mode
     cfg = getattr(transformer, "_internal_dict", None)
-    old_cfg = None if cfg is None else cfg.get("patch_size")
+    packed = getattr(transformer, "flex_packed", False)  # Flux: the call hook repacks; its config keeps 1
+    old_cfg = None if cfg is None or packed else cfg.get("patch_size")
     old_attr = transformer.__dict__.get("patch_size")
     transformer.flex_mode = p
     if old_cfg is not None:
@@ -278,7 +423,7 @@ def flexi_parameters(transformer: nn.Module) -> list[nn.Parameter]:
     """The parameters flexify added (shared embed/de-embed, size embeddings, output norms)."""
     out: list[nn.Parameter] = []
     for m in transformer.modules():
-        if isinstance(m, (FlexPatchEmbed, FlexOutput)):
+        if isinstance(m, (FlexPatchEmbed, FlexTokenEmbed, FlexOutput)):
             out += [p for n, p in m.named_parameters() if not n.startswith("orig.")]
     return out
 
@@ -346,7 +491,7 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
             raise HastenError("FlexiDiT's weak guide needs a pipeline that batches [uncond; cond] in one call")
     run = {"index": None, "weak": 0}
 
-    def plan_run(hs: torch.Tensor, text: Any) -> None:
+    def plan_run(hw: tuple[int, int] | None, hs: torch.Tensor, text: Any) -> None:
         """At a run's first call: how many calls of it run weak (``compute=``: from the run's step count,
         read from the pipeline's scheduler, and the FLOPs ratio of this latent and prompt length)."""
         run["index"] = handle.run_index
@@ -355,21 +500,24 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
         if config.compute is not None and calls == 0:
             raise HastenError("FlexiDiT(compute=...) reads the step count from the pipeline's scheduler; "
                               "this pipeline has none: use weak_steps=K")
-        ratio = _flops(hs, text, weak)["total"] / _flops(hs, text, None)["total"] if config.compute else 1.0
+        ratio = _flops(hw, hs, text, weak)["total"] / _flops(hw, hs, text, None)["total"] if config.compute else 1.0
         run["weak"] = config.weak_calls(calls or config.weak_steps or 0, ratio)
 
-    def _flops(hs: torch.Tensor, text: Any, p: int | None) -> dict:
+    def _flops(hw: tuple[int, int] | None, hs: torch.Tensor, text: Any, p: int | None) -> dict:
+        if hw is None:
+            raise HastenError("FlexiDiT: cannot read the latent size of this call (Flux: pass img_ids=)")
         m = int(text.shape[1]) if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
-        return transformer_flops(tr, hs.shape[-2], hs.shape[-1], p, text_tokens=m, batch=int(hs.shape[0]))
+        return transformer_flops(tr, hw[0], hw[1], p, text_tokens=m, batch=int(hs.shape[0]))
 
     def wrapper(inner: Callable, *args: Any, **kwargs: Any) -> Any:
         hs = kwargs.get("hidden_states", args[0] if args else None)
         text = kwargs.get("encoder_hidden_states")
+        hw = latent_size(tr, hs, kwargs.get("img_ids"))
         if run["index"] != handle.run_index:
-            plan_run(hs, text)
+            plan_run(hw, hs, text)
             run["tokens"] = []
         try:
-            full = _flops(hs, text, None)["total"]
+            full = _flops(hw, hs, text, None)["total"]
         except HastenError:
             full = None
         is_weak = handle.call_index < run["weak"]
@@ -377,12 +525,12 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
                       and layout is not None and is_guidance_call(layout, args, kwargs))
         if full is not None:
             counts["full_flops"] += full
-            w = _flops(hs, text, weak)["total"]
+            w = _flops(hw, hs, text, weak)["total"]
             counts["flops"] += w if is_weak else (full + w) / 2 if weak_guide else full
         counts["weak_calls" if is_weak else "weak_guide_calls" if weak_guide else "powerful_calls"] += 1
-        h, w_ = hs.shape[-2], hs.shape[-1]
-        fine = (h // tr.flex_base_patch_size) * (w_ // tr.flex_base_patch_size)
-        run["tokens"].append((h // weak) * (w_ // weak) if is_weak else fine)
+        if hw is not None:
+            p = weak if is_weak else tr.flex_base_patch_size
+            run["tokens"].append((hw[0] // p) * (hw[1] // p))
         if is_weak:
             with patch_size(tr, weak):
                 return inner(*args, **kwargs)
@@ -409,6 +557,21 @@ def install_flexidit(handle: Any, config: FlexiDiT) -> None:
 
     handle.wrap_call(wrapper, "flexidit")
     handle.add_report("flexidit", report)
+
+
+def latent_size(transformer: nn.Module, hidden_states: torch.Tensor, img_ids: torch.Tensor | None = None
+                ) -> tuple[int, int] | None:
+    """(height, width) in latent pixels of a call: the last two dims of ``hidden_states``, or for a
+    packed (Flux) model the token grid of ``img_ids`` times the packing; ``None`` when it cannot be read."""
+    if not getattr(transformer, "flex_packed", False):
+        return int(hidden_states.shape[-2]), int(hidden_states.shape[-1])
+    if img_ids is None:
+        return None
+    try:
+        rows, cols = packed_grid(img_ids, hidden_states.shape[1])
+    except HastenError:
+        return None
+    return rows * PACKED_PATCH, cols * PACKED_PATCH
 
 
 def _register() -> None:
@@ -438,17 +601,37 @@ def transformer_flops(transformer: nn.Module, height: int, width: int, patch: in
     - ``DiTTransformer2DModel``: per block ``24 N D^2 + 4 N^2 D`` and its adaLN-Zero with the timestep
       and class embedding ``2 (256 D + D^2) + 12 D^2``; outside: patch embedding, the output adaLN
       ``2 (256 D + D^2) + 4 D^2`` and de-embedding.
+    - ``FluxTransformer2DModel`` (the pipeline packs ``2 x 2`` latent pixels per token: C is the latent's
+      channels, ``in_channels / 4``): each double-stream block as an SD3 joint block with both streams in
+      full, ``24 (N + M) D^2 + 24 D^2 + 4 (N + M)^2 D``; each single-stream block on the ``L = N + M``
+      concatenated tokens: QKV ``6 L D^2``, MLP in ``8 L D^2``, the fused output projection (5D -> D)
+      ``10 L D^2``, its adaLN (D -> 3D) ``6 D^2`` and attention ``4 L^2 D``; outside: patch embedding, the
+      text embedding ``2 M J D``, the time, pooled-text (and guidance) embedders ``2 (256 D + D^2)``,
+      ``2 (P D + D^2)`` (and ``2 (256 D + D^2)``), the output norm ``4 D^2`` and de-embedding.
 
     Returns ``{"total", "attention", "linear"}`` for the batch. Checked against the flop counter in the
     tests (attention counted there with PyTorch's math kernel)."""
     cfg = transformer.config
-    p = int(patch or getattr(transformer, "flex_base_patch_size", None) or cfg.patch_size)
+    flux = isinstance_by_name(transformer, "FluxTransformer2DModel")
+    p0 = PACKED_PATCH if flux else cfg.patch_size
+    p = int(patch or getattr(transformer, "flex_base_patch_size", None) or p0)
     n = (height // p) * (width // p)
     d = cfg.num_attention_heads * cfg.attention_head_dim
     c, c_out = cfg.in_channels, cfg.out_channels or cfg.in_channels
+    if flux:
+        c, c_out = c // (p0 * p0), c_out // (p0 * p0)
     name = type(transformer).__name__
     embed, head = 2 * n * d * c * p * p, 2 * n * d * p * p * c_out
-    if isinstance_by_name(transformer, "SD3Transformer2DModel"):
+    if flux:
+        m, L = int(text_tokens), n + int(text_tokens)
+        double, single = cfg.num_layers, cfg.num_single_layers
+        attn = (double + single) * 4 * L * L * d
+        blocks = double * (24 * L * d * d + 24 * d * d) + single * (24 * L * d * d + 6 * d * d)
+        embedders = 2 * (256 * d + d * d) + 2 * (cfg.pooled_projection_dim * d + d * d)
+        if cfg.guidance_embeds:
+            embedders += 2 * (256 * d + d * d)
+        outside = embed + 2 * m * cfg.joint_attention_dim * d + embedders + 4 * d * d + head
+    elif isinstance_by_name(transformer, "SD3Transformer2DModel"):
         if cfg.get("dual_attention_layers"):
             raise HastenError("transformer_flops: SD3.5 dual-attention layers are not counted")
         m, layers = int(text_tokens), cfg.num_layers
@@ -462,7 +645,8 @@ def transformer_flops(transformer: nn.Module, height: int, width: int, patch: in
         blocks = layers * (24 * n * d * d + 2 * (256 * d + d * d) + 12 * d * d)
         outside = embed + 2 * (256 * d + d * d) + 4 * d * d + head
     else:
-        raise HastenError(f"transformer_flops knows SD3Transformer2DModel and DiTTransformer2DModel, not {name}")
+        raise HastenError(f"transformer_flops knows SD3Transformer2DModel, DiTTransformer2DModel and "
+                          f"FluxTransformer2DModel, not {name}")
     linear = blocks + outside
     return {"total": batch * (linear + attn), "attention": batch * attn, "linear": batch * linear}
 
