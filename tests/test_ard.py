@@ -249,6 +249,9 @@ def test_distill_cli_rejects_bad_input(capsys, tmp_path):
     code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path / "none"), "--layers-with-history", "2",
                            "--out", str(tmp_path / "o"))
     assert code == 2 and "no trajectories" in err
+    code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path / "none"), "--layers-with-history", "2",
+                           "--out", str(tmp_path / "o"), "--steps", "10", "--warmup", "11")
+    assert code == 2 and "--warmup must be in [0, --steps]" in err and err.count("\n") == 1
 
 
 def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):

@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(2000, help="optimisation steps"),
         batch_size: int = typer.Option(32, help="trajectories per step"),
         lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+        warmup: int = typer.Option(100, help="steps of linear learning-rate warm-up before the cosine decay"),
         own_history: float = typer.Option(0.0, help="share of each batch whose inputs are the student's own "
                                           "sampled history (0: teacher-forced, the paper's recipe)"),
         init: str | None = typer.Option(None, help="an ARD student (folder or shapes-ard4) to start from"),
@@ -68,6 +69,8 @@ def register(app: typer.Typer) -> None:
 
         if steps < 1 or batch_size < 1 or not lr > 0:
             raise HastenError("--steps and --batch-size must be >= 1 and --lr > 0")
+        if not 0 <= warmup <= steps:
+            raise HastenError(f"--warmup must be in [0, --steps], got {warmup}")
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
         if out.exists() and not out.is_dir():
@@ -76,8 +79,8 @@ def register(app: typer.Typer) -> None:
         if traj["manifest"]["teacher"] != teacher:
             raise HastenError(f"{data} holds trajectories of {traj['manifest']['teacher']!r}, not --teacher {teacher}")
         pipe = load_pipeline(teacher)
-        cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, layers_with_history=layers_with_history,
-                        own_history=own_history, init=init)
+        cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                        layers_with_history=layers_with_history, own_history=own_history, init=init)
         torch.manual_seed(cfg.seed)
         vae = weights_hash(pipe.vae)
         log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json, vae_hash=vae)
