@@ -313,6 +313,11 @@ def test_flexidit_on_a_flux_pipeline_with_true_cfg():
     weak = transformer_flops(pipe.transformer, 8, 8, 4, text_tokens=text)["total"]
     assert rep["compute_share"] == pytest.approx((2 * weak + (STEPS - 2) * full) / (STEPS * full), abs=1e-4)
     assert torch.equal(run(0), base)  # leaving the block restores the model
+    k = math.ceil(STEPS * (1 - 0.7) / (1 - weak / full))  # compute=0.7: the latent size read from img_ids
+    with hasten.accelerate(pipe, hasten.FlexiDiT(compute=0.7)) as handle:
+        run(0)
+        rep = handle.report()["methods"]["flexidit"]
+    assert 0 < k < STEPS and rep["weak_calls"] == 2 * k and rep["compute_share"] <= 0.7
 
 
 def test_inference_caches_the_resized_weights_until_they_change():
