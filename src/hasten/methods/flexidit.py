@@ -301,7 +301,8 @@ def _flexify_packed(transformer: nn.Module, patch_sizes: Sequence[int]) -> nn.Mo
     ``2 x 2`` tokens, so the pipeline and its scheduler see the usual shapes. The embedding and
     de-embedding are the PI-resized shared weights (``FlexTokenEmbed``, ``FlexOutput`` in Flux's
     channel-first layout). Only one plain image grid is supported at coarse sizes (not Kontext's extra
-    reference-image tokens): other ids are a clear error."""
+    reference-image tokens: other ids are a clear error), and no ControlNet residuals (they are sized for
+    the fine tokens)."""
     from ..hooks import _BlockHook, register_hook
 
     if int(transformer.config.patch_size) != 1:
