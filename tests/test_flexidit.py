@@ -281,6 +281,8 @@ def test_flux_coarse_tokens_are_embedded_as_their_down_sampling_at_the_patch_cen
         packed_grid(extra, 128)
     with torch.no_grad(), patch_size(model, 4), pytest.raises(HastenError, match="not divisible"):
         call("flux", model, torch.randn(1, 4, 10, 16))  # 5 x 8 tokens of 2 x 2
+    with torch.no_grad(), patch_size(model, 4), pytest.raises(HastenError, match="ControlNet"):
+        model(hidden_states=pack_latent(x, 2), img_ids=fine, controlnet_block_samples=[torch.zeros(1, 64, 32)])
 
 
 def test_flexidit_on_a_flux_pipeline_with_true_cfg():

@@ -320,6 +320,9 @@ def _flexify_packed(transformer: nn.Module, patch_sizes: Sequence[int]) -> nn.Mo
         ids = kwargs.get("img_ids")
         if ids is None:
             raise HastenError("flexify: a Flux call at a coarse patch size needs img_ids= as a keyword")
+        if any(kwargs.get(k) is not None for k in ("controlnet_block_samples", "controlnet_single_block_samples")):
+            raise HastenError("flexify: ControlNet residuals are sized for the fine tokens; run such calls at "
+                              "the model's own patch size")
         args = list(args)
         hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         rows, cols = packed_grid(ids, hs.shape[1])
