@@ -1,0 +1,87 @@
+"""ARD students' teacher-forced loss on trajectories they were trained on and on fresh ones (overfitting check).
+
+    python benchmarks/ard_loss.py --data runs/ard/traj2k --split "trained on=0:5000" \
+        --split "fresh=5000:10000" --student "N=2 (shapes-ard4)=shapes-ard4" --student "N=0=runs/ard/n0"
+
+Per student and split: the training loss (mean over the K steps of the MSE between the predicted and the
+teacher's next state, the groups fed the teacher's states; the saved EMA weights, no gradient) and its
+per-step terms, on the first ``--per-split`` trajectories of each split, with a 95% normal interval over
+trajectories. Writes results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+import torch
+
+import hasten
+from hasten.distill.trajectories import load_trajectories
+from hasten.eval.bench import machine_info
+from hasten.io import write_json
+
+
+def per_trajectory_loss(student, data: dict, rows: range, batch: int) -> torch.Tensor:
+    """(len(rows), K): each trajectory's per-step MSE, as ``ARDStudent.loss`` averages it."""
+    dt_ = student.step_sizes().view(1, -1, 1, 1, 1)
+    out = []
+    with torch.no_grad():
+        for start in range(rows.start, rows.stop, batch):
+            sl = slice(start, min(start + batch, rows.stop))
+            states = data["states"][sl].float()
+            x = states[:, :-1]
+            pred = x + dt_ * student(x, data["text"][sl].float(), data["pooled"][sl].float())
+            out.append(((pred - states[:, 1:]) ** 2).mean(dim=(2, 3, 4)))
+    return torch.cat(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="a folder written by hasten distill trajectories")
+    ap.add_argument("--split", action="append", required=True, metavar="LABEL=START:STOP",
+                    help="a range of trajectories and its label; repeat")
+    ap.add_argument("--student", action="append", required=True, metavar="LABEL=MODEL",
+                    help="an ARD student (name or folder) and its label; repeat")
+    ap.add_argument("--per-split", type=int, default=2000, help="trajectories scored per split (the first ones)")
+    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--out", default="benchmarks/ard_shapes/loss")
+    args = ap.parse_args()
+
+    def labelled(item: str, flag: str) -> tuple[str, str]:
+        label, sep, value = item.rpartition("=")
+        if not sep or not label or not value:
+            ap.error(f"{flag} takes LABEL=VALUE, got {item!r}")
+        return label, value
+
+    data = load_trajectories(args.data)
+    n = data["states"].shape[0]
+    splits = []
+    for item in args.split:
+        label, span = labelled(item, "--split")
+        start, _, stop = span.partition(":")
+        if not (start.isdigit() and stop.isdigit() and int(start) < int(stop) <= n):
+            ap.error(f"--split range must be START:STOP within 0:{n}, got {span!r}")
+        splits.append((label, range(int(start), min(int(stop), int(start) + args.per_split))))
+    rows = []
+    for label, model in (labelled(s, "--student") for s in args.student):
+        student = hasten.load_pipeline(model).student.eval()
+        for split, r in splits:
+            per = per_trajectory_loss(student, data, r, args.batch_size)
+            loss = per.mean(1)
+            half = 1.96 * loss.std().item() / len(loss) ** 0.5
+            rows.append({"student": label, "model": model, "split": split, "trajectories": [r.start, r.stop],
+                         "loss": round(loss.mean().item(), 6), "ci95": [round(loss.mean().item() - half, 6),
+                                                                       round(loss.mean().item() + half, 6)],
+                         "per_step": [round(v, 6) for v in per.mean(0).tolist()]})
+            print(f"{label:<28} {split:<12} loss {rows[-1]['loss']:.5f}  per step {rows[-1]['per_step']}", flush=True)
+    res = {"benchmark": "ard_loss", "date": dt.date.today().isoformat(), "machine": machine_info(),
+           "data": str(args.data), "trajectories_in_data": n, "per_split": args.per_split, "rows": rows}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.out) / "results.json", res)
+    print(f"wrote {Path(args.out) / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
