@@ -4,7 +4,13 @@
         --student shipped=shapes-ard4 --student "teacher-forced +300=runs/ard/ft_tf" \
         --student "own history +300=runs/ard/ft_own"
 
-Made to measure the own-history fine-tune (``hasten distill ard --own-history P --init shapes-ard4``) against
+Also the second-stage run (``--init`` plus 1000 steps on twice the trajectories, N = 2 and N = 0 alike):
+
+    python benchmarks/ard_history.py --samples 1200 --out benchmarks/ard_shapes/longer \
+        --student "N=2 shipped (1000 steps)=shapes-ard4" --student "N=0 (1000 steps)=runs/ard/n0" \
+        --student "N=2 +1000 steps=runs/ard/x2_ard" --student "N=0 +1000 steps=runs/ard/x2_n0"
+
+(run before ``shapes-ard4`` became the N = 2 second stage). Made to measure the own-history fine-tune (``hasten distill ard --own-history P --init shapes-ard4``) against
 the same fine-tune teacher-forced (the paper's recipe, same data, steps and seed): the one difference is
 where the groups' inputs come from, so a gap between those two is the effect of training on the student's
 own history. Every configuration samples the held-out captions of the ARD bench (its first 400 captions

@@ -13,12 +13,16 @@ that ``tests/test_shipped_models.py`` re-runs.
 
 rewrites only the card's metrics section from a newer bench of the shipped weights (the run folder is not
 needed; the weights, the training record and the check metrics stay as they are).
+
+A run that started from an earlier student (``hasten distill ard --init``) is a second stage: pass the
+earlier student's card with ``--stage1-card``; the new card keeps its commands and training record.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 from card_check import ship_run, write_check  # scripts/ is on sys.path when this script runs
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="the trajectories the run trained on")
     ap.add_argument("--bench", required=True, type=Path)
     ap.add_argument("--metrics-only", action="store_true", help="only rewrite the card's metrics section")
+    ap.add_argument("--stage1-card", type=Path, help="the card of the student a second-stage run started from")
     args = ap.parse_args()
     if args.metrics_only:
         update_metrics(args.bench)
@@ -42,6 +47,13 @@ def main() -> None:
     if args.from_run is None or args.data is None:
         ap.error("--from-run and --data are needed unless --metrics-only")
     run = args.from_run
+    stage1 = None
+    if json.loads((run / "ard_config.json").read_text()).get("init"):
+        if args.stage1_card is None:
+            ap.error(f"{run} started from another student (--init): pass that student's card with --stage1-card")
+        stage1 = first_stage(args.stage1_card.read_text(), args.data)
+        stage1["commit"] = subprocess.run(["git", "log", "-1", "--format=%h", "--", "src/hasten/models/shapes_ard4"],
+                                          capture_output=True, text=True, check=True).stdout.strip()
     shipped = ship_run(run, NAME, "ard_config.json")
     dest, cfg, log, share = shipped.dest, shipped.cfg, shipped.log, shipped.share
     blocks = len(shipped.pipe.transformer.transformer_blocks)
@@ -51,6 +63,22 @@ def main() -> None:
     size = shipped.size_mb
     points = shipped.loss_points(5)
     tc = log["config"]
+    n = cfg.get("trajectories", man["n"])  # what the run trained on (the folder may have grown since)
+    stage2 = f"""
+hasten distill trajectories --teacher {man['teacher']} --steps {man['steps']} --keep {man['keep']} \\
+    --n {n} --out {args.data}   # {n - stage1['n'] if stage1 else 0} more trajectories (new seeds) in the same folder
+hasten distill ard --teacher {man['teacher']} --data {args.data} --layers-with-history {cfg['layers_with_history']} \\
+    --init {stage1['run'] if stage1 else ''} --out {run} --steps {tc['steps']} --batch-size {tc['batch_size']} \\
+    --lr {tc['lr']:g} --warmup {tc['warmup']}   # stage 2""" if stage1 else ""
+    reproduce = (stage1["commands"] + stage2) if stage1 else f"""\
+hasten distill trajectories --teacher {man['teacher']} --steps {man['steps']} --keep {man['keep']} \\
+    --n {n} --out {args.data}
+hasten distill ard --teacher {man['teacher']} --data {args.data} --layers-with-history {cfg['layers_with_history']} \\
+    --out {run} --steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g}   # re-running resumes"""
+    stage1_note = "" if stage1 is None else (
+        f"- Two stages. Stage 1: the first {stage1['n']} trajectories, config `{stage1['config']}`; "
+        f"{stage1['time']} (its card: `git show {stage1['commit']}:src/hasten/models/shapes_ard4/MODEL_CARD.md`). "
+        f"Stage 2 (below) starts from stage 1's EMA weights (`--init`) on all {n}.\n")
     card = f"""# {NAME}: a 4-step ARD student of `{cfg['base']}`
 
 ARD (autoregressive distillation, Kim et al., CVPR 2025; `hasten.distill.ard`): `{cfg['base']}`'s transformer
@@ -68,15 +96,13 @@ CLI: `hasten generate --model {NAME} --prompt "a red circle"`.
 
 ## Reproduce
 ```
-hasten distill trajectories --teacher {man['teacher']} --steps {man['steps']} --keep {man['keep']} \\
-    --n {man['n']} --out {args.data}
-hasten distill ard --teacher {man['teacher']} --data {args.data} --layers-with-history {cfg['layers_with_history']} \\
-    --out {run} --steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g}   # re-running resumes
-python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {args.bench}
+{reproduce}
+python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {args.bench}{
+    f" --stage1-card {args.stage1_card}" if stage1 else ""}
 ```
 
 ## Training
-- Data: {man['n']} teacher trajectories (Euler {man['steps']} steps, CFG {man['guidance_scale']:g}, captions from
+{stage1_note}- Data: {n} teacher trajectories (Euler {man['steps']} steps, CFG {man['guidance_scale']:g}, captions from
   the scene grammar at seeds {man['caption_seed0']}+i, noise seed i), states kept after teacher steps
   {man['kept_indices']} (sigmas {[round(x, 4) for x in cfg['sigmas']]}).
 - Config: `{json.dumps(tc)}`; base VAE fingerprint `{cfg['base_vae']}` (a different `{cfg['base']}` is refused).
@@ -89,6 +115,19 @@ python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {ar
     atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
     write_check(shipped.pipe)
     print((dest / "MODEL_CARD.md").read_text())
+
+
+def first_stage(card: str, data: Path) -> dict:
+    """What a second-stage card keeps of the first stage's card (written by this script): its commands (the
+    data folder renamed to ``data``), trajectory count, config and training time."""
+    block = card.split("## Reproduce\n```\n")[1].split("```")[0]
+    lines = [ln for ln in block.splitlines() if ln and not ln.startswith("python scripts/make_ard_model.py")]
+    old_data, run = [ln.split("--out ")[1].split()[0] for ln in lines if "--out " in ln][:2]  # in command order
+    commands = "\n".join(lines).replace(old_data, str(data)).replace("# re-running resumes", "# stage 1")
+    n = int(block.split("--n ")[1].split()[0])
+    config = card.split("- Config: `")[1].split("`")[0]
+    time = card.split("- Time: ")[1].split("\n")[0].rstrip(".")
+    return {"commands": commands, "run": run, "n": n, "config": config, "time": time}
 
 
 def metrics_section(res: dict, bench: Path) -> str:
