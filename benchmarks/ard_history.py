@@ -10,8 +10,9 @@ Also the second-stage run (``--init`` plus 1000 steps on twice the trajectories,
         --student "N=2 shipped (1000 steps)=shapes-ard4" --student "N=0 (1000 steps)=runs/ard/n0" \
         --student "N=2 +1000 steps=runs/ard/x2_ard" --student "N=0 +1000 steps=runs/ard/x2_n0"
 
-(run before ``shapes-ard4`` became the N = 2 second stage). Made to measure the own-history fine-tune (``hasten distill ard --own-history P --init shapes-ard4``) against
-the same fine-tune teacher-forced (the paper's recipe, same data, steps and seed): the one difference is
+(run before ``shapes-ard4`` became the N = 2 second stage). Made to measure the own-history fine-tune
+(``hasten distill ard --own-history P --init shapes-ard4``, on the stage-1 student) against the same
+fine-tune teacher-forced (the paper's recipe, same data, steps and seed): the one difference is
 where the groups' inputs come from, so a gap between those two is the effect of training on the student's
 own history. Every configuration samples the held-out captions of the ARD bench (its first 400 captions
 are the bench's) from the same noise. Reported per student: adherence and FD-shapes; each student minus

@@ -79,6 +79,10 @@ hasten distill ard --teacher {man['teacher']} --data {args.data} --layers-with-h
         f"- Two stages. Stage 1: the first {stage1['n']} trajectories, config `{stage1['config']}`; "
         f"{stage1['time']} (its card: `git show {stage1['commit']}:src/hasten/models/shapes_ard4/MODEL_CARD.md`). "
         f"Stage 2 (below) starts from stage 1's EMA weights (`--init`) on all {n}.\n")
+    native = "bf16 autocast where the CPU has native bf16, else float32"
+    autocast = {True: "bf16 autocast", False: "float32"}.get(tc.get("bf16_autocast"), native)
+    stage = " (stage 2)" if stage1 else ""
+    last = f"step {log['curve'][-1]['step']}: {log['curve'][-1]['loss']:.5f}"
     card = f"""# {NAME}: a 4-step ARD student of `{cfg['base']}`
 
 ARD (autoregressive distillation, Kim et al., CVPR 2025; `hasten.distill.ard`): `{cfg['base']}`'s transformer
@@ -107,9 +111,9 @@ python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {ar
   {man['kept_indices']} (sigmas {[round(x, 4) for x in cfg['sigmas']]}).
 - Config: `{json.dumps(tc)}`; base VAE fingerprint `{cfg['base_vae']}` (a different `{cfg['base']}` is refused).
 - Loss: teacher-forced, mean over the 4 steps of the MSE to the teacher's next state; AdamW, gradient
-  clipping 1, EMA {tc['ema_decay']}, bf16 autocast.
-- Time: {share}.
-- Loss (`loss_curve.png`): {points}, step {log['curve'][-1]['step']}: {log['curve'][-1]['loss']:.5f}.
+  clipping 1, EMA {tc['ema_decay']}, {autocast}.
+- Time{stage}: {share}.
+- Loss{stage} (`loss_curve.png`): {points}, {last}.
 
 {metrics_section(res, args.bench)}"""
     atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
