@@ -25,14 +25,12 @@ from hasten.io import write_json
 
 def per_trajectory_loss(student, data: dict, rows: range, batch: int) -> torch.Tensor:
     """(len(rows), K): each trajectory's per-step MSE, as ``ARDStudent.loss`` averages it."""
-    dt_ = student.step_sizes().view(1, -1, 1, 1, 1)
     out = []
     with torch.no_grad():
         for start in range(rows.start, rows.stop, batch):
             sl = slice(start, min(start + batch, rows.stop))
             states = data["states"][sl].float()
-            x = states[:, :-1]
-            pred = x + dt_ * student(x, data["text"][sl].float(), data["pooled"][sl].float())
+            pred = student.next_states(states[:, :-1], data["text"][sl].float(), data["pooled"][sl].float())
             out.append(((pred - states[:, 1:]) ** 2).mean(dim=(2, 3, 4)))
     return torch.cat(out)
 

@@ -196,8 +196,11 @@ class ARDStudent(nn.Module):
         The groups' inputs are the teacher's states ``states[:, :-1]`` (teacher forcing), or ``inputs`` (B, K, ...)
         when given (:func:`own_history_inputs`)."""
         x = states[:, :-1] if inputs is None else inputs
-        pred = x + self.step_sizes().view(1, -1, 1, 1, 1) * self(x, text, pooled)
-        return ((pred - states[:, 1:]) ** 2).mean(dim=(0, 2, 3, 4)).mean()
+        return ((self.next_states(x, text, pooled) - states[:, 1:]) ** 2).mean(dim=(0, 2, 3, 4)).mean()
+
+    def next_states(self, inputs: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Each group's Euler step from its input, all K at once: ``x_k + (sigma_{k+1} - sigma_k) v_k`` (B, K, ...)."""
+        return inputs + self.step_sizes().view(1, -1, 1, 1, 1) * self(inputs, text, pooled)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
