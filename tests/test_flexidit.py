@@ -9,7 +9,13 @@ from dataclasses import asdict
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+)
 
 from hasten.errors import HastenError
 from hasten.methods.flexidit import (
@@ -44,10 +50,8 @@ def tiny(kind: str) -> torch.nn.Module:
 
 
 def flux_ids(rows: int, cols: int) -> torch.Tensor:
-    """Flux's image ids for a rows x cols token grid (as FluxPipeline._prepare_latent_image_ids)."""
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1], ids[..., 2] = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
-    return ids.reshape(-1, 3)
+    """FluxPipeline's own image ids for a rows x cols token grid."""
+    return FluxPipeline._prepare_latent_image_ids(1, rows, cols, "cpu", torch.float32)
 
 
 def call(kind: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +259,8 @@ def test_flux_coarse_tokens_are_embedded_as_their_down_sampling_at_the_patch_cen
 
     model = flexify(tiny("flux"), (2, 4))
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(pack_latent(x, 2), FluxPipeline._pack_latents(x, 1, 4, 16, 16))  # the pipeline's layout
+    assert torch.equal(unpack_tokens(pack_latent(x, 4), 4, 4, 4), x)
     emb = model.x_embedder
     down = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=False)
     torch.testing.assert_close(F.linear(pack_latent(x, 4), emb.weight_for(4)),
