@@ -52,8 +52,7 @@ def main() -> None:
         if args.stage1_card is None:
             ap.error(f"{run} started from another student (--init): pass that student's card with --stage1-card")
         stage1 = first_stage(args.stage1_card.read_text(), args.data)
-        stage1["commit"] = subprocess.run(["git", "log", "-1", "--format=%h", "--", "src/hasten/models/shapes_ard4"],
-                                          capture_output=True, text=True, check=True).stdout.strip()
+        stage1["commit"] = commit_of(args.stage1_card, "src/hasten/models/shapes_ard4/MODEL_CARD.md")
     shipped = ship_run(run, NAME, "ard_config.json")
     dest, cfg, log, share = shipped.dest, shipped.cfg, shipped.log, shipped.share
     blocks = len(shipped.pipe.transformer.transformer_blocks)
@@ -64,17 +63,17 @@ def main() -> None:
     points = shipped.loss_points(5)
     tc = log["config"]
     n = cfg.get("trajectories", man["n"])  # what the run trained on (the folder may have grown since)
-    stage2 = f"""
-hasten distill trajectories --teacher {man['teacher']} --steps {man['steps']} --keep {man['keep']} \\
-    --n {n} --out {args.data}   # {n - stage1['n'] if stage1 else 0} more trajectories (new seeds) in the same folder
-hasten distill ard --teacher {man['teacher']} --data {args.data} --layers-with-history {cfg['layers_with_history']} \\
-    --init {stage1['run'] if stage1 else ''} --out {run} --steps {tc['steps']} --batch-size {tc['batch_size']} \\
-    --lr {tc['lr']:g} --warmup {tc['warmup']}   # stage 2""" if stage1 else ""
-    reproduce = (stage1["commands"] + stage2) if stage1 else f"""\
-hasten distill trajectories --teacher {man['teacher']} --steps {man['steps']} --keep {man['keep']} \\
-    --n {n} --out {args.data}
-hasten distill ard --teacher {man['teacher']} --data {args.data} --layers-with-history {cfg['layers_with_history']} \\
-    --out {run} --steps {tc['steps']} --batch-size {tc['batch_size']} --lr {tc['lr']:g}   # re-running resumes"""
+    trajectories = (f"hasten distill trajectories --teacher {man['teacher']} --steps {man['steps']} "
+                    f"--keep {man['keep']} \\\n    --n {n} --out {args.data}")
+    ard = (f"hasten distill ard --teacher {man['teacher']} --data {args.data} "
+           f"--layers-with-history {cfg['layers_with_history']} \\\n   ")
+    if stage1:
+        reproduce = (f"{stage1['commands']}\n{trajectories}   # {n - stage1['n']} more trajectories (new seeds) in "
+                     f"the same folder\n{ard} --init {stage1['run']} --out {run} --steps {tc['steps']} --batch-size "
+                     f"{tc['batch_size']} \\\n    --lr {tc['lr']:g} --warmup {tc['warmup']}   # stage 2")
+    else:
+        reproduce = (f"{trajectories}\n{ard} --out {run} --steps {tc['steps']} --batch-size {tc['batch_size']} "
+                     f"--lr {tc['lr']:g}   # re-running resumes")
     stage1_note = "" if stage1 is None else (
         f"- Two stages. Stage 1: the first {stage1['n']} trajectories, config `{stage1['config']}`; "
         f"{stage1['time']} (its card: `git show {stage1['commit']}:src/hasten/models/shapes_ard4/MODEL_CARD.md`). "
@@ -119,6 +118,18 @@ python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {ar
     atomic_write(dest / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
     write_check(shipped.pipe)
     print((dest / "MODEL_CARD.md").read_text())
+
+
+def commit_of(card: Path, path: str) -> str:
+    """The newest commit whose ``path`` is byte for byte ``card`` (where the first stage's card can be read)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()
+
+    blob = git("hash-object", str(card))
+    for commit in git("log", "--format=%h", "--", path).split():
+        if git("rev-parse", f"{commit}:{path}") == blob:
+            return commit
+    raise SystemExit(f"{card} is not a committed version of {path}")
 
 
 def first_stage(card: str, data: Path) -> dict:
