@@ -18,6 +18,16 @@ own history. Every configuration samples the held-out captions of the ARD bench 
 are the bench's) from the same noise. Reported per student: adherence and FD-shapes; each student minus
 the teacher, and each student minus every student listed before it, with 95% paired-bootstrap intervals
 (captions resampled together). Writes results.json.
+
+Fidelity to the teacher, what distillation itself degrades (FD-shapes against rendered scenes cannot show
+it here: CFG costs the teacher FD-shapes, so a student can drift from the teacher and still score better):
+
+- ``psnr_vs_teacher``: mean per-image PSNR (dB) of the student's image against the teacher's image from the
+  same caption and noise. The students learn the teacher's map from noise to image, so this is their error.
+- ``fd_to_teacher``: FD between the student's scene-encoder features and the teacher's (its statistics
+  held fixed in the bootstrap, as the rendered scenes' are for FD-shapes). Its floor, printed as the row
+  ``teacher, other noise``: the teacher on the same captions from other noise (seed 1), i.e. a perfect
+  sampler of the teacher's distribution that does not reproduce its images.
 """
 
 from __future__ import annotations
@@ -27,11 +37,29 @@ import datetime as dt
 import json
 from pathlib import Path
 
+import numpy as np
+
 import hasten
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
-from hasten.eval.shapes_eval import generate_images, paired_bootstrap, rounded_difference, score_images
+from hasten.eval.metrics import psnr_per_image
+from hasten.eval.shapes_eval import (
+    fd_of_features,
+    feature_stats,
+    generate_images,
+    initial_noise,
+    paired_bootstrap,
+    rounded_difference,
+    score_images,
+)
 from hasten.io import write_json
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int, seed: int = 0) -> dict:
+    """Mean of per-caption ``values`` (here a PSNR difference in dB) with its 95% percentile bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)]
+    return {"db": round(float(values.mean()), 3), "db_ci95": [round(v, 3) for v in np.percentile(means, [2.5, 97.5])]}
 
 
 def main() -> None:
@@ -51,32 +79,50 @@ def main() -> None:
         students.append((label, model))
     teacher = hasten.load_pipeline("shapes")
     data = EvalSet(teacher, args.samples, seed=0)
-    configs = [("teacher: Euler 25, CFG", teacher, 25, "shapes")]
-    configs += [(label, hasten.load_pipeline(model), 4, model) for label, model in students]
-    rows, per_image = [], {}
-    for name, pipe, steps, model in configs:
-        images, secs = generate_images(pipe, data.prompts, steps, None, batch_size=args.batch_size, noise=data.noise)
+    teacher_name, floor_name = "teacher: Euler 25, CFG", "teacher, other noise"
+    configs = [(teacher_name, teacher, 25, "shapes", data.noise), (floor_name, teacher, 25, "shapes",
+                                                                   initial_noise(teacher, args.samples, seed=1))]
+    configs += [(label, hasten.load_pipeline(model), 4, model, data.noise) for label, model in students]
+    rows, per_image, psnrs = [], {}, {}
+    for name, pipe, steps, model, noise in configs:
+        images, secs = generate_images(pipe, data.prompts, steps, None, batch_size=args.batch_size, noise=noise)
         q = score_images(data.scenes, images, per_image=True)
         per_image[name] = q["per_image"]
+        if name == teacher_name:
+            teacher_images, to_teacher = images, feature_stats(q["per_image"].features)
+        psnrs[name] = psnr_per_image(images, teacher_images).numpy()
         n_history = getattr(getattr(pipe, "student", None), "layers_with_history", None)
         rows.append({"name": name, "model": model, "steps": steps, "layers_with_history": n_history,
                      "fd_shapes": round(q["fd_shapes"], 4), "adherence": round(q["adherence"], 4),
+                     "psnr_vs_teacher": round(float(psnrs[name].mean()), 3),
+                     "fd_to_teacher": round(fd_of_features(q["per_image"].features, to_teacher), 4),
                      "adherence_per_category": q["adherence_per_category"], "wall_s": round(secs, 2)})
-        print(f"{name:<34} FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}", flush=True)
-    teacher_name = configs[0][0]
+        print(f"{name:<34} FD {rows[-1]['fd_shapes']:8.3f}  adherence {rows[-1]['adherence']:.3f}  "
+              f"PSNR vs teacher {rows[-1]['psnr_vs_teacher']:6.2f} dB  FD to teacher {rows[-1]['fd_to_teacher']:.3f}",
+              flush=True)
     vs_teacher = {label: rounded_difference(paired_bootstrap(per_image[label], per_image[teacher_name], args.resamples))
                   for label, _ in students}
     pairs = {f"{b} minus {a}": rounded_difference(paired_bootstrap(per_image[b], per_image[a], args.resamples))
              for i, (b, _) in enumerate(students) for a, _ in students[:i]}
+    fidelity_pairs = {}
+    for i, (b, _) in enumerate(students):
+        for a, _ in students[:i]:
+            d = rounded_difference(paired_bootstrap(per_image[b], per_image[a], args.resamples, reference=to_teacher))
+            fidelity_pairs[f"{b} minus {a}"] = {"fd_to_teacher": d["fd"], "fd_to_teacher_ci95": d["fd_ci95"],
+                                                "psnr_vs_teacher": bootstrap_mean(psnrs[b] - psnrs[a], args.resamples)}
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "samples": args.samples, "noise_seed": 0, "resamples": args.resamples,
            "note": "one run per configuration on the same held-out captions and noise; differences are a minus b "
-                   "with 95% paired-bootstrap intervals (captions resampled together, FD reference fixed)",
-           "student_minus_teacher": vs_teacher, "student_minus_student": pairs, "records": rows}
+                   "with 95% paired-bootstrap intervals (captions resampled together, FD reference fixed); "
+                   "psnr_vs_teacher and fd_to_teacher measure each row against the teacher's images (same "
+                   "captions and noise), 'teacher, other noise' is their floor",
+           "student_minus_teacher": vs_teacher, "student_minus_student": pairs,
+           "fidelity_student_minus_student": fidelity_pairs, "records": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", res)
-    print(json.dumps({"student_minus_teacher": vs_teacher, "student_minus_student": pairs}, indent=2))
+    print(json.dumps({"student_minus_teacher": vs_teacher, "student_minus_student": pairs,
+                      "fidelity_student_minus_student": fidelity_pairs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Evaluator sanity: the classifier knows real digits; metrics behave as metrics."""
 
+import pytest
 import torch
 
 from hasten.data import digits
 from hasten.eval import class_accuracy, frechet_distance, psnr, ssim
-from hasten.eval.metrics import fd_to_held_out, real_vs_real_fd
+from hasten.eval.metrics import fd_to_held_out, psnr_per_image, real_vs_real_fd
 
 
 def test_classifier_scores_real_held_out_images():
@@ -31,3 +32,6 @@ def test_psnr_and_ssim():
     c = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
     assert 35 < psnr(a, b) < 45 and psnr(a, c) < psnr(a, b)
     assert ssim(a, c) < ssim(a, b) < 1.0
+    per = psnr_per_image(a, torch.cat([b[:4], c[4:]]))  # one value per pair, psnr is their mean
+    assert per.shape == (8,) and (per[:4] > per[4:].max()).all()
+    assert psnr(a, b) == pytest.approx(psnr_per_image(a, b).mean().item(), abs=1e-12)

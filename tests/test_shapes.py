@@ -12,7 +12,7 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from hasten.data.shapes import CATEGORIES, TEMPLATES, render, sample_scene, scenes
 from hasten.errors import HastenError
 from hasten.eval.scene_parser import check_facts, parse, parser_accuracy
-from hasten.eval.shapes_eval import PerImage, paired_bootstrap
+from hasten.eval.shapes_eval import PerImage, fd_of_features, feature_stats, paired_bootstrap
 from hasten.pipelines.shapes import (
     MAX_TOKENS,
     ShapesPipeline,
@@ -134,6 +134,16 @@ def test_paired_bootstrap_resolves_a_real_difference_and_not_a_null_one():
     assert null["fd_ci95"][0] < 0 < null["fd_ci95"][1]
     with pytest.raises(ValueError, match="same captions"):
         paired_bootstrap(_per_image(good, ok_good), _per_image(good[:10], ok_good[:10]), reference=ref)
+
+
+def test_fd_to_a_teachers_samples_is_zero_for_its_own_features_and_grows_with_drift():
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(500, 8, generator=g)
+    to_teacher = feature_stats(teacher)
+    assert abs(fd_of_features(teacher, to_teacher)) < 1e-8
+    near, far = teacher + 0.05 * torch.randn(500, 8, generator=g), teacher + 0.3
+    assert 0 < fd_of_features(near, to_teacher) < fd_of_features(far, to_teacher)
+    assert fd_of_features(far, to_teacher) == pytest.approx(8 * 0.3**2, rel=1e-6)  # a pure shift: ||0.3 * 1||^2
 
 
 # --------------------------------------------------------------------------- pipeline

@@ -80,10 +80,15 @@ def real_vs_real_fd() -> float:
     return fd_to_held_out((x + 1) / 2)
 
 
+def psnr_per_image(images_a: torch.Tensor, images_b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB (data range 1) of each image pair, (N,) float64, capped at 100 dB for identical images."""
+    mse = (images_a.double() - images_b.double()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
 def psnr(images_a: torch.Tensor, images_b: torch.Tensor) -> float:
     """Mean per-image PSNR in dB (data range 1), capped at 100 dB for identical images."""
-    mse = (images_a.double() - images_b.double()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1.0 / mse)).mean().item()
+    return psnr_per_image(images_a, images_b).mean().item()
 
 
 def _gaussian_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:

@@ -61,6 +61,13 @@ def fd_of_features(features: torch.Tensor, reference: tuple[np.ndarray, np.ndarr
     return _gaussian_fd(*_stats(features), *(_reference_stats() if reference is None else reference))
 
 
+def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of scene-encoder ``features``: a ``reference`` for :func:`fd_of_features` and
+    :func:`paired_bootstrap` other than the rendered scenes (a teacher's samples, to measure how far a
+    student's distribution is from its teacher's)."""
+    return _stats(features)
+
+
 def real_vs_real_fd(n: int) -> float:
     """FD-shapes of ``n`` other held-out rendered scenes: the floor a perfect model reaches at this n."""
     return fd_shapes(rendered(FD_REFERENCE_SEED0 + 100_000, n))
