@@ -3,6 +3,9 @@
     python benchmarks/ard_loss.py --data runs/ard/traj2k --split "trained on=0:5000" \
         --split "fresh=5000:10000" --student "N=2 (shapes-ard4)=shapes-ard4" --student "N=0=runs/ard/n0"
 
+With ``--swapped-history``, also each step's loss when the earlier groups come from another trajectory
+(:func:`swapped_history_loss`): how much each step relies on its history.
+
 Per student and split: the training loss (mean over the K steps of the MSE between the predicted and the
 teacher's next state, the groups fed the teacher's states; the saved EMA weights, no gradient) and its
 per-step terms, on the first ``--per-split`` trajectories of each split, with a 95% normal interval over
@@ -35,6 +38,27 @@ def per_trajectory_loss(student, data: dict, rows: range, batch: int) -> torch.T
     return torch.cat(out)
 
 
+def swapped_history_loss(student, data: dict, rows: range, batch: int) -> torch.Tensor:
+    """(len(rows), K): each step's MSE when the groups before it are fed another trajectory's states (the
+    previous one in the batch: another caption and noise) and the step's own input is kept. Against
+    :func:`per_trajectory_loss` this measures how much a student relies on its history: N = 0 must not change
+    at all, step 1 has no history to swap."""
+    out = []
+    with torch.no_grad():
+        for start in range(rows.start, rows.stop, batch):
+            sl = slice(start, min(start + batch, rows.stop))
+            states = data["states"][sl].float()
+            text, pooled = data["text"][sl].float(), data["pooled"][sl].float()
+            other, per_step = states.roll(1, 0), []
+            for d in range(states.shape[1] - 1):
+                inputs = states[:, :-1].clone()
+                inputs[:, :d] = other[:, :d]
+                pred = student.next_states(inputs, text, pooled)[:, d]
+                per_step.append(((pred - states[:, d + 1]) ** 2).mean(dim=(1, 2, 3)))
+            out.append(torch.stack(per_step, 1))
+    return torch.cat(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="a folder written by hasten distill trajectories")
@@ -44,6 +68,8 @@ def main() -> None:
                     help="an ARD student (name or folder) and its label; repeat")
     ap.add_argument("--per-split", type=int, default=2000, help="trajectories scored per split (the first ones)")
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--swapped-history", action="store_true",
+                    help="also each step's loss with the earlier groups taken from another trajectory")
     ap.add_argument("--out", default="benchmarks/ard_shapes/loss")
     args = ap.parse_args()
 
@@ -74,6 +100,12 @@ def main() -> None:
                                                                        round(loss.mean().item() + half, 6)],
                          "per_step": [round(v, 6) for v in per.mean(0).tolist()]})
             print(f"{label:<28} {split:<12} loss {rows[-1]['loss']:.5f}  per step {rows[-1]['per_step']}", flush=True)
+            if args.swapped_history:
+                swapped = swapped_history_loss(student, data, r, args.batch_size)
+                rows[-1]["per_step_swapped_history"] = [round(v, 6) for v in swapped.mean(0).tolist()]
+                rows[-1]["history_changes_nothing"] = bool(torch.equal(swapped, per))
+                print(f"{'':<28} {'':<12} swapped history, per step {rows[-1]['per_step_swapped_history']}",
+                      flush=True)
     res = {"benchmark": "ard_loss", "date": dt.date.today().isoformat(), "machine": machine_info(),
            "data": str(args.data), "trajectories_in_data": n, "per_split": args.per_split, "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,14 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from hasten.data.shapes import CATEGORIES, TEMPLATES, render, sample_scene, scenes
 from hasten.errors import HastenError
 from hasten.eval.scene_parser import check_facts, parse, parser_accuracy
-from hasten.eval.shapes_eval import PerImage, fd_of_features, feature_stats, paired_bootstrap
+from hasten.eval.shapes_eval import (
+    PerImage,
+    bootstrap_mean,
+    fd_of_features,
+    feature_stats,
+    fidelity,
+    paired_bootstrap,
+)
 from hasten.pipelines.shapes import (
     MAX_TOKENS,
     ShapesPipeline,
@@ -144,6 +151,22 @@ def test_fd_to_a_teachers_samples_is_zero_for_its_own_features_and_grows_with_dr
     near, far = teacher + 0.05 * torch.randn(500, 8, generator=g), teacher + 0.3
     assert 0 < fd_of_features(near, to_teacher) < fd_of_features(far, to_teacher)
     assert fd_of_features(far, to_teacher) == pytest.approx(8 * 0.3**2, rel=1e-6)  # a pure shift: ||0.3 * 1||^2
+
+
+def test_fidelity_to_the_teacher_and_the_bootstrap_of_a_paired_mean():
+    g = torch.Generator().manual_seed(2)
+    teacher_images = torch.rand(40, 3, 8, 8, generator=g)
+    teacher_features = torch.randn(40, 4, generator=g)
+    to_teacher = feature_stats(teacher_features)
+    db, fd = fidelity(teacher_images, teacher_features, teacher_images, to_teacher)  # a perfect copy
+    assert (db == 100.0).all() and abs(fd) < 1e-8
+    noisy = (teacher_images + 0.05 * torch.randn(teacher_images.shape, generator=g)).clamp(0, 1)
+    db, fd = fidelity(noisy, teacher_features + 1.0, teacher_images, to_teacher)
+    assert db.shape == (40,) and 20 < db.mean() < 35 and fd == pytest.approx(4.0, rel=1e-6)
+    better = bootstrap_mean(np.full(40, 0.5) + 0.01 * np.arange(40), resamples=200)
+    assert better["mean"] == pytest.approx(0.695) and 0.5 < better["ci95"][0] < 0.695 < better["ci95"][1] < 0.9
+    tie = bootstrap_mean(np.random.default_rng(0).normal(size=400), resamples=200)
+    assert tie["ci95"][0] < 0 < tie["ci95"][1]
 
 
 # --------------------------------------------------------------------------- pipeline

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data.shapes import HELD_OUT_SEED0, sample_scene
-from .metrics import _gaussian_fd, _stats, psnr, ssim
+from .metrics import _gaussian_fd, _stats, psnr, psnr_per_image, ssim
 from .scene_encoder import FD_REFERENCE_SEED0, encoder_features, rendered
 from .scene_parser import adherence
 
@@ -66,6 +66,26 @@ def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     :func:`paired_bootstrap` other than the rendered scenes (a teacher's samples, to measure how far a
     student's distribution is from its teacher's)."""
     return _stats(features)
+
+
+def fidelity(images01: torch.Tensor, features: torch.Tensor, teacher_images01: torch.Tensor,
+             teacher_stats: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float]:
+    """How close a distilled student stays to its teacher, on the same captions and initial noise: the per-image
+    PSNR (dB) of ``images01`` against the teacher's images (the student's error on the map from noise to image
+    it was trained to copy), and the FD between the student's scene-encoder ``features`` and the teacher's
+    (``teacher_stats``, from :func:`feature_stats`). FD-shapes against rendered scenes cannot show what
+    distillation loses when the teacher's own FD-shapes is raised by guidance: a student can drift from the
+    teacher and score better there."""
+    return psnr_per_image(images01, teacher_images01).numpy(), fd_of_features(features, teacher_stats)
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict:
+    """The mean of per-caption ``values`` (a paired difference, e.g. of PSNR in dB) with its 95% percentile
+    bootstrap interval (captions resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": round(float(values.mean()), 3), "ci95": [round(float(lo), 3), round(float(hi), 3)]}
 
 
 def real_vs_real_fd(n: int) -> float:
