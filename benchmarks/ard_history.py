@@ -4,13 +4,14 @@
         --student shipped=shapes-ard4 --student "teacher-forced +300=runs/ard/ft_tf" \
         --student "own history +300=runs/ard/ft_own"
 
-Also the second-stage run (``--init`` plus 1000 steps on twice the trajectories, N = 2 and N = 0 alike):
+Also the second-stage run (``--init`` plus 1000 steps on twice the trajectories, N = 2 and N = 0 alike;
+``runs/ard/stage1_shipped`` is the stage-1 ``shapes-ard4`` folder, ``runs/ard/x2_ard`` the shipped stage 2):
 
     python benchmarks/ard_history.py --samples 1200 --out benchmarks/ard_shapes/longer \
-        --student "N=2 shipped (1000 steps)=shapes-ard4" --student "N=0 (1000 steps)=runs/ard/n0" \
-        --student "N=2 +1000 steps=runs/ard/x2_ard" --student "N=0 +1000 steps=runs/ard/x2_n0"
+        --student "N=2 stage 1 (1000 steps)=runs/ard/stage1_shipped" --student "N=0 stage 1 (1000 steps)=runs/ard/n0" \
+        --student "N=2 stage 2 (shapes-ard4)=runs/ard/x2_ard" --student "N=0 stage 2=runs/ard/x2_n0"
 
-(run before ``shapes-ard4`` became the N = 2 second stage). Made to measure the own-history fine-tune
+Made to measure the own-history fine-tune
 (``hasten distill ard --own-history P --init shapes-ard4``, on the stage-1 student) against the same
 fine-tune teacher-forced (the paper's recipe, same data, steps and seed): the one difference is
 where the groups' inputs come from, so a gap between those two is the effect of training on the student's
@@ -72,8 +73,8 @@ def main() -> None:
         students.append((label, model))
     teacher = hasten.load_pipeline("shapes")
     data = EvalSet(teacher, args.samples, seed=0)
-    teacher_name, floor_name = "teacher: Euler 25, CFG", "teacher, other noise"
-    configs = [(teacher_name, teacher, 25, "shapes", data.noise), (floor_name, teacher, 25, "shapes",
+    teacher_name, other_noise_name = "teacher: Euler 25, CFG", "teacher, other noise"
+    configs = [(teacher_name, teacher, 25, "shapes", data.noise), (other_noise_name, teacher, 25, "shapes",
                                                                    initial_noise(teacher, args.samples, seed=1))]
     configs += [(label, hasten.load_pipeline(model), 4, model, data.noise) for label, model in students]
     rows, per_image, psnrs = [], {}, {}

@@ -4,7 +4,12 @@
         --split "fresh=5000:10000" --student "N=2 (shapes-ard4)=shapes-ard4" --student "N=0=runs/ard/n0"
 
 With ``--swapped-history``, also each step's loss when the earlier groups come from another trajectory
-(:func:`swapped_history_loss`): how much each step relies on its history.
+(:func:`swapped_history_loss`): how much each step relies on its history. Measured so:
+
+    python benchmarks/ard_loss.py --data runs/ard/traj2k --split "held out=10000:10500" --per-split 500 \
+        --swapped-history --student "N=2 stage 1=runs/ard/stage1_shipped" --student "N=0 stage 1=runs/ard/n0" \
+        --student "N=2 stage 2 (shapes-ard4)=shapes-ard4" --student "N=0 stage 2=runs/ard/x2_n0" \
+        --out benchmarks/ard_shapes/history_use
 
 Per student and split: the training loss (mean over the K steps of the MSE between the predicted and the
 teacher's next state, the groups fed the teacher's states; the saved EMA weights, no gradient) and its

@@ -170,6 +170,16 @@ def metrics_section(res: dict, bench: Path) -> str:
                         for label, v in (("ARD minus teacher", s["ard_minus_teacher"]),
                                          ("N = 0 minus teacher", s["step_distillation_minus_teacher"]),
                                          ("ARD minus N = 0", s["ard_minus_step_distillation"])))
+    if "ard_fd_to_teacher" in s:
+        f = s["ard_minus_step_distillation_fidelity"]
+        text += (f"- Fidelity to the 25-step teacher (its images from the same captions and noise): FD to its samples "
+                 f"ARD {s['ard_fd_to_teacher']:.3f}, N = 0 {s['step_distillation_fd_to_teacher']:.3f} (ratio "
+                 f"{s['ard_fd_to_teacher_over_n0']}); PSNR against its images ARD {s['ard_psnr_vs_teacher']:.2f} dB, "
+                 f"N = 0 {s['step_distillation_psnr_vs_teacher']:.2f} dB; ARD minus N = 0: FD to the teacher "
+                 f"{f['fd_to_teacher']:+.3f} {f['fd_to_teacher_ci95']}, PSNR {f['psnr_vs_teacher_db']:+.3f} dB "
+                 f"{f['psnr_vs_teacher_db_ci95']}.\n"
+                 f"- The FD target (ARD's degradation at most half of N = 0's, read on {s['fd_target_reading']}): "
+                 f"{'met' if s['target_fd_half_of_n0_met'] else 'not met'}.\n")
     return text
 
 
