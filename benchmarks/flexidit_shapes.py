@@ -61,6 +61,7 @@ def main() -> None:
     configs = [({"compute": c}, f"flexi compute={c}") for c in SHARES if c > floor]
     configs.append(({"weak_steps": args.steps}, f"flexi every call weak (compute {floor:.3f})"))
     configs.append(({"compute": 0.6, "weak_guide_steps": 10}, "flexi compute=0.6 + weak guide 10"))
+    configs.append(({"weak_steps": 0, "weak_guide_steps": args.steps}, "flexi weak guide on every call"))
     for kw, name in configs:
         with hasten.accelerate(flex, hasten.FlexiDiT(**kw)) as h:
             images, secs = sample(flex)
