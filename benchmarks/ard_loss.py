@@ -1,7 +1,12 @@
 """ARD students' teacher-forced loss on trajectories they were trained on and on fresh ones (overfitting check).
 
-    python benchmarks/ard_loss.py --data runs/ard/traj2k --split "trained on=0:5000" \
-        --split "fresh=5000:10000" --student "N=2 (shapes-ard4)=shapes-ard4" --student "N=0=runs/ard/n0"
+    python benchmarks/ard_loss.py --data runs/ard/traj2k --per-split 500 --split "first 5000=0:5000" \
+        --split "second 5000=5000:10000" --split "held out=10000:10500" \
+        --student "N=2 stage 1 (1000 steps)=runs/ard/stage1_shipped" --student "N=0 stage 1 (1000 steps)=runs/ard/n0" \
+        --student "N=2 stage 2 (shapes-ard4)=runs/ard/x2_ard" --student "N=0 stage 2=runs/ard/x2_n0"
+
+(the stage-1 students trained on the first 5000 trajectories, the stage-2 ones on the first 10000; the last 500
+no student saw).
 
 With ``--swapped-history``, also each step's loss when the earlier groups come from another trajectory
 (:func:`swapped_history_loss`): how much each step relies on its history. Measured so:
@@ -14,7 +19,8 @@ With ``--swapped-history``, also each step's loss when the earlier groups come f
 Per student and split: the training loss (mean over the K steps of the MSE between the predicted and the
 teacher's next state, the groups fed the teacher's states; the saved EMA weights, no gradient) and its
 per-step terms, on the first ``--per-split`` trajectories of each split, with a 95% normal interval over
-trajectories. Writes results.json.
+trajectories; for every pair of students on each split, the per-step difference with a 95% interval
+over the paired trajectories (``student_minus_student``). Writes results.json.
 """
 
 from __future__ import annotations
@@ -64,6 +70,16 @@ def swapped_history_loss(student, data: dict, rows: range, batch: int) -> torch.
     return torch.cat(out)
 
 
+def per_step_difference(b: torch.Tensor, a: torch.Tensor) -> dict:
+    """Per-step loss of student b minus student a on the same trajectories (each (n, K)), as the relative
+    difference of the means, with a 95% normal interval over trajectories of the paired difference."""
+    d, mean_a = (b - a).double(), a.double().mean(0)
+    half = 1.96 * d.std(0) / d.shape[0] ** 0.5
+    return {"per_step": [round(v, 7) for v in d.mean(0).tolist()],
+            "per_step_ci95": [[round(m - h, 7), round(m + h, 7)] for m, h in zip(d.mean(0).tolist(), half.tolist())],
+            "per_step_relative": [round(v, 4) for v in (d.mean(0) / mean_a).tolist()]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="a folder written by hasten distill trajectories")
@@ -93,11 +109,11 @@ def main() -> None:
         if not (start.isdigit() and stop.isdigit() and int(start) < int(stop) <= n):
             ap.error(f"--split range must be START:STOP within 0:{n}, got {span!r}")
         splits.append((label, range(int(start), min(int(stop), int(start) + args.per_split))))
-    rows = []
+    rows, losses = [], {}
     for label, model in (labelled(s, "--student") for s in args.student):
         student = hasten.load_pipeline(model).student.eval()
         for split, r in splits:
-            per = per_trajectory_loss(student, data, r, args.batch_size)
+            per = losses[label, split] = per_trajectory_loss(student, data, r, args.batch_size)
             loss = per.mean(1)
             half = 1.96 * loss.std().item() / len(loss) ** 0.5
             rows.append({"student": label, "model": model, "split": split, "trajectories": [r.start, r.stop],
@@ -111,8 +127,12 @@ def main() -> None:
                 rows[-1]["history_changes_nothing"] = bool(torch.equal(swapped, per))
                 print(f"{'':<28} {'':<12} swapped history, per step {rows[-1]['per_step_swapped_history']}",
                       flush=True)
+    labels = list(dict.fromkeys(row["student"] for row in rows))
+    pairs = {f"{b} minus {a}, {split}": per_step_difference(losses[b, split], losses[a, split])
+             for split, _ in splits for i, b in enumerate(labels) for a in labels[:i]}
     res = {"benchmark": "ard_loss", "date": dt.date.today().isoformat(), "machine": machine_info(),
-           "data": str(args.data), "trajectories_in_data": n, "per_split": args.per_split, "rows": rows}
+           "data": str(args.data), "trajectories_in_data": n, "per_split": args.per_split, "rows": rows,
+           "student_minus_student": pairs}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(args.out) / "results.json", res)
     print(f"wrote {Path(args.out) / 'results.json'}")
