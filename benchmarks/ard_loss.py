@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,36 +38,38 @@ from hasten.eval.bench import machine_info
 from hasten.io import write_json
 
 
+def batches(data: dict, rows: range, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The trajectories ``rows`` in batches: (states (b, K + 1, ...), text, pooled), float32."""
+    for start in range(rows.start, rows.stop, batch):
+        sl = slice(start, min(start + batch, rows.stop))
+        yield data["states"][sl].float(), data["text"][sl].float(), data["pooled"][sl].float()
+
+
+@torch.no_grad()
 def per_trajectory_loss(student, data: dict, rows: range, batch: int) -> torch.Tensor:
     """(len(rows), K): each trajectory's per-step MSE, as ``ARDStudent.loss`` averages it."""
     out = []
-    with torch.no_grad():
-        for start in range(rows.start, rows.stop, batch):
-            sl = slice(start, min(start + batch, rows.stop))
-            states = data["states"][sl].float()
-            pred = student.next_states(states[:, :-1], data["text"][sl].float(), data["pooled"][sl].float())
-            out.append(((pred - states[:, 1:]) ** 2).mean(dim=(2, 3, 4)))
+    for states, text, pooled in batches(data, rows, batch):
+        pred = student.next_states(states[:, :-1], text, pooled)
+        out.append(((pred - states[:, 1:]) ** 2).mean(dim=(2, 3, 4)))
     return torch.cat(out)
 
 
+@torch.no_grad()
 def swapped_history_loss(student, data: dict, rows: range, batch: int) -> torch.Tensor:
     """(len(rows), K): each step's MSE when the groups before it are fed another trajectory's states (the
     previous one in the batch: another caption and noise) and the step's own input is kept. Against
     :func:`per_trajectory_loss` this measures how much a student relies on its history: N = 0 must not change
     at all, step 1 has no history to swap."""
     out = []
-    with torch.no_grad():
-        for start in range(rows.start, rows.stop, batch):
-            sl = slice(start, min(start + batch, rows.stop))
-            states = data["states"][sl].float()
-            text, pooled = data["text"][sl].float(), data["pooled"][sl].float()
-            other, per_step = states.roll(1, 0), []
-            for d in range(states.shape[1] - 1):
-                inputs = states[:, :-1].clone()
-                inputs[:, :d] = other[:, :d]
-                pred = student.next_states(inputs, text, pooled)[:, d]
-                per_step.append(((pred - states[:, d + 1]) ** 2).mean(dim=(1, 2, 3)))
-            out.append(torch.stack(per_step, 1))
+    for states, text, pooled in batches(data, rows, batch):
+        other, per_step = states.roll(1, 0), []
+        for d in range(states.shape[1] - 1):
+            inputs = states[:, :-1].clone()
+            inputs[:, :d] = other[:, :d]
+            pred = student.next_states(inputs, text, pooled)[:, d]
+            per_step.append(((pred - states[:, d + 1]) ** 2).mean(dim=(1, 2, 3)))
+        out.append(torch.stack(per_step, 1))
     return torch.cat(out)
 
 

@@ -31,6 +31,7 @@ from make_default_model import plot_loss
 from hasten.io import atomic_write
 
 NAME = "shapes-ard4"
+CARD_IN_REPO = "src/hasten/models/shapes_ard4/MODEL_CARD.md"  # the shipped card, as git names it
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
         if args.stage1_card is None:
             ap.error(f"{run} started from another student (--init): pass that student's card with --stage1-card")
         stage1 = first_stage(args.stage1_card.read_text(), args.data)
-        stage1["commit"] = commit_of(args.stage1_card, "src/hasten/models/shapes_ard4/MODEL_CARD.md")
+        stage1["commit"] = commit_of(args.stage1_card, CARD_IN_REPO)
     shipped = ship_run(run, NAME, "ard_config.json")
     dest, cfg, log, share = shipped.dest, shipped.cfg, shipped.log, shipped.share
     blocks = len(shipped.pipe.transformer.transformer_blocks)
@@ -76,7 +77,7 @@ def main() -> None:
                      f"--lr {tc['lr']:g}   # re-running resumes")
     stage1_note = "" if stage1 is None else (
         f"- Two stages. Stage 1: the first {stage1['n']} trajectories, config `{stage1['config']}`; "
-        f"{stage1['time']} (its card: `git show {stage1['commit']}:src/hasten/models/shapes_ard4/MODEL_CARD.md`). "
+        f"{stage1['time']} (its card: `git show {stage1['commit']}:{CARD_IN_REPO}`). "
         f"Stage 2 (below) starts from stage 1's EMA weights (`--init`) on all {n}.\n")
     native = "bf16 autocast where the CPU has native bf16, else float32"
     autocast = {True: "bf16 autocast", False: "float32"}.get(tc.get("bf16_autocast"), native)
