@@ -15,6 +15,7 @@ from hasten.distill.ard import (
     ARDStudent,
     ard_flops,
     block_causal_mask,
+    gated_attention,
     load_ard,
     own_history_inputs,
     save_ard,
@@ -102,8 +103,8 @@ def test_with_history_the_first_step_is_the_teachers_and_later_steps_see_the_his
     assert not torch.equal(states[:, -1], teacher_euler(pipe, noise, text, pooled, SIGMAS))
 
 
-@pytest.mark.parametrize("n", [0, 1, 2])
-def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(pipe, cond, n):
+@pytest.mark.parametrize("n,gate", [(0, False), (1, False), (2, False), (2, True)])
+def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(pipe, cond, n, gate):
     """Fed its own predictions, the one-shot masked forward gives the velocities of the K cached passes.
 
     Not bitwise: the masked pass reduces attention over all groups' keys (masked entries add exact
@@ -111,12 +112,47 @@ def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(pipe, cond, n):
     ~1e-7 relative; 1e-5 absolute on unit-scale latents is far below any real difference (a wrong
     mask moves outputs by ~1e-2, the next test)."""
     noise, text, pooled = cond
-    student = ARDStudent(pipe.transformer, SIGMAS, n).eval()
+    student = ARDStudent(pipe.transformer, SIGMAS, n, history_gate=gate).eval()
+    if gate:  # gates spread over (0, 1)
+        student.history_gates.data = torch.rand(student.history_gates.shape, generator=torch.Generator()) / 50
     final, states = student.sample(noise, text, pooled, return_states=True)
     with torch.no_grad():
         v = student(states[:, :-1], text, pooled)
     pred = states[:, :-1] + student.step_sizes().view(1, -1, 1, 1, 1) * v
     torch.testing.assert_close(pred, states[:, 1:], atol=1e-5, rtol=0)
+
+
+def test_gated_attention_mixes_the_own_group_and_the_history_softmax():
+    q, k, v = (torch.randn(2, 3, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    seen, own = block_causal_mask(2, 2), block_causal_mask(2, 2, history=False)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    zero, one, half = (gated_attention(q, k, v, seen, own, torch.full((3,), g)) for g in (0.0, 1.0, 0.5))
+    torch.testing.assert_close(zero, sdpa(q, k, v, attn_mask=own))
+    torch.testing.assert_close(one, sdpa(q, k, v, attn_mask=seen))
+    torch.testing.assert_close(half, (zero + one) / 2)
+    torch.testing.assert_close(zero[:, :, :2], one[:, :, :2])  # group 0 has no history
+
+
+def test_a_gated_student_starts_as_step_distillation_and_can_open_its_history(pipe, cond):
+    """``history_gate``: all gates 0 (initialisation) is the N = 0 student, all 1 the paper's ARD; the loss
+    reaches the gates at 0, so training can open them.
+
+    Within 1e-5, not bitwise: the gated attention is an explicit softmax, the N = 0 student's diffusers'
+    fused SDPA kernel, which sums in another order (~1e-7 relative); a gate at 0.5 moves outputs by > 1e-3."""
+    noise, text, pooled = cond
+    states = torch.randn(2, 4, *pipe.latent_shape, generator=torch.Generator().manual_seed(1))
+    gated = ARDStudent(pipe.transformer, SIGMAS, 2, history_gate=True).eval()
+    with torch.no_grad():
+        zero = ARDStudent(pipe.transformer, SIGMAS, 0).eval()(states, text, pooled)
+        paper = ARDStudent(pipe.transformer, SIGMAS, 2).eval()(states, text, pooled)
+        torch.testing.assert_close(gated(states, text, pooled), zero, atol=1e-5, rtol=0)
+        gated.history_gates.fill_(1.0)  # x GATE_GAIN, clamped to 1
+        torch.testing.assert_close(gated(states, text, pooled), paper, atol=1e-5, rtol=0)
+        gated.history_gates.fill_(0.01)  # g = 0.5
+        assert (gated(states, text, pooled)[:, 1:] - zero[:, 1:]).abs().max() > 1e-3
+    fresh = ARDStudent(pipe.transformer, SIGMAS, 2, history_gate=True)
+    fresh.loss(torch.cat([noise[:, None], states], 1), text, pooled).backward()
+    assert fresh.history_gates.grad.abs().min() > 0
 
 
 def test_n0_groups_are_independent_and_history_is_causal(pipe, cond):
@@ -155,13 +191,13 @@ def test_flop_formula_matches_the_flop_counter(pipe, cond):
 
     noise, text, pooled = cond
     counted = {}
-    for n in (0, 2):
-        student = ARDStudent(pipe.transformer, SIGMAS, n).eval()
+    for n, gate in ((0, False), (2, False), (2, True)):  # the gates' mixing adds no matrix product
+        student = ARDStudent(pipe.transformer, SIGMAS, n, history_gate=gate).eval()
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             student.sample(noise, text, pooled)
         counted[n] = fc.get_total_flops()
         want = ard_flops(student, text.shape[1], 16, 16)
-        assert want["total"] * 2 == counted[n]
+        assert want["total"] * 2 == counted[n], (n, gate)
     assert counted[2] - counted[0] == 2 * ard_flops(student, text.shape[1], 16, 16)["extra"] > 0
 
 
@@ -211,10 +247,11 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
 
     noise, text, pooled = cond
     pipe.save_pretrained(tmp_path / "teacher")
-    student = ARDStudent(pipe.transformer, SIGMAS, 1).eval()
+    student = ARDStudent(pipe.transformer, SIGMAS, 1, history_gate=True).eval()
     with torch.no_grad():
         for p in student.head_projs[2].parameters():
             p.add_(0.01)  # weights that differ from the teacher's
+        student.history_gates.fill_(0.01)  # half-open gates: they must be saved and loaded
         for t in student.state_dict().values():
             t.copy_(t.half().float())  # weights and buffers are stored in float16: make the round trip exact
     save_ard(student, tmp_path / "ard", str(tmp_path / "teacher"), {"guidance_scale": 5.0, "base_vae":
@@ -313,6 +350,9 @@ def test_own_history_training_samples_the_student_and_init_starts_from_a_saved_s
                       init=str(tmp_path / "saved")), progress=False, vae_hash=vae)
     for p, q in zip(own["student"].parameters(), again["student"].parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-3)  # float16 storage; lr ~ 0
+    with pytest.raises(HastenError, match="history gate False"):
+        train_ard(pipe.transformer, data, tmp_path / "gated", ARDConfig(**base, history_gate=True,
+                  init=str(tmp_path / "saved")), progress=False, vae_hash=vae)
     with pytest.raises(HastenError, match="N = 1"):
         train_ard(pipe.transformer, data, tmp_path / "n2", ARDConfig(**{**base, "layers_with_history": 2},
                   init=str(tmp_path / "saved")), progress=False, vae_hash=vae)

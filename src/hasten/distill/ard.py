@@ -23,6 +23,16 @@ The student is the teacher's ``SD3Transformer2DModel`` (weights copied) with:
 - **inference in K sequential passes** with a KV cache in the lower N blocks (each pass computes only
   its own group); it reproduces the teacher-forced masked pass fed with its own predictions.
 
+An option beyond the paper, ``history_gate``: opening the lower blocks to earlier groups changes their
+attention at initialisation (the teacher-forced loss of steps 2-4 of a fresh N = 2 ``shapes`` student is
+1.4x that of a fresh N = 0 one), and at our training budget ARD never recovered from it (its later steps'
+loss stays 11-23% above N = 0's, ``benchmarks/ard_shapes/history_use``). With the gate, each history head
+mixes two attention distributions, ``(1 - g) softmax(own group) + g softmax(own and earlier groups)``
+(:func:`gated_attention`), with a learned g per block and head in [0, 1], zero at initialisation: the
+fresh student is step distillation (N = 0) and training opens the history as far as it helps, the zero-
+initialised gating Flamingo and ControlNet use to add a pathway to a pretrained network. g = 1 is the
+paper's block-causal attention. It costs no matrix products beyond the paper's (the mixing is elementwise).
+
 Training (teacher-forced, the paper's objective): the groups' inputs are the teacher's states
 x_{sigma_0..K-1}; loss = mean over d of MSE(x_{sigma_d} + (sigma_{d+1} - sigma_d) v_d, x^teacher_{sigma_{d+1}}).
 AdamW, gradient clipping at 1, EMA of the weights (the paper's recipe; its GAN fine-tune is left out).
@@ -48,6 +58,22 @@ from .student import StudentPipeline, init_student, load_student, save_student, 
 ARD_CONFIG = "ard_config.json"
 
 
+GATE_GAIN = 50.0  # g = clamp(GATE_GAIN * parameter, 0, 1): see ARDStudent.history_gates
+
+
+def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, own: torch.Tensor,
+                    gate: torch.Tensor) -> torch.Tensor:
+    """Attention (B, H, Lq, hd) whose weights per head h are ``(1 - g_h) softmax(s | own) + g_h softmax(s | seen)``,
+    s = q k^T / sqrt(hd), ``softmax(s | m)`` the softmax over the keys the boolean (Lq, Lk) mask m allows:
+    ``own`` the query's own group, ``seen`` its own and earlier groups. g = 0 attends within the group
+    (step distillation), g = 1 is ARD's block-causal attention; both are proper distributions, so is the mix."""
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    p_own = s.masked_fill(~own, float("-inf")).softmax(-1)
+    p_seen = s.masked_fill(~seen, float("-inf")).softmax(-1)
+    g = gate.view(1, -1, 1, 1).to(p_own.dtype)
+    return (p_own + g * (p_seen - p_own)).to(v.dtype) @ v
+
+
 def block_causal_mask(groups: int, tokens: int, history: bool = True) -> torch.Tensor:
     """(groups * tokens)^2 boolean attention mask, True where a query may attend to a key: query of group
     d sees keys of groups <= d (``history``) or of group d only (block-diagonal)."""
@@ -63,11 +89,13 @@ class HistoryAttention:
     sample; each sample's groups are joined into one sequence under :func:`block_causal_mask`.
     Cached (``start_cache``): one group per call; its keys and values are appended to the cache and its
     queries attend to every cached group and itself (the same as the mask for the newest group).
+    With ``gate`` (per head, set by a gated :class:`ARDStudent` before each pass): :func:`gated_attention`.
     """
 
     def __init__(self) -> None:
         self.groups = 1
         self.cache: list[torch.Tensor] | None = None
+        self.gate: torch.Tensor | None = None
 
     def start_cache(self) -> None:
         self.cache = []
@@ -96,7 +124,12 @@ class HistoryAttention:
             if self.cache:
                 k, v = torch.cat([self.cache[0], k], 2), torch.cat([self.cache[1], v], 2)
             self.cache[:] = [k, v]
-            out = F.scaled_dot_product_attention(q, k, v)
+            if self.gate is None:
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:
+                cols = torch.arange(k.shape[2], device=q.device)
+                own = (cols >= k.shape[2] - length).expand(length, -1)
+                out = gated_attention(q, k, v, torch.ones_like(own), own, self.gate)
         else:
             g = self.groups
             if rows % g:
@@ -106,7 +139,11 @@ class HistoryAttention:
                 return t.view(rows // g, g, heads, length, hd).transpose(1, 2).reshape(rows // g, heads, g * length, hd)
 
             mask = block_causal_mask(g, length).to(q.device)
-            out = F.scaled_dot_product_attention(join(q), join(k), join(v), attn_mask=mask)
+            if self.gate is None:
+                out = F.scaled_dot_product_attention(join(q), join(k), join(v), attn_mask=mask)
+            else:
+                own = block_causal_mask(g, length, history=False).to(q.device)
+                out = gated_attention(join(q), join(k), join(v), mask, own, self.gate)
             out = out.view(rows // g, heads, g, length, hd).transpose(1, 2).reshape(rows, heads, length, hd)
         out = out.transpose(1, 2).reshape(rows, length, heads * hd).to(q.dtype)
         img, ctx = out[:, :n_img], out[:, n_img:]
@@ -118,10 +155,14 @@ class HistoryAttention:
 class ARDStudent(nn.Module):
     """The K-step ARD student built from a teacher ``SD3Transformer2DModel``; see the module docstring.
 
-    ``sigmas``: the K + 1 kept noise levels, from 1 (noise) to 0 (the final latent).
+    ``sigmas``: the K + 1 kept noise levels, from 1 (noise) to 0 (the final latent). ``history_gate``: the
+    lower blocks' history attention is gated (module docstring), with ``history_gates`` (N, heads), zero at
+    initialisation; g = clamp(GATE_GAIN * parameter, 0, 1). The gain is there because AdamW moves a
+    parameter by about lr per step: a bare gate would open by at most 0.2 in 1000 steps at lr 2e-4.
     """
 
-    def __init__(self, teacher: nn.Module, sigmas: Sequence[float], layers_with_history: int):
+    def __init__(self, teacher: nn.Module, sigmas: Sequence[float], layers_with_history: int,
+                 history_gate: bool = False):
         super().__init__()
         layers = len(teacher.transformer_blocks)
         if not 0 <= layers_with_history <= layers:
@@ -137,6 +178,14 @@ class ARDStudent(nn.Module):
         self.history = [HistoryAttention() for _ in range(layers_with_history)]
         for block, proc in zip(self.transformer.transformer_blocks, self.history):
             block.attn.set_processor(proc)
+        self.history_gate = history_gate
+        if history_gate:
+            heads = self.transformer.config.num_attention_heads
+            self.history_gates = nn.Parameter(torch.zeros(layers_with_history, heads))
+
+    def gates(self) -> torch.Tensor | None:
+        """The history gates g (N, heads) in [0, 1], or None for the paper's ungated attention."""
+        return (GATE_GAIN * self.history_gates).clamp(0.0, 1.0) if self.history_gate else None
 
     # ------------------------------------------------------------------ pieces
     def attention_masks(self, tokens: int) -> list[torch.Tensor]:
@@ -151,6 +200,9 @@ class ARDStudent(nn.Module):
         return tr.pos_embed(x), tr.time_text_embed(timestep, pooled), tr.context_embedder(text)
 
     def _blocks(self, h: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        gates = self.gates()
+        for i, proc in enumerate(self.history):
+            proc.gate = None if gates is None else gates[i]
         for block in self.transformer.transformer_blocks:
             ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
         return h
@@ -263,6 +315,7 @@ class ARDConfig:
     bf16_autocast: bool | None = None  # CPU bf16 matmuls where native (None: hasten.train.bf16_native); fp32 state
     own_history: float = 0.0  # share of each batch trained on the student's own history (0: the paper's recipe)
     init: str | None = None  # an ARD student folder to start from (a second training stage)
+    history_gate: bool = False  # zero-initialised gates on the history attention (not the paper's; ARDStudent)
 
 
 def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
@@ -303,7 +356,7 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
         inputs = own_history_inputs(student, states, text, pooled, own) if cfg.own_history > 0 else None
         return student.loss(states, text, pooled, inputs)
 
-    student = ARDStudent(teacher, sigmas, cfg.layers_with_history)
+    student = ARDStudent(teacher, sigmas, cfg.layers_with_history, cfg.history_gate)
     if cfg.init is not None:
         if vae_hash is None:
             raise HastenError("--init needs the teacher's VAE hash (train_ard(..., vae_hash=...))")
@@ -322,11 +375,12 @@ def start_from(student: ARDStudent, folder: str | Path, vae_hash: str) -> None:
 
     def check(cfg: dict) -> str | None:
         theirs = torch.tensor(cfg.get("sigmas", []), dtype=torch.float32)
+        gated = bool(cfg.get("history_gate", False))
         if theirs.shape == ours.shape and torch.allclose(theirs, ours) and \
-                cfg.get("layers_with_history") == student.layers_with_history:
+                cfg.get("layers_with_history") == student.layers_with_history and gated == student.history_gate:
             return None
-        return (f"kept sigmas {theirs.tolist()} and N = {cfg.get('layers_with_history')} there; this run has "
-                f"{ours.tolist()} and N = {student.layers_with_history}")
+        return (f"kept sigmas {theirs.tolist()}, N = {cfg.get('layers_with_history')}, history gate {gated} there; "
+                f"this run has {ours.tolist()}, N = {student.layers_with_history}, history gate {student.history_gate}")
 
     init_student(student, EMBEDDED.get(str(folder), Path(folder)), ARD_CONFIG, "ARD", vae_hash, check)
 
@@ -336,14 +390,15 @@ def save_ard(student: ARDStudent, folder: str | Path, base: str, meta: dict) -> 
     """``folder/ard_config.json`` (base model, kept sigmas, N, ``meta``: it must hold ``base_vae``) and
     ``folder/student.safetensors`` in float16, like the base model's weights (:func:`save_student`)."""
     cfg = {"base": base, "sigmas": student.sigmas.tolist(), "steps": student.steps,
-           "layers_with_history": student.layers_with_history, **meta}
+           "layers_with_history": student.layers_with_history, "history_gate": student.history_gate, **meta}
     return save_student(student, folder, ARD_CONFIG, cfg, torch.float16)
 
 
 def load_ard(folder: str | Path) -> StudentPipeline:
     """A :class:`ShapesARDPipeline` from a folder written by :func:`save_ard` (base model loaded by name)."""
     return load_student(folder, ARD_CONFIG, "ARD", lambda base, cfg: ARDStudent(
-        base.transformer, cfg["sigmas"], int(cfg["layers_with_history"])), ShapesARDPipeline)
+        base.transformer, cfg["sigmas"], int(cfg["layers_with_history"]), bool(cfg.get("history_gate", False))),
+        ShapesARDPipeline)
 
 
 class ShapesARDPipeline(StudentPipeline):

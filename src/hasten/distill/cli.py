@@ -54,6 +54,9 @@ def register(app: typer.Typer) -> None:
         own_history: float = typer.Option(0.0, help="share of each batch whose inputs are the student's own "
                                           "sampled history (0: teacher-forced, the paper's recipe)"),
         init: str | None = typer.Option(None, help="an ARD student (folder or shapes-ard4) to start from"),
+        history_gate: bool = typer.Option(False, "--history-gate/--no-history-gate", help="zero-initialised "
+                                          "learned gates on the history attention, so training starts from "
+                                          "step distillation (not the paper's; off: the paper's attention)"),
         as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
     ) -> None:
         """Train an ARD student (teacher-forced, mean of per-step MSEs, AdamW, EMA); writes a folder that
@@ -80,7 +83,8 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"{data} holds trajectories of {traj['manifest']['teacher']!r}, not --teacher {teacher}")
         pipe = load_pipeline(teacher)
         cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                        layers_with_history=layers_with_history, own_history=own_history, init=init)
+                        layers_with_history=layers_with_history, own_history=own_history, init=init,
+                        history_gate=history_gate)
         torch.manual_seed(cfg.seed)
         vae = weights_hash(pipe.vae)
         log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json, vae_hash=vae)

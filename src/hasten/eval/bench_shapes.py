@@ -319,6 +319,7 @@ def student_config(student, data: EvalSet, steps: int) -> BenchConfig:
     params = {"steps": steps, "solver": "student", "student": student.name, "method": student.method}
     if hasattr(student.student, "layers_with_history"):  # ARD
         params["layers_with_history"] = student.student.layers_with_history
+        params["history_gate"] = student.student.history_gate
     return BenchConfig(f"{student.name} @{steps} (student)", "hasten", params,
                        lambda: Prepared(sample=data.sampler(student, steps), transformer=student.transformer,
                                         denoiser=getattr(student.student, "denoiser", student.student)))
