@@ -85,8 +85,10 @@ def main() -> None:
         if name == teacher_name:
             teacher_images, to_teacher = images, feature_stats(q["per_image"].features)
         psnrs[name], fd_to_teacher = fidelity(images, q["per_image"].features, teacher_images, to_teacher)
-        n_history = getattr(getattr(pipe, "student", None), "layers_with_history", None)
-        rows.append({"name": name, "model": model, "steps": steps, "layers_with_history": n_history,
+        student = getattr(pipe, "student", None)
+        rows.append({"name": name, "model": model, "steps": steps,
+                     "layers_with_history": getattr(student, "layers_with_history", None),
+                     "history_gate": getattr(student, "history_gate", None),
                      "fd_shapes": round(q["fd_shapes"], 4), "adherence": round(q["adherence"], 4),
                      "psnr_vs_teacher": round(float(psnrs[name].mean()), 3),
                      "fd_to_teacher": round(fd_to_teacher, 4),

@@ -32,6 +32,8 @@ mixes two attention distributions, ``(1 - g) softmax(own group) + g softmax(own 
 fresh student is step distillation (N = 0) and training opens the history as far as it helps, the zero-
 initialised gating Flamingo and ControlNet use to add a pathway to a pretrained network. g = 1 is the
 paper's block-causal attention. It costs no matrix products beyond the paper's (the mixing is elementwise).
+Measured on ``shapes`` (``benchmarks/ard_gate.py``): opening any head raises the loss, the optimiser closes
+every gate and the run becomes step distillation; the option stays for models where history may pay.
 
 Training (teacher-forced, the paper's objective): the groups' inputs are the teacher's states
 x_{sigma_0..K-1}; loss = mean over d of MSE(x_{sigma_d} + (sigma_{d+1} - sigma_d) v_d, x^teacher_{sigma_{d+1}}).
