@@ -11,8 +11,8 @@ weights (an empty MODEL: the fresh student built from the teacher; else a saved 
 gates added), and its teacher-forced loss on the trajectories ``--rows`` (no student trained on them) is
 measured with every gate set to g, for g from 0 (step distillation) to 1 (the paper's block-causal
 attention). Per g: the per-step loss and its paired difference from g = 0 with a 95% normal interval over
-trajectories; and the derivative of the loss with respect to each gate at g = 0 (positive: opening that
-head's history raises the loss), on the first ``--grad-rows`` trajectories.
+trajectories (``ard_loss.py``'s functions); and the derivative of the loss with respect to each gate at
+g = 0 (positive: opening that head's history raises the loss), on the first ``--grad-rows`` trajectories.
 
 ``--gated-run``: a ``hasten distill ard --history-gate`` training folder (it may be unfinished); its
 checkpoint's step and gates and its loss curve are recorded beside the ``--n0-run`` curve (the N = 0 run of
@@ -32,6 +32,7 @@ import datetime as dt
 from pathlib import Path
 
 import torch
+from ard_loss import per_step_difference, per_trajectory_loss  # sibling script (its folder is on sys.path)
 
 import hasten
 from hasten.distill.ard import GATE_GAIN, ARDStudent
@@ -59,25 +60,6 @@ def gated_student(teacher, sigmas: list[float], model: str) -> ARDStudent:
 def set_gates(student: ARDStudent, g: float) -> None:
     with torch.no_grad():
         student.history_gates.fill_(g / GATE_GAIN)
-
-
-def per_trajectory_loss(student: ARDStudent, data: dict, rows: range, batch: int) -> torch.Tensor:
-    """(len(rows), K): each trajectory's per-step MSE to the teacher's next state, teacher-forced."""
-    out = []
-    with torch.no_grad():
-        for start in range(rows.start, rows.stop, batch):
-            sl = slice(start, min(start + batch, rows.stop))
-            states = data["states"][sl].float()
-            pred = student.next_states(states[:, :-1], data["text"][sl].float(), data["pooled"][sl].float())
-            out.append(((pred - states[:, 1:]) ** 2).mean(dim=(2, 3, 4)))
-    return torch.cat(out)
-
-
-def mean_ci(x: torch.Tensor) -> dict:
-    """Mean of ``x`` (over dim 0) with a 95% normal interval."""
-    mean, half = x.mean(0), 1.96 * x.std(0) / len(x) ** 0.5
-    return {"mean": [round(v, 7) for v in mean.tolist()],
-            "ci95": [[round(a, 7), round(b, 7)] for a, b in zip((mean - half).tolist(), (mean + half).tolist())]}
 
 
 def gate_gradient(student: ARDStudent, data: dict, rows: range, batch: int) -> list[list[float]]:
@@ -139,8 +121,9 @@ def main() -> None:
         for g in GATES:
             set_gates(student, g)
             losses[g] = per_trajectory_loss(student, data, rows, args.batch_size)
-        sweep = [{"gate": g, "loss_per_step": mean_ci(losses[g]), "loss": round(losses[g].mean().item(), 7),
-                  "minus_gate_0_per_step": mean_ci(losses[g] - losses[0.0])} for g in GATES]
+        sweep = [{"gate": g, "loss": round(losses[g].mean().item(), 7),
+                  "loss_per_step": [round(v, 7) for v in losses[g].mean(0).tolist()],
+                  "minus_gate_0": per_step_difference(losses[g], losses[0.0])} for g in GATES]
         results.append({"label": label, "model": model or None, "dloss_dgate_at_0": grad,
                         "heads_whose_opening_lowers_the_loss": sum(v < 0 for row in grad for v in row),
                         "sweep": sweep})
