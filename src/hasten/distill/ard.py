@@ -24,16 +24,17 @@ The student is the teacher's ``SD3Transformer2DModel`` (weights copied) with:
   its own group); it reproduces the teacher-forced masked pass fed with its own predictions.
 
 An option beyond the paper, ``history_gate``: opening the lower blocks to earlier groups changes their
-attention at initialisation (the teacher-forced loss of steps 2-4 of a fresh N = 2 ``shapes`` student is
-1.4x that of a fresh N = 0 one), and at our training budget ARD never recovered from it (its later steps'
+attention at initialisation (on ``shapes``, the fresh N = 2 student's teacher-forced loss on steps 2-4 is
+1.39-1.45x the fresh N = 0 one's), and at our training budget ARD never recovered from it (its later steps'
 loss stays 11-23% above N = 0's, ``benchmarks/ard_shapes/history_use``). With the gate, each history head
 mixes two attention distributions, ``(1 - g) softmax(own group) + g softmax(own and earlier groups)``
 (:func:`gated_attention`), with a learned g per block and head in [0, 1], zero at initialisation: the
-fresh student is step distillation (N = 0) and training opens the history as far as it helps, the zero-
-initialised gating Flamingo and ControlNet use to add a pathway to a pretrained network. g = 1 is the
-paper's block-causal attention. It costs no matrix products beyond the paper's (the mixing is elementwise).
-Measured on ``shapes`` (``benchmarks/ard_gate.py``): opening any head raises the loss, the optimiser closes
-every gate and the run becomes step distillation; the option stays for models where history may pay.
+fresh student is step distillation (N = 0) and training opens a head's history while its gradient asks for
+it (the zero-initialised gating Flamingo and ControlNet use to add a pathway to a pretrained network; g is
+clamped, so a gate pushed below 0 gets no gradient and stays shut). g = 1 is the paper's block-causal
+attention. It costs no matrix products beyond the paper's (the mixing is elementwise). Measured on
+``shapes`` (``benchmarks/ard_gate.py``): opening any head raises the fresh student's loss, the optimiser
+shut every gate and the run became step distillation; the option stays for models where history may pay.
 
 Training (teacher-forced, the paper's objective): the groups' inputs are the teacher's states
 x_{sigma_0..K-1}; loss = mean over d of MSE(x_{sigma_d} + (sigma_{d+1} - sigma_d) v_d, x^teacher_{sigma_{d+1}}).
