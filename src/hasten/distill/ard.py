@@ -64,15 +64,15 @@ ARD_CONFIG = "ard_config.json"
 GATE_GAIN = 50.0  # g = clamp(GATE_GAIN * parameter, 0, 1): see ARDStudent.history_gates
 
 
-def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, own: torch.Tensor,
-                    gate: torch.Tensor) -> torch.Tensor:
+def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor | None,
+                    own: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Attention (B, H, Lq, hd) whose weights per head h are ``(1 - g_h) softmax(s | own) + g_h softmax(s | seen)``,
     s = q k^T / sqrt(hd), ``softmax(s | m)`` the softmax over the keys the boolean (Lq, Lk) mask m allows:
-    ``own`` the query's own group, ``seen`` its own and earlier groups. g = 0 attends within the group
-    (step distillation), g = 1 is ARD's block-causal attention; both are proper distributions, so is the mix."""
+    ``own`` the query's own group, ``seen`` its own and earlier groups (None: every key). g = 0 attends within
+    the group (step distillation), g = 1 is ARD's block-causal attention; both are distributions, so is the mix."""
     s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     p_own = s.masked_fill(~own, float("-inf")).softmax(-1)
-    p_seen = s.masked_fill(~seen, float("-inf")).softmax(-1)
+    p_seen = (s if seen is None else s.masked_fill(~seen, float("-inf"))).softmax(-1)
     g = gate.view(1, -1, 1, 1).to(p_own.dtype)
     return (p_own + g * (p_seen - p_own)).to(v.dtype) @ v
 
@@ -106,6 +106,13 @@ class HistoryAttention:
     def stop_cache(self) -> None:
         self.cache = None
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor | None,
+               own: torch.Tensor) -> torch.Tensor:
+        """SDPA over the keys ``seen`` allows (None: all), or :func:`gated_attention` when gated."""
+        if self.gate is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+        return gated_attention(q, k, v, seen, own, self.gate)
+
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         rows, n_img = hidden_states.shape[:2]
@@ -127,12 +134,8 @@ class HistoryAttention:
             if self.cache:
                 k, v = torch.cat([self.cache[0], k], 2), torch.cat([self.cache[1], v], 2)
             self.cache[:] = [k, v]
-            if self.gate is None:
-                out = F.scaled_dot_product_attention(q, k, v)
-            else:
-                cols = torch.arange(k.shape[2], device=q.device)
-                own = (cols >= k.shape[2] - length).expand(length, -1)
-                out = gated_attention(q, k, v, torch.ones_like(own), own, self.gate)
+            own = (torch.arange(k.shape[2], device=q.device) >= k.shape[2] - length).expand(length, -1)
+            out = self.attend(q, k, v, None, own)
         else:
             g = self.groups
             if rows % g:
@@ -141,12 +144,9 @@ class HistoryAttention:
             def join(t: torch.Tensor) -> torch.Tensor:  # (B g, H, L, hd) -> (B, H, g L, hd)
                 return t.view(rows // g, g, heads, length, hd).transpose(1, 2).reshape(rows // g, heads, g * length, hd)
 
-            mask = block_causal_mask(g, length).to(q.device)
-            if self.gate is None:
-                out = F.scaled_dot_product_attention(join(q), join(k), join(v), attn_mask=mask)
-            else:
-                own = block_causal_mask(g, length, history=False).to(q.device)
-                out = gated_attention(join(q), join(k), join(v), mask, own, self.gate)
+            seen = block_causal_mask(g, length).to(q.device)
+            own = block_causal_mask(g, length, history=False).to(q.device)
+            out = self.attend(join(q), join(k), join(v), seen, own)
             out = out.view(rows // g, heads, g, length, hd).transpose(1, 2).reshape(rows, heads, length, hd)
         out = out.transpose(1, 2).reshape(rows, length, heads * hd).to(q.dtype)
         img, ctx = out[:, :n_img], out[:, n_img:]
