@@ -16,9 +16,10 @@ g = 0 (positive: opening that head's history raises the loss), on the first ``--
 
 ``--gated-run``: a ``hasten distill ard --history-gate`` training folder (it may be unfinished); its
 checkpoint's step and gates and its loss curve are recorded beside the ``--n0-run`` curve (the N = 0 run of
-the same data, settings and seed). The run measured, on stage 1's data (the first 5000 trajectories: ``hasten
-distill trajectories ... --n 5000`` writes the same ones) and settings, stopped after 300 of its 1000 steps:
+the same data, settings and seed). The run measured had stage 1's data (the first 5000 trajectories; sample i
+depends only on i, so this writes the same ones) and settings, and was stopped after 300 of its 1000 steps:
 
+    hasten distill trajectories --teacher shapes --steps 25 --keep 4 --n 5000 --out runs/ard/traj5k
     hasten distill ard --teacher shapes --data runs/ard/traj5k --layers-with-history 2 --history-gate \
         --out runs/ard/g1 --steps 1000 --batch-size 32 --lr 0.0002
 
