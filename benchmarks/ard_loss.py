@@ -8,6 +8,14 @@
 (the stage-1 students trained on the first 5000 trajectories, the stage-2 ones on the first 10000; the last 500
 no student saw).
 
+History in fewer blocks (N = 1 trained like the stage-1 N = 0 student: ``hasten distill ard ...
+--layers-with-history 1 --out runs/ard/n1 --steps 1000 --batch-size 32 --lr 0.0002`` on the first 5000
+trajectories):
+
+    python benchmarks/ard_loss.py --data runs/ard/traj2k --per-split 500 --split "held out=10000:10500" \
+        --student "N=0 stage 1=runs/ard/n0" --student "N=1 stage 1=runs/ard/n1" \
+        --student "N=2 stage 1=runs/ard/stage1_shipped" --out benchmarks/ard_shapes/layers
+
 With ``--swapped-history``, also each step's loss when the earlier groups come from another trajectory
 (:func:`swapped_history_loss`): how much each step relies on its history. Measured so:
 
