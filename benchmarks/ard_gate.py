@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 from pathlib import Path
 
 import torch
@@ -86,8 +87,6 @@ def run_curves(gated_run: Path | None, n0_run: Path | None) -> dict | None:
            "gates_at_checkpoint": gates.tolist(), "open_gates": int((gates > 0).sum()),
            "loss_curve": state["curve"]}
     if n0_run is not None:
-        import json
-
         n0 = {c["step"]: c["loss"] for c in json.loads((n0_run / "train_log.json").read_text())["loss_curve"]}
         res["n0_run"] = str(n0_run)
         res["gated_minus_n0_loss"] = [{"step": c["step"], "gated": c["loss"], "n0": n0[c["step"]],
@@ -125,11 +124,11 @@ def main() -> None:
         sweep = [{"gate": g, "loss": round(losses[g].mean().item(), 7),
                   "loss_per_step": [round(v, 7) for v in losses[g].mean(0).tolist()],
                   "minus_gate_0": per_step_difference(losses[g], losses[0.0])} for g in GATES]
+        lowering = sum(v < 0 for row in grad for v in row)
         results.append({"label": label, "model": model or None, "dloss_dgate_at_0": grad,
-                        "heads_whose_opening_lowers_the_loss": sum(v < 0 for row in grad for v in row),
-                        "sweep": sweep})
+                        "heads_whose_opening_lowers_the_loss": lowering, "sweep": sweep})
         print(f"{label}: loss by gate " + ", ".join(f"{s['gate']}: {s['loss']:.5f}" for s in sweep)
-              + f"; dL/dg at 0 < 0 for {results[-1]['heads_whose_opening_lowers_the_loss']} of 12 heads", flush=True)
+              + f"; dL/dg at 0 < 0 for {lowering} of {student.history_gates.numel()} heads", flush=True)
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "data": args.data, "rows": args.rows, "grad_rows": args.grad_rows,
            "note": "teacher-forced loss (mean over the K steps of the MSE to the teacher's next state) of a gated "

@@ -1,6 +1,6 @@
 """Re-time the per-level winners of a `hasten bench --model shapes` run on many paired rounds.
 
-    python benchmarks/bench_retime.py --results benchmarks/bench_shapes/results.json --rounds 12 \
+    python benchmarks/bench_retime.py --results benchmarks/bench_shapes/results.json --rounds 16 \
         --out benchmarks/bench_shapes/retime
 
 The suite times its 66 configurations on 3 batches each, and on this 2-core machine configurations doing
@@ -69,7 +69,7 @@ def median_ci(ratios: np.ndarray, resamples: int, seed: int = 0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="benchmarks/bench_shapes/results.json", help="a hasten bench shapes run")
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--out", default="benchmarks/bench_shapes/retime")

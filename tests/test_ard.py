@@ -195,10 +195,11 @@ def test_flop_formula_matches_the_flop_counter(pipe, cond):
         student = ARDStudent(pipe.transformer, SIGMAS, n, history_gate=gate).eval()
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             student.sample(noise, text, pooled)
-        counted[n] = fc.get_total_flops()
+        counted[n, gate] = fc.get_total_flops()
         want = ard_flops(student, text.shape[1], 16, 16)
-        assert want["total"] * 2 == counted[n], (n, gate)
-    assert counted[2] - counted[0] == 2 * ard_flops(student, text.shape[1], 16, 16)["extra"] > 0
+        assert want["total"] * 2 == counted[n, gate], (n, gate)
+    assert counted[2, True] == counted[2, False]
+    assert counted[2, False] - counted[0, False] == 2 * ard_flops(student, text.shape[1], 16, 16)["extra"] > 0
 
 
 def test_training_lowers_the_loss_and_resumes_exactly(pipe, cond, tmp_path):
