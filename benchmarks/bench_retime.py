@@ -16,6 +16,13 @@ on ``--rounds`` batches of ``--batch-size`` captions, every configuration once p
 (:func:`hasten.eval.bench_harness.run_interleaved`, order ``rotate``): end to end, text encoding to decoded
 image. Per level and per other family: the per-round ratio t(other) / t(hasten), its median over rounds and
 a 95% percentile-bootstrap interval of that median (rounds resampled). Writes results.json.
+
+``--extra NAME`` times another configuration of the default suite beside them (FlexiDiT's with the embedded
+``shapes-flexi``), reported by its speed-up over the reference; ``--no-levels`` times only the extras and the
+reference. FlexiDiT's speed-up at the same solver and steps, so measured:
+
+    python benchmarks/bench_retime.py --no-levels --extra "flexidit:compute=0.6 @50" \
+        --out benchmarks/flexidit_shapes/retime
 """
 
 from __future__ import annotations
@@ -72,21 +79,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME",
+                    help="another configuration of the default shapes suite to time (its name in results.json)")
+    ap.add_argument("--levels", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the per-level winners (--no-levels: only --extra and the reference)")
     ap.add_argument("--out", default="benchmarks/bench_shapes/retime")
     args = ap.parse_args()
     suite = json.loads(Path(args.results).read_text())
     if suite["model"] != "shapes":
         raise SystemExit(f"{args.results} is a {suite['model']!r} run; this script re-times shapes runs")
-    levels = level_winners(suite)
+    levels = level_winners(suite) if args.levels else []
     reference = suite["protocol"]["reference"]
-    wanted = [reference] + list(dict.fromkeys(n for lv in levels for f in FAMILIES if (n := lv[f])))
+    wanted = list(dict.fromkeys([reference, *(n for lv in levels for f in FAMILIES if (n := lv[f])), *args.extra]))
     pipe = hasten.load_pipeline("shapes")
     pipe.set_progress_bar_config(disable=True)
+    flexi = None
+    if any("flexidit" in name for name in args.extra):
+        flexi = hasten.load_pipeline("shapes-flexi")
+        flexi.set_progress_bar_config(disable=True)
     n = args.rounds * args.batch_size
     data = EvalSet(pipe, n, seed=0)
     plans = Path(tempfile.mkdtemp(prefix="retime-plans-"))
     assets = HastenAssets(pipe, plans, copier=copy_shapes)
-    by_name = {c.name: c for c in shapes_configs(pipe, data, assets, peers=True)}
+    by_name = {c.name: c for c in shapes_configs(pipe, data, assets, peers=True, flexi=flexi)}
     missing = [w for w in wanted if w not in by_name]
     if missing:
         raise SystemExit(f"not in the default shapes suite: {missing}")
@@ -115,7 +130,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "suite": {"results": args.results, "date": suite["date"]}, "rounds": args.rounds,
-           "batch_size": args.batch_size, "order": "rotate", "reference": reference,
+           "batch_size": args.batch_size, "order": "rotate", "reference": reference, "extra": args.extra,
            "plans_identical_to_suite": same_plans,
            "note": "end-to-end time per batch; ratios paired within a round; medians over rounds with 95% "
                    "percentile-bootstrap intervals; the level winners and their quality are the suite's",
