@@ -40,6 +40,7 @@ import hasten
 from hasten.eval.bench import HastenAssets, machine_info
 from hasten.eval.bench_harness import Batch, make_batches, run_interleaved
 from hasten.eval.bench_shapes import EvalSet, copy_shapes, shapes_configs
+from hasten.eval.shapes_eval import bootstrap_interval
 from hasten.io import write_json
 
 PSNR_LEVELS = (40.0, 35.0, 30.0)
@@ -64,12 +65,10 @@ def level_winners(suite: dict) -> list[dict]:
     return levels
 
 
-def median_ci(ratios: np.ndarray, resamples: int, seed: int = 0) -> dict:
+def median_ci(ratios: np.ndarray, resamples: int) -> dict:
     """Median of per-round ratios with its 95% percentile-bootstrap interval (rounds resampled)."""
-    rng = np.random.default_rng(seed)
-    meds = [np.median(ratios[rng.integers(0, len(ratios), len(ratios))]) for _ in range(resamples)]
-    lo, hi = np.percentile(meds, [2.5, 97.5])
-    return {"median": round(float(np.median(ratios)), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+    lo, hi = bootstrap_interval(ratios, np.median, resamples)
+    return {"median": round(float(np.median(ratios)), 4), "ci95": [round(lo, 4), round(hi, 4)],
             "rounds": len(ratios)}
 
 

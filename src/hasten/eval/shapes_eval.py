@@ -79,13 +79,21 @@ def fidelity(images01: torch.Tensor, features: torch.Tensor, teacher_images01: t
     return psnr_per_image(images01, teacher_images01).numpy(), fd_of_features(features, teacher_stats)
 
 
+def bootstrap_interval(values: np.ndarray, statistic=np.mean, resamples: int = 1000, seed: int = 0
+                       ) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of ``statistic(values)``, the units (captions, timing rounds)
+    resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    stats = [statistic(values[rng.integers(0, len(values), len(values))]) for _ in range(resamples)]
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def bootstrap_mean(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict:
     """The mean of per-caption ``values`` (a paired difference, e.g. of PSNR in dB) with its 95% percentile
-    bootstrap interval (captions resampled with replacement)."""
-    rng = np.random.default_rng(seed)
-    means = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(resamples)]
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": round(float(values.mean()), 3), "ci95": [round(float(lo), 3), round(float(hi), 3)]}
+    bootstrap interval (:func:`bootstrap_interval`)."""
+    lo, hi = bootstrap_interval(values, np.mean, resamples, seed)
+    return {"mean": round(float(values.mean()), 3), "ci95": [round(lo, 3), round(hi, 3)]}
 
 
 def real_vs_real_fd(n: int) -> float:
