@@ -37,10 +37,11 @@ import torch
 from ard_loss import per_step_difference, per_trajectory_loss  # sibling script (its folder is on sys.path)
 
 import hasten
-from hasten.distill.ard import GATE_GAIN, ARDStudent
+from hasten.distill.ard import ARD_CONFIG, GATE_GAIN, ARDStudent
+from hasten.distill.student import WEIGHTS
 from hasten.distill.trajectories import load_trajectories
 from hasten.eval.bench import machine_info
-from hasten.io import write_json
+from hasten.io import read_model_folder, write_json
 from hasten.pipeline import EMBEDDED
 
 GATES = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -50,10 +51,9 @@ def gated_student(teacher, sigmas: list[float], model: str) -> ARDStudent:
     """A gated N = 2 student with the weights of ``model`` (empty: the teacher's) and its gates at 0."""
     student = ARDStudent(teacher, sigmas, 2, history_gate=True)
     if model:
-        from safetensors.torch import load_file
-
-        folder = EMBEDDED.get(model, Path(model))
-        missing, unexpected = student.load_state_dict(load_file(str(folder / "student.safetensors")), strict=False)
+        _, tensors = read_model_folder(EMBEDDED.get(model, Path(model)), ARD_CONFIG, WEIGHTS,
+                                       f"{model} is not an ARD student folder")
+        missing, unexpected = student.load_state_dict(tensors, strict=False)
         if missing != ["history_gates"] or unexpected:
             raise SystemExit(f"{model}: not an ungated ARD student of this teacher ({missing}, {unexpected})")
     return student.eval()
