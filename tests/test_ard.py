@@ -13,6 +13,7 @@ from hasten import HastenError
 from hasten.distill.ard import (
     ARDConfig,
     ARDStudent,
+    HistoryAttention,
     ard_flops,
     block_causal_mask,
     gated_attention,
@@ -79,13 +80,34 @@ def test_masks_are_block_causal_below_n_and_block_diagonal_above():
     assert d.tolist()[2] == [False, False, True, True, False, False]
 
 
-def test_student_masks_per_block(pipe):
+def test_only_the_lower_n_blocks_attend_across_groups(pipe):
+    """The history attention (block-causal across groups) sits in blocks 0..N-1; the upper blocks keep the
+    teacher's processor, which sees one group per row: the groups are separate rows there."""
     layers = len(pipe.transformer.transformer_blocks)
-    zero = ARDStudent(pipe.transformer, SIGMAS, 0).attention_masks(3)
-    assert all(torch.equal(m, block_causal_mask(4, 3, history=False)) for m in zero)
-    one = ARDStudent(pipe.transformer, SIGMAS, 1).attention_masks(3)
-    assert torch.equal(one[0], block_causal_mask(4, 3)) and not torch.equal(one[0], zero[0])
-    assert all(torch.equal(m, zero[0]) for m in one[1:]) and len(one) == layers
+    teacher_proc = type(pipe.transformer.transformer_blocks[0].attn.processor)
+    for n in (0, 1, layers):
+        blocks = ARDStudent(pipe.transformer, SIGMAS, n).transformer.transformer_blocks
+        assert [isinstance(b.attn.processor, HistoryAttention) for b in blocks] == [i < n for i in range(layers)]
+        assert all(type(b.attn.processor) is teacher_proc for b in blocks[n:])
+
+
+def test_cached_passes_are_checked_and_a_training_pass_leaves_the_transformer_usable(pipe, cond):
+    noise, text, pooled = cond
+    student = ARDStudent(pipe.transformer, SIGMAS, 1).eval()
+    with torch.no_grad(), student.kv_cache():
+        with pytest.raises(HastenError, match="pass 2 needs the KV cache of groups 0..1"):
+            student(noise, text, pooled, group=2)  # the cache is empty
+        student(noise, text, pooled, group=0)
+        with pytest.raises(HastenError, match="pass 0 needs"):
+            student(noise, text, pooled, group=0)  # group 0 is cached already
+    states = torch.randn(noise.shape[0], 4, *noise.shape[1:])
+    with torch.no_grad():
+        student(states, text, pooled)  # teacher-forced: 4 groups per sample in the history blocks
+        plain = student.transformer(hidden_states=noise, timestep=torch.full((noise.shape[0],), 500.0),
+                                    encoder_hidden_states=text, pooled_projections=pooled, return_dict=False)[0]
+    assert plain.shape == noise.shape  # one group per row again
+    with pytest.raises(HastenError, match="must decrease within"):
+        ARDStudent(pipe.transformer, [0.0, 0.5, 1.0], 1)
 
 
 def test_n0_student_at_init_is_the_teacher_taking_k_euler_steps_bitwise(pipe, cond):
@@ -238,6 +260,9 @@ def test_trajectory_shards_round_trip_and_an_interrupted_run_resumes_without_gap
     assert full["sigmas"].tolist() == [1.0, pipe.scheduler.sigmas[4].item(), 0.0]
     with pytest.raises(HastenError, match="steps=5"):
         generate_trajectories(pipe, tmp_path / "full", n=5, steps=6, keep=2, shard_size=2, progress=False)
+    generate_trajectories(pipe, tmp_path / "full", **{**args, "n": 6}, stop_after_shards=0)  # grown, not yet run
+    with pytest.raises(HastenError, match="shard_00002.safetensors holds 1 of its 2 samples"):
+        load_trajectories(tmp_path / "full")  # the manifest says 6; the last shard still holds sample 4 only
     generate_trajectories(pipe, tmp_path / "full", **{**args, "n": 6})  # more samples: the last shard grows
     assert load_trajectories(tmp_path / "full")["seeds"].tolist() == list(range(6))
 
@@ -273,6 +298,12 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
                            "--steps", "10", "--out", str(tmp_path / "g.png"))
     assert code == 2 and "samples in 4 steps, not 10" in err
     cfg = json.loads((tmp_path / "ard" / "ard_config.json").read_text())
+    for bad, match in (({"sigmas": None}, "bad sigmas or layers_with_history"),
+                       ({"layers_with_history": None}, "bad sigmas or layers_with_history"),
+                       ({"sigmas": cfg["sigmas"][::-1]}, "must decrease within")):
+        (tmp_path / "ard" / "ard_config.json").write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(HastenError, match=match):
+            load_ard(tmp_path / "ard")
     (tmp_path / "ard" / "ard_config.json").write_text(json.dumps({**cfg, "base_vae": "0" * 16}))
     with pytest.raises(HastenError, match="latent space"):
         load_ard(tmp_path / "ard")

@@ -475,6 +475,8 @@ def test_init_starts_from_a_saved_students_weights_and_refuses_others(pipe, tmp_
         init_weights(fresh, tmp_path / "first", "0" * 16)
     with pytest.raises(HastenError, match="not an Imagine Flash student folder"):
         init_weights(fresh, tmp_path / "teacher", weights_hash(pipe.vae))
+    with pytest.raises(HastenError, match="not an Imagine Flash student of this teacher"):
+        init_weights(fresh, "shapes-flash", weights_hash(pipe.vae))  # the embedded name resolves: other VAE
 
 
 def test_a_flash_student_joins_the_bench_at_each_of_its_step_counts(pipe, tmp_path):

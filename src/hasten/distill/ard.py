@@ -98,13 +98,14 @@ class HistoryAttention:
     def __init__(self) -> None:
         self.groups = 1
         self.cache: list[torch.Tensor] | None = None
+        self.cached_groups = 0
         self.gate: torch.Tensor | None = None
 
     def start_cache(self) -> None:
-        self.cache = []
+        self.cache, self.cached_groups = [], 0
 
     def stop_cache(self) -> None:
-        self.cache = None
+        self.cache, self.cached_groups = None, 0
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor | None,
                own: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,7 @@ class HistoryAttention:
             if self.cache:
                 k, v = torch.cat([self.cache[0], k], 2), torch.cat([self.cache[1], v], 2)
             self.cache[:] = [k, v]
+            self.cached_groups += 1
             own = (torch.arange(k.shape[2], device=q.device) >= k.shape[2] - length).expand(length, -1)
             out = self.attend(q, k, v, None, own)
         else:
@@ -172,6 +174,9 @@ class ARDStudent(nn.Module):
             raise HastenError(f"--layers-with-history must be in [0, {layers}], got {layers_with_history}")
         if len(sigmas) < 2:
             raise HastenError("an ARD student needs at least 2 kept noise levels (1 step)")
+        s = torch.as_tensor(list(sigmas), dtype=torch.float32)
+        if not (s[0] <= 1 and s[-1] >= 0 and bool((s[1:] < s[:-1]).all())):
+            raise HastenError(f"the kept noise levels must decrease within [0, 1], got {s.tolist()}")
         self.transformer = copy.deepcopy(teacher)
         self.register_buffer("sigmas", torch.as_tensor(list(sigmas), dtype=torch.float32), persistent=False)
         self.steps = len(sigmas) - 1
@@ -191,11 +196,6 @@ class ARDStudent(nn.Module):
         return (GATE_GAIN * self.history_gates).clamp(0.0, 1.0) if self.history_gate else None
 
     # ------------------------------------------------------------------ pieces
-    def attention_masks(self, tokens: int) -> list[torch.Tensor]:
-        """The mask each block applies across the K groups of ``tokens`` tokens (upper blocks: diagonal)."""
-        return [block_causal_mask(self.steps, tokens, i < self.layers_with_history)
-                for i in range(len(self.transformer.transformer_blocks))]
-
     def _condition(self, x: torch.Tensor, groups: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tr = self.transformer
@@ -227,6 +227,9 @@ class ARDStudent(nn.Module):
             if any(proc.cache is None for proc in self.history):
                 raise HastenError("a single-group pass reads the KV cache of the earlier groups: "
                                   "use sample() or kv_cache()")
+            if any(proc.cached_groups != group for proc in self.history):
+                raise HastenError(f"pass {group} needs the KV cache of groups 0..{group - 1} exactly, in order; "
+                                  f"the cache holds {self.history[0].cached_groups} groups")
             ids = torch.full((states.shape[0],), group, device=states.device, dtype=torch.long)
             h, temb, ctx = self._condition(states, ids, text, pooled)
             return self._head(group, self._blocks(h, ctx, temb), temb, states.shape[-2:])
@@ -238,7 +241,11 @@ class ARDStudent(nn.Module):
                                        pooled.repeat_interleave(k, 0))
         for proc in self.history:
             proc.groups, proc.cache = k, None
-        h = self._blocks(h, ctx, temb)
+        try:
+            h = self._blocks(h, ctx, temb)
+        finally:  # a plain call of the transformer afterwards is one group per sample again
+            for proc in self.history:
+                proc.groups = 1
         h, temb = h.view(b, k, *h.shape[1:]), temb.view(b, k, -1)
         return torch.stack([self._head(d, h[:, d], temb[:, d], states.shape[-2:]) for d in range(k)], 1)
 
@@ -372,8 +379,6 @@ def start_from(student: ARDStudent, folder: str | Path, vae_hash: str) -> None:
     """Load the weights of the ARD student in ``folder`` (an embedded name such as ``shapes-ard4`` or a path)
     into ``student`` (:func:`hasten.distill.student.init_student`: distilled in the latent space of the VAE
     ``vae_hash``); one with other kept noise levels or another N is refused."""
-    from ..pipeline import EMBEDDED
-
     ours = student.sigmas.cpu()
 
     def check(cfg: dict) -> str | None:
@@ -385,7 +390,7 @@ def start_from(student: ARDStudent, folder: str | Path, vae_hash: str) -> None:
         return (f"kept sigmas {theirs.tolist()}, N = {cfg.get('layers_with_history')}, history gate {gated} there; "
                 f"this run has {ours.tolist()}, N = {student.layers_with_history}, history gate {student.history_gate}")
 
-    init_student(student, EMBEDDED.get(str(folder), Path(folder)), ARD_CONFIG, "ARD", vae_hash, check)
+    init_student(student, folder, ARD_CONFIG, "ARD", vae_hash, check)
 
 
 # --------------------------------------------------------------------------- saving, loading, sampling
@@ -399,9 +404,15 @@ def save_ard(student: ARDStudent, folder: str | Path, base: str, meta: dict) -> 
 
 def load_ard(folder: str | Path) -> StudentPipeline:
     """A :class:`ShapesARDPipeline` from a folder written by :func:`save_ard` (base model loaded by name)."""
-    return load_student(folder, ARD_CONFIG, "ARD", lambda base, cfg: ARDStudent(
-        base.transformer, cfg["sigmas"], int(cfg["layers_with_history"]), bool(cfg.get("history_gate", False))),
-        ShapesARDPipeline)
+    def build(base: Any, cfg: dict) -> ARDStudent:
+        try:
+            sigmas, layers = [float(s) for s in cfg["sigmas"]], int(cfg["layers_with_history"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise HastenError(f"cannot load the ARD student in {folder}: bad sigmas or layers_with_history "
+                              f"({e})") from None
+        return ARDStudent(base.transformer, sigmas, layers, bool(cfg.get("history_gate", False)))
+
+    return load_student(folder, ARD_CONFIG, "ARD", build, ShapesARDPipeline)
 
 
 class ShapesARDPipeline(StudentPipeline):

@@ -123,8 +123,8 @@ def register(app: typer.Typer) -> None:
                                           "1: its x0-prediction"),
         step_draw: str = typer.Option("count", help="which step each caption trains: 'count' (a step count, "
                                       "then one of its steps) or 'step' (every step of every count equally often)"),
-        init: Path | None = typer.Option(None, help="an Imagine Flash student folder to start from (a second "
-                                         "training stage)"),
+        init: str | None = typer.Option(None, help="an Imagine Flash student (folder or shapes-flash) to start "
+                                        "from (a second training stage)"),
         cfg_scale: float | None = typer.Option(None, "--cfg", help="the teacher's guidance scale distilled in "
                                                "(default: the teacher's)"),
         cfg_interval: str | None = typer.Option(None, help="LO,HI: the teacher guides only at noise levels "
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
         cfg = FlashConfig(steps=train_steps, batch_size=batch_size, lr=lr, step_counts=tuple(range(1, steps + 1)),
                           backward=backward, srl=srl, tau_min=tau_min, tau_max=tau_max, srl_noise=srl_noise,
                           teacher_steps=teacher_steps, step_draw=step_draw,
-                          init=None if init is None else str(init), guidance_scale=cfg_scale,
+                          init=init, guidance_scale=cfg_scale,
                           guidance_interval=_interval(cfg_interval), caption_offset=caption_offset)
         cfg.check()
         if out.exists() and not out.is_dir():

@@ -495,9 +495,10 @@ def train_flash(pipe: Any, out: str | Path, cfg: FlashConfig, progress: bool = T
 
 
 def init_weights(student: FlashStudent, folder: str | Path, vae_hash: str) -> None:
-    """Load the weights of the Imagine Flash student in ``folder`` into ``student`` (``--init``: a second
-    training stage, as the shipped student's floor on the SRL shift after its first stage); it must have been
-    distilled in the latent space of the VAE whose :func:`hasten.plans.weights_hash` is ``vae_hash``."""
+    """Load the weights of the Imagine Flash student in ``folder`` (a path or ``shapes-flash``) into ``student``
+    (``--init``: a second training stage, as the shipped student's floor on the SRL shift after its first
+    stage); it must have been distilled in the latent space of the VAE whose :func:`hasten.plans.weights_hash`
+    is ``vae_hash``."""
     init_student(student, folder, FLASH_CONFIG, "Imagine Flash", vae_hash, lambda cfg: None
                  if cfg.get("method") == "imagine-flash" else "not an Imagine Flash student of this teacher")
 

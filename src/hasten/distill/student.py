@@ -144,10 +144,13 @@ def load_student(folder: str | Path, config_name: str, what: str,
 
 def init_student(student: torch.nn.Module, folder: str | Path, config_name: str, what: str, vae_hash: str,
                  check: Callable[[dict], str | None] | None = None) -> None:
-    """``--init``: load the weights of the saved ``what`` student in ``folder`` (see :func:`save_student`) into
-    ``student`` to start a second training stage. It must have been distilled in the latent space of the VAE
-    whose :func:`hasten.plans.weights_hash` is ``vae_hash``; ``check(config)`` returns what else is wrong with
-    it, or None."""
+    """``--init``: load the weights of the saved ``what`` student in ``folder`` (a path, or an embedded name such
+    as ``shapes-ard4``; see :func:`save_student`) into ``student`` to start a second training stage. It must have
+    been distilled in the latent space of the VAE whose :func:`hasten.plans.weights_hash` is ``vae_hash``;
+    ``check(config)`` returns what else is wrong with it, or None."""
+    from ..pipeline import EMBEDDED
+
+    folder = EMBEDDED.get(str(folder), Path(folder))
     cfg, tensors = read_model_folder(folder, config_name, WEIGHTS, f"--init {folder} is not an {what} student folder")
     if not isinstance(cfg, dict) or cfg.get("base_vae") != vae_hash:
         raise HastenError(f"--init {folder} is not an {what} student of this teacher")

@@ -167,8 +167,12 @@ def load_trajectories(folder: str | Path) -> dict:
                           f"{missing[0]}): re-run hasten distill trajectories with the same options")
     parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": [], "seeds": []}
     captions: list[str] = []
-    for f in files:
+    for k, f in enumerate(files):
         with safe_open(str(f), "pt") as h:  # one open per shard: its tensors and its captions
+            seeds, want = h.get_tensor("seeds"), torch.arange(k * shard_size, min(n, (k + 1) * shard_size))
+            if not torch.equal(seeds, want):  # a last shard from a run with a smaller --n, not yet rewritten
+                raise HastenError(f"{folder} is incomplete ({f.name} holds {seeds.numel()} of its {want.numel()} "
+                                  "samples): re-run hasten distill trajectories with the same options")
             for key in parts:
                 parts[key].append(h.get_tensor(key))
             captions += json.loads(h.metadata()["captions"])
