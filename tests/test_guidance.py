@@ -448,6 +448,10 @@ def test_default_ag_uses_the_plan_shipped_with_the_model(pipe, tmp_path):
     with accelerate(loaded, AdaptiveGuidance()):
         with pytest.raises(HastenError, match="no calibrated threshold for this model at guidance 2"):
             sample(loaded, steps=4, guidance_scale=2.0)
+    save_plan(folder / "plans" / "ag-unknown.json", {**plan, "guidance_scale": None})  # a run of unknown scale
+    with accelerate(loaded, AdaptiveGuidance()):
+        with pytest.raises(HastenError, match=r"guidance 2 \(shipped: 3\)"):  # skipped, not a TypeError
+            sample(loaded, steps=4, guidance_scale=2.0)
 
 
 def test_shipped_digits_plans_match_the_shipped_model():

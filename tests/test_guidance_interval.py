@@ -88,6 +88,35 @@ def test_noise_level_conventions(pipe):
         pipeline, t = None, 250.0
     assert noise_level(D) == 0.25  # diffusers: t / num_train_timesteps, 1 = noise
 
+    class F:
+        pipeline, t = None, 0.25
+    assert noise_level(F, unit_time=True) == 0.25  # Flux, QwenImage: the transformer gets t / 1000
+
+    class N:
+        pipeline, t = None, None
+    with pytest.raises(HastenError, match="needs the transformer's timestep"):
+        noise_level(N)
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "flux", "qwenimage", "hunyuanvideo", "wan"])
+def test_interval_guides_at_the_right_calls_and_the_run_scale_is_read_on_every_family(family):
+    """Each tiny pipeline's 4 steps at the scheduler's sigmas; guided exactly where 0.2 < sigma <= 0.8, whether
+    the transformer gets t in [0, 1000] or t / 1000 (Flux, QwenImage); the handle reads the run's real CFG
+    scale (true_cfg_scale on the true-CFG pipelines, the __call__ argument on DiT and PixArt)."""
+    from hasten.testing_pipelines import BUILDERS, GUIDANCE, TRUE_CFG
+
+    pipe, run = BUILDERS[family]()
+    with torch.no_grad(), hasten.accelerate(pipe, hasten.GuidanceInterval(0.2, 0.8)) as h:
+        run(0)
+        rep = h.report()
+    ts = sorted({e["t"] for e in rep["log"]}, reverse=True)
+    scale = 1.0 if max(ts) <= 1.5 else float(pipe.scheduler.config.num_train_timesteps)
+    inside = sum(0.2 < t / scale <= 0.8 for t in ts)
+    assert 0 < inside < len(ts)
+    got = rep["methods"]["guidance-interval"]
+    assert (got["guided_calls"], got["unguided_calls"]) == (inside, len(ts) - inside)
+    assert h.guidance_scale == (TRUE_CFG if family in ("flux", "qwenimage", "hunyuanvideo") else GUIDANCE)
+
 
 def test_bad_intervals_and_combinations(pipe):
     for lo, hi in ((-0.1, 0.5), (0.6, 0.5), ("a", 1), (float("nan"), 1)):

@@ -143,3 +143,59 @@ def test_scale_shift_trains_on_a_diffusers_pipeline(wan):
         aligned_err = (run() - ref).pow(2).mean()
         assert h.report()["methods"]["block-cache"]["scale_shift"]
     assert torch.isfinite(aligned_err) and aligned_err != plain_err
+
+
+def test_linear_ag_records_its_regression_on_separate_branch_calls(wan):
+    """The LinearAG recorder pairs each step's conditional call with the unconditional one that follows it:
+    the normal equations of the regressed calls (1 and 3 of 4) are those of the predictions the pipeline got."""
+    from hasten.hooks import attach
+    from hasten.methods.guidance import LinearAGRecorder, NormalEquations, _layout, linear_ag_design, unwrap_output
+
+    pipe, run = wan
+    seen: list[tuple[str, torch.Tensor]] = []
+    h = attach(pipe)
+    try:
+        rec = LinearAGRecorder(h, _layout(h, None))
+        h.on_run_start(rec.new_run)
+        h.wrap_call(rec, "rec")
+
+        def spy(inner, *args, **kwargs):
+            out = inner(*args, **kwargs)
+            seen.append((h.branch, unwrap_output(out)[0].clone()))
+            return out
+
+        h.wrap_call(spy, "spy")
+        with torch.no_grad():
+            for seed in (0, 1):
+                h.reset()
+                run(seed)
+    finally:
+        h.disable()
+    assert [b for b, _ in seen] == ["cond", "uncond"] * (2 * STEPS)
+    assert sorted(rec.eqs) == [1, 3] and rec.trajectories == 2 * B and rec.run_timesteps[0] == rec.run_timesteps[1]
+    c = [p for b, p in seen if b == "cond"]
+    u = [p for b, p in seen if b == "uncond"]
+    for j in (1, 3):
+        want = NormalEquations(4)
+        for r in range(2):
+            k = r * STEPS + j
+            want.add(linear_ag_design(c[k], c[k - 1], u[k - 1]), u[k])
+        torch.testing.assert_close(rec.eqs[j].xtx, want.xtx)
+        torch.testing.assert_close(rec.eqs[j].xty, want.xty)
+
+
+def test_guidance_methods_refuse_a_second_expert(wan):
+    """Wan 2.2 runs its low-noise steps on transformer_2, which hasten does not intercept: AG would report calls
+    saved that the second expert still makes, so guidance methods refuse it with a one-line error."""
+    import copy
+
+    from hasten.errors import HastenError
+
+    pipe, _ = wan
+    two = copy.copy(pipe)  # the same components, plus a second expert
+    two.register_modules(transformer_2=copy.deepcopy(pipe.transformer))
+    for method in (hasten.AdaptiveGuidance(threshold=0.99), hasten.GuidanceInterval(0.2, 0.8)):
+        with pytest.raises(HastenError, match="second expert"):
+            hasten.accelerate(two, method)
+    hasten.accelerate(two, hasten.BlockCache(schedule=[[True] * STEPS] * 2)).disable()  # the first expert's blocks
+    assert getattr(pipe, "transformer_2", None) is None  # the fixture's pipeline is untouched

@@ -93,6 +93,32 @@ LOG_LIMIT = 10_000
 SEPARATE_BRANCHES = ("cond", "uncond")  # cache-context names of guidance branches sent as separate calls
 
 
+TRUE_CFG_PIPELINES = ("FluxPipeline", "QwenImagePipeline", "HunyuanVideoPipeline")
+
+
+def run_guidance_scale(pipeline: Any) -> float | None:
+    """The classifier-free guidance scale of the diffusers pipeline run now in progress (read when it sets its
+    timesteps): ``true_cfg_scale`` for the true-CFG pipelines (Flux, QwenImage, HunyuanVideo: their
+    ``guidance_scale`` is the embedded distilled guidance), else ``pipeline._guidance_scale`` when the pipeline
+    keeps it, else the ``guidance_scale`` argument of its ``__call__`` (DiT and PixArt keep it only there).
+    None when it cannot be found."""
+    true_cfg = any(c.__name__ in TRUE_CFG_PIPELINES for c in type(pipeline).__mro__)
+    if not true_cfg:
+        gs = getattr(pipeline, "_guidance_scale", None)  # set by most diffusers pipelines' __call__
+        if isinstance(gs, (int, float)):
+            return float(gs)
+    name = "true_cfg_scale" if true_cfg else "guidance_scale"
+    frame = inspect.currentframe()
+    for _ in range(12):  # set_timesteps <- (retrieve_timesteps <-) the pipeline's __call__
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        if frame.f_locals.get("self") is pipeline:
+            gs = frame.f_locals.get(name)
+            return float(gs) if isinstance(gs, (int, float)) else None
+    return None
+
+
 def _arg_position(fn: Callable, name: str) -> int | None:
     """Positional index of parameter ``name`` of ``fn`` (without ``self``), or None."""
     try:
@@ -430,8 +456,7 @@ class Handle:
             @functools.wraps(orig_st)  # diffusers' retrieve_timesteps reads its signature (sigmas=, timesteps=)
             def set_timesteps(*a, **k):
                 self.reset()
-                gs = getattr(self.pipeline, "_guidance_scale", None)  # set by diffusers pipelines' __call__
-                self.guidance_scale = float(gs) if isinstance(gs, (int, float)) else None
+                self.guidance_scale = run_guidance_scale(self.pipeline)
                 return orig_st(*a, **k)
 
             self.set_attr(sched, "set_timesteps", set_timesteps)

@@ -70,7 +70,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -91,6 +91,7 @@ class GuidanceLayout:
     null_label: int | None = None  # class-label models: the class id of the unconditional half
     learned_sigma: bool = False  # output has 2C channels; gamma uses the first C (the prediction)
     separate: bool = False  # the branches are separate calls in cache_context("cond") / ("uncond")
+    unit_time: bool = False  # the transformer gets t / 1000, in [0, 1] (Flux, QwenImage), not t in [0, 1000]
 
     def halves(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(uncond row indices, cond row indices) into the guidance batch, each of length b."""
@@ -108,8 +109,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "LTXPipeline": {"uncond_first": True},
     # one call per branch, the conditional first, inside cache_context("cond") / ("uncond")
     "WanPipeline": {"uncond_first": True, "separate": True},
-    "FluxPipeline": {"uncond_first": True, "separate": True},
-    "QwenImagePipeline": {"uncond_first": True, "separate": True},
+    "FluxPipeline": {"uncond_first": True, "separate": True, "unit_time": True},
+    "QwenImagePipeline": {"uncond_first": True, "separate": True, "unit_time": True},
     "HunyuanVideoPipeline": {"uncond_first": True, "separate": True},
 }
 
@@ -124,6 +125,9 @@ def layout_for(pipe: Any) -> GuidanceLayout:
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise HastenError(f"{name} has no transformer to intercept")
+    if getattr(pipe, "transformer_2", None) is not None:  # Wan 2.2: the second expert runs the low-noise steps
+        raise HastenError(f"guidance methods intercept pipe.transformer only, and this {name} has a second expert "
+                          "(transformer_2) that would run its steps with full guidance, uncounted")
     cfg = transformer.config
     null = None
     if name == "HastenPipeline":
@@ -420,21 +424,28 @@ def _layout(handle: Any, uncond_first: bool | None) -> GuidanceLayout:
     if uncond_first is not None:
         known = any(c.__name__ in LAYOUTS for c in type(handle.pipeline).__mro__)
         base = layout_for(handle.pipeline) if known and handle.pipeline is not None else None
-        return GuidanceLayout(type(handle.target).__name__, bool(uncond_first),
-                              base.null_label if base else None, base.learned_sigma if base else False)
+        if base is None:
+            return GuidanceLayout(type(handle.target).__name__, bool(uncond_first))
+        return replace(base, pipeline=type(handle.target).__name__, uncond_first=bool(uncond_first))
     if handle.pipeline is None:
         raise HastenError("guidance methods need the pipeline (they read its guidance batch layout): pass "
                           "the pipeline to accelerate, or uncond_first=True/False for a bare transformer")
     return layout_for(handle.pipeline)
 
 
-def noise_level(handle: Any) -> float:
+def noise_level(handle: Any, unit_time: bool = False) -> float:
     """The noise level sigma in [0, 1] of the current transformer call (1 = pure noise): the pipeline's own
     ``noise_level(timestep)`` when it has one (hasten's ``HastenPipeline``: Movie Gen time, 0 = noise), else
-    ``t / T`` with the scheduler's ``num_train_timesteps`` T (diffusers' convention, default 1000)."""
+    ``t / T`` with the scheduler's ``num_train_timesteps`` T (diffusers' convention, default 1000); with
+    ``unit_time`` (pipelines that call the transformer with t / 1000: Flux, QwenImage) ``t`` itself."""
+    if handle.t is None:
+        raise HastenError("GuidanceInterval needs the transformer's timestep, and this call passed none it can "
+                          "read (an argument named timestep)")
     own = getattr(handle.pipeline, "noise_level", None)
     if callable(own):
         return float(own(float(handle.t)))
+    if unit_time:
+        return float(handle.t)
     sched = getattr(getattr(handle.pipeline, "scheduler", None), "config", None)
     return float(handle.t) / float(getattr(sched, "num_train_timesteps", None) or 1000)
 
@@ -480,7 +491,7 @@ class GuidanceRuntime:
         """Which samples send their unconditional row at this call."""
         if self.interval is None:
             return ~self.switched & (not regress)
-        inside = self.interval[0] < noise_level(self.handle) <= self.interval[1]
+        inside = self.interval[0] < noise_level(self.handle, self.layout.unit_time) <= self.interval[1]
         return torch.full((self.b,), inside, dtype=torch.bool)
 
     def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -668,6 +679,7 @@ def _shipped_resolver(handle: Any) -> Callable[[Any], tuple[float, str]]:
     """``AdaptiveGuidance()``: the AG plan shipped with the model for the run's guidance scale."""
 
     plans = shipped_plans(handle.pipeline, AG, handle.transformer) if handle.pipeline is not None else []
+    plans = [p for p in plans if isinstance(p.get("guidance_scale"), (int, float))]  # a plan of unknown scale
 
     def resolve(handle: Any) -> tuple[float, str]:
         guidance_scale = handle.guidance_scale
@@ -743,20 +755,35 @@ class LinearAGRecorder:
         self.run_timesteps: list[list[float | None]] = []
         self.trajectories = 0
         self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pending_cond: torch.Tensor | None = None  # separate-branch pipelines: this step's conditional call
 
     def new_run(self) -> None:
         self.run_timesteps.append([])
-        self.prev = None
+        self.prev = self.pending_cond = None
 
     def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
-
         out = inner(*args, **kwargs)
+        branch = self.handle.branch
+        if branch in SEPARATE_BRANCHES:  # Wan, Flux, ...: the conditional call of a step, then the unconditional
+            pred, _ = unwrap_output(out)
+            if branch == "cond":
+                self.pending_cond = pred
+            elif self.pending_cond is not None:
+                self._add(self.pending_cond, pred)
+                self.pending_cond = None
+            return out
         if not is_guidance_call(self.layout, args, kwargs):
             return out
         pred, _ = unwrap_output(out)
-        b = pred.shape[0] // 2
-        uncond, cond = self.layout.halves(b)
-        u, c = pred[uncond.to(pred.device)], pred[cond.to(pred.device)]
+        uncond, cond = self.layout.halves(pred.shape[0] // 2)
+        self._add(pred[cond.to(pred.device)], pred[uncond.to(pred.device)])
+        return out
+
+    def _add(self, c: torch.Tensor, u: torch.Tensor) -> None:
+        """One guidance call's conditional and unconditional predictions (B, ...)."""
+        if self.layout.learned_sigma:  # only the prediction channels are guided; the variance ones are dropped
+            c, u = c[:, :c.shape[1] // 2], u[:, :u.shape[1] // 2]
+        b = c.shape[0]
         ts = self.run_timesteps[-1]
         j = len(ts)
         ts.append(self.handle.t)
@@ -770,7 +797,6 @@ class LinearAGRecorder:
                 acc[0] += float((u.double() - c.double()).pow(2).sum())
                 acc[1] += float(u.double().pow(2).sum())
         self.prev = (c.detach(), u.detach())
-        return out
 
     def held_out_errors(self, coefs: dict[str, list[float]]) -> dict[str, dict[str, float]]:
         """Per regressed call on the held-out runs: R^2 and relative error |u_hat - u| / |u| of the
@@ -841,7 +867,8 @@ def search_threshold(run: Any, make_config: Callable[[float], Any], name: str, m
     else:
         with torch.no_grad():
             ref = torch.cat([run.images(s) for s in seeds])
-    timesteps = [e["t"] for e in calls if e["run"] == calls[0]["run"]]
+    # the newest run: the log keeps the newest LOG_LIMIT calls, so the first run may be cut at its start
+    timesteps = [e["t"] for e in calls if e["run"] == calls[-1]["run"]]
     psnr_never = pooled_psnr(imgs_never, ref)
     log = [{"threshold": never, "psnr_db": round(psnr_never, 3), "nfe": round(nfe_never, 3)}]
     found = {"threshold": never, "psnr_db": psnr_never, "nfe": nfe_never, "search": log, "met": False,
