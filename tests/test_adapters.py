@@ -254,6 +254,26 @@ def test_unknown_model_needs_explicit_blocks():
         hasten.accelerate(m, hasten.BlockCache(schedule=[[True]]), blocks=["nope"])
 
 
+    def run(seed: int) -> None:  # one sampling loop of 4 calls for calibration
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
+        for t in (900.0, 600.0, 300.0, 100.0):
+            x = x - 0.1 * m(x, timestep=torch.tensor([t, t]))
+
+    with pytest.raises(hasten.HastenError, match="same blocks= to hasten.calibrate"):
+        hasten.calibrate(m, hasten.BlockCache(delta=0.5), runner=run, seeds=(0, 1), steps=4)
+    plan = hasten.calibrate(m, hasten.BlockCache(delta=0.5), runner=run, seeds=(0, 1), steps=4, blocks=names)
+    assert plan["blocks"] == names and plan["calls"] == 4 and len(plan["l1rel"]) == 3
+
+    class NoTimestep(Tiny):
+        def forward(self, hidden_states, t=None):  # a time argument hasten cannot find by name
+            return super().forward(hidden_states)
+
+    m = NoTimestep()
+    with pytest.raises(hasten.HastenError, match="timestep could not be read"):
+        hasten.calibrate(m, hasten.BlockCache(delta=0.5), runner=lambda s: m(torch.randn(2, 4), t=1.0),
+                         seeds=(0, 1), steps=1, blocks=names)
+
+
 def test_blockspec_for_tuple_blocks():
     model, _ = _sd3()
     specs = discover_blocks(model)

@@ -283,6 +283,20 @@ def test_plan_contents_and_validation(tmp_path, pipe, plan):
         hasten.accelerate(pipe, hasten.BlockCache(plan=wrong))
     with pytest.raises(hasten.HastenError, match="not found"):
         hasten.accelerate(pipe, hasten.BlockCache(plan=str(tmp_path / "missing.json")))
+    for broken, match in ((dict(plan, model="DiT"), "model entry"),
+                          ({k: v for k, v in plan.items() if k != "schedule"}, "missing schedule"),
+                          ({k: v for k, v in plan.items() if k != "l1rel"}, "missing l1rel"),
+                          (dict(plan, schedule=[m[:-1] for m in plan["schedule"]]), "one row per block")):
+        with pytest.raises(hasten.HastenError, match=match):  # one-line errors, not a KeyError mid-run
+            hasten.accelerate(pipe, hasten.BlockCache(plan=broken, delta=0.5))
+    with pytest.raises(hasten.HastenError, match="schedule= alone"):
+        hasten.accelerate(pipe, hasten.BlockCache(plan=plan, schedule=plan["schedule"]))
+    # the plan names scale-shift parameters (missing here) trained for its own delta: another delta never reads them
+    with hasten.accelerate(pipe, hasten.BlockCache(plan=dict(plan, scale_shift_file="gone.safetensors"),
+                                                   delta=plan["delta"] + 0.1)) as h:
+        assert not h.report()["methods"]["block-cache"]["scale_shift"]
+    with pytest.raises(hasten.HastenError, match="not found"):
+        hasten.accelerate(pipe, hasten.BlockCache(plan=dict(plan, scale_shift_file="gone.safetensors")))
     with pytest.raises(hasten.HastenError, match="delta must be"):
         hasten.BlockCache(delta=-0.1)
     with pytest.raises(hasten.HastenError, match="needs delta="):
@@ -332,6 +346,38 @@ def test_delta_without_a_plan_calibrates_on_the_first_run(pipe, tmp_path, caplog
         again = sample(pipe, seed=1)
         assert h.report()["methods"]["block-cache"]["reused"] == rep["reused"]
     assert torch.equal(again, second)
+
+
+def test_first_run_calibration_survives_an_interrupted_run_and_keeps_that_runs_guidance_scale(pipe):
+    """A first run cut short (Ctrl-C, out of memory: here a block raising at call 3) has partial curves: the
+    next run is recorded instead (every block computed, so exact) and the plan covers all its calls. The plan
+    keeps the recorded run's guidance scale, so a run at another scale is refused."""
+    calls = []
+
+    def interrupt(module, args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    def run(seed, scale):
+        return pipe(LABELS, num_inference_steps=STEPS, guidance_scale=scale,
+                    generator=torch.Generator().manual_seed(seed)).images
+
+    ref = run(1, 3.0)
+    with hasten.accelerate(pipe, hasten.BlockCache(delta=0.5)) as h:
+        hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run(0, 3.0)
+        finally:
+            hook.remove()
+        assert torch.equal(run(1, 3.0), ref)  # recorded instead: every block computed
+        with pytest.raises(hasten.HastenError, match="guidance"):  # the plan is made as this run starts
+            run(2, 4.0)
+        plan = h.block_cache_plan
+        assert plan["calls"] == STEPS and plan["guidance_scale"] == 3.0
+        run(2, 3.0)
+        assert sum(h.report()["methods"]["block-cache"]["reused"]) > 0
 
 
 def test_scale_shift_time_features_see_unit_timesteps_on_the_0_1000_scale():

@@ -52,6 +52,21 @@ def test_caching_runs_on_the_meta_device():
     assert h.block_cache_states[0].slots[(None, 4)].cache[0].device.type == "meta"
 
 
+def test_a_plan_applies_to_weights_offloaded_to_the_meta_device():
+    """accelerate's offload hooks leave the weights on the meta device: their hash cannot be read, so a plan
+    for the same config is applied without the weights check instead of failing to copy meta tensors."""
+    from hasten.plans import check_plan, new_plan, weights_hash
+
+    pipe = tiny_pipe()
+    plan = new_plan("block-cache", pipe.transformer, solver="euler", steps=3, time_schedule=None,
+                    guidance_scale=None, timesteps=[900.0, 500.0, 100.0])
+    tr = pipe.transformer.to("meta")
+    assert weights_hash(tr) is None and plan["model"]["weights_hash"] is not None
+    check_plan(plan, tr)
+    with pytest.raises(hasten.HastenError, match="another model"):
+        check_plan(plan, tiny_dit_pipe(layers=3).transformer.to("meta"))  # the config is still checked
+
+
 def test_least_squares_accumulates_on_the_data_device():
     eq = NormalEquations(4)
     eq.add(torch.empty(10, 4, device="meta"), torch.empty(10, device="meta"))

@@ -130,6 +130,7 @@ def test_scale_shift_trains_on_a_diffusers_pipeline(wan):
 
     pipe, run = wan
     plan = hasten.calibrate(pipe, hasten.BlockCache(delta=0.5), runner=run, seeds=(1, 2), steps=STEPS)
+    assert plan["guidance_scale"] == 5.0  # not given to calibrate: the runs' own, so other scales are refused
     delta = 10.0  # every block reused after call 0: the most to align
     runner = calibration_run(pipe, runner=run, seeds=(0, 1), steps=STEPS)
     state, info = train_scale_shift(pipe, plan, delta=delta, train_steps=30, lr=3e-3, run=runner)

@@ -50,8 +50,11 @@ def test_tune_confirms_on_held_out_prompts_and_resumes(tiny_pipe, tmp_path):
     own = copy_shapes(tiny_pipe, None)
     with hasten.accelerate(own, plan=str(out)) as h:
         assert type(own.scheduler).__name__ == plan["scheduler"]["class"] and h.tuned_plan["steps"] == plan["steps"]
+        assert "set_timesteps" in vars(own.scheduler)  # the swapped-in scheduler starts the runs
         images, _ = run_images(own, confirm, h.tuned_plan["steps"])
+        assert h.guidance_scale == own.default_guidance_scale  # read at its set_timesteps
     assert type(own.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # disable() restored it
+    assert "set_timesteps" not in vars(own.scheduler) and h.tuned_plan is None
     assert psnr(images, ref) == pytest.approx(conf["quality"]["psnr"], abs=1e-3)
 
     # resuming: the same command measures nothing again and writes the same plan

@@ -97,15 +97,9 @@ def _use_tuned_scheduler(handle: Handle, target: Any, tuned: dict) -> None:
     cls = getattr(diffusers, str(tuned["scheduler"]["class"]), None)
     if cls is None:
         raise HastenError(f"unknown scheduler {tuned['scheduler']['class']!r} in the tuned plan")
-    old = target.scheduler
-    target.scheduler = cls.from_config(tuned["scheduler"]["config"])
-    handle.tuned_plan = tuned
-
-    def undo() -> None:
-        target.scheduler = old
-        handle.tuned_plan = None
-
-    handle._undo.append(undo)
+    handle.set_attr(target, "scheduler", cls.from_config(tuned["scheduler"]["config"]))
+    handle.watch_scheduler()  # runs start, and their guidance scale is read, at the new scheduler's set_timesteps
+    handle.set_attr(handle, "tuned_plan", tuned)
 
 
 @dataclass
@@ -128,6 +122,7 @@ class CalibrationRun:
     guidance_scale: float | None = None
     pipeline_kwargs: dict = field(default_factory=dict)
     runner: Callable[[int], Any] | None = None
+    blocks: Sequence | None = None  # the transformer blocks of a model hasten does not know (see accelerate)
 
     def run(self, seed: int) -> Any:
         if self.runner is not None:
@@ -184,7 +179,8 @@ MIN_CONDITIONS, MIN_SEEDS = 8, 2
 def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: Sequence[int] = (0, 1),
               steps: int = 50, solver: str = "euler", schedule: str | None = "linear",
               guidance_scale: float | None = None, prompts: Sequence[str] | None = None,
-              runner: Callable[[int], Any] | None = None, **pipeline_kwargs: Any) -> dict:
+              runner: Callable[[int], Any] | None = None, blocks: Sequence | None = None,
+              **pipeline_kwargs: Any) -> dict:
     """Calibrate ``method`` on ``target`` from full-compute runs; returns the plan (a dict).
 
     ``labels`` (hasten pipeline, default: every class; or a class-conditional diffusers pipeline) or
@@ -192,20 +188,21 @@ def calibrate(target: Any, method: Any, labels: Sequence | None = None, seeds: S
     classes when the model has fewer) and 2 seeds. ``runner(seed)`` replaces the pipeline call (needed for
     a bare transformer: it runs one sampling loop over the conditions for that seed, calling the model
     once per denoiser call); ``steps``, ``solver`` and ``schedule`` are then only recorded in the plan.
+    ``blocks``: as for :func:`accelerate`, for a model whose blocks hasten does not know.
     Save the plan with :func:`hasten.plans.save_plan`.
     """
     info = info_for(method)
     if info.calibrate is None:
         raise HastenError(f"{type(method).__name__} needs no calibration")
     run = calibration_run(target, labels, seeds, steps, solver, schedule, guidance_scale, prompts, runner,
-                          **pipeline_kwargs)
+                          blocks, **pipeline_kwargs)
     return info.calibrate(run, method)
 
 
 def calibration_run(target: Any, labels: Sequence | None = None, seeds: Sequence[int] = (0, 1), steps: int = 50,
                     solver: str = "euler", schedule: str | None = "linear", guidance_scale: float | None = None,
                     prompts: Sequence[str] | None = None, runner: Callable[[int], Any] | None = None,
-                    **pipeline_kwargs: Any) -> CalibrationRun:
+                    blocks: Sequence | None = None, **pipeline_kwargs: Any) -> CalibrationRun:
     """The checked :class:`CalibrationRun` for ``target`` (see :func:`calibrate` for the arguments): the one
     runner that calibration and scale-shift training drive, whatever the pipeline."""
     kind, transformer, _ = resolve_target(target)
@@ -229,7 +226,7 @@ def calibration_run(target: Any, labels: Sequence | None = None, seeds: Sequence
         conds, need = list(prompts), MIN_CONDITIONS
     _check_counts(conds, need, seeds, steps)
     return CalibrationRun(target, kind, transformer, conds, [int(s) for s in seeds], int(steps), solver, schedule,
-                          guidance_scale, pipeline_kwargs, runner)
+                          guidance_scale, pipeline_kwargs, runner, blocks)
 
 
 def _check_counts(conds: Sequence, need: int, seeds: Sequence[int], steps: int) -> None:

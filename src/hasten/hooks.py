@@ -449,17 +449,24 @@ class Handle:
                 return orig_vfn(labels, *a, **k)
 
             self.set_attr(pipe, "velocity_fn", velocity_fn)
-        elif self.kind == "diffusers" and hasattr(getattr(self.pipeline, "scheduler", None), "set_timesteps"):
-            sched = self.pipeline.scheduler
-            orig_st = sched.set_timesteps
+        elif self.kind == "diffusers":
+            self.watch_scheduler()
 
-            @functools.wraps(orig_st)  # diffusers' retrieve_timesteps reads its signature (sigmas=, timesteps=)
-            def set_timesteps(*a, **k):
-                self.reset()
-                self.guidance_scale = run_guidance_scale(self.pipeline)
-                return orig_st(*a, **k)
+    def watch_scheduler(self) -> None:
+        """A diffusers pipeline starts each run by setting its scheduler's timesteps: wrap ``set_timesteps`` to
+        start a run there and read its guidance scale. Called again when the scheduler is swapped (tuned plans)."""
+        sched = getattr(self.pipeline, "scheduler", None)
+        if not hasattr(sched, "set_timesteps"):
+            return
+        orig_st = sched.set_timesteps
 
-            self.set_attr(sched, "set_timesteps", set_timesteps)
+        @functools.wraps(orig_st)  # diffusers' retrieve_timesteps reads its signature (sigmas=, timesteps=)
+        def set_timesteps(*a, **k):
+            self.reset()
+            self.guidance_scale = run_guidance_scale(self.pipeline)
+            return orig_st(*a, **k)
+
+        self.set_attr(sched, "set_timesteps", set_timesteps)
 
     def disable(self) -> None:
         """Undo every change, newest first: the target computes exactly as before ``accelerate``."""

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,15 @@ def config_hash(model: nn.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def weights_hash(model: nn.Module) -> str:
+def weights_hash(model: nn.Module) -> str | None:
     """sha256 (first 16 hex digits) of the model's parameters and buffers as float32, in state-dict order:
-    a plan calibrated on some weights is refused for others with the same config (a retrained model)."""
+    a plan calibrated on some weights is refused for others with the same config (a retrained model).
+    None when the weights cannot be read here (offloaded to the meta device by accelerate's hooks)."""
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        return None
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -80,6 +85,9 @@ def check_scheduler(plan: dict, scheduler: Any) -> None:
 def new_plan(method: str, model: nn.Module, *, solver: str, steps: int, time_schedule: str | None,
              guidance_scale: float | None, timesteps: list[float], **fields: Any) -> dict:
     """A plan dict for ``method`` on ``model`` (``timesteps``: one per denoiser call of a run)."""
+    if any(t is None for t in timesteps):
+        raise HastenError("the model's timestep could not be read at every call (hasten reads an argument named "
+                          "timestep): a plan needs one per call")
     plan = {"hasten_plan": PLAN_VERSION, "method": method,
             "model": {"class": type(model).__name__, "config_hash": config_hash(model),
                       "weights_hash": weights_hash(model)},
@@ -109,8 +117,9 @@ def _read_plan(path: str | os.PathLike | dict) -> tuple[Any, str]:
         raise HastenError(f"plan {p} is not valid JSON ({first})") from None
 
 
-def load_plan(path: str | os.PathLike | dict, method: str) -> dict:
-    """Read and sanity-check a plan file for ``method`` (a dict passes through the same checks)."""
+def load_plan(path: str | os.PathLike | dict, method: str, required: Sequence[str] = ()) -> dict:
+    """Read and sanity-check a plan file for ``method`` (a dict passes through the same checks), with the
+    method's own ``required`` keys beside the common ones."""
     plan, where = _read_plan(path)
     if not isinstance(plan, dict) or plan.get("hasten_plan") != PLAN_VERSION:
         raise HastenError(f"{where} is not a hasten plan (version {PLAN_VERSION})")
@@ -119,6 +128,11 @@ def load_plan(path: str | os.PathLike | dict, method: str) -> dict:
         raise HastenError(f"{where} is incomplete: missing {', '.join(missing)}")
     if plan["method"] != method:
         raise HastenError(f"{where} is a {plan['method']!r} plan, not a {method!r} plan")
+    if not isinstance(plan["model"], dict):
+        raise HastenError(f"{where} is corrupt: its model entry is not a record of the model")
+    missing = [k for k in required if k not in plan]
+    if missing:
+        raise HastenError(f"{where} is incomplete: missing {', '.join(missing)}")
     if not isinstance(plan["timesteps"], list) or len(plan["timesteps"]) != plan["calls"]:
         raise HastenError(f"{where} is corrupt: {plan['calls']} calls but {len(plan['timesteps'])} timesteps")
     if not isinstance(path, dict):
@@ -136,9 +150,11 @@ def check_plan(plan: dict, model: nn.Module, steps: int | None = None, solver: s
         raise HastenError(f"this plan was calibrated for another model ({plan['model'].get('class')} "
                           f"config {have}), not this {type(model).__name__} (config {want})")
     have_w = plan["model"].get("weights_hash")
-    if have_w is not None and have_w != weights_hash(model):
+    if have_w is not None and have_w != (weights_hash(model) or have_w):  # unreadable (offloaded): not checked
         raise HastenError(f"this plan was calibrated for other weights of this {type(model).__name__} "
                           f"(weights {have_w}): calibrate again for these weights")
+    if plan.get("solver") == "first-run":  # recorded from a run's own calls: the per-call timesteps decide
+        steps = solver = None
     if steps is not None and int(steps) != plan["steps"]:
         raise HastenError(f"this plan was calibrated for {plan['steps']} steps, not {steps}: "
                           f"calibrate again with --steps {steps}")

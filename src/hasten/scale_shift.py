@@ -16,11 +16,14 @@ from collections.abc import Sequence
 import torch
 
 from .errors import HastenError
-from .methods.block_cache import BlockCache, ScaleShift, schedule_from_changes, time_features
-from .plans import check_plan, load_plan
-
-METHOD = "block-cache"
-
+from .methods.block_cache import (
+    BlockCache,
+    ScaleShift,
+    load_block_cache_plan,
+    schedule_from_changes,
+    time_features,
+)
+from .plans import check_plan
 
 SS_TRAIN_STEPS = 1000  # Adam updates (see train_scale_shift)
 SS_LR = 1e-4
@@ -113,7 +116,7 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
                                      progress=progress, run=run)
     if train_steps < 1:
         raise HastenError(f"--train-steps must be >= 1, got {train_steps}")
-    plan = load_plan(plan, METHOD)
+    plan = load_block_cache_plan(plan)
     check_plan(plan, pipe.transformer)
     delta = plan["delta"] if delta is None else float(delta)
     masks = schedule_from_changes(plan["l1rel"], delta)
@@ -127,8 +130,8 @@ def train_scale_shift(pipe, plan: dict, delta: float | None = None, train_steps:
     teacher = HastenPipeline(copy.deepcopy(pipe.transformer).requires_grad_(False), num_classes=pipe.num_classes,
                              guidance_scale=pipe.default_guidance_scale)
     grads = {n: p.requires_grad for n, p in pipe.transformer.named_parameters()}
+    handle = accelerate(pipe, BlockCache(plan=plan, delta=delta, scale_shift=state))  # first: it may refuse
     pipe.transformer.requires_grad_(False)
-    handle = accelerate(pipe, BlockCache(plan=plan, delta=delta, scale_shift=state))
     try:
         mods = [m for st in handle.block_cache_states if st.ss for m in st.ss if m is not None]
         params = [p for m in mods for p in m.parameters()]
@@ -253,7 +256,7 @@ def train_scale_shift_any(target, plan: dict, delta: float | None = None, train_
 
     if train_steps < 1:
         raise HastenError(f"--train-steps must be >= 1, got {train_steps}")
-    plan = load_plan(plan, METHOD)
+    plan = load_block_cache_plan(plan)
     delta = plan["delta"] if delta is None else float(delta)
     masks = schedule_from_changes(plan["l1rel"], delta)
     state = zero_state(plan, masks)
@@ -265,8 +268,8 @@ def train_scale_shift_any(target, plan: dict, delta: float | None = None, train_
         run = calibration_run(target, seeds=(seed - 1, seed), steps=plan["steps"], **run_kwargs)
     transformer = run.transformer
     grads = {n: p.requires_grad for n, p in transformer.named_parameters()}
+    handle = accelerate(target, BlockCache(plan=plan, delta=delta, scale_shift=state))  # first: it may refuse
     transformer.requires_grad_(False)
-    handle = accelerate(target, BlockCache(plan=plan, delta=delta, scale_shift=state))
     try:
         states = handle.block_cache_states
         shared = states[0].shared

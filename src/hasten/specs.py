@@ -20,7 +20,7 @@ from .errors import HastenError
 from .hooks import Handle, resolve_target
 from .io import atomic_write, check_writable
 from .methods import by_name
-from .methods.block_cache import METHOD, BlockCache
+from .methods.block_cache import BlockCache, load_block_cache_plan
 from .methods.block_cache import calibrate as record_block_cache_plan
 from .methods.guidance import (
     DEFAULT_MIN_PSNR,
@@ -32,7 +32,7 @@ from .methods.guidance import (
     load_ag_plan,
     load_linear_ag_plan,
 )
-from .plans import check_guidance, check_plan, load_plan, save_plan
+from .plans import check_guidance, check_plan, save_plan
 from .scale_shift import SS_TRAIN_STEPS, train_scale_shift
 
 
@@ -89,7 +89,7 @@ def block_cache_from_spec(opts: dict[str, str], ctx) -> BlockCache:
         ss = {"0": False, "false": False, "off": False, "1": True, "true": True, "on": True}.get(
             opts["scale_shift"].lower(), opts["scale_shift"])
     if "plan" in opts:
-        plan = load_plan(opts["plan"], METHOD)
+        plan = load_block_cache_plan(opts["plan"])
         tr = getattr(ctx.pipe, "transformer", ctx.pipe)
         check_plan(plan, tr, steps=ctx.steps, solver=ctx.solver, schedule=ctx.schedule)
     elif delta is None:

@@ -58,8 +58,9 @@ FAMILIES: dict[str, list[tuple[str, tuple[str | None, ...]]]] = {
     "SanaTransformer2DModel": [("transformer_blocks", HS)],
 }
 
-HOW = ("pass blocks explicitly: hasten.accelerate(model, ..., blocks=[model.layers[0], ...]) "
-       "(modules returning one tensor, dotted names, or hasten.adapters.BlockSpec for tuple outputs)")
+HOW = ("pass blocks explicitly: hasten.accelerate(model, ..., blocks=[model.layers[0], ...]), and the same "
+       "blocks= to hasten.calibrate (modules returning one tensor, dotted names, or hasten.adapters.BlockSpec "
+       "for tuple outputs)")
 
 
 def arg_positions(module: nn.Module, names: Sequence[str | None]) -> list[int | None]:

@@ -932,7 +932,7 @@ def calibrate_linear_ag(run: Any, config: LinearAG) -> dict:
                           f"held-out ones, got {len(run.conditions)} conditions x {len(seeds)} seeds "
                           f"({len(fit_seeds)} fitting): use at least {need} seeds "
                           f"(e.g. --seeds {','.join(str(1000 + s) for s in range(need))})")
-    handle = attach(run.target)
+    handle = attach(run.target, run.blocks)
     try:
         rec = LinearAGRecorder(handle, _layout(handle, config.uncond_first))
         handle.on_run_start(rec.new_run)

@@ -39,9 +39,9 @@ from .. import MethodInfo, register
 from .calibrate import calibrate, record_changes
 from .plot import plot
 from .runtime import ScaleShift, build_scale_shift, install, time_features
-from .schedule import CONVENTION, METHOD, BlockCache, ideal_speedup, schedule_from_changes
+from .schedule import CONVENTION, METHOD, BlockCache, ideal_speedup, load_block_cache_plan, schedule_from_changes
 
 __all__ = ["CONVENTION", "METHOD", "BlockCache", "ScaleShift", "build_scale_shift", "calibrate", "ideal_speedup",
-           "install", "plot", "record_changes", "schedule_from_changes", "time_features"]
+           "install", "load_block_cache_plan", "plot", "record_changes", "schedule_from_changes", "time_features"]
 
 register(MethodInfo(name=METHOD, config=BlockCache, install=install, level="block", calibrate=calibrate, plot=plot))

@@ -20,9 +20,18 @@ class _Recorder:
         self.channels: list[list[int | None]] = [[None] * len(b.outputs) for b in blocks]
 
     active = True  # recording (first-run calibration switches it off when done)
+    run = 0  # first-run calibration: the run recorded
+    interrupted = False  # ... and whether a call of it raised (its curves are then partial)
+    guidance_scale: float | None = None  # ... and its guidance scale
 
     def reset(self) -> None:
         self.prev = {}
+
+    def restart(self, run: int) -> None:
+        """Drop everything recorded and record run ``run`` instead (the one recorded was interrupted)."""
+        self.prev, self.run, self.interrupted = {}, run, False
+        self.sums = [dict() for _ in self.blocks]
+        self.counts = [dict() for _ in self.blocks]
 
     def hook(self, i: int):
         spec = self.blocks[i]

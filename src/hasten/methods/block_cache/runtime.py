@@ -14,10 +14,10 @@ from torch import nn
 from ...adapters import arg_positions
 from ...errors import HastenError
 from ...hooks import row_timesteps
-from ...plans import check_call_timestep, check_plan, check_run, load_plan, scheduler_fingerprint
+from ...plans import check_call_timestep, check_plan, check_run, scheduler_fingerprint
 from .calibrate import plan_from_changes
 from .record import _Recorder, trajectory_timesteps
-from .schedule import METHOD, BlockCache, ideal_speedup, schedule_from_changes
+from .schedule import METHOD, BlockCache, ideal_speedup, load_block_cache_plan, schedule_from_changes
 
 log = logging.getLogger("hasten")
 
@@ -227,8 +227,10 @@ def time_scale(plan: dict | None) -> float:
 
 def resolve_masks(cfg: BlockCache, handle) -> tuple[list[list[bool]], dict | None]:
     """The compute masks for ``cfg`` on ``handle``'s transformer, and the plan (if any)."""
+    if cfg.schedule is not None and (cfg.plan is not None or cfg.delta is not None):
+        raise HastenError("BlockCache takes schedule= alone: a plan or delta would be ignored")
     if cfg.plan is not None:
-        plan = load_plan(cfg.plan, METHOD)
+        plan = load_block_cache_plan(cfg.plan)
         check_plan(plan, handle.transformer, scheduler=getattr(handle.pipeline, "scheduler", None))
         if cfg.delta is not None:
             masks = schedule_from_changes(plan["l1rel"], cfg.delta)
@@ -247,6 +249,8 @@ def _load_scale_shift(cfg: BlockCache, plan: dict | None, blocks) -> dict | None
     src = cfg.scale_shift
     if src is False:
         return None
+    if src is None and plan is not None and cfg.delta is not None and cfg.delta != plan.get("delta"):
+        return None  # the plan's parameters were trained for the plan's own delta (schedule): not read
     if src is True and plan is not None and cfg.delta is not None and cfg.delta != plan.get("delta"):
         raise HastenError(f"the plan's scale-shift parameters were trained for delta {plan.get('delta')}, "
                           f"not {cfg.delta}: calibrate with --delta {cfg.delta} --scale-shift")
@@ -271,18 +275,23 @@ def _load_scale_shift(cfg: BlockCache, plan: dict | None, blocks) -> dict | None
         raise HastenError(f"cannot read scale-shift file {p}: {str(e).splitlines()[0]}") from None
 
 
-def build_scale_shift(state: dict, blocks, names) -> list[list[ScaleShift | None]]:
-    """ScaleShift modules per block and stream from a state dict with keys ``{i}.{k}.proj.weight``."""
+def build_scale_shift(state: dict, blocks, channels: list | None = None) -> list[list[ScaleShift | None]]:
+    """ScaleShift modules per block and stream from a state dict with keys ``{i}.{k}.proj.weight`` / ``.bias``;
+    with the plan's ``channels`` (per block and stream), each module's width is checked against them."""
     mods = []
     for i, spec in enumerate(blocks):
         row = []
         for k in range(len(spec.outputs)):
-            w = state.get(f"{i}.{k}.proj.weight")
+            w, bias = state.get(f"{i}.{k}.proj.weight"), state.get(f"{i}.{k}.proj.bias")
             if w is None:
                 row.append(None)
                 continue
+            want = channels[i][k] if channels and i < len(channels) and k < len(channels[i]) else None
+            if bias is None or w.ndim != 2 or (want is not None and w.shape[0] != 2 * want):
+                raise HastenError(f"the scale-shift parameters of block {i} ({spec.name}), output {k}, do not fit "
+                                  "this plan and model: train them again with this plan")
             m = ScaleShift(w.shape[0] // 2, w.shape[1])
-            m.load_state_dict({"proj.weight": w, "proj.bias": state[f"{i}.{k}.proj.bias"]})
+            m.load_state_dict({"proj.weight": w, "proj.bias": bias})
             row.append(m)
         mods.append(row)
     return mods
@@ -314,31 +323,40 @@ def install(handle, cfg: BlockCache) -> None:
         for i, spec in enumerate(blocks):  # inside the caching hooks: sees every computed output
             handle.wrap_block(spec.module, rec.hook(i), spec.name)
     ss_state = _load_scale_shift(cfg, plan, blocks)
-    if ss_state is not None and cfg.scale_shift is None and plan is not None and cfg.delta is not None \
-            and cfg.delta != plan.get("delta"):
-        ss_state = None  # the plan's parameters were trained for the plan's own delta (schedule)
     if ss_state is not None:
-        for st, row in zip(states, build_scale_shift(ss_state, blocks, None), strict=False):
+        for st, row in zip(states, build_scale_shift(ss_state, blocks, (plan or {}).get("channels")), strict=False):
             row = [None if m is None else m.to(handle.device) for m in row]
             st.ss = row if any(m is not None for m in row) else None
     nblocks = len(blocks)
+
+    recording = first_run  # the run being recorded (first-run calibration) is this one
 
     def call(inner, *args, **kwargs):
         if plan is not None and handle.primary:
             if handle.call_index == 0:
                 check_run(plan, handle)
             check_call_timestep(plan, handle.call_index, handle.t)
+        if recording and handle.run_index == rec.run and handle.call_index == 0 and handle.primary:
+            rec.guidance_scale = handle.guidance_scale  # the recorded run's, not the next one's
         dec = bytearray(b"-" * nblocks)
         shared["decisions"] = dec
         try:
             return inner(*args, **kwargs)
+        except BaseException:
+            if recording and handle.run_index == rec.run:
+                rec.interrupted = True  # its curves are partial: record the next run instead
+            raise
         finally:
             shared["decisions"] = None
             handle.log_entry["block_cache"] = dec.decode()
 
     def on_run() -> None:
-        nonlocal plan
-        if first_run and rec.active and handle.run_index > 0:
+        nonlocal plan, recording
+        if recording and handle.run_index > rec.run and rec.interrupted:
+            log.warning("Block Caching: the calibration run was interrupted; calibrating on this run instead")
+            rec.restart(handle.run_index)
+        elif recording and handle.run_index > rec.run:
+            recording = False
             plan = _plan_from_first_run(handle, rec, blocks, cfg.delta)
             new_masks = [[bool(v) for v in m] for m in plan["schedule"]]
             for st, m in zip(states, new_masks, strict=True):
@@ -376,13 +394,15 @@ def install(handle, cfg: BlockCache) -> None:
 
 
 def _plan_from_first_run(handle, rec: _Recorder, blocks, delta: float) -> dict:
-    """The plan recorded during run 0 (every block computed): Eq. 6 curves, Eq. 7 schedule for ``delta``."""
+    """The plan recorded during the first complete run (every block computed): Eq. 6 curves, Eq. 7 schedule
+    for ``delta``. Its ``steps`` are the run's denoiser calls (a Heun step makes two)."""
     rec.active = False
-    timesteps = trajectory_timesteps(e for e in handle.report()["log"] if e["run"] == 0)[0]
-    seconds = handle._run_walls.get(0, 0.0)
+    rec.reset()
+    timesteps = trajectory_timesteps(e for e in handle.report()["log"] if e["run"] == rec.run)[rec.run]
+    seconds = handle._run_walls.get(rec.run, 0.0)
     return plan_from_changes(handle.transformer, rec.curves(len(timesteps)), timesteps, delta,
                              [b.name for b in blocks], rec.channels, solver="first-run", steps=len(timesteps),
-                             time_schedule=None, guidance_scale=handle.guidance_scale,
+                             time_schedule=None, guidance_scale=rec.guidance_scale,
                              scheduler=scheduler_fingerprint(getattr(handle.pipeline, "scheduler", None)),
                              calibration={"on": "the first run", "calls": len(timesteps),
                                           "seconds": round(seconds, 3)})

@@ -71,3 +71,17 @@ def ideal_speedup(masks: Sequence[Sequence[bool]]) -> float:
     total = sum(len(m) for m in masks)
     done = sum(sum(m) for m in masks)
     return total / max(done, 1)
+
+
+def load_block_cache_plan(path: str | os.PathLike | dict) -> dict:
+    """A Block Caching plan file (or dict), checked: the common plan fields, its schedule, curves (Eq. 6) and
+    channels, and one schedule entry per recorded call for every block."""
+    from ...plans import load_plan
+
+    plan = load_plan(path, METHOD, required=("schedule", "l1rel", "channels"))
+    rows = plan["schedule"], plan["l1rel"]
+    if not all(isinstance(r, list) and all(isinstance(m, list) and len(m) == plan["calls"] for m in r)
+               for r in rows) or len(rows[0]) != len(rows[1]):
+        raise HastenError(f"{plan.get('_path', 'the plan')} is corrupt: its schedule and curves need one row per "
+                          f"block of {plan['calls']} calls each")
+    return plan
