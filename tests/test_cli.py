@@ -52,6 +52,10 @@ def bad_folders(tmp_path):
     HastenPipeline(t).save_pretrained(tmp_path / "mismatch")
     meta = tmp_path / "mismatch" / "hasten_pipeline.json"
     meta.write_text(meta.read_text().replace('"num_classes": 10', '"num_classes": 3'))
+    HastenPipeline(t).save_pretrained(tmp_path / "badmeta")
+    (tmp_path / "badmeta" / "hasten_pipeline.json").write_text('{"num_classes": "ten"}')
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes(b"a red circle\xff\n")
     return tmp_path
 
 
@@ -64,6 +68,24 @@ def bad_folders(tmp_path):
     (["generate", "--out", "/nonexistent-dir/grid.png"], "cannot write"),
     (["generate", "--model", "{tmp}/corrupt"], "cannot load"),
     (["generate", "--model", "{tmp}/mismatch"], "classes"),
+    (["generate", "--model", "{tmp}/badmeta"], "cannot load model"),
+    (["generate", "--cfg", "inf"], "finite"),
+    (["generate", "--solver", "rk4"], "unknown --solver"),
+    (["generate", "--schedule", "cubic"], "unknown --schedule"),
+    (["generate", "--labels", "0-999999999"], "more than 100000 classes"),
+    (["generate", "--model", "shapes", "--prompt", "a red circle", "--solver", "heun"], "--solver is for"),
+    (["generate", "--model", "shapes-ard4", "--prompt", "a red circle", "--schedule", "linear-quadratic"],
+     "own noise levels"),
+    (["generate", "--model", "shapes", "--prompts", "{tmp}/latin1.txt"], "not UTF-8"),
+    (["generate", "--accel", "flexidit"], "exactly one of"),
+    (["generate", "--accel", "flexidit:compute=x"], "compute must be a number"),
+    (["train", "--out", "{tmp}/afile"], "exists and is not a folder"),
+    (["train", "--out", "{tmp}/afile/sub"], "is not a writable folder"),
+    (["train", "--out", "{tmp}/t", "--batch-size", "0"], "--batch-size"),
+    (["train", "--out", "{tmp}/t", "--lr", "0"], "--lr"),
+    (["flexify", "--model", "shapes", "--out", "{tmp}/afile/sub"], "is not a writable folder"),
+    (["calibrate", "--model", "digits", "--method", "block-cache", "--delta", "0.5", "--scale-shift",
+      "--train-steps", "0", "--out", "{tmp}/p.json"], "--train-steps must be >= 1"),
     (["eval", "--model", "nope"], "unknown model"),
     (["eval", "--steps", "0"], "steps"),
     (["eval", "--cfg", "-2"], "cfg"),
@@ -98,6 +120,9 @@ def test_unwritable_output_leaves_nothing(tmp_path, capsys):
             dest = ro / "grid.png"
         code, _, err = run_cli(capsys, "generate", "--steps", "1", "--out", str(dest))
         assert code == 2 and err.startswith("error: cannot write")
+        assert not dest.exists()
+        if dest.parent.is_dir():
+            assert not list(dest.parent.glob(".grid.png.*"))  # no temporary file left behind
     finally:
         ro.chmod(0o700)
 

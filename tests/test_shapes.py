@@ -262,6 +262,18 @@ def test_bad_prompts_and_sizes(tiny_pipe, caplog):
         tiny_pipe("a red circle", num_inference_steps=1, height=128)
     with pytest.raises(HastenError, match="output_type"):
         tiny_pipe("a red circle", num_inference_steps=1, output_type="jpeg")
+    z = torch.zeros(2, *tiny_pipe.latent_shape)
+    for kwargs, match in (({"prompt": None}, "str or a list of str"), ({"prompt": ["x", 5]}, "an item 5"),
+                          ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+                          ({"guidance_scale": float("inf")}, "finite"), ({"sigmas": []}, "sigmas"),
+                          ({"sigmas": [0.5, 0.8]}, "decreasing"), ({"latents": z[:1]}, "latents must have shape"),
+                          ({"latents": z[:, :3]}, "latents must have shape"),
+                          ({"generator": [torch.Generator()] * 3}, "3 generators for 2 images"),
+                          ({"negative_prompt": [None]}, "negative_prompt must be")):
+        with pytest.raises(HastenError, match=match):
+            tiny_pipe(**{"prompt": ["a red circle", "a blue square"], "num_inference_steps": 1, **kwargs})
+    out = tiny_pipe("a red circle", num_inference_steps=0, sigmas=[1.0, 0.5], output_type="latent")  # sigmas decide
+    assert out.images.shape == (1, *tiny_pipe.latent_shape)
     long = " ".join(["a red circle and a blue square"] * 10)
     with caplog.at_level(logging.WARNING):
         out = tiny_pipe(long, num_inference_steps=1, output_type="latent")

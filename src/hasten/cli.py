@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import typer
 
 from .errors import HastenError
+from .io import check_out_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="hasten: make generative models fast.")
@@ -19,6 +21,9 @@ def fail(message: str) -> None:
     """Print one clear error line and exit with code 2 (no traceback)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+MAX_LABELS = 100_000
 
 
 def parse_labels(spec: str, per_label: int) -> list[int]:
@@ -32,9 +37,13 @@ def parse_labels(spec: str, per_label: int) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
+                if hi - lo >= MAX_LABELS:  # checked before the list is built: '0-999999999' is not a grid
+                    raise HastenError(f"labels {part!r} name more than {MAX_LABELS} classes")
                 labels += range(lo, hi + 1)
             else:
                 labels.append(int(part))
+    except HastenError:
+        raise
     except ValueError:
         raise HastenError(f"cannot read labels {spec!r}: use e.g. '0-9' or '1,3,5'") from None
     if per_label < 1:
@@ -42,12 +51,28 @@ def parse_labels(spec: str, per_label: int) -> list[int]:
     return [lab for lab in labels for _ in range(per_label)]
 
 
-def check_sampling_options(steps: int, cfg: float | None) -> None:
-    """Fail before loading anything when --steps or --cfg cannot be sampled with."""
+def check_sampling_options(steps: int, cfg: float | None, solver: str = "euler", schedule: str = "linear") -> None:
+    """Fail before loading anything when --steps, --cfg, --solver or --schedule cannot be sampled with."""
+    from .pipeline import SCHEDULES, SOLVERS
+
     if steps < 1:
         raise HastenError(f"--steps must be >= 1, got {steps}")
-    if cfg is not None and cfg < 0:
-        raise HastenError(f"--cfg must be >= 0, got {cfg}")
+    if cfg is not None and not (math.isfinite(cfg) and cfg >= 0):
+        raise HastenError(f"--cfg must be a finite number >= 0, got {cfg}")
+    if solver not in SOLVERS:
+        raise HastenError(f"unknown --solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if schedule not in SCHEDULES:
+        raise HastenError(f"unknown --schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def check_model_options(pipe: object, model: str, solver: str, schedule: str) -> None:
+    """After loading: --solver is for class-conditional models (text-to-image ones use their diffusers scheduler),
+    and a distilled student samples at its own noise levels (no --schedule)."""
+    if hasattr(pipe, "encode_prompt") and solver != "euler":
+        raise HastenError(f"--solver is for class-conditional models; {model!r} samples with its diffusers "
+                          "scheduler (a tuned --plan picks another)")
+    if hasattr(pipe, "student") and schedule != "linear":
+        raise HastenError(f"--schedule: the distilled student {model!r} samples at its own noise levels")
 
 
 def emit(payload: dict, as_json: bool, text_lines: list[str]) -> None:
@@ -94,11 +119,12 @@ def generate(
         steps = int(tuned["steps"])
         if cfg is None and tuned.get("guidance_scale") is not None:
             cfg = float(tuned["guidance_scale"])
-    check_sampling_options(50 if steps is None else steps, cfg)
+    check_sampling_options(50 if steps is None else steps, cfg, solver, schedule)
     if per_label < 1:
         raise HastenError(f"--per-label must be >= 1, got {per_label}")
     text = read_prompts(prompt, prompts)
     pipe = load_pipeline(model)
+    check_model_options(pipe, model, solver, schedule)
     steps = getattr(pipe, "num_steps", 50) if steps is None else steps  # a distilled student: its own steps
     is_text = hasattr(pipe, "encode_prompt")
     if is_text and not text:
@@ -132,8 +158,6 @@ def generate(
             from .pipelines.shapes import linear_quadratic_sigmas
 
             sigmas = linear_quadratic_sigmas(steps)
-        elif schedule != "linear":
-            raise HastenError(f"unknown schedule {schedule!r}; choose one of linear, linear-quadratic")
         images = pipe(conds, num_inference_steps=steps, guidance_scale=scale, sigmas=sigmas,
                       latents=initial_noise(pipe, len(conds), seed), output_type="pt").images
         guided = scale > 1 and not hasattr(pipe, "student")  # a student has guidance distilled in: one branch
@@ -162,9 +186,11 @@ def read_prompts(prompt: list[str], prompts_file: Path | None) -> list[str]:
     text = list(prompt)
     if prompts_file is not None:
         try:
-            lines = Path(prompts_file).read_text().splitlines()
+            lines = Path(prompts_file).read_text(encoding="utf-8-sig").splitlines()
         except OSError as e:
             raise HastenError(f"cannot read --prompts {prompts_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise HastenError(f"cannot read --prompts {prompts_file}: not UTF-8 text (byte {e.start})") from None
         text += [ln.strip() for ln in lines if ln.strip()]
         if not text:
             raise HastenError(f"--prompts {prompts_file} holds no prompt")
@@ -192,10 +218,14 @@ def evaluate(
 
     if samples < 10:
         raise HastenError(f"--samples must be >= 10, got {samples}")
-    check_sampling_options(steps, cfg)
+    check_sampling_options(steps, cfg, solver, schedule)
     if batch_size < 1:
         raise HastenError(f"--batch-size must be >= 1, got {batch_size}")
     pipe = load_pipeline(model)
+    check_model_options(pipe, model, solver, schedule)
+    if hasattr(pipe, "encode_prompt") and schedule != "linear":
+        raise HastenError("--schedule is for class-conditional models; hasten eval samples text-to-image models "
+                          "on their scheduler's own sigmas")
     if hasattr(pipe, "encode_prompt"):
         from .eval.shapes_eval import evaluate_shapes
 
@@ -233,14 +263,25 @@ def train_cmd(
     """Train a default model (Movie Gen flow matching) or an evaluator network. Re-running resumes (shapes)."""
     if steps is not None and steps < 1:
         raise HastenError(f"--steps must be >= 1, got {steps}")
+    if batch_size is not None and batch_size < 1:
+        raise HastenError(f"--batch-size must be >= 1, got {batch_size}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise HastenError(f"--lr must be a positive number, got {lr}")
     if what is not None and model is not None:
         raise HastenError("give --model or --what, not both")
+    if what is not None and (batch_size is not None or lr is not None):
+        raise HastenError(f"--what {what} trains with its own batch size and learning rate: drop --batch-size/--lr")
     target = what or model or "digits"
+    check_out_folder(out)
     if target == "digits":
         from .train import TrainConfig, train
 
         out.mkdir(parents=True, exist_ok=True)
-        log = train(out, TrainConfig(steps=steps or 6000, batch_size=batch_size or 64, lr=lr or 5e-4, seed=seed))
+        cfg = TrainConfig(seed=seed)
+        for name, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr)):
+            if v is not None:
+                setattr(cfg, name, v)
+        log = train(out, cfg)
         typer.echo(f"wrote {out}: final loss {log['loss_curve'][-1]['loss']:.4f} in {log['train_seconds']} s")
     elif target == "shapes":
         from .train_shapes import TransformerTrainConfig, train_shapes
@@ -256,12 +297,12 @@ def train_cmd(
         from .eval.classifier import train_classifier
 
         out.mkdir(parents=True, exist_ok=True)
-        info = train_classifier(out, steps=steps or 1500, seed=seed)
+        info = train_classifier(out, steps=1500 if steps is None else steps, seed=seed)
         typer.echo(f"wrote {out}: held-out accuracy {info['held_out_accuracy']:.4f}")
     elif target == "shapes-encoder":
         from .eval.scene_encoder import train_encoder
 
-        info = train_encoder(out, steps=steps or 2000, seed=seed)
+        info = train_encoder(out, steps=2000 if steps is None else steps, seed=seed)
         typer.echo(f"wrote {out}: held-out exact-count accuracy {info['held_out']['count_exact_accuracy']:.4f}")
     else:
         raise HastenError(f"unknown model {target!r}: --model digits | shapes, --what classifier | shapes-encoder")
@@ -384,8 +425,7 @@ def flexify_cmd(
         raise HastenError(f"--distil-guidance must be 0 (off) or > 1, got {distil_guidance}")
     if lora_targets not in LORA_TARGETS:
         raise HastenError(f"--lora-targets must be {' or '.join(map(repr, LORA_TARGETS))}, got {lora_targets!r}")
-    if out.exists() and not out.is_dir():
-        raise HastenError(f"--out {out} exists and is not a folder")
+    check_out_folder(out)
     pipe = load_pipeline(model)
     out.mkdir(parents=True, exist_ok=True)
     base = model if model in EMBEDDED else str(Path(model).resolve())

@@ -70,3 +70,17 @@ def read_model_folder(folder: str | os.PathLike, config_name: str, weights_name:
         return json.loads((folder / config_name).read_text()), load_file(str(folder / weights_name))
     except (OSError, ValueError) as e:
         raise HastenError(f"{error}: {e}") from None
+
+
+def check_out_folder(path: str | os.PathLike) -> Path:
+    """Fail early (before any expensive work) when the output folder ``path`` cannot be created or written:
+    it exists as a file, or its nearest existing ancestor is a file or not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HastenError(f"--out {path} exists and is not a folder")
+    anc = path
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK):
+        raise HastenError(f"cannot create --out {path}: {anc} is not a writable folder")
+    return path

@@ -297,9 +297,8 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
             modeling.addFilter(_FLOAT32_FILTER)
         try:
             pipe = ShapesPipeline.from_pretrained(folder, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise HastenError(f"cannot load model from {folder}: {first}") from None
+        except LOAD_ERRORS as e:
+            raise _load_error(folder, e) from None
         pipe.set_progress_bar_config(disable=True)
         pipe.model_dir = folder  # calibrated plans shipped with the model live in folder/plans
         return pipe
@@ -308,18 +307,28 @@ def load_pipeline(name_or_path: str | os.PathLike = "digits"):
         raise HastenError(f"{folder} is not a hasten model folder: expected {PIPELINE_CONFIG} and transformer/")
     try:
         meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"{PIPELINE_CONFIG} is not a JSON object")
+        num_classes, scale = int(meta.get("num_classes", -1)), float(meta.get("guidance_scale", 3.0))
         transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HastenError(f"cannot load model from {folder}: {first}") from None
-    if int(meta.get("num_classes", -1)) != transformer.config.num_embeds_ada_norm:
+    except LOAD_ERRORS as e:
+        raise _load_error(folder, e) from None
+    if num_classes != transformer.config.num_embeds_ada_norm:
         raise HastenError(f"{folder}: {PIPELINE_CONFIG} says {meta.get('num_classes')} classes but the "
                           f"transformer has {transformer.config.num_embeds_ada_norm}")
-    pipe = HastenPipeline(transformer, num_classes=meta["num_classes"],
-                          guidance_scale=float(meta.get("guidance_scale", 3.0)),
+    pipe = HastenPipeline(transformer, num_classes=num_classes, guidance_scale=scale,
                           name=str(meta.get("name", folder.name)))
     pipe.model_dir = folder
     return pipe
+
+
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError)
+
+
+def _load_error(folder: Path, e: BaseException) -> HastenError:
+    """One line for a model folder that cannot be loaded: the first line of what went wrong."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return HastenError(f"cannot load model from {folder}: {first}")
 
 
 # --------------------------------------------------------------------------- images

@@ -55,7 +55,9 @@ def block_cache_cli_calibrate(run, options: dict, out: Path) -> dict:
     if options.get("scale_shift"):
         from safetensors.torch import save_file
 
-        steps = int(options.get("train_steps") or SS_TRAIN_STEPS)
+        steps = SS_TRAIN_STEPS if options.get("train_steps") is None else int(options["train_steps"])
+        if steps < 1:
+            raise HastenError(f"--train-steps must be >= 1, got {steps}")
         state, info = train_scale_shift(run.target, plan, train_steps=steps, labels=run.conditions, run=run)
         ss_path = Path(out).with_suffix(".scale_shift.safetensors")
         atomic_write(ss_path, lambda tmp: save_file(state, tmp))
@@ -169,13 +171,16 @@ def flexidit_from_spec(opts: dict[str, str], ctx: Any = None) -> Any:
     from .methods.flexidit import FlexiDiT
 
     _only(opts, {"weak_steps", "compute", "weak_guide_steps", "patch"}, "flexidit")
-    try:
-        return FlexiDiT(weak_steps=int(opts["weak_steps"]) if "weak_steps" in opts else None,
-                        compute=float(opts["compute"]) if "compute" in opts else None,
-                        weak_patch=int(opts["patch"]) if "patch" in opts else None,
-                        weak_guide_steps=int(opts.get("weak_guide_steps", 0)))
-    except ValueError:
-        raise HastenError(f"flexidit options are numbers, got {opts}") from None
+
+    def number(key: str, cast: Any, default: Any = None) -> Any:
+        try:
+            return cast(opts[key]) if key in opts else default
+        except ValueError:
+            raise HastenError(f"flexidit {key} must be a number, got {opts[key]!r}") from None
+
+    # built outside the conversions: FlexiDiT's own errors (HastenError is a ValueError) reach the user as they are
+    return FlexiDiT(weak_steps=number("weak_steps", int), compute=number("compute", float),
+                    weak_patch=number("patch", int), weak_guide_steps=number("weak_guide_steps", int, 0))
 
 
 def _flexidit_not_calibrated(opts: dict) -> Any:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import HastenError
+from ..io import check_out_folder
 
 
 def register(app: typer.Typer) -> None:
@@ -98,8 +99,7 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"--tune-problems must be >= 1, got {tune_problems}")
         if problems is not None and problems < 1:
             raise HastenError(f"--problems must be >= 1, got {problems}")
-        if out.exists() and not out.is_dir():
-            raise HastenError(f"--out {out} exists and is not a folder")
+        check_out_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         m = load_shipped(models, threads=1)
         r = run_benchmark(m, n_problems=problems, tune_problems=tune_problems)

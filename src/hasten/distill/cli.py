@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..errors import HastenError
+from ..io import check_out_folder
 
 
 def register(app: typer.Typer) -> None:
@@ -76,8 +77,7 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"--warmup must be in [0, --steps], got {warmup}")
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
-        if out.exists() and not out.is_dir():
-            raise HastenError(f"--out {out} exists and is not a folder")
+        check_out_folder(out)
         traj = load_trajectories(data)
         if traj["manifest"]["teacher"] != teacher:
             raise HastenError(f"{data} holds trajectories of {traj['manifest']['teacher']!r}, not --teacher {teacher}")
@@ -152,8 +152,7 @@ def register(app: typer.Typer) -> None:
                           init=init, guidance_scale=cfg_scale,
                           guidance_interval=_interval(cfg_interval), caption_offset=caption_offset)
         cfg.check()
-        if out.exists() and not out.is_dir():
-            raise HastenError(f"--out {out} exists and is not a folder")
+        check_out_folder(out)
         pipe = load_pipeline(teacher)
         if not hasattr(pipe, "encode_prompt") or hasattr(pipe, "student"):
             raise HastenError(f"--teacher {teacher!r} must be a text-to-image diffusion model (e.g. shapes)")

@@ -216,7 +216,9 @@ class StudentPipeline(ShapesPipeline):
         if sigmas is not None or negative_prompt is not None or callback_on_step_end is not None:
             raise HastenError(f"an {self.method} student takes no sigmas, negative_prompt or callback_on_step_end")
         self.check_output(output_type, height, width)
+        self.check_inputs(num_images_per_prompt, self.default_guidance_scale, k, None)
         prompts = [p for p in self.check_prompts(prompt) for _ in range(num_images_per_prompt)]
+        self.check_latents(latents, generator, len(prompts))
         text, pooled = self.encode_prompt(prompts)
         if latents is None:
             latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, device=text.device,

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HastenError
-from ..io import atomic_write, write_json
+from ..io import atomic_write, check_out_folder, write_json
 
 CAPTION_SEED0 = 30_000_000  # disjoint from training (< 10M per seed), calibration (40M) and held-out (50M)
 MANIFEST = "trajectories.json"
@@ -58,8 +58,7 @@ def check_options(out: str | Path, n: int, steps: int, keep: int, shard_size: in
     if n < 1 or shard_size < 1 or batch_size < 1:
         raise HastenError("--n, --shard-size and --batch-size must be >= 1")
     keep_at = kept_indices(steps, keep)
-    if Path(out).exists() and not Path(out).is_dir():
-        raise HastenError(f"--out {out} exists and is not a folder")
+    check_out_folder(out)
     return keep_at
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import HastenError
+from ..io import check_out_folder
 from ..pipeline import HastenPipeline
 from .bench_harness import (
     Batch,
@@ -527,8 +528,7 @@ def run_realistic(peers: bool, progress: Callable[[str], None]) -> dict:
 
 # --------------------------------------------------------------------------- the run
 def check_args(out: Path, samples: int | None, batch_size: int | None, threads: int | None) -> None:
-    if out.exists() and not out.is_dir():
-        raise HastenError(f"--out {out} exists and is not a folder")
+    check_out_folder(out)
     if samples is not None and samples < 10:
         raise HastenError(f"--samples must be >= 10, got {samples}")
     if batch_size is not None and batch_size < 1:

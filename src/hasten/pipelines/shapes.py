@@ -167,6 +167,8 @@ class ShapesPipeline(DiffusionPipeline):
         meta_path = folder / HASTEN_CONFIG
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"{HASTEN_CONFIG} is not a JSON object")
             pipe.default_guidance_scale = float(meta.get("guidance_scale", DEFAULT_GUIDANCE))
             pipe.name = str(meta.get("name", folder.name))
         return pipe
@@ -184,14 +186,42 @@ class ShapesPipeline(DiffusionPipeline):
         c = self.transformer.config
         return (c.in_channels, c.sample_size, c.sample_size)
 
-    def check_prompts(self, prompt: str | list[str]) -> list[str]:
+    def check_prompts(self, prompt: str | list[str], what: str = "prompt") -> list[str]:
+        """``prompt`` as a non-empty list of non-empty strings (as diffusers pipelines take it)."""
+        if not isinstance(prompt, (str, list, tuple)):
+            raise HastenError(f"{what} must be a str or a list of str, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
-            raise HastenError("no prompt given")
+            raise HastenError(f"no {what} given")
         for p in prompts:
-            if not isinstance(p, str) or not p.strip():
+            if not isinstance(p, str):
+                raise HastenError(f"{what} must be a str or a list of str, got an item {p!r}")
+            if what == "prompt" and not p.strip():
                 raise HastenError(f"empty prompt: {p!r}")
         return prompts
+
+    def check_inputs(self, num_images_per_prompt: int, scale: float, num_inference_steps: int,
+                     sigmas: list[float] | None) -> None:
+        """The sampling arguments of :meth:`__call__` (as diffusers' ``check_inputs``): one-line errors."""
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise HastenError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        if not (math.isfinite(scale) and scale >= 0):
+            raise HastenError(f"guidance_scale must be a finite number >= 0, got {scale}")
+        if sigmas is not None:
+            sig = [float(v) for v in sigmas]
+            if not sig or not all(0 < v <= 1 for v in sig) or any(a <= b for a, b in zip(sig, sig[1:])):
+                raise HastenError("sigmas must be a non-empty, strictly decreasing list in (0, 1] (1 = noise)")
+        elif int(num_inference_steps) < 1:
+            raise HastenError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+
+    def check_latents(self, latents: torch.Tensor | None, generator: object, b: int) -> None:
+        """Given ``latents`` must be (B, C, H, W) of this model; a list of generators needs one per image."""
+        if latents is not None and tuple(latents.shape) != (b, *self.latent_shape):
+            raise HastenError(f"latents must have shape {(b, *self.latent_shape)} for {b} images, "
+                              f"got {tuple(latents.shape)}")
+        if isinstance(generator, list) and len(generator) != b:
+            raise HastenError(f"{len(generator)} generators for {b} images")
 
     def encode_prompt(self, prompts: list[str], dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_encoder is None or self.tokenizer is None:
@@ -235,16 +265,16 @@ class ShapesPipeline(DiffusionPipeline):
         """Generate one image per prompt (times ``num_images_per_prompt``); see the module docstring."""
         prompts = self.check_prompts(prompt)
         self.check_output(output_type, height, width)
-        if int(num_inference_steps) < 1:
-            raise HastenError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        if math.isnan(scale) or scale < 0:
-            raise HastenError(f"guidance_scale must be >= 0, got {scale}")
+        self.check_inputs(num_images_per_prompt, scale, num_inference_steps, sigmas)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         b = len(prompts)
+        self.check_latents(latents, generator, b)
         device, dtype = self._execution_device, self.transformer.dtype
         cond, cond_pooled = self.encode_prompt(prompts, dtype)
         guided = scale > 1.0
+        if negative_prompt is not None:
+            self.check_prompts(negative_prompt, "negative_prompt")
         if guided:
             neg = [""] * b if negative_prompt is None else (
                 [negative_prompt] * b if isinstance(negative_prompt, str) else
