@@ -31,7 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import HastenError
+from .io import write_json
 from .methods.flexidit import flexi_parameters, flexify, patch_size
+from .plans import weights_hash
 from .train_shapes import LossLog, caption_batch, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
 
 LORA_TARGETS = {
@@ -79,7 +81,7 @@ def add_lora(transformer: Any, p: int, rank: int, targets: str = "image") -> Non
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS[targets],
                                        init_lora_weights=True),
                             adapter_name=adapter_name(p))
-    transformer.flex_lora = {p: adapter_name(p)}
+    transformer.flex_lora = {**(getattr(transformer, "flex_lora", None) or {}), p: adapter_name(p)}
     transformer.disable_adapters()
 
 
@@ -157,12 +159,17 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
     if not getattr(tr, "flex_lora", None):
         add_lora(tr, cfg.weak_patch, cfg.rank, cfg.lora_targets)
     params = trainable_parameters(tr)
+    base_weights = weights_hash(_base_only(tr))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
     start, curve, elapsed = 0, [], 0.0
     state = load_checkpoint(ckpt_path, cfg)
     if state is not None:
-        missing = tr.load_state_dict(state["trainable"], strict=False)
+        check_resume_base(state, base_weights, ckpt_path)
+        try:
+            missing = tr.load_state_dict(state["trainable"], strict=False)
+        except RuntimeError as e:
+            raise HastenError(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0]}") from None
         if missing.unexpected_keys:
             raise HastenError(f"cannot resume from {ckpt_path}: unexpected {missing.unexpected_keys[0]}")
         opt.load_state_dict(state["opt"])
@@ -186,14 +193,22 @@ def train_flexify(pipe: Any, out: str | Path, data: dict, empty_text: tuple, cfg
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(ckpt_path, {"trainable": {names[id(q)]: q.detach().clone() for q in params},
                                         "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
-                                        "curve": curve, "elapsed_s": time.time() - t0, "config": asdict(cfg)})
+                                        "curve": curve, "elapsed_s": time.time() - t0, "config": asdict(cfg),
+                                        "base_weights": base_weights})
     tr.eval()
     log = {"config": asdict(cfg), "loss_curve": curve, "trainable_parameters": sum(q.numel() for q in params),
            "base_parameters": sum(q.numel() for q in tr.parameters()) - sum(q.numel() for q in params),
            "train_seconds": round(time.time() - t0, 1), "finished": end == cfg.steps, "step": end}
     if log["finished"]:
-        (out / "flexify_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        write_json(out / "flexify_log.json", log)
     return log
+
+
+def check_resume_base(state: dict, base_weights: str | None, ckpt_path: Path) -> None:
+    """A checkpoint resumes only onto the base weights it was fine-tuned from (older checkpoints record none)."""
+    if state.get("base_weights", base_weights) != base_weights:
+        raise HastenError(f"{ckpt_path} holds a fine-tune of other base weights than --model's: use another "
+                          f"--out, or delete {ckpt_path.parent} to start again")
 
 
 # --------------------------------------------------------------------------- shipping
@@ -208,13 +223,14 @@ def save_flexi(pipe: Any, folder: str | Path, base: str, extra: dict | None = No
     from safetensors.torch import save_file
 
     from .io import atomic_write
-    from .plans import weights_hash
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tr = pipe.transformer
     names = {id(q): k for k, q in tr.named_parameters()}
-    tensors = {names[id(q)]: q.detach().contiguous() for q in trainable_parameters(tr)}
+    kept = list(tr.parameters()) if getattr(tr, "flex_variant", "lora") == "shared" else \
+        flexi_parameters(tr) + [q for n, q in tr.named_parameters() if "lora_" in n]  # as trained; flags untouched
+    tensors = {names[id(q)]: q.detach().contiguous() for q in kept}
     atomic_write(folder / FLEXI_WEIGHTS, lambda tmp: save_file(tensors, tmp))
     lora = {str(p): n for p, n in (getattr(tr, "flex_lora", None) or {}).items()}
     cfg = {"base": base, "variant": getattr(tr, "flex_variant", "lora"), "patch_sizes": list(tr.flex_patch_sizes),
@@ -227,21 +243,17 @@ def save_flexi(pipe: Any, folder: str | Path, base: str, extra: dict | None = No
 def _base_only(tr: Any) -> torch.nn.Module:
     """A stand-in module holding only the base weights (for the fingerprint the loader checks)."""
     holder = torch.nn.Module()
-    base = sorted((k, q) for k, q in tr.named_parameters() if "lora_" not in k and ("orig." in k or not _is_flex(k)))
+    flex = {id(q) for q in flexi_parameters(tr)}  # what flexify added, whatever the model names its embedder
+    base = sorted((k, q) for k, q in tr.named_parameters() if "lora_" not in k and id(q) not in flex)
     for i, (_, q) in enumerate(base):
         holder.register_parameter(f"p{i}", torch.nn.Parameter(q.detach(), requires_grad=False))
     return holder
-
-
-def _is_flex(name: str) -> bool:
-    return name.startswith(("pos_embed.", "proj_out.", "proj_out_2."))
 
 
 def load_flexi(folder: str | Path) -> Any:
     """The base pipeline with the flexified transformer of ``folder`` (see :func:`save_flexi`)."""
     from .io import read_model_folder
     from .pipeline import load_pipeline
-    from .plans import weights_hash
 
     folder = Path(folder)
     cfg, tensors = read_model_folder(folder, FLEXI_CONFIG, FLEXI_WEIGHTS,
@@ -288,7 +300,6 @@ def train_flexify_shared(pipe: Any, out: str | Path, cfg: SharedFlexifyConfig, d
     exposure-bias (MMD) loss for this setting is not used."""
     import copy
 
-    from .plans import weights_hash
     from .train import ema_update, flow_matching_loss
 
     out = Path(out)
@@ -307,7 +318,11 @@ def train_flexify_shared(pipe: Any, out: str | Path, cfg: SharedFlexifyConfig, d
     start, curve, elapsed = 0, [], 0.0
     state = load_checkpoint(ckpt_path, cfg)
     if state is not None:
-        tr.load_state_dict(state["model"])
+        check_resume_base(state, base_weights, ckpt_path)
+        try:
+            tr.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise HastenError(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0]}") from None
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         start, curve, elapsed = state["step"], state["curve"], state["elapsed_s"]
@@ -329,7 +344,7 @@ def train_flexify_shared(pipe: Any, out: str | Path, cfg: SharedFlexifyConfig, d
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(ckpt_path, {"model": tr.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                         "step": step + 1, "curve": curve, "elapsed_s": time.time() - t0,
-                                        "config": asdict(cfg)})
+                                        "config": asdict(cfg), "base_weights": base_weights})
     if end == cfg.steps:
         tr.load_state_dict(ema.state_dict())  # ship the EMA
     tr.eval()

@@ -75,6 +75,13 @@ def resize_matrix(src: int, dst: int) -> torch.Tensor:
     return out.reshape(src * src, dst * dst).T.contiguous()
 
 
+@lru_cache(maxsize=32)
+def pi_resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """``pinv(B^T)`` (dst^2, src^2), float64 on the CPU, with ``B = resize_matrix(src, dst)``: PI-resize as a
+    matrix on row-major flattened patches. Callers move it to their weights' device and dtype."""
+    return torch.linalg.pinv(resize_matrix(src, dst).T)
+
+
 def pi_resize(w: torch.Tensor, dst: int) -> torch.Tensor:
     """PI-resize (FlexiViT Eq. 3) of patch weights ``w`` (..., src, src) to (..., dst, dst):
     ``pinv(B^T) w`` with ``B = resize_matrix(src, dst)``; ``<x, w> == <B x, pi_resize(w)>`` for every
@@ -82,7 +89,7 @@ def pi_resize(w: torch.Tensor, dst: int) -> torch.Tensor:
     src = w.shape[-1]
     if w.shape[-2] != src:
         raise HastenError(f"patch weights must be square, got {tuple(w.shape[-2:])}")
-    proj = torch.linalg.pinv(resize_matrix(src, dst).T)  # (dst^2, src^2)
+    proj = pi_resize_matrix(src, dst).to(w.device)  # (dst^2, src^2)
     flat = w.reshape(-1, src * src).double()
     return (flat @ proj.T).reshape(*w.shape[:-2], dst, dst).to(w.dtype)
 
@@ -91,14 +98,15 @@ def _embedding_at_underlying_size(w0: torch.Tensor, big: int) -> torch.Tensor:
     """``B_{P->p0}^T w0``: patch-embedding weights (D, C, p0, p0) at the underlying size P, so that PI-resize
     back to ``p0`` gives ``w0`` again and a P-patch is embedded as its bilinear down-sampling is."""
     d, c, p0 = w0.shape[0], w0.shape[1], w0.shape[-1]
-    w_big = w0.reshape(d * c, -1).double() @ resize_matrix(big, p0)
+    w_big = w0.reshape(d * c, -1).double() @ resize_matrix(big, p0).to(w0.device)
     return w_big.reshape(d, c, big, big).to(w0.dtype)
 
 
 def _embedding_at_size(weight: torch.Tensor, p: int) -> torch.Tensor:
-    """PI-resize of the underlying weights (D, C, P, P) to (D, C, p, p), differentiable."""
+    """PI-resize (:func:`pi_resize`'s matrix) of the underlying weights (D, C, P, P) to (D, C, p, p), in the
+    weights' dtype and differentiable (the training path)."""
     d, c, big = weight.shape[0], weight.shape[1], weight.shape[-1]
-    proj = torch.linalg.pinv(resize_matrix(big, p).T).to(weight.dtype)  # (p^2, P^2)
+    proj = pi_resize_matrix(big, p).to(weight.device, weight.dtype)  # (p^2, P^2)
     return (weight.reshape(d * c, -1) @ proj.T).reshape(d, c, p, p)
 
 
@@ -117,7 +125,7 @@ class FlexPatchEmbed(nn.Module):
         self._owner = [owner]  # not a submodule: the transformer owns this module
         w0 = orig.proj.weight.detach()  # (D, C, p0, p0)
         self.weight = nn.Parameter(_embedding_at_underlying_size(w0, self.big))
-        self.size_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(w0.shape[0])) for p in patch_sizes
+        self.size_embed = nn.ParameterDict({str(p): nn.Parameter(w0.new_zeros(w0.shape[0])) for p in patch_sizes
                                             if p != self.p0})
 
     def weight_for(self, p: int) -> torch.Tensor:
@@ -170,7 +178,7 @@ class FlexTokenEmbed(nn.Module):
         self._owner = [owner]
         w0 = orig.weight.detach().reshape(d, width // (p0 * p0), p0, p0)
         self.weight = nn.Parameter(_embedding_at_underlying_size(w0, self.big))
-        self.size_embed = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in patch_sizes if p != p0})
+        self.size_embed = nn.ParameterDict({str(p): nn.Parameter(w0.new_zeros(d)) for p in patch_sizes if p != p0})
 
     def weight_for(self, p: int) -> torch.Tensor:
         """The embedding weights (D, C p^2) at size ``p`` (cached at inference, as ``FlexPatchEmbed``)."""
@@ -198,8 +206,8 @@ class FlexOutput(nn.Module):
         if out % (p0 * p0):
             raise HastenError(f"flexify: output width {out} is not a multiple of patch size {p0}^2")
         self.c = out // (p0 * p0)
-        up = resize_matrix(p0, self.big)  # (P^2, p0^2)
         w = orig.weight.detach()
+        up = resize_matrix(p0, self.big).to(w.device)  # (P^2, p0^2)
         w = w.reshape(self.c, p0 * p0, -1).transpose(0, 1) if channels_first else w.reshape(p0 * p0, self.c, -1)
         self.weight = nn.Parameter(torch.einsum("ij,jcd->icd", up, w.double()).to(w.dtype))  # (P^2, C, D)
         b = None if orig.bias is None else orig.bias.detach()
@@ -207,15 +215,15 @@ class FlexOutput(nn.Module):
             b = b.reshape(self.c, p0 * p0).T if channels_first else b.reshape(p0 * p0, self.c)
         self.bias = None if b is None else nn.Parameter((up @ b.double()).to(b.dtype))
         d = orig.in_features
-        self.norm_scale = nn.ParameterDict({str(p): nn.Parameter(torch.ones(d)) for p in patch_sizes if p != p0})
-        self.norm_shift = nn.ParameterDict({str(p): nn.Parameter(torch.zeros(d)) for p in patch_sizes if p != p0})
+        self.norm_scale = nn.ParameterDict({str(p): nn.Parameter(w.new_ones(d)) for p in patch_sizes if p != p0})
+        self.norm_shift = nn.ParameterDict({str(p): nn.Parameter(w.new_zeros(d)) for p in patch_sizes if p != p0})
 
     def weight_for(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
         return _cached(self, ("w", p), params, lambda: self._weight_for(p))
 
     def _weight_for(self, p: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        back = torch.linalg.pinv(resize_matrix(p, self.big)).to(self.weight.dtype)  # (p^2, P^2)
+        back = torch.linalg.pinv(resize_matrix(p, self.big)).to(self.weight.device, self.weight.dtype)  # (p^2, P^2)
         w = torch.einsum("ij,jcd->icd", back, self.weight)  # (p^2, C, D)
         b = None if self.bias is None else back @ self.bias  # (p^2, C)
         if self.channels_first:
