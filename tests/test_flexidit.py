@@ -226,15 +226,21 @@ def test_the_scheduler_runs_the_first_steps_coarse_and_weak_steps_0_is_bitwise(t
         assert torch.equal(run(), fast)  # threshold > 1 never switches: bitwise CFG on top of FlexiDiT
 
 
-@pytest.mark.parametrize("kind", ["sd3", "dit", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "dit", "flux", "sd3-lora-image", "sd3-lora-joint"])
 @pytest.mark.parametrize("patch", [2, 4])
 def test_the_flop_formula_matches_the_flop_counter(kind, patch):
+    """Analytic FLOPs equal torch's counter, at both sizes; with the LoRA variant's adapters (on the image
+    stream, or on both streams) the coarse size counts them too, and the original size (adapters off) not."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from hasten.flexidit_train import add_lora
     from hasten.methods.flexidit import transformer_flops
 
+    kind, _, targets = kind.partition("-lora-")
     model = flexify(tiny(kind), (2, 4))
+    if targets:
+        add_lora(model, 4, rank=3, targets=targets)
     x = torch.randn(2, 4, 16, 16)
     with torch.no_grad(), patch_size(model, patch):
         call(kind, model, x)  # the first call at a size computes its PI-resized weights once (cached)

@@ -639,6 +639,7 @@ def transformer_flops(transformer: nn.Module, height: int, width: int, patch: in
       text embedding ``2 M J D``, the time, pooled-text (and guidance) embedders ``2 (256 D + D^2)``,
       ``2 (P D + D^2)`` (and ``2 (256 D + D^2)``), the output norm ``4 D^2`` and de-embedding.
 
+    At a coarse size with a LoRA (the LoRA variant), the adapters' FLOPs are added (:func:`lora_flops`).
     Returns ``{"total", "attention", "linear"}`` for the batch. Checked against the flop counter in the
     tests (attention counted there with PyTorch's math kernel)."""
     cfg = transformer.config
@@ -677,8 +678,28 @@ def transformer_flops(transformer: nn.Module, height: int, width: int, patch: in
     else:
         raise HastenError(f"transformer_flops knows SD3Transformer2DModel, DiTTransformer2DModel and "
                           f"FluxTransformer2DModel, not {name}")
-    linear = blocks + outside
+    linear = blocks + outside + lora_flops(transformer, p, n, int(text_tokens))
     return {"total": batch * (linear + attn), "attention": batch * attn, "linear": batch * linear}
+
+
+_TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context")
+
+
+def lora_flops(transformer: nn.Module, patch: int, image_tokens: int, text_tokens: int) -> int:
+    """FLOPs of the LoRA adapters active at ``patch`` (the LoRA variant's coarse sizes; 0 elsewhere), run
+    unmerged beside their base layers: ``2 T r (in + out)`` per adapted linear layer of rank r, with T the
+    text tokens for the text stream's layers (MMDiT) and the image tokens otherwise."""
+    name = (getattr(transformer, "flex_lora", None) or {}).get(patch)
+    if name is None:
+        return 0
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    total = 0
+    for module_name, layer in transformer.named_modules():
+        if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "r", {}):
+            tokens = text_tokens if any(s in module_name for s in _TEXT_STREAM) else image_tokens
+            total += 2 * tokens * layer.r[name] * (layer.in_features + layer.out_features)
+    return total
 
 
 def isinstance_by_name(obj: Any, cls_name: str) -> bool:
