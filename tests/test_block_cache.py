@@ -112,6 +112,23 @@ def test_skipped_blocks_do_not_call_forward(pipe, plan):
             del b.forward
 
 
+def test_measure_mode_runs_every_block_and_reports_the_reuse_error(pipe, plan):
+    """measure=True (diagnostic): the images are those of plain Block Caching, but every reused block also
+    runs its forward, and the report gives each block's mean relative error of the reused output."""
+    from hasten.testing_pipelines import count_block_calls
+
+    names = [f"transformer_blocks.{i}" for i in range(3)]
+    with hasten.accelerate(pipe, hasten.BlockCache(plan=plan)):
+        cached = sample(pipe)
+    with count_block_calls(pipe.transformer, names) as counts, \
+            hasten.accelerate(pipe, hasten.BlockCache(plan=plan, measure=True)) as h:
+        measured = sample(pipe)
+        rep = h.report()["methods"]["block-cache"]
+    assert torch.equal(measured, cached) and counts == [STEPS] * 3
+    assert [e is None for e in rep["reuse_error"]] == [r == 0 for r in rep["reused"]]
+    assert all(e > 0 for e in rep["reuse_error"] if e is not None)
+
+
 def test_disable_restores_bitwise_and_state_stays_on_handle(plan):
     pipe = tiny_pipe()
     ref = sample(pipe)

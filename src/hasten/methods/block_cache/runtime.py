@@ -391,6 +391,15 @@ def install(handle, cfg: BlockCache) -> None:
 
     handle.add_report(METHOD, report)
     handle.block_cache_states = states  # for tests and training
+    handle.block_cache_plan = None  # first-run calibration: the plan, once the first run is done
+
+    def free() -> None:  # disable(): the counters stay on the handle, the cached residuals (GPU memory) go
+        for st in states:
+            st.reset()
+        if first_run:
+            rec.reset()
+
+    handle._undo.append(free)
 
 
 def _plan_from_first_run(handle, rec: _Recorder, blocks, delta: float) -> dict:
