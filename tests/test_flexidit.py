@@ -87,6 +87,18 @@ def test_pi_resize_keeps_every_inner_product_when_upsampling():
     assert not torch.allclose((x4 @ resize_matrix(4, 2).T) @ pi_resize(w4, 2).reshape(-1), x4 @ w4.reshape(-1))
 
 
+
+def test_down_sampling_averages_every_pixel_of_a_cell():
+    """At a factor of 2 the down-sampling matrix is exactly the bilinear resize (the paper's setting); at a factor
+    of 4 every pixel of a 4 x 4 cell counts 1/16 (bilinear without antialiasing would read only 4 of them)."""
+    basis = torch.eye(16, dtype=torch.float64).reshape(16, 1, 4, 4)
+    bilinear = F.interpolate(basis, size=(2, 2), mode="bilinear", align_corners=False, antialias=False)
+    assert torch.equal(resize_matrix(4, 2), bilinear.reshape(16, 4).T)
+    assert torch.equal(resize_matrix(8, 2), torch.kron(torch.eye(2, dtype=torch.float64), torch.kron(
+        torch.ones(1, 4, dtype=torch.float64), torch.kron(torch.eye(2, dtype=torch.float64),
+                                                          torch.ones(1, 4, dtype=torch.float64)))) / 16)
+
+
 @pytest.mark.parametrize("kind", ["sd3", "dit", "pixart", "flux"])
 def test_original_patch_size_is_bitwise_and_the_coarse_one_has_a_quarter_of_the_tokens(kind):
     model = tiny(kind)

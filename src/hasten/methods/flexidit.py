@@ -68,10 +68,16 @@ from .guidance import _layout, is_guidance_call, unwrap_output
 # --------------------------------------------------------------------------- PI-resize
 @lru_cache(maxsize=32)
 def resize_matrix(src: int, dst: int) -> torch.Tensor:
-    """``B`` (dst^2, src^2), float64: the bilinear resize (no antialiasing, half-pixel centres) of a
-    ``src x src`` patch to ``dst x dst``, as a matrix acting on row-major flattened patches."""
+    """``B`` (dst^2, src^2), float64: the resize of a ``src x src`` patch to ``dst x dst`` as a matrix acting on
+    row-major flattened patches. Up-sampling is bilinear (no antialiasing, half-pixel centres), as FlexiViT's
+    PI-resize. Down-sampling averages each cell (area): at a factor of 2 that is exactly the bilinear
+    resize, and at larger factors the bilinear one would read only the middle pixels of each cell (our
+    choice; the paper's patch sizes differ by a factor of 2)."""
     basis = torch.eye(src * src, dtype=torch.float64).reshape(src * src, 1, src, src)
-    out = F.interpolate(basis, size=(dst, dst), mode="bilinear", align_corners=False, antialias=False)
+    if dst < src:
+        out = F.interpolate(basis, size=(dst, dst), mode="area")
+    else:
+        out = F.interpolate(basis, size=(dst, dst), mode="bilinear", align_corners=False, antialias=False)
     return out.reshape(src * src, dst * dst).T.contiguous()
 
 
