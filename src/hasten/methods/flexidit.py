@@ -443,7 +443,7 @@ def patch_size(transformer: nn.Module, p: int):
 def _lora_layers(transformer: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
     """The transformer's peft LoRA layers and their parameters, found once per set of adapters: diffusers'
     model-level ``set_adapter``/``enable_adapters``/``disable_adapters`` walk every module on every call
-    (4.2 ms against a 16 ms one-image call of ``shapes-flexi``, ``benchmarks/flexidit_shapes/switch``)."""
+    (4.0 ms against a 14 ms one-image call of ``shapes-flexi``, ``benchmarks/flexidit_shapes/switch``)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     key = tuple(sorted(getattr(transformer, "peft_config", {}) or {}))
