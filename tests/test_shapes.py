@@ -97,6 +97,44 @@ def test_canonical_templates_are_stable():
     assert TEMPLATES["counting"][0] == "{n} {colour} {shapes}"
 
 
+def test_facts_fail_on_wrong_counts_relations_and_bindings():
+    """Hand-built parses against each category's facts: a check that holds on its own renders must also fail
+    when the image is wrong (drawing and checking share _relation_holds, so renders alone cannot show that)."""
+    from hasten.data.shapes import Facts
+    from hasten.eval.scene_parser import Detection
+
+    def det(colour, shape, x, y):
+        return Detection(colour, shape, "small", float(x), float(y), 50)
+
+    three = Facts((("green", "circle", 3),), exact_count=True)
+    for n, ok in ((2, False), (3, True), (4, False)):
+        assert all(check_facts(three, [det("green", "circle", 10 * i, 10) for i in range(n)]).values()) == ok
+    pair = (("red", "circle", 1), ("blue", "triangle", 1))
+    scene = [det("red", "circle", 10, 40), det("blue", "triangle", 40, 10)]  # red: left and below
+    for rel, ok in (("left of", True), ("right of", False), ("below", True), ("above", False)):
+        assert all(check_facts(Facts(pair, relation=(0, rel, 1)), scene).values()) == ok, rel
+    binding = Facts((("red", "circle", 1), ("blue", "square", 1)))
+    assert all(check_facts(binding, [det("red", "circle", 10, 10), det("blue", "square", 40, 40)]).values())
+    assert not all(check_facts(binding, [det("blue", "circle", 10, 10), det("red", "square", 40, 40)]).values())
+
+
+def test_relation_words_match_the_geometry():
+    """Each position caption's wording, read independently of the code that drew it: the object named first is
+    left of / right of / above (smaller y) / below the other, as the words say."""
+    from hasten.data.shapes import RELATION_WORDS, SHAPE_WORDS
+
+    words = sorted(((w, r) for r, ws in RELATION_WORDS.items() for w in ws), key=lambda wr: -len(wr[0]))
+    for seed in range(200):
+        sc = sample_scene(60_000_000 + seed, "position")
+        word, rel = next((w, r) for w, r in words if f" {w} " in sc.caption)
+        first = sc.caption.split(f" {word} ")[0]
+        named = [o for o in sc.objects if o.colour in first and any(n in first for n in SHAPE_WORDS[o.shape])]
+        assert len(named) == 1, sc.caption
+        a, b = named[0], next(o for o in sc.objects if o is not named[0])
+        dx, dy = b.cx - a.cx, b.cy - a.cy
+        assert {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[rel] > 0, sc.caption
+
+
 def test_bad_scene_arguments_are_clear_errors():
     with pytest.raises(HastenError, match="category"):
         sample_scene(0, category="colours")

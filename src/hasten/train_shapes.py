@@ -123,10 +123,11 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def scene_batch(step: int, batch: int, seed: int) -> tuple[list, np.ndarray]:
-    """Training scenes for one step: seeds seed * 10^7 + step * batch + i (disjoint from held-out)."""
+    """Training scenes for one step: seeds (seed % 5) * 10^7 + step * batch + i (the seed ranges of
+    :mod:`hasten.data.shapes`; never the held-out ones)."""
     base = (seed % 5) * 10_000_000 + step * batch
-    if base + batch > HELD_OUT_SEED0:
-        raise HastenError("too many training scenes for the seed range")
+    if step * batch + batch > 10_000_000:
+        raise HastenError("too many training scenes for the seed's range of 10,000,000")
     return scenes(range(base, base + batch))
 
 
@@ -257,6 +258,8 @@ def prepare_data(out: str | Path, vae, num_scenes: int, seed: int = 0, progress:
     if text_encoder is None:
         text_encoder, tokenizer = load_text_encoder()
     sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    if num_scenes > 10_000_000:
+        raise HastenError(f"at most 10,000,000 training scenes per seed (the seed's range), got {num_scenes}")
     n_shards = math.ceil(num_scenes / SHARD)
     for k in tqdm(range(n_shards), disable=not progress, desc="data", dynamic_ncols=True):
         path = data / f"shard_{k:04d}.safetensors"

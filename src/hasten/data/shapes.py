@@ -279,6 +279,12 @@ def to_model_space(images: np.ndarray) -> np.ndarray:
     return images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
 
 
-# Seed ranges: training scenes use seeds from TRAIN_SEEDS; evaluation never overlaps them.
-TRAIN_SEEDS = range(0, 10_000_000)
+# Seed ranges (one scene per seed), disjoint by design:
+#   training (hasten train --seed s):   s * 10M + [0, 10M)   (the shipped model: s = 0)
+#   Imagine Flash captions:             20M + ...            ARD trajectories: 30M + ...
+#   calibration captions:               40M + ...
+#   held-out, from HELD_OUT_SEED0 = 50M: evaluation 50M + [0, 500k); FD-shapes reference 50.5M + [0, 100k);
+#   real-vs-real FD 50.6M + [0, 100k); hasten tune 50.7M (tuning) and 50.75M (confirmation);
+#   scene-encoder held-out 50.8M; VAE reconstruction 50.9M
+# A training seed s of 2 to 4 would reach the distillation and calibration ranges: use 0 or 1 beside them.
 HELD_OUT_SEED0 = 50_000_000

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.digits import NUM_CLASSES, digits
+from ..errors import HastenError
 from .classifier import load_classifier
 
 
@@ -53,6 +54,8 @@ def _gaussian_fd(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarra
 
 
 def _stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    if feats.shape[0] < 2:
+        raise HastenError(f"a Frechet distance needs at least 2 images per set, got {feats.shape[0]}")
     f = feats.double().numpy()
     return f.mean(0), np.cov(f, rowvar=False)
 

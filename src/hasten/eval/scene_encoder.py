@@ -8,7 +8,6 @@ with held-out rendered scenes, FID-style: ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (
 
 from __future__ import annotations
 
-import json
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.shapes import COLOURS, HELD_OUT_SEED0, IMAGE_SIZE, SHAPES, scenes, to_model_space
 from ..errors import HastenError
+from ..io import atomic_write, write_json
 
 ENCODER_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes_encoder"
 FEATURES = 128
@@ -95,8 +95,9 @@ def train_encoder(out: str | Path | None = None, steps: int = 2000, batch_size: 
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), str(out / "encoder.safetensors"))
-        (out / "train_log.json").write_text(json.dumps(info, indent=2) + "\n")
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        atomic_write(out / "encoder.safetensors", lambda tmp: save_file(state, tmp))
+        write_json(out / "train_log.json", info)
     info["model"] = model
     return info
 
