@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import hasten
+from hasten.distill.student import shipped_students
 from hasten.eval.bench import HastenAssets, machine_info
 from hasten.eval.bench_harness import Batch, make_batches, run_interleaved
 from hasten.eval.bench_shapes import EvalSet, copy_shapes, shapes_configs
@@ -87,20 +88,28 @@ def main() -> None:
     suite = json.loads(Path(args.results).read_text())
     if suite["model"] != "shapes":
         raise SystemExit(f"{args.results} is a {suite['model']!r} run; this script re-times shapes runs")
+    proto = suite["protocol"]
+    if proto.get("quick") or proto.get("suite", "default") != "default":
+        raise SystemExit(f"{args.results} is not a default-suite run (quick={proto.get('quick')}, "
+                         f"suite={proto.get('suite')!r}): this script rebuilds the default suite's configurations")
     levels = level_winners(suite) if args.levels else []
-    reference = suite["protocol"]["reference"]
+    reference = proto["reference"]
     wanted = list(dict.fromkeys([reference, *(n for lv in levels for f in FAMILIES if (n := lv[f])), *args.extra]))
     pipe = hasten.load_pipeline("shapes")
     pipe.set_progress_bar_config(disable=True)
+    if proto.get("guidance_scale") is not None and proto["guidance_scale"] != pipe.default_guidance_scale:
+        raise SystemExit(f"{args.results} ran at guidance {proto['guidance_scale']}, not the model's "
+                         f"{pipe.default_guidance_scale}")
     flexi = None
-    if any("flexidit" in name for name in args.extra):
+    if any("flexidit" in name for name in wanted):
         flexi = hasten.load_pipeline("shapes-flexi")
         flexi.set_progress_bar_config(disable=True)
     n = args.rounds * args.batch_size
     data = EvalSet(pipe, n, seed=0)
     plans = Path(tempfile.mkdtemp(prefix="retime-plans-"))
     assets = HastenAssets(pipe, plans, copier=copy_shapes)
-    by_name = {c.name: c for c in shapes_configs(pipe, data, assets, peers=True, flexi=flexi)}
+    students = [hasten.load_pipeline(st) for st in shipped_students() if any(st in name for name in wanted)]
+    by_name = {c.name: c for c in shapes_configs(pipe, data, assets, peers=True, flexi=flexi, students=students)}
     missing = [w for w in wanted if w not in by_name]
     if missing:
         raise SystemExit(f"not in the default shapes suite: {missing}")

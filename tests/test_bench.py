@@ -340,3 +340,40 @@ def test_interval_suite_runs_guidance_in_limited_intervals(tmp_path):
     assert all(r["error"] is None for r in recs.values()), [r["error"] for r in recs.values()]
     for name in names:  # some calls guided, some not
         assert 50 < recs[name]["nfe"] < 100
+
+
+def test_in_turn_pairs_each_configuration_with_its_own_baseline_run_and_warms_it_up():
+    """run_in_turn: a failed baseline run is the error of the configuration it precedes (the others keep their
+    own pairs), and each configuration's timed run follows an untimed warm-up run."""
+    import torch
+
+    from hasten.eval.bench_harness import Batch, Prepared, run_in_turn
+
+    clock, calls = {"t": 0.0}, {"base": 0}
+
+    def base_sample(labels, gen):
+        calls["base"] += 1
+        if calls["base"] == 3:  # the second timed baseline run (the first call is the warm-up)
+            raise RuntimeError("transient")
+        clock["t"] += calls["base"]
+        return torch.zeros(1)
+
+    def config(first: float, then: float):
+        def install():
+            runs = []
+
+            def sample(labels, gen):
+                runs.append(1)
+                clock["t"] += first if len(runs) == 1 else then
+                return torch.zeros(1)
+
+            return Prepared(sample=sample), (lambda: None)
+
+        return install
+
+    base_m, out = run_in_turn(Prepared(sample=base_sample), [("A", config(9.0, 0.5)), ("B", config(9.0, 0.25)),
+                                                             ("C", config(9.0, 2.0))], Batch(torch.arange(2), 0),
+                              timer=lambda: clock["t"])
+    assert out["A"].base_time == 2.0 and out["A"].times == [0.5]  # the cold first call is not timed
+    assert out["B"].error.startswith("the baseline run before it failed") and not out["B"].times
+    assert out["C"].base_time == 4.0 and out["C"].times == [2.0]

@@ -443,6 +443,12 @@ def test_text_quality_levels_gate_adherence_and_fd():
     row = {r["level"].split(" ")[0]: r for r in quality_levels([*slow, qref], "converged")}["psnr>=40"]
     assert row["fewer_steps"] is None and row["hasten"]["name"] == "ok" and row["hasten_fastest"] is True
     assert row["hasten_vs_best_other"] is None and row["target_met"] is None
+    # on 96 captions one caption is 1.04 points: losing one passes the 1-point gate, losing two does not
+    ref96 = new_record("ref", "baseline", {}, speedup=1.0, psnr=100.0, fd_shapes=10.0, adherence=50 / 96)
+    for lost, ok in ((1, True), (2, False)):
+        r = new_record("x", "hasten", {}, speedup=2.0, psnr=41.0, fd_shapes=10.0, adherence=(50 - lost) / 96)
+        row = {q["level"].split(" ")[0]: q for q in quality_levels([ref96, r], "ref", samples=96)}["psnr>=40"]
+        assert (row["hasten"] is not None) == ok
 
 
 class FakeTextScorer:

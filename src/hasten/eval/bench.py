@@ -129,17 +129,18 @@ class HastenAssets:
         if method == "block-cache":
             from ..methods.block_cache import BlockCache
 
-            plan = calibrate(own, BlockCache(delta=0.0), steps=steps, solver=SOLVER, schedule=SCHEDULE,
+            plan = calibrate(own, BlockCache(delta=0.0), steps=steps, solver=solver or SOLVER, schedule=SCHEDULE,
                              seeds=CALIBRATION_SEEDS)
         elif method == "linear-ag":
             from ..methods.guidance import LinearAG
 
-            plan = calibrate(own, LinearAG(), steps=steps, solver=SOLVER, schedule=SCHEDULE,
+            plan = calibrate(own, LinearAG(), steps=steps, solver=solver or SOLVER, schedule=SCHEDULE,
                              seeds=LINEAR_AG_SEEDS)
         elif method == "ag":
             from ..methods.guidance import AdaptiveGuidance
 
-            plan = calibrate(own, AdaptiveGuidance(), steps=steps, solver=SOLVER, schedule=SCHEDULE, seeds=AG_SEEDS)
+            plan = calibrate(own, AdaptiveGuidance(), steps=steps, solver=solver or SOLVER, schedule=SCHEDULE,
+                             seeds=AG_SEEDS)
         else:
             raise Unavailable(f"no plan recipe for {method!r}")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -489,14 +490,14 @@ def run_shared(pipe: HastenPipeline, configs: Sequence[SharedConfig], steps: int
                                    batch, pipe.transformer, timer, progress)
     n = len(batch.labels)
     records = []
-    for k, c in enumerate(configs):
+    for c in configs:
         m = measured[c.name]
         if m.error or not m.times:
             records.append(new_record(c.name, c.family, c.params, error=m.error))
             continue
         t = m.times[0]
         records.append(new_record(
-            c.name, c.family, c.params, wall_s_median=_round(t, 4), speedup=_round(base_m.times[k] / t, 4),
+            c.name, c.family, c.params, wall_s_median=_round(t, 4), speedup=_round(m.base_time / t, 4),
             nfe=_round(m.rows / n, 4), block_evals=_round(m.block_rows / n, 4), peak_rss_mb=_round(m.peak_rss_mb, 1)))
     ref = new_record(f"cfg @{steps}", "baseline", {"steps": steps, "guidance": "cfg"},
                      wall_s_median=_round(statistics.median(base_m.times), 4) if base_m.times else None,
@@ -602,6 +603,8 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
             if isinstance(flexi, (str, os.PathLike)):
                 flexi = load_pipeline(flexi)
                 flexi.set_progress_bar_config(disable=True)
+            if flexi is not None and guidance_scale is not None:  # --cfg applies to every configuration
+                flexi.default_guidance_scale = float(guidance_scale)
             if students is None:
                 students = shipped_students() if model == "shapes" and broad and not quick else []
             elif isinstance(students, str):
@@ -640,7 +643,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     say("scoring")
     records = build_records(configs, measured, batches, scorer if scorer is not None else Scorer(),
                             quality_reference=quality_ref)
-    levels = quality_levels(records, quality_ref or configs[0].name)
+    levels = quality_levels(records, quality_ref or configs[0].name, samples=n)
     do_real = (budget.realistic and broad) if realistic is None else realistic
     results = {
         "schema": SCHEMA, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -5,8 +5,11 @@ timing (install and calibration costs are not timed). Each configuration then sa
 batch (untimed). The evaluation set is split into batches; for batch k = 0, 1, ... every configuration
 samples batch k in turn (A B C ... A B C ...), from the same labels and the same initial noise (seed
 ``seed + k``), and only that ``pipe(...)`` call is timed. So repetition k of configuration C and of the
-baseline ran back to back on the same inputs, and the speedup of C is the median over k of the paired
-ratios ``t_baseline[k] / t_C[k]``: a slow spell of the machine hits both members of a pair.
+baseline ran in the same round on the same inputs, and the speedup of C is the median over k of the paired
+ratios ``t_baseline[k] / t_C[k]``. In a large suite the members of a pair can run minutes apart (the
+reference first, the peers last, in the default order ``abc``): a slow spell of the machine is shared
+only when it lasts the round. ``order="rotate"`` (:mod:`benchmarks.bench_retime`) moves each configuration
+through the round from one repetition to the next.
 
 A configuration that raises (at install or in any batch) is recorded with its error and dropped from the
 remaining batches; the run goes on.
@@ -156,12 +159,15 @@ class RssSampler:
         self._proc = psutil.Process()
         self._interval = interval_s
         self._peak = 0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self._proc.memory_info().rss)
+            rss = self._proc.memory_info().rss  # read first: start_window() may reset the peak meanwhile
+            with self._lock:
+                self._peak = max(self._peak, rss)
             self._stop.wait(self._interval)
 
     def __enter__(self) -> RssSampler:
@@ -173,7 +179,9 @@ class RssSampler:
         self._thread.join()
 
     def start_window(self) -> None:
-        self._peak = self._proc.memory_info().rss
+        rss = self._proc.memory_info().rss
+        with self._lock:
+            self._peak = rss
 
     def window_peak_mb(self) -> float:
         return max(self._peak, self._proc.memory_info().rss) / 2**20
@@ -212,6 +220,7 @@ class Measurement:
     peak_rss_mb: float | None = None
     report: dict | None = None  # Prepared.report() after the last batch (e.g. FlexiDiT's compute share)
     setup_s: float | None = None  # setup() (calibrations it is the first to need) and the warm-up batch
+    base_time: float | None = None  # run_in_turn: the baseline run just before this configuration's
     error: str | None = None
 
     @property
@@ -232,7 +241,7 @@ def error_text(e: BaseException) -> str:
 
 
 def paired_speedup(base_times: Sequence[float], times: Sequence[float]) -> float | None:
-    """Median over repetitions k of ``base_times[k] / times[k]`` (pairs run back to back).
+    """Median over repetitions k of ``base_times[k] / times[k]`` (pairs run in the same round).
 
     Only repetitions that both sides completed are paired; ``None`` when there is no pair.
     """
@@ -360,45 +369,55 @@ def run_in_turn(base: Prepared, configs: Sequence[tuple[str, Callable[[], tuple[
                 batch: Batch, counter_model: nn.Module | None = None, timer: Callable[[], float] = time.perf_counter,
                 progress: Callable[[str], None] | None = None) -> tuple[Measurement, dict[str, Measurement]]:
     """The engine's mode for a model too big to copy: each configuration in turn on the one model, as
-    ``(name, install)`` with ``install() -> (prepared, uninstall)``: a baseline run, then install, one
-    run, uninstall. A configuration's speedup pairs its time with the baseline run just before it
-    (``paired_speedup(base.times[k], m.times)``). A baseline warm-up run comes first (untimed)."""
+    ``(name, install)`` with ``install() -> (prepared, uninstall)``: a baseline run, then install, one untimed
+    warm-up run (first-call costs), one timed run, uninstall. A configuration's speed-up pairs its time with
+    the baseline run just before it (``Measurement.base_time``); a failed baseline run is that configuration's
+    error. A baseline warm-up run comes first (untimed)."""
     say = progress or (lambda _m: None)
     counter = WorkCounter(counter_model) if counter_model is not None else None
     base_m = Measurement("baseline")
     out: dict[str, Measurement] = {}
     run_one(base, batch)  # warm-up
+
+    def timed(m: Measurement, prepared: Prepared, rss: Any) -> float:
+        if counter is not None:
+            counter.reset()
+        rss.start_window()
+        t0 = timer()
+        run_one(prepared, batch)
+        t = timer() - t0
+        m.times.append(t)
+        m.peak_rss_mb = max(m.peak_rss_mb or 0.0, rss.window_peak_mb())
+        m.samples = len(batch.labels)
+        if counter is not None:
+            m.counted = counter.blocks_seen and counter.rows > 0
+            m.rows, m.block_rows = counter.rows, (counter.attn_rows + counter.ff_rows) / 2
+        return t
+
     with RssSampler() as rss:
         for name, install in configs:
             say(f"in turn: {name}")
-            for m, prepared in ((base_m, base), (None, None)):
-                if m is None:
-                    m = out[name] = Measurement(name)
-                    uninstall = None
-                    try:
-                        prepared, uninstall = install()
-                    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                        m.error = error_text(e)
-                        say(f"  {m.error}")
-                        break
-                try:
-                    if counter is not None:
-                        counter.reset()
-                    rss.start_window()
-                    t0 = timer()
-                    run_one(prepared, batch)
-                    m.times.append(timer() - t0)
-                    m.peak_rss_mb = max(m.peak_rss_mb or 0.0, rss.window_peak_mb())
-                    m.samples = len(batch.labels)
-                    if counter is not None:
-                        m.counted = counter.blocks_seen and counter.rows > 0
-                        m.rows, m.block_rows = counter.rows, (counter.attn_rows + counter.ff_rows) / 2
-                except Exception as e:  # noqa: BLE001
-                    m.error = error_text(e)
-                    say(f"  {m.error}")
-                finally:
-                    if m is not base_m and uninstall is not None:
-                        uninstall()
+            m = out[name] = Measurement(name)
+            try:
+                m.base_time = timed(base_m, base, rss)
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                m.error = f"the baseline run before it failed: {error_text(e)}"
+                say(f"  {m.error}")
+                continue
+            try:
+                prepared, uninstall = install()
+            except Exception as e:  # noqa: BLE001
+                m.error = error_text(e)
+                say(f"  {m.error}")
+                continue
+            try:
+                run_one(prepared, batch)  # warm-up: first-call costs are not the method's
+                timed(m, prepared, rss)
+            except Exception as e:  # noqa: BLE001
+                m.error = error_text(e)
+                say(f"  {m.error}")
+            finally:
+                uninstall()
     if counter is not None:
         counter.remove()
     return base_m, out

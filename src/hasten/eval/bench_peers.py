@@ -149,11 +149,15 @@ def install_diffusers_hook(pipe: HastenPipeline, kind: str, params: dict) -> Dif
     import diffusers.hooks as H
 
     ctx = DiffusersCacheContext(pipe.transformer)
-    if kind == "mag-cache" and "mag_ratios" not in params:
-        params = {**params, "mag_ratios": calibrate_mag_ratios(pipe, int(params["steps"]),
-                                                               params.get("calibration", {}))}
-    config = _diffusers_hook_config(kind, params, ctx)
-    getattr(H, _APPLY[kind])(pipe.transformer, config)
+    try:
+        if kind == "mag-cache" and "mag_ratios" not in params:
+            params = {**params, "mag_ratios": calibrate_mag_ratios(pipe, int(params["steps"]),
+                                                                   params.get("calibration", {}))}
+        config = _diffusers_hook_config(kind, params, ctx)
+        getattr(H, _APPLY[kind])(pipe.transformer, config)
+    except BaseException:
+        ctx.remove()  # a failed install leaves nothing on the shared model
+        raise
     ctx.hooks_changed()
     return ctx
 

@@ -120,7 +120,7 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------- quality levels
-def quality_levels(records: list[dict], reference: str) -> list[dict]:
+def quality_levels(records: list[dict], reference: str, samples: int | None = None) -> list[dict]:
     """For each quality level, the fastest configuration of each group that reaches it.
 
     ``reference`` is the quality reference: the run the records' PSNR was measured against (on shapes the
@@ -128,7 +128,8 @@ def quality_levels(records: list[dict], reference: str) -> list[dict]:
     Levels: PSNR against the reference run >= 40, 35, 30 dB; FD (FD-shapes where the reference has it,
     else FD-digits) within 5 % of the reference's. On a text-to-image model (the reference has an
     adherence) every level also requires adherence at most 1 point below the reference's and the PSNR
-    levels FD within 5 % too: the gates of a text-to-image bench.
+    levels FD within 5 % too: the gates of a text-to-image bench. With ``samples`` captions, one caption
+    (1 / samples) is the least adherence can move, so the tolerance is at least one caption.
     Groups: ``hasten``; ``peer``; ``fewer_steps`` (the baseline family: every solver, step count and
     guidance schedule; the speed reference itself counts, at speedup 1, but a separate converged quality
     reference (``params.role == "quality-reference"``) does not: it is the yardstick, at PSNR 100 by
@@ -143,11 +144,12 @@ def quality_levels(records: list[dict], reference: str) -> list[dict]:
     fd_key = "fd_shapes" if ref.get("fd_shapes") is not None else "fd_digits"
     fd_bound = None if ref[fd_key] is None else ref[fd_key] * (1 + FD_TOLERANCE)
     text = ref.get("adherence") is not None
+    tolerance = max(ADHERENCE_TOLERANCE, 1.0 / samples if samples else 0.0) + 1e-9  # + float rounding
 
     def gate(r: dict) -> bool:
         if not text:
             return True
-        return (r.get("adherence") is not None and r["adherence"] >= ref["adherence"] - ADHERENCE_TOLERANCE
+        return (r.get("adherence") is not None and r["adherence"] >= ref["adherence"] - tolerance
                 and r.get(fd_key) is not None and fd_bound is not None and r[fd_key] <= fd_bound)
 
     suffix = " + adherence, FD" if text else ""

@@ -185,6 +185,10 @@ def peer_config(pipe, data: EvalSet, kind: str, params: dict, steps: int, solver
                                       current_timestep_callback=lambda: now[0],
                                       attention_weight_callback=lambda _: 0.3, tensor_format="BCHW",
                                       is_guidance_distilled=False)
+            # ShapesPipeline batches the pooled text with the guidance rows: split it with them (diffusers' list
+            # names the SD3 pipeline's own keywords only)
+            cfg._unconditional_conditional_input_kwargs_identifiers = [
+                *cfg._unconditional_conditional_input_kwargs_identifiers, "pooled_projections"]
         elif kind == "mag-cache":
             cfg = H.MagCacheConfig(threshold=float(params["threshold"]), max_skip_steps=int(params.get("max_skip", 3)),
                                    retention_ratio=float(params.get("retention", 0.2)), num_inference_steps=steps,
