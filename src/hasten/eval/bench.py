@@ -129,17 +129,17 @@ class HastenAssets:
         if method == "block-cache":
             from ..methods.block_cache import BlockCache
 
-            plan = calibrate(own, BlockCache(delta=0.0), steps=steps, solver=solver or SOLVER, schedule=SCHEDULE,
+            plan = calibrate(own, BlockCache(delta=0.0), steps=steps, solver=SOLVER, schedule=SCHEDULE,
                              seeds=CALIBRATION_SEEDS)
         elif method == "linear-ag":
             from ..methods.guidance import LinearAG
 
-            plan = calibrate(own, LinearAG(), steps=steps, solver=solver or SOLVER, schedule=SCHEDULE,
+            plan = calibrate(own, LinearAG(), steps=steps, solver=SOLVER, schedule=SCHEDULE,
                              seeds=LINEAR_AG_SEEDS)
         elif method == "ag":
             from ..methods.guidance import AdaptiveGuidance
 
-            plan = calibrate(own, AdaptiveGuidance(), steps=steps, solver=solver or SOLVER, schedule=SCHEDULE,
+            plan = calibrate(own, AdaptiveGuidance(), steps=steps, solver=SOLVER, schedule=SCHEDULE,
                              seeds=AG_SEEDS)
         else:
             raise Unavailable(f"no plan recipe for {method!r}")
