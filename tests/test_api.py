@@ -82,6 +82,9 @@ def test_diffusers_pipeline_target_uses_its_transformer_and_resets_on_set_timest
 
 def test_parse_spec_and_unknown_specs():
     assert parse_spec("block-cache:delta=0.5,plan=p.json") == ("block-cache", {"delta": "0.5", "plan": "p.json"})
+    assert parse_spec(" ag :threshold=0.99") == ("ag", {"threshold": "0.99"})
+    with pytest.raises(hasten.HastenError, match="'threshold' twice"):
+        parse_spec("ag:threshold=0.9,threshold=0.99")
     pipe = tiny_pipe()
     with pytest.raises(hasten.HastenError, match="unknown method"):
         accelerate_from_specs(pipe, ["warp-drive:x=1"], steps=STEPS)

@@ -152,6 +152,8 @@ def test_save_load_roundtrip_is_bitwise(tmp_path):
     (dict(class_labels=[1], guidance_scale=-1.0), "guidance"),
     (dict(class_labels=[1], solver="rk4"), "solver"),
     (dict(class_labels=[1], schedule="cosine"), "schedule"),
+    (dict(class_labels=[1], guidance_scale=float("inf")), "finite"),
+    (dict(class_labels=[1, 2], latents=torch.zeros(3, 1, 16, 16)), "latents must have shape"),
 ])
 def test_pipeline_bad_input(kwargs, match):
     with pytest.raises(HastenError, match=match):

@@ -354,6 +354,10 @@ def test_vae_training_resumes_exactly(tmp_path):
     for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), n
     assert (tmp_path / "b" / "vae" / "config.json").is_file()
+    (tmp_path / "b" / "vae" / "diffusion_pytorch_model.safetensors").unlink()  # a save cut short: not "finished"
+    (tmp_path / "b" / "vae" / "train_log.json").unlink()
+    again = train_vae(tmp_path / "b", cfg, TINY_VAE, progress=False)["model"]  # from the last checkpoint
+    assert all(torch.equal(p, q) for p, q in zip(full.state_dict().values(), again.state_dict().values()))
 
 
 def test_transformer_training_resumes_exactly(tmp_path):
@@ -362,7 +366,8 @@ def test_transformer_training_resumes_exactly(tmp_path):
             "text": torch.randn(4, MAX_TOKENS, 384, generator=g).half(),
             "pooled": torch.randn(4, 384, generator=g).half()}
     empty = (torch.zeros(1, MAX_TOKENS, 384), torch.zeros(1, 384))
-    cfg = TransformerTrainConfig(steps=6, batch_size=4, checkpoint_every=3, log_every=1, warmup=2, model=TINY_TR)
+    # log_every=2 with a stop at step 3: a logged point spans the interruption (its losses are checkpointed)
+    cfg = TransformerTrainConfig(steps=6, batch_size=4, checkpoint_every=3, log_every=2, warmup=2, model=TINY_TR)
     full = train_transformer(tmp_path / "a", cfg, data, empty, progress=False)
     part = train_transformer(tmp_path / "b", cfg, data, empty, progress=False, stop_after=3)
     assert not part["finished"] and part["step"] == 3

@@ -148,3 +148,23 @@ def test_a_block_caching_candidate_that_skips_nothing_is_never_picked(tiny_pipe,
     assert t.skips_nothing(rec)  # every change exceeds 0.1: every block computes at every call
     assert not t.skips_nothing({**rec, "bc": 0.55})  # 0.5 + 0.5 > 0.55 but 0.5 alone is not: reuses
     assert not t.skips_nothing({**rec, "bc": None})
+
+
+def test_the_resume_key_covers_guidance_scheduler_and_speed_reference(tiny_pipe, tmp_path):
+    """A tuning state (and its reference images) from a run at another guidance scale, scheduler shift or speed
+    reference is not reused: every one of them changes what a measurement means."""
+    import copy
+
+    tune_set, confirm_set = file_sets(PROMPTS)
+
+    def key(pipe, **kw):
+        return Tuner(pipe, tune_set, confirm_set, QualityBudget(36.0), tmp_path / "p.json", 30, progress=False,
+                     **{**SMALL, **kw}).key
+
+    base = key(tiny_pipe)
+    other = copy_shapes(tiny_pipe, None)
+    other.default_guidance_scale = tiny_pipe.default_guidance_scale + 2.0
+    shifted = copy_shapes(tiny_pipe, None)
+    shifted.scheduler = type(shifted.scheduler).from_config(shifted.scheduler.config, shift=3.0)
+    assert len({base, key(other), key(shifted), key(tiny_pipe, reference_steps=28)}) == 4
+    assert key(copy.deepcopy(tiny_pipe)) == base

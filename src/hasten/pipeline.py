@@ -212,10 +212,13 @@ class HastenPipeline:
         """Sample one image per label. Returns images in [0, 1] and the denoiser call counts."""
         labels = self.check_labels(class_labels).to(self.device)
         scale = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        if scale < 0 or math.isnan(scale):
-            raise HastenError(f"guidance scale must be >= 0, got {scale}")
+        if not (math.isfinite(scale) and scale >= 0):
+            raise HastenError(f"guidance scale must be a finite number >= 0, got {scale}")
         if solver not in SOLVERS:
             raise HastenError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        if latents is not None and tuple(latents.shape) != (len(labels), *self.image_shape):
+            raise HastenError(f"latents must have shape {(len(labels), *self.image_shape)} for {len(labels)} labels, "
+                              f"got {tuple(latents.shape)}")
         ts = make_schedule(schedule, int(num_inference_steps))
         x = self.initial_noise(len(labels), generator) if latents is None else latents.to(self.device, self.dtype)
         counter = {"calls": 0, "rows": 0}

@@ -225,12 +225,15 @@ class SpecContext:
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``"block-cache:delta=0.5,plan=p.json"`` -> ``("block-cache", {"delta": "0.5", "plan": "p.json"})``."""
     name, _, rest = spec.strip().partition(":")
+    name = name.strip()
     opts: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise HastenError(f"cannot read --accel {spec!r}: options are key=value, "
                               "e.g. block-cache:delta=0.5")
+        if key.strip() in opts:
+            raise HastenError(f"--accel {spec!r} gives {key.strip()!r} twice")
         opts[key.strip()] = value.strip()
     if not name:
         raise HastenError(f"cannot read --accel {spec!r}: expected NAME[:key=value,...]")

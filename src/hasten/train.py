@@ -12,7 +12,6 @@ Label dropout is done here, once per sample, and the model is run in eval mode: 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from diffusers import DiTTransformer2DModel
 from tqdm.auto import tqdm
 
 from .data.digits import IMAGE_SIZE, NUM_CLASSES, digits
+from .io import write_json
 from .pipeline import SIGMA_MIN, TIME_SCALE, HastenPipeline
 
 
@@ -125,6 +125,6 @@ def train(out: str | Path | None, cfg: TrainConfig, model_config: dict | None = 
         out = Path(out)
         pipe = HastenPipeline(ema, num_classes=null, guidance_scale=cfg.guidance_scale, name="digits")
         pipe.save_pretrained(out)
-        (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        write_json(out / "train_log.json", log)
     log["model"] = ema
     return log

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .data.shapes import HELD_OUT_SEED0, render, sample_scene, scenes, to_model_space
 from .errors import HastenError
+from .io import write_json
 
 
 # --------------------------------------------------------------------------- configs
@@ -211,7 +212,7 @@ def train_vae(out: str | Path, cfg: VAETrainConfig, model_config: dict | None = 
         log["latent_stats"] = stats
         log["reconstruction"] = reconstruction_metrics(vae)
         vae.save_pretrained(out / "vae")
-        (out / "vae" / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        write_json(out / "vae" / "train_log.json", log)
     log["model"] = vae
     return log
 
@@ -260,12 +261,17 @@ def prepare_data(out: str | Path, vae, num_scenes: int, seed: int = 0, progress:
     sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     if num_scenes > 10_000_000:
         raise HastenError(f"at most 10,000,000 training scenes per seed (the seed's range), got {num_scenes}")
+    from .plans import weights_hash
+
     n_shards = math.ceil(num_scenes / SHARD)
+    vae_hash = weights_hash(vae)
     for k in tqdm(range(n_shards), disable=not progress, desc="data", dynamic_ncols=True):
         path = data / f"shard_{k:04d}.safetensors"
-        if path.is_file():
-            continue
         lo, hi = k * SHARD, min(num_scenes, (k + 1) * SHARD)
+        want = {"first_scene": str(lo), "n": str(hi - lo), "seed": str(seed), "vae": vae_hash}
+        if path.is_file():
+            _check_shard(path, want)
+            continue
         base = (seed % 5) * 10_000_000
         scenes = [sample_scene(base + i) for i in range(lo, hi)]
         lat = []
@@ -285,9 +291,23 @@ def prepare_data(out: str | Path, vae, num_scenes: int, seed: int = 0, progress:
         tensors = {"latents": torch.cat(lat).contiguous(), "caption_index": torch.tensor([where[c] for c in captions]),
                    "text": torch.cat(toks), "pooled": torch.cat(pooled)}
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"first_scene": str(lo), "captions": json.dumps(uniq)})
+        save_file(tensors, str(tmp), metadata={**want, "captions": json.dumps(uniq)})
         os.replace(tmp, path)
+    write_json(data / "manifest.json", {"num_scenes": num_scenes, "seed": seed, "vae": vae_hash, "shards": n_shards})
     return data
+
+
+def _check_shard(path: Path, want: dict) -> None:
+    """A finished shard is reused only if it holds the scenes, seed and VAE this run asks for (shards written
+    before these were recorded are checked on their first scene only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as h:
+        meta = h.metadata() or {}
+    wrong = [k for k, v in want.items() if k in meta and meta[k] != v]
+    if wrong or meta.get("first_scene") != want["first_scene"]:
+        raise HastenError(f"{path} was written for other settings ({', '.join(wrong) or 'first_scene'}): "
+                          f"delete {path.parent} to render the data again")
 
 
 def load_data(data: Path) -> dict:
@@ -295,7 +315,10 @@ def load_data(data: Path) -> dict:
     from safetensors.torch import load_file
 
     lat, idx, text, pooled, offset = [], [], [], [], 0
-    for path in sorted(Path(data).glob("shard_*.safetensors")):
+    manifest = Path(data) / "manifest.json"
+    paths = (sorted(Path(data).glob("shard_*.safetensors")) if not manifest.is_file() else  # older data folders
+             [Path(data) / f"shard_{k:04d}.safetensors" for k in range(json.loads(manifest.read_text())["shards"])])
+    for path in paths:
         t = load_file(str(path))
         lat.append(t["latents"])
         idx.append(t["caption_index"] + offset)
@@ -370,10 +393,15 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="transformer",
                dynamic_ncols=True)
     loss_log = LossLog(curve, cfg.log_every, cfg.steps, t0, bar)
+    loss_log.losses = list((state or {}).get("pending", []))  # losses since the last logged point
+    bf16 = autocast_bf16(cfg.bf16_autocast)
+    if state is not None and state.get("bf16", bf16) != bf16:
+        raise HastenError(f"{ckpt_path} was trained {'with' if state['bf16'] else 'without'} bf16 autocast; this "
+                          "machine would resume it the other way: set bf16_autocast explicitly to match")
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         z, text, pooled = caption_batch(data, cfg.batch_size, cfg.caption_dropout, (e_tok, e_pool), gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16(cfg.bf16_autocast)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = flow_matching_loss(model, z, text, pooled, gen).float()
         value = optimizer_step(loss, opt, sched, model.parameters(), "transformer", step)
         ema_update(ema, model, step, cfg.ema_decay)
@@ -382,7 +410,7 @@ def train_transformer(out: str | Path, cfg: TransformerTrainConfig, data: dict, 
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                         "sched": sched.state_dict(), "step": step + 1, "curve": curve,
                                         "elapsed_s": time.time() - t0, "cpu_s": time.process_time() - c0,
-                                        "config": asdict(cfg)})
+                                        "config": asdict(cfg), "pending": list(loss_log.losses), "bf16": bf16})
     return {"train_config": asdict(cfg), "model_config": dict(model.config), "loss_curve": curve,
             "num_parameters": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
             "train_cpu_seconds": round(time.process_time() - c0, 1),
@@ -400,7 +428,7 @@ def train_shapes(out: str | Path, vae_cfg: VAETrainConfig | None = None,
 
     out = Path(out)
     vae_cfg, tr_cfg = vae_cfg or VAETrainConfig(), tr_cfg or TransformerTrainConfig()
-    if (out / "vae" / "config.json").is_file():
+    if (out / "vae" / "train_log.json").is_file():  # written last: the VAE folder is complete
         vae = AutoencoderKL.from_pretrained(out / "vae")
         vae_log = json.loads((out / "vae" / "train_log.json").read_text())
     else:
@@ -419,6 +447,6 @@ def train_shapes(out: str | Path, vae_cfg: VAETrainConfig | None = None,
         pipe = ShapesPipeline(transformer=model.eval(), vae=vae, scheduler=default_scheduler(), text_encoder=te,
                               tokenizer=tok)
         pipe.save_pretrained(out)
-        (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        write_json(out / "train_log.json", log)
     log["model"] = model
     return log

@@ -194,15 +194,20 @@ class Tuner:
         self.state_path = self.out.with_name(f".{self.out.name}.tune-state.json")
         self.refs_path = self.out.with_name(f".{self.out.name}.tune-refs.pt")
         self.key = self._key()
+        self._search_t0: float | None = None
         self.state = self._load()
         self.measured_now = 0  # candidates measured in this process (not resumed): tests count them
 
     def _key(self) -> str:
-        from .plans import weights_hash
+        """Everything a measurement depends on: a state (or reference file) with another key is not reused."""
+        from .plans import scheduler_fingerprint, weights_hash
 
         text = json.dumps({"budget": asdict(self.budget), "tune": self.tune.prompts, "seed": self.tune.seed,
                            "weights": weights_hash(self.pipe.transformer), "q": self.quality_solver,
-                           "space": [self.solvers, self.step_grid]}, sort_keys=True)
+                           "space": [self.solvers, self.step_grid],
+                           "guidance": getattr(self.pipe, "default_guidance_scale", None),
+                           "scheduler": scheduler_fingerprint(getattr(self.pipe, "scheduler", None)),
+                           "speed_ref": self.reference_steps}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _load(self) -> dict:
@@ -220,14 +225,17 @@ class Tuner:
     def references(self) -> None:
         """The converged quality reference's images and quality, and the speed reference's time."""
         if self.refs_path.is_file() and "reference" in self.state:
-            self.ref_images = torch.load(self.refs_path)
-            return
+            saved = torch.load(self.refs_path)
+            if isinstance(saved, dict) and saved.get("key") == self.key:  # this run's, not another's
+                self.ref_images = saved["images"]
+                return
         solver, steps = self.quality_solver
         self.say(f"quality reference: {solver} @{steps}")
         self.ref_images, _ = run_images(copy_shapes(self.pipe, solver), self.tune, steps)
         _, t_ref = run_images(copy_shapes(self.pipe, None), self.tune, self.reference_steps)
         q = quality(self.tune, self.ref_images, self.ref_images)
-        atomic_write(self.refs_path, lambda tmp: torch.save(self.ref_images, tmp))
+        saved = {"key": self.key, "images": self.ref_images}
+        atomic_write(self.refs_path, lambda tmp: torch.save(saved, tmp))
         self.state["reference"] = {"quality": q, "speed_s": t_ref, "name": f"{solver} @{steps}"}
         self._save()
 
@@ -272,11 +280,13 @@ class Tuner:
                 handle.disable()
         self.state["measured"][cand.name] = rec
         self.measured_now += 1
+        if getattr(self, "_search_t0", None) is not None:  # the time spent so far survives an interruption
+            self.state["search_s"] = time.perf_counter() - self._search_t0
         self._save()
         return rec
 
     def search(self) -> list[dict]:
-        t0 = time.perf_counter() - self.state.get("search_s", 0.0)
+        t0 = self._search_t0 = time.perf_counter() - self.state.get("search_s", 0.0)
         over = lambda: time.perf_counter() - t0 > 60 * self.minutes  # noqa: E731
         bar = tqdm(desc="tune", disable=not self.progress, unit="config", dynamic_ncols=True)
         found: dict[str, int] = {}
