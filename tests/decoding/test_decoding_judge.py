@@ -233,3 +233,21 @@ def test_task_wordings_check_and_tokenizer():
     assert len(sp["test"]) == 300 and not set(sp["test"]) & set(sp["val"])
     assert not any((q.template, q.a, q.b, q.c) in sp["held_out_keys"]
                    for q in task.train_problems(random.Random(1), 2000, sp["held_out_keys"]))
+
+
+def test_saving_an_lm_checkpoint_leaves_the_training_weights_in_float32(tmp_path):
+    """_save writes float16 weights without rounding the model being trained (it used to cast it to float16 and
+    back at every checkpoint), and the saved folder loads as those weights rounded once."""
+    import dataclasses
+
+    import torch
+
+    from hasten.decoding.train import DRAFT, _save, load_lm, make_model
+
+    cfg = dataclasses.replace(DRAFT, name="tiny", hidden_size=24, heads=2, intermediate=48)
+    model = make_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _save(model, cfg, tmp_path, [], 0.0, 0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    loaded = load_lm(tmp_path / "tiny").state_dict()
+    assert all(torch.equal(loaded[k], v.half().float()) for k, v in before.items())

@@ -185,3 +185,34 @@ def test_draft_stop_table_and_bad_settings():
     for bad in ({"min_rate": 0.0}, {"min_rate": 1.0}, {"min_seen": 0}, {"explore_every": 1}):
         with pytest.raises(HastenError):
             DraftStop(**bad)
+
+
+def test_a_compact_draft_runs_past_its_configured_positions():
+    """CompactLlama builds its rotary tables for the positions a call needs, past max_position_embeddings as
+    transformers' forward does: a long answer gives the same tokens with and without it (it used to raise)."""
+    target = llama(0)
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=32, initializer_range=0.3, eos_token_id=None,
+                      bos_token_id=None, pad_token_id=None)
+    draft = LlamaForCausalLM(cfg).eval()
+    x = prompt(0)
+    fast = generate(target, draft, x, 40, num_draft_tokens=3)
+    plain = generate(target, draft, x, 40, num_draft_tokens=3, compact_draft=False)
+    assert fast.sequences.shape[1] == x.shape[1] + 40 and torch.equal(fast.sequences, plain.sequences)
+
+
+def test_custom_generate_refuses_stopping_criteria_it_would_ignore():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from hasten.decoding import custom_generate
+
+    class AfterThree(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 9, dtype=torch.bool)
+
+    target, x = llama(0), prompt(0)
+    with pytest.raises(HastenError, match="AfterThree"):
+        target.generate(x, custom_generate=custom_generate, draft_model=llama(1, layers=1, hidden=16),
+                        max_new_tokens=20, stopping_criteria=StoppingCriteriaList([AfterThree()]),
+                        attention_mask=torch.ones_like(x), pad_token_id=0)

@@ -233,12 +233,15 @@ def run_benchmark(models, n_problems: int | None = None, judge_k: int | None = N
                sampling=True),
     ]
     inputs = [torch.tensor([encode(task.prompt_text(p))]) for p in problems]
+    warm = [torch.tensor([encode(task.prompt_text(sp["val"][0]))])]  # not a measured problem: DraftStop learns
     with torch.inference_mode():
-        run_interleaved(inputs[:1], methods)  # warm-up (allocator, kernels) outside the measurement
+        run_interleaved(warm, methods)  # warm-up (allocator, kernels) outside the measurement
         counters = (_Counter(t), _Counter(d))
-        recs = run_interleaved(inputs, methods, counters=counters, progress=progress)
-    for c in counters:
-        c.close()
+        try:
+            recs = run_interleaved(inputs, methods, counters=counters, progress=progress)
+        finally:  # the caller's models keep no hooks, whatever happens
+            for c in counters:
+                c.close()
     res = summarize(recs, problems)
     for m in methods:
         res[m.name].update(label=m.label, sampling=m.sampling)

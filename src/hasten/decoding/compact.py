@@ -70,7 +70,9 @@ class CompactLlama:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.max_length = min(int(max_length or cfg.max_position_embeddings), int(cfg.max_position_embeddings))
+        # not capped at max_position_embeddings: the rotary tables are static, so positions past it are exactly
+        # what transformers' forward computes there (it does not stop at the configured length either)
+        self.max_length = int(max_length or cfg.max_position_embeddings)
         self.embed = inner.embed_tokens.weight.detach()
         self.layers = []
         for layer in inner.layers:

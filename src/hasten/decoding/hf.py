@@ -18,7 +18,9 @@ its own assisted mode, whose candidate generator cannot express Judge Decoding's
 
 Supported: one sequence at a time (batch 1), greedy or sampling with ``temperature`` and ``top_k``.
 Settings this loop would silently ignore (``top_p`` < 1, ``min_p``, repetition penalties, beams,
-several return sequences, a padded attention mask, ...) are refused with one clear error.
+several return sequences, a padded attention mask, stopping criteria other than the length and EOS,
+...) are refused with one clear error. A ``streamer`` is not supported: transformers does not hand it
+to a custom loop, so it would see the prompt and never the end.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ __all__ = ["custom_generate"]
 
 # logits processors that generate() builds from settings our loop reproduces itself
 _HANDLED = {"TemperatureLogitsWarper", "TopKLogitsWarper"}
+# stopping criteria likewise (max_new_tokens / max_length and eos_token_id)
+_STOPS = {"MaxLengthCriteria", "EosTokenCriteria"}
 
 
 def custom_generate(model, input_ids: torch.Tensor, logits_processor=None, stopping_criteria=None,
@@ -60,6 +64,11 @@ def custom_generate(model, input_ids: torch.Tensor, logits_processor=None, stopp
     if extra:
         raise HastenError(f"generation settings that hasten's loop does not apply: {', '.join(extra)} "
                           "(supported: do_sample, temperature, top_k, max_new_tokens, eos_token_id)")
+    stops = sorted({type(c).__name__ for c in (stopping_criteria or [])} - _STOPS)
+    if stops:
+        raise HastenError(f"stopping criteria that hasten's loop does not apply: {', '.join(stops)} (max_time, "
+                          "stop_strings and custom stopping_criteria are not supported; max_new_tokens and "
+                          "eos_token_id are)")
     max_new = int(gc.max_length) - input_ids.shape[1]
     if gc.max_new_tokens is not None:
         max_new = min(max_new, int(gc.max_new_tokens))

@@ -96,7 +96,10 @@ class JudgeHead(nn.Module):
             raise HastenError(f"cannot read judge head {path}: {e}") from None
         if "hidden_size" not in header or "linear.weight" not in tensors:
             raise HastenError(f"{path} is not a hasten judge head (missing hidden_size or linear.weight)")
-        head = cls(int(header["hidden_size"]), float(header.get("threshold", "0.0")),
-                   json.loads(header.get("meta", "{}")))
-        head.load_state_dict({k: v.float() for k, v in tensors.items()})
+        try:
+            head = cls(int(header["hidden_size"]), float(header.get("threshold", "0.0")),
+                       json.loads(header.get("meta", "{}")))
+            head.load_state_dict({k: v.float() for k, v in tensors.items()})
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise HastenError(f"{path} is not a valid hasten judge head: {str(e).splitlines()[0]}") from None
         return head.eval()

@@ -163,8 +163,8 @@ def _save(model, cfg: LMConfig, out: Path, curve: list, secs: float, done: int, 
     model.eval()
     dest = out / cfg.name
     dest.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(dest, safe_serialization=True)
-    model.float()
+    half = {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()}  # the fp32 weights stay as they are
+    model.save_pretrained(dest, state_dict=half, safe_serialization=True)
     model.train(was_training)
     n_params = sum(p.numel() for p in model.parameters())
     log = {"config": asdict(cfg), "params": n_params, "steps_done": done, "train_seconds": round(secs, 1),
