@@ -665,3 +665,31 @@ def test_the_guidance_interval_baseline_installs_and_guides_only_inside_its_inte
             p.close()
         assert images.shape[0] == 2 and torch.isfinite(images).all()
     assert rows["cfg"] == 2 * 2 * 6 and 2 * 6 < rows["(0.2, 0.8)"] < rows["cfg"]
+
+
+@pytest.mark.parametrize("kind,params", [("faster-cache", {"skip_range": 2, "uncond_skip_range": 5}),
+                                         ("pyramid-attention-broadcast", {"skip_range": 2}),
+                                         ("taylorseer-cache", {"cache_interval": 2})])
+def test_diffusers_peers_run_on_the_shapes_pipeline(tiny_pipe, kind, params):
+    """The shapes bench's diffusers peer recipes run on a ShapesPipeline (FasterCache needs the pooled text split
+    with the guidance rows, which it lacked), and FasterCache really drops unconditional rows."""
+    from hasten.eval.bench_harness import Batch, run_interleaved
+    from hasten.eval.bench_shapes import EvalSet, peer_config
+
+    data = EvalSet(tiny_pipe, 2, seed=0)
+    rows = []
+    cfg = peer_config(tiny_pipe, data, kind, params, 12)
+    prepared_setup = cfg.setup
+
+    def setup():
+        prepared = prepared_setup()
+        block = prepared.transformer.transformer_blocks[0]  # inside the cache hooks: the rows really computed
+        block.register_forward_pre_hook(lambda m, a, kw: rows.append((a[0] if a else kw["hidden_states"]).shape[0]),
+                                        with_kwargs=True)
+        return prepared
+
+    cfg.setup = setup
+    m = run_interleaved([cfg], [Batch(torch.arange(2), 0)])[cfg.name]
+    assert m.error is None and len(m.images) == 1 and torch.isfinite(m.images[0]).all()
+    if kind == "faster-cache":
+        assert 2 in rows and 4 in rows  # some calls ran the conditional rows only
