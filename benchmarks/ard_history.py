@@ -41,6 +41,7 @@ import json
 from pathlib import Path
 
 import hasten
+from hasten.distill.trajectories import check_eval_noise
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
 from hasten.eval.shapes_eval import (
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument("--noise-seed", type=int, default=1, help="initial noise of the evaluation images (see "
+                    "ard_shapes.py); the 'other noise' row uses the next seed")
     args = ap.parse_args()
     students = []
     for item in args.student:
@@ -72,11 +75,13 @@ def main() -> None:
             ap.error(f"--student takes LABEL=MODEL, got {item!r}")
         students.append((label, model))
     teacher = hasten.load_pipeline("shapes")
-    data = EvalSet(teacher, args.samples, seed=0)
+    data = EvalSet(teacher, args.samples, seed=args.noise_seed)
     teacher_name, other_noise_name = "teacher: Euler 25, CFG", "teacher, other noise"
-    configs = [(teacher_name, teacher, 25, "shapes", data.noise), (other_noise_name, teacher, 25, "shapes",
-                                                                   initial_noise(teacher, args.samples, seed=1))]
+    configs = [(teacher_name, teacher, 25, "shapes", data.noise),
+               (other_noise_name, teacher, 25, "shapes",
+                initial_noise(teacher, args.samples, seed=args.noise_seed + 1))]
     configs += [(label, hasten.load_pipeline(model), 4, model, data.noise) for label, model in students]
+    check_eval_noise(args.noise_seed, [c[1] for c in configs[2:]])
     rows, per_image, psnrs = [], {}, {}
     for name, pipe, steps, model, noise in configs:
         images, secs = generate_images(pipe, data.prompts, steps, None, batch_size=args.batch_size, noise=noise)
@@ -103,7 +108,8 @@ def main() -> None:
     fidelity_pairs = {}
     for i, (b, _) in enumerate(students):
         for a, _ in students[:i]:
-            d = rounded_difference(paired_bootstrap(per_image[b], per_image[a], args.resamples, reference=to_teacher))
+            d = rounded_difference(paired_bootstrap(per_image[b], per_image[a], args.resamples,
+                                                    reference_features=per_image[teacher_name].features))
             db = bootstrap_mean(psnrs[b] - psnrs[a], args.resamples)
             fidelity_pairs[f"{b} minus {a}"] = {"fd_to_teacher": d["fd"], "fd_to_teacher_ci95": d["fd_ci95"],
                                                 "psnr_vs_teacher_db": db["mean"], "psnr_vs_teacher_db_ci95": db["ci95"]}

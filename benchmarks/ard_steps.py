@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import hasten
+from hasten.distill.trajectories import check_eval_noise
 from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
 from hasten.eval.shapes_eval import paired_bootstrap, rounded_difference, score_images
@@ -74,11 +75,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/ard_shapes/steps")
     ap.add_argument("--samples", type=int, default=400, help="the ARD bench's captions and noise (seed 0)")
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--noise-seed", type=int, default=1, help="initial noise (see ard_shapes.py)")
     args = ap.parse_args()
     teacher = hasten.load_pipeline("shapes")
     teacher.set_progress_bar_config(disable=True)
-    student = hasten.load_pipeline(args.ard).student
-    data = EvalSet(teacher, args.samples, seed=0)
+    ard = hasten.load_pipeline(args.ard)
+    check_eval_noise(args.noise_seed, [ard])
+    student = ard.student
+    data = EvalSet(teacher, args.samples, seed=args.noise_seed)
     teacher.scheduler.set_timesteps(TEACHER_STEPS)
     sigmas = teacher.scheduler.sigmas.float()
     kept = [int(torch.argmin((sigmas - s).abs())) for s in student.sigmas.tolist()]  # teacher step per kept point

@@ -393,3 +393,16 @@ def test_own_history_training_samples_the_student_and_init_starts_from_a_saved_s
                   progress=False, vae_hash="0" * 16)
     with pytest.raises(HastenError, match="must be in"):
         train_ard(pipe.transformer, data, tmp_path / "bad", ARDConfig(**base, own_history=1.5), progress=False)
+
+
+def test_evaluation_noise_must_not_be_a_training_trajectorys():
+    """Trajectory i starts from noise seed i, and evaluation image i from noise_seed * 1_000_003 + i: seed 0
+    reuses the students' training noise and is refused; seed 1 is past any trajectory count below 1,000,003."""
+    from types import SimpleNamespace
+
+    from hasten.distill.trajectories import check_eval_noise
+
+    students = [SimpleNamespace(student_config={"trajectories": 10000}), SimpleNamespace()]
+    with pytest.raises(HastenError, match="trained on"):
+        check_eval_noise(0, students)
+    check_eval_noise(1, students)

@@ -181,6 +181,30 @@ def test_paired_bootstrap_resolves_a_real_difference_and_not_a_null_one():
         paired_bootstrap(_per_image(good, ok_good), _per_image(good[:10], ok_good[:10]), reference=ref)
 
 
+
+def test_a_paired_reference_is_resampled_with_its_pair():
+    """FD to a teacher sampled on the same captions: the teacher's images are the third member of each pair, so
+    resampling them with the same indices (reference_features) narrows the interval of a difference, against
+    holding the teacher's statistics fixed, which treats them as an independent sample."""
+    from hasten.eval.shapes_eval import feature_stats
+
+    g = torch.Generator().manual_seed(1)
+    n, d = 600, 8
+    teacher = torch.randn(n, d, generator=g)
+    close = teacher + 0.3 * torch.randn(n, d, generator=g)  # two students that follow the teacher per image
+    closer = teacher + 0.25 * torch.randn(n, d, generator=g)
+    ok = np.ones(n, dtype=bool)
+    fixed = paired_bootstrap(_per_image(close, ok), _per_image(closer, ok), resamples=200,
+                             reference=feature_stats(teacher))
+    paired = paired_bootstrap(_per_image(close, ok), _per_image(closer, ok), resamples=200, reference_features=teacher)
+    assert paired["fd"] == pytest.approx(fixed["fd"], abs=1e-9)  # the same point estimate
+    width = lambda r: r["fd_ci95"][1] - r["fd_ci95"][0]  # noqa: E731
+    assert width(paired) < 0.7 * width(fixed)
+    with pytest.raises(ValueError, match="not both"):
+        paired_bootstrap(_per_image(close, ok), _per_image(closer, ok), reference=feature_stats(teacher),
+                         reference_features=teacher)
+
+
 def test_fd_to_a_teachers_samples_is_zero_for_its_own_features_and_grows_with_drift():
     g = torch.Generator().manual_seed(1)
     teacher = torch.randn(500, 8, generator=g)

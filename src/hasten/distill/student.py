@@ -139,6 +139,7 @@ def load_student(folder: str | Path, config_name: str, what: str,
     pipe = pipeline.from_student(student, base_pipe, guidance_scale=scale)
     pipe.name = folder.name
     pipe.model_dir = folder
+    pipe.student_config = cfg  # what it was distilled from and with (trajectories, steps, ...)
     return pipe
 
 

@@ -130,27 +130,37 @@ def score_images(scenes: list, images01: torch.Tensor, reference: torch.Tensor |
 
 
 def paired_bootstrap(a: PerImage, b: PerImage, resamples: int = 1000, seed: int = 0,
-                     reference: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                     reference: tuple[np.ndarray, np.ndarray] | None = None,
+                     reference_features: torch.Tensor | None = None) -> dict:
     """Differences a - b in FD-shapes and in adherence (points), with 95% percentile bootstrap intervals.
 
     ``a`` and ``b`` are two configurations on the same captions and the same initial noise, so the captions
     are resampled with replacement together (a paired bootstrap): the variance the two share (hard captions,
-    lucky noise) cancels in the difference. The FD reference (the 2000 rendered scenes, or ``reference``
-    statistics) is held fixed. A difference is resolved at this sample size when its interval excludes 0.
+    lucky noise) cancels in the difference. An independent FD reference (the rendered scenes, or
+    ``reference`` statistics) is held fixed. ``reference_features`` is a reference sampled on the same
+    captions and noise (a teacher's images, for the FD to the teacher): it is the third member of each pair
+    and is resampled with the same indices. A difference is resolved at this sample size when its interval
+    excludes 0.
     """
     n = len(a.satisfied)
     if len(b.satisfied) != n or a.features.shape != b.features.shape:
         raise ValueError(f"paired_bootstrap needs the same captions: {n} vs {len(b.satisfied)} images")
+    if reference is not None and reference_features is not None:
+        raise ValueError("give reference statistics or paired reference_features, not both")
+    if reference_features is not None and reference_features.shape != a.features.shape:
+        raise ValueError("reference_features must come from the same captions as a and b")
     fa, fb = a.features.double(), b.features.double()
+    fr = None if reference_features is None else reference_features.double()
 
-    def fd(f: torch.Tensor) -> float:
-        return fd_of_features(f, reference)
+    def fd(f: torch.Tensor, idx: torch.Tensor | None = None) -> float:
+        ref = reference if fr is None else _stats(fr if idx is None else fr[idx])
+        return fd_of_features(f, ref)
 
     rng = np.random.default_rng(seed)
     d_fd, d_adh = [], []
     for _ in range(resamples):
         idx = torch.from_numpy(rng.integers(0, n, n))
-        d_fd.append(fd(fa[idx]) - fd(fb[idx]))
+        d_fd.append(fd(fa[idx], idx) - fd(fb[idx], idx))
         d_adh.append(100 * (a.satisfied[idx].mean() - b.satisfied[idx].mean()))
     return {"fd": fd(fa) - fd(fb), "fd_ci95": np.percentile(d_fd, [2.5, 97.5]).tolist(),
             "adherence_points": 100 * (a.satisfied.mean() - b.satisfied.mean()),
