@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     fewer = [int(s) for s in a.fewer_steps.split(",") if s]
     compose = [int(s) for s in a.compose_steps.split(",") if s]
     only = {c for c in a.configs.split(",") if c}
+    if only and a.reps:
+        ap.error("--configs runs the quality pass only: add --reps 0")
     want_ss = not only or any(c.startswith("cache+ss") for c in only)
     compose_deltas = [float(d) for d in a.compose_deltas.split(",") if d]
 

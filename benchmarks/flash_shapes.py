@@ -89,9 +89,10 @@ def compare(rows: list[dict], per_image: dict, resamples: int) -> dict:
     summary = {}
     if rows[0]["family"] == "teacher":
         ref = rows[0]
-        summary = {"adherence_drop_points_3_steps": round(100 * (ref["adherence"] - three["adherence"]), 2),
+        drop = round(100 * (ref["adherence"] - three["adherence"]), 2)  # the flag is decided on the published figure
+        summary = {"adherence_drop_points_3_steps": drop,
                    "fd_increase_3_steps": round(three["fd_shapes"] / ref["fd_shapes"] - 1, 4),
-                   "target_adherence_within_5_points_met": 100 * (ref["adherence"] - three["adherence"]) <= 5,
+                   "target_adherence_within_5_points_met": drop <= 5,
                    "target_fd_within_25pct_met": three["fd_shapes"] <= 1.25 * ref["fd_shapes"],
                    "diversity_ratio_3_steps": round(three["diversity"] / ref["diversity"], 3),
                    "speedup_3_steps_sequential": round(ref["s_per_image"] / three["s_per_image"], 2)}
@@ -138,6 +139,8 @@ def main() -> None:
         if not folder:
             raise SystemExit(f"--ablation needs LABEL=FOLDER, got {item!r}")
         students.append((label, hasten.load_pipeline(folder)))
+    if args.noise_seed == 1:
+        raise SystemExit("--noise-seed 1 is the diversity pass's own noise: choose another")
     data = EvalSet(teacher, args.first_caption + args.samples, seed=args.noise_seed)
     k = args.first_caption
     data.scenes, data.prompts, data.noise = data.scenes[k:], data.prompts[k:], data.noise[k:]

@@ -55,9 +55,10 @@ def metrics_table(res: dict) -> str:
     for r in res["records"]:
         lines.append(f"| {r['name']} | {r['compute_share']:.3f} | {r[fd]:.3f} ({100 * (r[fd] / base[fd] - 1):+.0f}%) | "
                      f"{r[second]:.3f} ({100 * (r[second] - base[second]):+.1f}) | {r['speedup']:.2f}x |")
-    ok = [r for r in res["records"][1:] if r[fd] <= 1.05 * base[fd] and r[second] >= base[second] - 0.01]
+    tol = max(0.01, 1 / res["samples"]) + 1e-9 if "samples" in res else 0.01 + 1e-9  # as the bench's gate
+    ok = [r for r in res["records"][1:] if r[fd] <= 1.05 * base[fd] and r[second] >= base[second] - tol]
     best = min(ok, key=lambda r: r["compute_share"]) if ok else None
-    lines += ["", "Within 1 point of the base's " + second + " and 5% of its " + fd + ": " +
+    lines += ["", "Within 1 point (at least one sample) of the base's " + second + " and 5% of its " + fd + ": " +
               (f"down to {100 * best['compute_share']:.0f}% of the compute ({best['name']})." if best else
                "no FlexiDiT setting here (the fine-tune does not yet reach the quality gates).")]
     return "\n".join(lines)
