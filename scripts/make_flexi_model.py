@@ -126,7 +126,8 @@ python scripts/make_flexi_model.py --from-run {run} --name {args.name} --curve {
 - Loss (`loss_curve.png`): {points}, step {log['curve'][-1]['step']}: {log['curve'][-1]['loss']:.4f}.
 
 ## Metrics (from `{args.curve}`, {res['samples']} samples, {res['steps']} Euler steps, guidance
-{res['guidance_scale']}, {res['date'][:10]}, {res['machine'].get('cpu')} {res['machine'].get('cores')} cores)
+{res['guidance_scale']}, {res['date'][:10]}, {res['machine'].get('cpu')} {res['machine'].get('cores')} cores; compute
+shares count the LoRA adapters a coarse call runs)
 
 {metrics_table(res)}
 """
