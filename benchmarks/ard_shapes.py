@@ -52,6 +52,7 @@ from hasten.eval.shapes_eval import (
     score_images,
 )
 from hasten.io import atomic_write, write_json
+from hasten.plans import weights_hash
 
 
 def main() -> None:
@@ -136,6 +137,7 @@ def main() -> None:
                                                          "adherence": a["adherence"] > r["adherence"]} for r in cheap}
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "samples": args.samples, "ard": str(args.ard), "step_distill": str(args.step_distill),
+           "weights": weights_hash(ard.student),
            "layers_with_history": ard.student.layers_with_history, "kept_sigmas": ard.student.sigmas.tolist(),
            "guidance_scale": teacher.default_guidance_scale,
            "note": "quality: one run per configuration on the same held-out captions and noise; wall_s there is "

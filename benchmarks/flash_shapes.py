@@ -44,6 +44,7 @@ from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet, copy_shapes
 from hasten.eval.shapes_eval import generate_images, initial_noise, paired_bootstrap, rounded_difference, score_images
 from hasten.io import write_json
+from hasten.plans import weights_hash
 
 
 def recipe(pipe) -> dict:
@@ -189,7 +190,7 @@ def main() -> None:
     summary = compare(rows, per_image, args.resamples)
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
            "samples": args.samples, "first_caption": args.first_caption, "noise_seed": args.noise_seed,
-           "diversity_samples": nd, "flash": str(args.flash),
+           "diversity_samples": nd, "flash": str(args.flash), "weights": weights_hash(students[0][1].student),
            "guidance_scale": teacher.default_guidance_scale,
            "noise_correction": "identity for the velocity-prediction shapes model (tested bitwise): no separate row",
            "note": "one run per configuration on the same held-out captions and noise; wall times sequential",

@@ -24,6 +24,7 @@ from hasten.eval.bench import machine_info
 from hasten.eval.bench_shapes import EvalSet
 from hasten.eval.shapes_eval import generate_images, score_images
 from hasten.io import atomic_write, write_json
+from hasten.plans import weights_hash
 
 SHARES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25)
 
@@ -74,7 +75,8 @@ def main() -> None:
                         weak_calls=rep["weak_calls"], weak_guide_calls=rep["weak_guide_calls"],
                         image_tokens_per_call=rep["image_tokens_per_call"]))
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-           "flexi": str(args.flexi), "samples": args.samples, "steps": args.steps, "solver": "euler",
+           "flexi": str(args.flexi), "weights": weights_hash(flex.transformer), "samples": args.samples,
+           "steps": args.steps, "solver": "euler",
            "guidance_scale": base.default_guidance_scale, "weak_mode_share": round(floor, 4),
            "below_the_floor": [c for c in SHARES if c <= floor],
            "note": "one run per configuration, sequential in one process: wall times are indicative; "

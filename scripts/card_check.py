@@ -66,6 +66,19 @@ def ship_run(run: Path, name: str, config_file: str) -> ShippedRun:
     return ShippedRun(dest, shipped, cfg, log, share)
 
 
+def check_bench_weights(res: dict, module: torch.nn.Module, bench: Path) -> None:
+    """Refuse a bench file measured on other weights than ``module`` (its ``weights`` fingerprint,
+    :func:`hasten.plans.weights_hash`), so a card never quotes another model's figures; a file written before
+    benches recorded the fingerprint is used with a warning."""
+    from hasten.plans import weights_hash
+
+    have = res.get("weights")
+    if have is None:
+        print(f"warning: {bench} records no weights fingerprint; its figures cannot be checked against these weights")
+    elif have != weights_hash(module):
+        raise SystemExit(f"{bench} measured other weights than the ones shipped here: re-run it on them")
+
+
 def write_check(pipe: Any) -> list[dict]:
     """Evaluate the shipped student ``pipe`` at each of its step counts; write its folder's check metrics and
     the card's "Check" section."""

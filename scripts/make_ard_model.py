@@ -25,7 +25,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from card_check import ship_run, write_check  # scripts/ is on sys.path when this script runs
+from card_check import check_bench_weights, ship_run, write_check  # scripts/ is on sys.path when this script runs
 from make_default_model import plot_loss
 
 from hasten.io import atomic_write
@@ -60,6 +60,7 @@ def main() -> None:
     man = json.loads((args.data / "trajectories.json").read_text())
     plot_loss(log["curve"], dest / "loss_curve.png", "mean of the 4 per-step MSEs", f"{NAME}: ARD training")
     res = json.loads(args.bench.read_text())
+    check_bench_weights(res, shipped.pipe.student, args.bench)
     size = shipped.size_mb
     points = shipped.loss_points(5)
     tc = log["config"]

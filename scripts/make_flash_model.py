@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from card_check import ship_run, write_check  # scripts/ is on sys.path when this script runs
+from card_check import check_bench_weights, ship_run, write_check  # scripts/ is on sys.path when this script runs
 from make_default_model import plot_loss
 
 from hasten.distill.flash import CAPTION_SEED0
@@ -67,6 +67,9 @@ def main() -> None:
     tc = log["config"]
     plot_loss(log["curve"], dest / "loss_curve.png", "distillation MSE", f"{NAME}: Imagine Flash training")
     res = json.loads(args.bench.read_text())
+    if res.get("head_to_head"):
+        raise SystemExit(f"{args.bench} is a --head-to-head run (no teacher rows): give the full bench's results")
+    check_bench_weights(res, shipped.pipe.student, args.bench)
     s = res["summary"]
     size = shipped.size_mb
     points = shipped.loss_points(4)

@@ -82,6 +82,9 @@ def main() -> None:
     plot_loss(log["curve"], dest / "loss_curve.png", "distillation loss" if cfg["variant"] == "lora" else
               "flow-matching loss", f"{args.name}: {cfg['variant']} fine-tune")
     res = json.loads(args.curve.read_text())
+    from card_check import check_bench_weights  # here: card_check imports this module
+
+    check_bench_weights(res, pipe.transformer, args.curve)
     b_s = base_seconds(base)
     share = f"{log['seconds'] / 60:.1f} min wall on the 2-core machine" + (
         f", {100 * log['seconds'] / b_s:.1f}% of the base model's {b_s / 60:.0f} min" if b_s else "")
