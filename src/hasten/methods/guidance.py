@@ -262,7 +262,6 @@ class NormalEquations:
         because ``gelsd`` is a CPU driver."""
         if self.rows == 0:
             raise HastenError("no calibration data was recorded for a regressed step")
-        self.yty, self.ysum = float(self.yty), float(self.ysum)
         xtx, xty = self.xtx.cpu(), self.xty.cpu()
         return torch.linalg.lstsq(xtx, xty.unsqueeze(1), driver="gelsd").solution.squeeze(1)
 
