@@ -325,6 +325,22 @@ def test_guidance_suite_calibrates_ag_and_linear_ag_at_the_requested_guidance(tm
         assert plan["guidance_scale"] == 3.0 and plan["calibration"]["min_psnr_db"] == 35.0
     with pytest.raises(HastenError, match="unknown suite"):
         run_bench("tiny", tmp_path, pipe=pipe, suite="fast")
+    with pytest.raises(HastenError, match="overlap the calibration seeds"):  # scored on its own calibration
+        run_bench("tiny", tmp_path, pipe=pipe, seed=999, samples=20, batch_size=10, suite="guidance")
+
+
+def test_faster_cache_splits_the_batch_only_under_guidance():
+    """FasterCache drops the unconditional half of a [uncond; cond] batch; without CFG the batch is all
+    conditional rows, so the config must not split it (it computed half of the samples at --cfg 1)."""
+    from hasten.eval.bench_peers import DiffusersCacheContext, _diffusers_hook_config
+
+    ctx = DiffusersCacheContext(tiny_pipeline().transformer)
+    try:
+        guided = _diffusers_hook_config("faster-cache", {"guided": True}, ctx)
+        plain = _diffusers_hook_config("faster-cache", {"guided": False}, ctx)
+    finally:
+        ctx.remove()
+    assert guided.is_guidance_distilled is False and plain.is_guidance_distilled is True
 
 
 def test_interval_suite_runs_guidance_in_limited_intervals(tmp_path):

@@ -57,6 +57,7 @@ SOLVER, SCHEDULE = "euler", "linear"
 CALIBRATION_SEEDS = (1000, 1001)  # Block Caching plans: 2 seeds x every class
 LINEAR_AG_SEEDS = tuple(range(2000, 2024))  # LinearAG: 20 fitting seeds (x 10 classes = 200) + 4 held out
 AG_SEEDS = (3000, 3001, 3002, 3003)  # AG threshold search (calibration conditions x 4 seeds)
+MAG_CALIBRATION_SEED = 12345  # MagCache's calibration batch (bench_peers.calibrate_mag_ratios' default)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class HastenAssets:
         self.pipe = pipe
         self.folder = folder
         self.copier = copier
-        self._plans: dict[tuple[str, int], Path] = {}
+        self._plans: dict[tuple[str, int, str | None], Path | Exception] = {}  # a failure is kept: not retried
 
     def plan(self, method: str, steps: int, solver: str | None = None) -> Path:
         """The plan for ``method`` at ``steps``; ``solver`` (a diffusers pipeline's stock scheduler, see
@@ -116,8 +117,14 @@ class HastenAssets:
         a plan is only valid for the scheduler it was made with."""
         key = (method, steps, solver)
         if key not in self._plans:
-            self._plans[key] = self._make(method, steps, solver)
-        return self._plans[key]
+            try:
+                self._plans[key] = self._make(method, steps, solver)
+            except Exception as e:  # noqa: BLE001 - every configuration needing this plan fails with it, once
+                self._plans[key] = e
+        made = self._plans[key]
+        if isinstance(made, Exception):
+            raise made
+        return made
 
     def _make(self, method: str, steps: int, solver: str | None) -> Path:
         try:
@@ -628,6 +635,11 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         configs = list(configs)
         batches = make_batches(n, bs, seed, pipe.num_classes)
         warm = make_batches(budget.warmup_samples, budget.warmup_samples, seed + 10_000, pipe.num_classes)[0]
+        used = {b.seed for b in batches} | {warm.seed}
+        reserved = {*CALIBRATION_SEEDS, *LINEAR_AG_SEEDS, *AG_SEEDS, MAG_CALIBRATION_SEED}
+        if used & reserved:  # the plans would be scored on the very samples they were calibrated on
+            raise HastenError(f"--seed {seed}: the batches' seeds ({min(used)}..{max(used)}) overlap the calibration "
+                              f"seeds {sorted(used & reserved)}; choose another --seed")
     measured = run_interleaved(configs, batches, warmup=warm, timer=timer, rss=RssSampler(), progress=say)
     if quality_ref is not None:  # reuses the images of the two references the interleaved runs made
         say("convergence check of the quality reference")

@@ -126,7 +126,8 @@ def _diffusers_hook_config(kind: str, params: dict, ctx: DiffusersCacheContext) 
             unconditional_batch_skip_range=int(params.get("uncond_skip_range", 5)),
             current_timestep_callback=ctx.current_timestep,
             attention_weight_callback=lambda _: float(params.get("attention_weight", 0.3)),
-            tensor_format="BCHW", is_guidance_distilled=False)
+            # without CFG the batch is B conditional rows, not [uncond; cond]: nothing to split
+            tensor_format="BCHW", is_guidance_distilled=not params.get("guided", True))
         cfg._unconditional_conditional_input_kwargs_identifiers = [
             *cfg._unconditional_conditional_input_kwargs_identifiers, "class_labels"]
         return cfg
@@ -153,6 +154,7 @@ def install_diffusers_hook(pipe: HastenPipeline, kind: str, params: dict) -> Dif
         if kind == "mag-cache" and "mag_ratios" not in params:
             params = {**params, "mag_ratios": calibrate_mag_ratios(pipe, int(params["steps"]),
                                                                    params.get("calibration", {}))}
+        params = {**params, "guided": float(getattr(pipe, "default_guidance_scale", 2.0)) > 1.0}
         config = _diffusers_hook_config(kind, params, ctx)
         getattr(H, _APPLY[kind])(pipe.transformer, config)
     except BaseException:

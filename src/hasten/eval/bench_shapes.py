@@ -184,7 +184,7 @@ def peer_config(pipe, data: EvalSet, kind: str, params: dict, steps: int, solver
                                       unconditional_batch_skip_range=int(params.get("uncond_skip_range", 5)),
                                       current_timestep_callback=lambda: now[0],
                                       attention_weight_callback=lambda _: 0.3, tensor_format="BCHW",
-                                      is_guidance_distilled=False)
+                                      is_guidance_distilled=own.default_guidance_scale <= 1.0)  # no CFG: no split
             # ShapesPipeline batches the pooled text with the guidance rows: split it with them (diffusers' list
             # names the SD3 pipeline's own keywords only)
             cfg._unconditional_conditional_input_kwargs_identifiers = [

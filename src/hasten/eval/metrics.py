@@ -56,6 +56,8 @@ def _gaussian_fd(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarra
 def _stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     if feats.shape[0] < 2:
         raise HastenError(f"a Frechet distance needs at least 2 images per set, got {feats.shape[0]}")
+    if not torch.isfinite(feats).all():
+        raise HastenError("the images hold NaN or infinite values: they cannot be scored")
     f = feats.double().numpy()
     return f.mean(0), np.cov(f, rowvar=False)
 
