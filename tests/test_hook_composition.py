@@ -115,3 +115,34 @@ def test_install_and_remove_in_any_order(model, kind, order):
         assert h.report()["methods"]["block-cache"]["reused"] == [b + 4 for b in before]
         h.disable()
     assert torch.equal(sample(model), ref)
+
+
+def test_compile_then_a_diffusers_hook_removed_first_still_restores_the_model():
+    """h.compile() compiles below hasten's block hooks; when enable_cache (installed first) is removed before
+    h.disable(), diffusers relinks hasten's hook, and disable() must not put the removed hook's chain back."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                              out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, cross_attn_norm=True,
+                              qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+    def sample():
+        g = torch.Generator().manual_seed(0)
+        x, enc = torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+        with torch.no_grad():
+            for k in range(4):
+                with m.cache_context("cond"):
+                    x = x - m(x, timestep=torch.full((2,), 1000.0 * (1 - k / 4)), encoder_hidden_states=enc,
+                              return_dict=False)[0] / 4
+        return x
+
+    ref = sample()
+    m.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    h = hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False, True, False]] * 3))
+    h.compile(backend="eager")
+    sample()
+    m.disable_cache()
+    h.disable()
+    assert torch.equal(sample(), ref)  # raised "No cache context is set" from the removed hook before

@@ -200,3 +200,16 @@ def test_guidance_methods_refuse_a_second_expert(wan):
             hasten.accelerate(two, method)
     hasten.accelerate(two, hasten.BlockCache(schedule=[[True] * STEPS] * 2)).disable()  # the first expert's blocks
     assert getattr(pipe, "transformer_2", None) is None  # the fixture's pipeline is untouched
+
+
+def test_a_deep_copy_of_the_watched_scheduler_sets_its_own_timesteps(wan):
+    """LTX-2 deep-copies its scheduler for the audio latents: the copy's set_timesteps must be its own, not the
+    watched original's (which a closure over the bound method would be)."""
+    import copy
+
+    pipe, _ = wan
+    with hasten.accelerate(pipe, hasten.BlockCache(schedule=[[True] * STEPS] * 2)):
+        pipe.scheduler.set_timesteps(7)
+        clone = copy.deepcopy(pipe.scheduler)
+        clone.set_timesteps(3)
+        assert len(clone.timesteps) == 3 and len(pipe.scheduler.timesteps) == 7

@@ -119,6 +119,25 @@ def run_guidance_scale(pipeline: Any) -> float | None:
     return None
 
 
+class _WatchedSetTimesteps:
+    """A scheduler's ``set_timesteps`` that first starts a run on the handle and reads its guidance scale. A
+    callable object, not a closure, so that a deep copy of the scheduler (LTX-2 copies its scheduler for the
+    audio latents) gets its own plain method back instead of one that sets the original's timesteps."""
+
+    def __init__(self, handle: Any, sched: Any):
+        self.handle, self.sched, self.orig = handle, sched, sched.set_timesteps
+        functools.update_wrapper(self, self.orig)  # diffusers' retrieve_timesteps reads its signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.handle.reset()
+        self.handle.guidance_scale = run_guidance_scale(self.handle.pipeline)
+        return self.orig(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        copy_of_sched = memo.get(id(self.sched))
+        return self if copy_of_sched is None else type(copy_of_sched).set_timesteps.__get__(copy_of_sched)
+
+
 def _arg_position(fn: Callable, name: str) -> int | None:
     """Positional index of parameter ``name`` of ``fn`` (without ``self``), or None."""
     try:
@@ -418,8 +437,14 @@ class Handle:
                 names = [n for n in registry._hook_order if n.startswith(HOOK_NAME)]
             ref = registry.hooks[names[0]].fn_ref  # the innermost hasten hook
             eager = ref.original_forward
-            ref.original_forward = torch.compile(eager, **compile_kwargs)
-            self._undo.append(lambda ref=ref, eager=eager: setattr(ref, "original_forward", eager))
+            compiled = torch.compile(eager, **compile_kwargs)
+            ref.original_forward = compiled
+
+            def undo(ref=ref, eager=eager, compiled=compiled) -> None:
+                if ref.original_forward is compiled:  # else a hook below was removed and diffusers relinked since
+                    ref.original_forward = eager
+
+            self._undo.append(undo)
         return self
 
     # ------------------------------------------------------------------ install / undo
@@ -430,7 +455,10 @@ class Handle:
             raise HastenError("this model is already accelerated by another handle: "
                               "call disable() on that handle first")
         self._enabled = True
-        cls_forward = functools.partial(type(tr).forward, tr)  # the class's signature, not a wrapper's
+        from .adapters.diffusers import unwrap
+
+        inner = unwrap(tr)  # a torch.compile or PEFT wrapper's forward is (*args, **kwargs)
+        cls_forward = functools.partial(type(inner).forward, inner)  # the class's signature, not a wrapper's
         self._ts_pos = _arg_position(cls_forward, "timestep")
         self._hs_pos = _arg_position(cls_forward, "hidden_states")
         if self._hs_pos is None:
@@ -458,15 +486,7 @@ class Handle:
         sched = getattr(self.pipeline, "scheduler", None)
         if not hasattr(sched, "set_timesteps"):
             return
-        orig_st = sched.set_timesteps
-
-        @functools.wraps(orig_st)  # diffusers' retrieve_timesteps reads its signature (sigmas=, timesteps=)
-        def set_timesteps(*a, **k):
-            self.reset()
-            self.guidance_scale = run_guidance_scale(self.pipeline)
-            return orig_st(*a, **k)
-
-        self.set_attr(sched, "set_timesteps", set_timesteps)
+        self.set_attr(sched, "set_timesteps", _WatchedSetTimesteps(self, sched))
 
     def disable(self) -> None:
         """Undo every change, newest first: the target computes exactly as before ``accelerate``."""
