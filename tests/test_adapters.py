@@ -286,3 +286,20 @@ def test_blockspec_for_tuple_blocks():
 def test_non_model_target_is_an_error():
     with pytest.raises(hasten.HastenError, match="cannot accelerate"):
         hasten.accelerate(object(), hasten.BlockCache(schedule=[[True]]))
+
+
+def test_registry_metadata_naming_a_missing_argument_is_refused():
+    """diffusers registers ZImage's block with the default argument name hidden_states, but its forward takes x:
+    caching it would cache None. Discovery refuses it with the way out (explicit blocks=)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from hasten.adapters import BlockSpec
+
+    torch.manual_seed(0)
+    m = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
+                                 n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                 axes_lens=[64, 32, 32]).eval()
+    with pytest.raises(hasten.HastenError, match="names the argument 'hidden_states'.*pass blocks explicitly"):
+        hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * 4))
+    specs = [BlockSpec(b, f"layers.{i}", ("x",)) for i, b in enumerate(m.layers)]
+    hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * len(specs)), blocks=specs).disable()

@@ -72,6 +72,14 @@ def arg_positions(module: nn.Module, names: Sequence[str | None]) -> list[int | 
     return [params.index(n) if n in params else None for n in names]
 
 
+def _takes(module: nn.Module, name: str) -> bool:
+    """Whether the block class's forward takes an argument ``name`` (or any keyword: ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(type(module).forward).parameters.values()
+    return any(p.name == name or p.kind == p.VAR_KEYWORD for p in params)
+
+
 def _first_param(module: nn.Module) -> str:
     import inspect
 
@@ -134,6 +142,11 @@ def _from_registry(model: nn.Module) -> list[BlockSpec]:
         outs = [_registered_outputs(b) for b in child]
         if any(o is None for o in outs):
             continue
+        for b, o in zip(child, outs, strict=True):  # diffusers' metadata can name an argument the block lacks
+            missing = [n for n in o if n is not None and not _takes(b, n)]
+            if missing:
+                raise HastenError(f"diffusers' block metadata for {type(b).__name__} names the argument "
+                                  f"{missing[0]!r}, which its forward does not take; {HOW}")
         specs += [BlockSpec(b, f"{attr}.{j}", o) for j, (b, o) in enumerate(zip(child, outs, strict=True))]
     return specs
 
