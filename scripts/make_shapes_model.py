@@ -97,7 +97,7 @@ def main() -> None:
     metrics["guidance_sweep"] = {"samples": args.sweep_samples, "captions": f"seeds {VALIDATION_SEED0}+i",
                                  "rows": sweep, "chosen": best["guidance_scale"]}
 
-    # -- the figures on 1000 held-out captions
+    # -- the figures on the held-out captions (--samples, 1000 by default)
     shipped = evaluate_shapes(pipe, samples=args.samples, steps=args.steps, seed=0)
     print("shipped", {k: shipped[k] for k in ("adherence", "fd_shapes", "fd_real_vs_real")}, flush=True)
     no_cfg = evaluate_shapes(pipe, samples=args.samples, steps=args.steps, guidance_scale=1.0, seed=0,
@@ -193,7 +193,7 @@ evaluation captions: held-out seeds 50,000,000 + i.
   {tc['ema_decay']}, grad clip 1.0, bf16 autocast on CPU, seed {tc['seed']}; {log['train_seconds'] / 60:.0f} min on
   2 CPU cores. Loss curve: `loss_curve.png`.
 
-## Metrics (`metrics.json`; {m['steps']} Euler steps, 1000 held-out captions, seed 0)
+## Metrics (`metrics.json`; {m['steps']} Euler steps, {sh['samples']} held-out captions, seed 0)
 Guidance chosen on {m['guidance_sweep']['samples']} validation captions (disjoint from the evaluation set):
 
 | guidance | adherence | FD-shapes |
@@ -201,7 +201,7 @@ Guidance chosen on {m['guidance_sweep']['samples']} validation captions (disjoin
 {sweep}
 
 Shipped guidance **{sh['guidance_scale']:g}**: adherence **{sh['adherence']:.3f}**, FD-shapes
-**{sh['fd_shapes']:.3f}** (real-vs-real at 1000: {sh['fd_real_vs_real']:.3f}). Guidance 1 (no guidance):
+**{sh['fd_shapes']:.3f}** (real-vs-real at {sh['samples']}: {sh['fd_real_vs_real']:.3f}). Guidance 1 (no guidance):
 adherence {g1['adherence']:.3f}, FD-shapes {g1['fd_shapes']:.3f}, i.e.
 {m['adherence_drop_at_guidance_1_points']:.1f} points lower.
 
