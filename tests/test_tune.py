@@ -168,3 +168,32 @@ def test_the_resume_key_covers_guidance_scheduler_and_speed_reference(tiny_pipe,
     shifted.scheduler = type(shifted.scheduler).from_config(shifted.scheduler.config, shift=3.0)
     assert len({base, key(other), key(shifted), key(tiny_pipe, reference_steps=28)}) == 4
     assert key(copy.deepcopy(tiny_pipe)) == base
+
+
+def test_run_confirms_the_fastest_passing_candidates_in_turn_and_says_when_all_miss(tiny_pipe, tmp_path, monkeypatch):
+    """run(): candidates that met the budget on the tuning prompts are confirmed fastest first; one that misses
+    on the held-out prompts is passed over for the next, and when every confirmation misses the error names the
+    best held-out one. Failing candidates are never confirmed."""
+    tune_set, confirm_set = file_sets(PROMPTS)
+    t = Tuner(tiny_pipe, tune_set, confirm_set, QualityBudget(36.0), tmp_path / "p.json", 30, progress=False,
+              **SMALL)
+    q = {"psnr": 40.0, "adherence": 0.5, "fd_shapes": 10.0}
+    recs = [{"solver": "euler", "steps": s, "ag": None, "bc": None, "flexi": None, "meets": ok, "speedup": sp,
+             "quality": q} for s, ok, sp in ((2, True, 5.0), (3, False, 9.0), (4, True, 3.0), (6, True, 2.0))]
+    monkeypatch.setattr(t, "references", lambda: None)
+    monkeypatch.setattr(t, "search", lambda: recs)
+    confirmed, held_out_ok = [], {2: False, 4: True, 6: True}
+
+    def confirm_one(rec):
+        confirmed.append(rec["steps"])
+        return {"candidate": f"euler @{rec['steps']}", "meets": held_out_ok[rec["steps"]],
+                "quality": {**q, "psnr": 30.0 + rec["steps"]}, "reference_quality": q}
+
+    monkeypatch.setattr(t, "confirm_one", confirm_one)
+    monkeypatch.setattr(t, "write", lambda rec, conf, tried: {"picked": rec["steps"], "tried": len(tried)})
+    assert t.run() == {"picked": 4, "tried": 2} and confirmed == [2, 4]  # 3 steps failed on the tuning prompts
+    held_out_ok.update({4: False, 6: False})
+    confirmed.clear()
+    with pytest.raises(HastenError, match=r"the 3 fastest .*best held-out: euler @6, PSNR 36.0 dB"):
+        t.run()
+    assert confirmed == [2, 4, 6]
