@@ -303,3 +303,28 @@ def test_registry_metadata_naming_a_missing_argument_is_refused():
         hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * 4))
     specs = [BlockSpec(b, f"layers.{i}", ("x",)) for i, b in enumerate(m.layers)]
     hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False]] * len(specs)), blocks=specs).disable()
+
+
+def test_bria_blocks_come_from_the_override_table_and_cache():
+    """diffusers registers Bria's joint block with one output (it returns two) and not its single-stream blocks:
+    hasten's override table gives both lists with their two streams; call 0 is exact and later calls reuse."""
+    from diffusers import BriaTransformer2DModel
+
+    from hasten.adapters import discover_blocks
+
+    torch.manual_seed(0)
+    m = BriaTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[2, 2, 4]).eval()
+    specs = discover_blocks(m)
+    assert [(s.name, s.outputs) for s in specs] == [
+        (n, ("encoder_hidden_states", "hidden_states"))
+        for n in ("transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1")]
+    g = torch.Generator().manual_seed(0)
+    x, enc = torch.randn(2, 16, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    kw = dict(encoder_hidden_states=enc, img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), return_dict=False)
+    with torch.no_grad():
+        ref = m(x, timestep=torch.full((2,), 900.0), **kw)[0]
+        with hasten.accelerate(m, hasten.BlockCache(schedule=[[True, False, False]] * 3)) as h:
+            out = [m(x, timestep=torch.full((2,), t), **kw)[0] for t in (900.0, 600.0, 300.0)]
+            reused = h.report()["methods"]["block-cache"]["reused"]
+    assert torch.equal(out[0], ref) and reused == [2, 2, 2] and all(torch.isfinite(o).all() for o in out)

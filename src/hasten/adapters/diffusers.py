@@ -52,6 +52,14 @@ class BlockSpec:
 
 
 HS = ("hidden_states",)
+EH = ("encoder_hidden_states", "hidden_states")  # blocks returning (text stream, image stream)
+
+# Models whose blocks diffusers' registry describes wrongly, checked before it: class name -> (ModuleList
+# attribute, outputs). Bria's joint block returns both streams but is registered with one, and its single-stream
+# blocks are not registered (without this, Block Caching subtracted a tensor from a tuple).
+OVERRIDES: dict[str, list[tuple[str, tuple[str | None, ...]]]] = {
+    "BriaTransformer2DModel": [("transformer_blocks", EH), ("single_transformer_blocks", EH)],
+}
 
 # Fallback for models whose blocks diffusers' registry lacks: class name -> (ModuleList attribute, outputs)
 FAMILIES: dict[str, list[tuple[str, tuple[str | None, ...]]]] = {
@@ -159,14 +167,14 @@ def discover_blocks(model: nn.Module, explicit: Sequence | None = None) -> list[
         if not specs:
             raise HastenError(f"the explicit block list is empty; {HOW}")
         return specs
-    specs = _from_registry(model)
-    if specs:
-        return specs
-    # The class or its nearest known base in the fallback table.
-    family = next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
-    if family is None:
+    specs = _from_table(model, OVERRIDES) or _from_registry(model) or _from_table(model, FAMILIES)
+    if not specs:
         raise HastenError(f"hasten does not know the blocks of {type(model).__name__}; {HOW}")
-    for attr, outputs in family:
-        for j, module in enumerate(getattr(model, attr)):
-            specs.append(BlockSpec(module, f"{attr}.{j}", outputs))
     return specs
+
+
+def _from_table(model: nn.Module, table: dict) -> list[BlockSpec]:
+    """The blocks a table gives for the model's class or its nearest base in it (none: an empty list)."""
+    family = next((table[c.__name__] for c in type(model).__mro__ if c.__name__ in table), None)
+    return [BlockSpec(module, f"{attr}.{j}", outputs) for attr, outputs in family or []
+            for j, module in enumerate(getattr(model, attr))]
