@@ -22,6 +22,7 @@ import torch
 from make_default_model import plot_loss  # scripts/ is on sys.path when this script runs
 
 import hasten
+from hasten.eval.bench_results import adherence_tolerance
 from hasten.io import atomic_write
 from hasten.pipeline import MODELS_DIR
 
@@ -55,7 +56,7 @@ def metrics_table(res: dict) -> str:
     for r in res["records"]:
         lines.append(f"| {r['name']} | {r['compute_share']:.3f} | {r[fd]:.3f} ({100 * (r[fd] / base[fd] - 1):+.0f}%) | "
                      f"{r[second]:.3f} ({100 * (r[second] - base[second]):+.1f}) | {r['speedup']:.2f}x |")
-    tol = max(0.01, 1 / res["samples"]) + 1e-9 if "samples" in res else 0.01 + 1e-9  # as the bench's gate
+    tol = adherence_tolerance(res.get("samples"))  # the bench's gate
     ok = [r for r in res["records"][1:] if r[fd] <= 1.05 * base[fd] and r[second] >= base[second] - tol]
     best = min(ok, key=lambda r: r["compute_share"]) if ok else None
     lines += ["", "Within 1 point (at least one sample) of the base's " + second + " and 5% of its " + fd + ": " +

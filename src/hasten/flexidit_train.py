@@ -85,16 +85,17 @@ def add_lora(transformer: Any, p: int, rank: int, targets: str = "image") -> Non
     transformer.disable_adapters()
 
 
-def trainable_parameters(transformer: Any) -> list[torch.nn.Parameter]:
-    """LoRA variant: LoRA weights and the parameters flexify added, everything else frozen. Shared
-    variant (``transformer.flex_variant == "shared"``): every parameter."""
+def tuned_parameters(transformer: Any) -> list[torch.nn.Parameter]:
+    """What the fine-tune trains (and ships): LoRA variant, the LoRA weights and the parameters flexify added;
+    shared variant (``transformer.flex_variant == "shared"``), every parameter. Flags untouched."""
     if getattr(transformer, "flex_variant", "lora") == "shared":
-        params = list(transformer.parameters())
-        for q in params:
-            q.requires_grad_(True)
-        return params
-    params = flexi_parameters(transformer)
-    params += [q for n, q in transformer.named_parameters() if "lora_" in n]
+        return list(transformer.parameters())
+    return flexi_parameters(transformer) + [q for n, q in transformer.named_parameters() if "lora_" in n]
+
+
+def trainable_parameters(transformer: Any) -> list[torch.nn.Parameter]:
+    """:func:`tuned_parameters`, with ``requires_grad`` on for them and off for everything else."""
+    params = tuned_parameters(transformer)
     keep = {id(q) for q in params}
     for q in transformer.parameters():
         q.requires_grad_(id(q) in keep)
@@ -228,9 +229,7 @@ def save_flexi(pipe: Any, folder: str | Path, base: str, extra: dict | None = No
     folder.mkdir(parents=True, exist_ok=True)
     tr = pipe.transformer
     names = {id(q): k for k, q in tr.named_parameters()}
-    kept = list(tr.parameters()) if getattr(tr, "flex_variant", "lora") == "shared" else \
-        flexi_parameters(tr) + [q for n, q in tr.named_parameters() if "lora_" in n]  # as trained; flags untouched
-    tensors = {names[id(q)]: q.detach().contiguous() for q in kept}
+    tensors = {names[id(q)]: q.detach().contiguous() for q in tuned_parameters(tr)}  # flags untouched
     atomic_write(folder / FLEXI_WEIGHTS, lambda tmp: save_file(tensors, tmp))
     lora = {str(p): n for p, n in (getattr(tr, "flex_lora", None) or {}).items()}
     cfg = {"base": base, "variant": getattr(tr, "flex_variant", "lora"), "patch_sizes": list(tr.flex_patch_sizes),

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.shapes import HELD_OUT_SEED0, render, sample_scene, scenes, to_model_space
+from .data.shapes import HELD_OUT_SEED0, TRAIN_SEED_RANGE, render, sample_scene, scenes, to_model_space
 from .errors import HastenError
 from .io import write_json
 
@@ -126,10 +126,15 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 def scene_batch(step: int, batch: int, seed: int) -> tuple[list, np.ndarray]:
     """Training scenes for one step: seeds (seed % 5) * 10^7 + step * batch + i (the seed ranges of
     :mod:`hasten.data.shapes`; never the held-out ones)."""
-    base = (seed % 5) * 10_000_000 + step * batch
-    if step * batch + batch > 10_000_000:
-        raise HastenError("too many training scenes for the seed's range of 10,000,000")
+    if step * batch + batch > TRAIN_SEED_RANGE:
+        raise HastenError(f"too many training scenes for the seed's range of {TRAIN_SEED_RANGE:,}")
+    base = training_seed0(seed) + step * batch
     return scenes(range(base, base + batch))
+
+
+def training_seed0(seed: int) -> int:
+    """The first scene seed of training seed ``seed``'s range (the ranges of :mod:`hasten.data.shapes`)."""
+    return (seed % 5) * TRAIN_SEED_RANGE
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, params: Any, what: str,
@@ -259,8 +264,8 @@ def prepare_data(out: str | Path, vae, num_scenes: int, seed: int = 0, progress:
     if text_encoder is None:
         text_encoder, tokenizer = load_text_encoder()
     sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
-    if num_scenes > 10_000_000:
-        raise HastenError(f"at most 10,000,000 training scenes per seed (the seed's range), got {num_scenes}")
+    if num_scenes > TRAIN_SEED_RANGE:
+        raise HastenError(f"at most {TRAIN_SEED_RANGE:,} training scenes per seed (the seed's range), got {num_scenes}")
     from .plans import weights_hash
 
     n_shards = math.ceil(num_scenes / SHARD)
@@ -272,8 +277,7 @@ def prepare_data(out: str | Path, vae, num_scenes: int, seed: int = 0, progress:
         if path.is_file():
             _check_shard(path, want)
             continue
-        base = (seed % 5) * 10_000_000
-        scenes = [sample_scene(base + i) for i in range(lo, hi)]
+        scenes = [sample_scene(training_seed0(seed) + i) for i in range(lo, hi)]
         lat = []
         with torch.no_grad():
             for j in range(0, len(scenes), 250):

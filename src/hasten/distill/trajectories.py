@@ -183,9 +183,11 @@ def load_trajectories(folder: str | Path) -> dict:
 
 def check_eval_noise(noise_seed: int, students: list) -> None:
     """Refuse an evaluation whose initial noise a student trained on: trajectory i starts from noise seed i, and
-    evaluation image i from ``noise_seed * 1_000_003 + i`` (:func:`hasten.eval.shapes_eval.initial_noise`), so
-    the seeds overlap unless ``noise_seed * 1_000_003`` is past every student's trajectory count."""
+    evaluation image i from :func:`hasten.eval.shapes_eval.image_noise_seed` (noise_seed, i), so the seeds
+    overlap unless image 0's is past every student's trajectory count."""
+    from ..eval.shapes_eval import image_noise_seed
+
     seen = max((int(getattr(p, "student_config", {}).get("trajectories", 0)) for p in students), default=0)
-    if noise_seed * 1_000_003 < seen:
+    if image_noise_seed(noise_seed, 0) < seen:
         raise HastenError(f"noise seed {noise_seed} starts evaluation images from the noise of trajectories the "
                           f"students trained on (up to {seen}): use --noise-seed 1 or more")

@@ -120,6 +120,12 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------- quality levels
+def adherence_tolerance(samples: int | None) -> float:
+    """How far below the reference's adherence a configuration may score and pass the 1-point gate: at least one
+    caption (1 / ``samples``, the least adherence can move), plus float rounding."""
+    return max(ADHERENCE_TOLERANCE, 1.0 / samples if samples else 0.0) + 1e-9
+
+
 def quality_levels(records: list[dict], reference: str, samples: int | None = None) -> list[dict]:
     """For each quality level, the fastest configuration of each group that reaches it.
 
@@ -144,7 +150,7 @@ def quality_levels(records: list[dict], reference: str, samples: int | None = No
     fd_key = "fd_shapes" if ref.get("fd_shapes") is not None else "fd_digits"
     fd_bound = None if ref[fd_key] is None else ref[fd_key] * (1 + FD_TOLERANCE)
     text = ref.get("adherence") is not None
-    tolerance = max(ADHERENCE_TOLERANCE, 1.0 / samples if samples else 0.0) + 1e-9  # + float rounding
+    tolerance = adherence_tolerance(samples)
 
     def gate(r: dict) -> bool:
         if not text:

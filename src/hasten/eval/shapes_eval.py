@@ -26,10 +26,15 @@ def eval_scenes(n: int, seed0: int = HELD_OUT_SEED0) -> list:
     return [sample_scene(seed0 + i) for i in range(n)]
 
 
+def image_noise_seed(seed: int, i: int) -> int:
+    """The generator seed of image i's initial noise in a set drawn with ``seed``."""
+    return seed * 1_000_003 + i
+
+
 def initial_noise(pipe, n: int, seed: int) -> torch.Tensor:
-    """Per-image noise, independent of batching: image i uses randn with seed * 1_000_003 + i."""
+    """Per-image noise, independent of batching: image i uses randn with :func:`image_noise_seed` (seed, i)."""
     shape = pipe.latent_shape
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(image_noise_seed(seed, i)))
                         for i in range(n)])
 
 

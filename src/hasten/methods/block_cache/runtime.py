@@ -249,9 +249,10 @@ def _load_scale_shift(cfg: BlockCache, plan: dict | None, blocks) -> dict | None
     src = cfg.scale_shift
     if src is False:
         return None
-    if src is None and plan is not None and cfg.delta is not None and cfg.delta != plan.get("delta"):
+    other_delta = plan is not None and cfg.delta is not None and cfg.delta != plan.get("delta")
+    if src is None and other_delta:
         return None  # the plan's parameters were trained for the plan's own delta (schedule): not read
-    if src is True and plan is not None and cfg.delta is not None and cfg.delta != plan.get("delta"):
+    if src is True and other_delta:
         raise HastenError(f"the plan's scale-shift parameters were trained for delta {plan.get('delta')}, "
                           f"not {cfg.delta}: calibrate with --delta {cfg.delta} --scale-shift")
     if src is None or src is True:
@@ -329,21 +330,22 @@ def install(handle, cfg: BlockCache) -> None:
             st.ss = row if any(m is not None for m in row) else None
     nblocks = len(blocks)
 
-    recording = first_run  # the run being recorded (first-run calibration) is this one
+    def recording() -> bool:  # first-run calibration still recording (_plan_from_first_run ends it)
+        return first_run and rec.active
 
     def call(inner, *args, **kwargs):
         if plan is not None and handle.primary:
             if handle.call_index == 0:
                 check_run(plan, handle)
             check_call_timestep(plan, handle.call_index, handle.t)
-        if recording and handle.run_index == rec.run and handle.call_index == 0 and handle.primary:
+        if recording() and handle.run_index == rec.run and handle.call_index == 0 and handle.primary:
             rec.guidance_scale = handle.guidance_scale  # the recorded run's, not the next one's
         dec = bytearray(b"-" * nblocks)
         shared["decisions"] = dec
         try:
             return inner(*args, **kwargs)
         except BaseException:
-            if recording and handle.run_index == rec.run:
+            if recording() and handle.run_index == rec.run:
                 rec.interrupted = True  # its curves are partial: record the next run instead
             raise
         finally:
@@ -351,12 +353,11 @@ def install(handle, cfg: BlockCache) -> None:
             handle.log_entry["block_cache"] = dec.decode()
 
     def on_run() -> None:
-        nonlocal plan, recording
-        if recording and handle.run_index > rec.run and rec.interrupted:
+        nonlocal plan
+        if recording() and handle.run_index > rec.run and rec.interrupted:
             log.warning("Block Caching: the calibration run was interrupted; calibrating on this run instead")
             rec.restart(handle.run_index)
-        elif recording and handle.run_index > rec.run:
-            recording = False
+        elif recording() and handle.run_index > rec.run:
             plan = _plan_from_first_run(handle, rec, blocks, cfg.delta)
             new_masks = [[bool(v) for v in m] for m in plan["schedule"]]
             for st, m in zip(states, new_masks, strict=True):
