@@ -698,14 +698,25 @@ def lora_flops(transformer: nn.Module, patch: int, image_tokens: int, text_token
     name = (getattr(transformer, "flex_lora", None) or {}).get(patch)
     if name is None:
         return 0
+    image, text = _lora_widths(transformer, name)
+    return 2 * (image_tokens * image + text_tokens * text)
+
+
+def _lora_widths(transformer: nn.Module, name: str) -> tuple[int, int]:
+    """``sum r (in + out)`` over adapter ``name``'s layers on the image stream and on the text stream, found once
+    per set of adapters (:func:`lora_flops` runs on every call of a FlexiDiT run: no module walk there)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    total = 0
-    for module_name, layer in transformer.named_modules():
-        if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "r", {}):
-            tokens = text_tokens if any(s in module_name for s in _TEXT_STREAM) else image_tokens
-            total += 2 * tokens * layer.r[name] * (layer.in_features + layer.out_features)
-    return total
+    key = (tuple(sorted(getattr(transformer, "peft_config", {}) or {})), name)
+    cache = transformer.__dict__.setdefault("_flex_lora_widths", {})
+    if key not in cache:
+        widths = [0, 0]
+        for module_name, layer in transformer.named_modules():
+            if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "r", {}):
+                widths[any(s in module_name for s in _TEXT_STREAM)] += layer.r[name] * (layer.in_features +
+                                                                                         layer.out_features)
+        cache[key] = (widths[0], widths[1])
+    return cache[key]
 
 
 def isinstance_by_name(obj: Any, cls_name: str) -> bool:
