@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from make_flexi_model import base_seconds, run_log  # scripts/ is on sys.path wh
 
 import hasten
 from hasten.eval.shapes_eval import CHECK_FILE, card_check
-from hasten.io import atomic_write
+from hasten.io import atomic_copy, atomic_write
 from hasten.pipeline import MODELS_DIR
 
 HEADING = "## Check (re-run by tests/test_shipped_models.py)"
@@ -52,7 +51,7 @@ def ship_run(run: Path, name: str, config_file: str) -> ShippedRun:
     dest = MODELS_DIR / name.replace("-", "_")
     dest.mkdir(parents=True, exist_ok=True)
     for f in (config_file, "student.safetensors"):
-        shutil.copyfile(run / f, dest / f)
+        atomic_copy(run / f, dest / f)
     shipped, trained = hasten.load_pipeline(name), hasten.load_pipeline(run)
     noise = torch.randn(2, *shipped.latent_shape, generator=torch.Generator().manual_seed(0))
     prompts = ["a red circle", "two blue squares"]

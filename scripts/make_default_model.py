@@ -21,6 +21,7 @@ import torch
 
 from hasten.data import HELD_OUT_FRACTION, SPLIT_SEED, digits
 from hasten.eval.metrics import evaluate_pipeline, fd_to_held_out
+from hasten.io import swap_in
 from hasten.pipeline import load_pipeline, save_grid
 from hasten.train import TrainConfig, train
 
@@ -170,9 +171,7 @@ The evaluator is the CNN in `hasten/models/digits_classifier` (held-out accuracy
 (rows 0-9), seed 0, at the default guidance scale.
 """
     (tmp / "MODEL_CARD.md").write_text(card)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    swap_in(tmp, out)
     print(f"wrote {out}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from make_default_model import plot_loss  # scripts/ is on sys.path when this sc
 
 import hasten
 from hasten.eval.bench_results import adherence_tolerance
-from hasten.io import atomic_write
+from hasten.io import atomic_copy, atomic_write
 from hasten.pipeline import MODELS_DIR
 
 
@@ -76,7 +75,7 @@ def main() -> None:
     base = cfg["base"]
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("flexi.safetensors", "flexi_config.json"):
-        shutil.copyfile(run / f, dest / f)
+        atomic_copy(run / f, dest / f)
     pipe = hasten.load_pipeline(args.name)  # the shipped copy loads (and its base weights match)
     assert pipe.transformer.flex_patch_sizes == tuple(cfg["patch_sizes"])
     log = run_log(run)

@@ -26,7 +26,7 @@ from hasten.data.shapes import CATEGORIES, HELD_OUT_SEED0, scenes
 from hasten.eval.metrics import psnr, ssim
 from hasten.eval.scene_parser import parser_accuracy
 from hasten.eval.shapes_eval import eval_scenes, evaluate_shapes, generate_images, real_vs_real_fd, score_images
-from hasten.io import write_json
+from hasten.io import atomic_copy, atomic_write, replace_folder, write_json
 from hasten.pipeline import MODELS_DIR, save_grid
 
 DEST = MODELS_DIR / "shapes"
@@ -38,10 +38,13 @@ def ship(run: Path, dest: Path) -> None:
 
     pipe = ShapesPipeline.from_pretrained(run)
     pipe.transformer.to(torch.float16)
-    pipe.save_pretrained(dest)
-    for name in ("train_log.json",):
-        (dest / name).write_text((run / name).read_text())
-    (dest / "vae" / "train_log.json").write_text((run / "vae" / "train_log.json").read_text())
+
+    def fill(tmp: Path) -> None:
+        pipe.save_pretrained(tmp)
+        for name in ("train_log.json", "vae/train_log.json"):
+            atomic_copy(run / name, tmp / name)
+
+    replace_folder(dest, fill)  # an interrupted ship leaves the old model in place, never a half-written one
 
 
 def loss_plot(log: dict, vae_log: dict, path: Path) -> None:
@@ -59,7 +62,7 @@ def loss_plot(log: dict, vae_log: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -140,8 +143,10 @@ def main() -> None:
     demo_prompts = [s.caption for s in demo for _ in range(4)]
     imgs, _ = generate_images(pipe, demo_prompts, args.steps, None, seed=3)
     save_grid(imgs, DEST / "samples.png", nrow=4)
-    (DEST / "samples.txt").write_text("\n".join(s.caption for s in demo) + "\n")
-    (DEST / "MODEL_CARD.md").write_text(model_card(metrics, log, vae_log))
+    captions = "\n".join(s.caption for s in demo) + "\n"
+    atomic_write(DEST / "samples.txt", lambda tmp: Path(tmp).write_text(captions))
+    card = model_card(metrics, log, vae_log)
+    atomic_write(DEST / "MODEL_CARD.md", lambda tmp: Path(tmp).write_text(card))
     print(json.dumps({k: metrics[k] for k in ("adherence_drop_at_guidance_1_points",)}), flush=True)
     print(f"done in {time.time() - t_start:.0f} s")
 

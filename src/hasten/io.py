@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,42 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
             f.write("\n")
 
     return atomic_write(path, _write)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy the file ``src`` to ``dst``, atomically."""
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def replace_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with ``fill(tmp)`` beside ``path``, then swap it in: a reader finds the old folder or the
+    complete new one, never a half-written one (between the two renames ``path`` is briefly absent). A failed
+    ``fill`` leaves the old folder as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return swap_in(tmp, path)
+
+
+def swap_in(built: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename the complete folder ``built`` to ``path``, replacing the folder there (two renames, then the old
+    folder is removed)."""
+    built, path = Path(built), Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        path.rename(old)
+    built.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def check_writable(path: str | os.PathLike) -> Path:
