@@ -331,16 +331,15 @@ def test_guidance_suite_calibrates_ag_and_linear_ag_at_the_requested_guidance(tm
 
 def test_faster_cache_splits_the_batch_only_under_guidance():
     """FasterCache drops the unconditional half of a [uncond; cond] batch; without CFG the batch is all
-    conditional rows, so the config must not split it (it computed half of the samples at --cfg 1)."""
-    from hasten.eval.bench_peers import DiffusersCacheContext, _diffusers_hook_config
+    conditional rows, so the config must not split it (it computed half of the samples at --cfg 1). The model's
+    own batched keywords join diffusers' list (digits: class labels; shapes: the pooled text)."""
+    from hasten.eval.bench_peers import diffusers_hook_config
 
-    ctx = DiffusersCacheContext(tiny_pipeline().transformer)
-    try:
-        guided = _diffusers_hook_config("faster-cache", {"guided": True}, ctx)
-        plain = _diffusers_hook_config("faster-cache", {"guided": False}, ctx)
-    finally:
-        ctx.remove()
+    guided = diffusers_hook_config("faster-cache", {}, lambda: 0.0, guided=True, split_kwargs=("class_labels",))
+    plain = diffusers_hook_config("faster-cache", {}, lambda: 0.0, guided=False)
     assert guided.is_guidance_distilled is False and plain.is_guidance_distilled is True
+    assert "class_labels" in guided._unconditional_conditional_input_kwargs_identifiers
+    assert "class_labels" not in plain._unconditional_conditional_input_kwargs_identifiers
 
 
 def test_interval_suite_runs_guidance_in_limited_intervals(tmp_path):

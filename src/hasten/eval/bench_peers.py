@@ -33,6 +33,7 @@ import copy
 import io
 import os
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -101,35 +102,42 @@ class DiffusersCacheContext:
         self.hooks_changed()
 
 
-def _diffusers_hook_config(kind: str, params: dict, ctx: DiffusersCacheContext) -> Any:
+def diffusers_hook_config(kind: str, params: dict, current_timestep: Callable[[], float], *, guided: bool,
+                          split_kwargs: Sequence[str] = (), cache_identifiers: Sequence[str] | None = None) -> Any:
+    """The bench's recipe for diffusers cache hook ``kind`` (its config object), shared by every model.
+
+    ``current_timestep`` feeds the hooks that gate on time (diffusers' 0..1000, noise at 1000); ``guided``:
+    the batch is [uncond; cond] rows (FasterCache splits it); ``split_kwargs``: the model's own keywords batched
+    with those rows, beyond the SD3 ones diffusers lists; ``cache_identifiers``: TaylorSeer's module names
+    (its defaults otherwise). MagCache reads ``params["steps"]`` and ``params["mag_ratios"]``."""
     import diffusers.hooks as H
 
     if kind == "first-block-cache":
         return H.FirstBlockCacheConfig(threshold=float(params["threshold"]))
     if kind == "taylorseer-cache":
+        extra = {"cache_identifiers": list(cache_identifiers)} if cache_identifiers is not None else {}
         return H.TaylorSeerCacheConfig(cache_interval=int(params["cache_interval"]),
                                        disable_cache_before_step=int(params.get("warmup_steps", 3)),
                                        max_order=int(params.get("max_order", 1)),
-                                       taylor_factors_dtype=torch.float32,
-                                       cache_identifiers=[DIT_ATTN, DIT_FF])
+                                       taylor_factors_dtype=torch.float32, **extra)
     if kind == "pyramid-attention-broadcast":
         lo, hi = params.get("timestep_range", (100, 800))
         return H.PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=int(params["skip_range"]),
             spatial_attention_timestep_skip_range=(lo, hi),
-            current_timestep_callback=ctx.current_timestep)
+            current_timestep_callback=current_timestep)
     if kind == "faster-cache":
         lo, hi = params.get("timestep_range", (-1, 681))
         cfg = H.FasterCacheConfig(
             spatial_attention_block_skip_range=int(params.get("skip_range", 2)),
             spatial_attention_timestep_skip_range=(lo, hi),
             unconditional_batch_skip_range=int(params.get("uncond_skip_range", 5)),
-            current_timestep_callback=ctx.current_timestep,
+            current_timestep_callback=current_timestep,
             attention_weight_callback=lambda _: float(params.get("attention_weight", 0.3)),
             # without CFG the batch is B conditional rows, not [uncond; cond]: nothing to split
-            tensor_format="BCHW", is_guidance_distilled=not params.get("guided", True))
+            tensor_format="BCHW", is_guidance_distilled=not guided)
         cfg._unconditional_conditional_input_kwargs_identifiers = [
-            *cfg._unconditional_conditional_input_kwargs_identifiers, "class_labels"]
+            *cfg._unconditional_conditional_input_kwargs_identifiers, *split_kwargs]
         return cfg
     if kind == "mag-cache":
         return H.MagCacheConfig(threshold=float(params["threshold"]),
@@ -154,8 +162,9 @@ def install_diffusers_hook(pipe: HastenPipeline, kind: str, params: dict) -> Dif
         if kind == "mag-cache" and "mag_ratios" not in params:
             params = {**params, "mag_ratios": calibrate_mag_ratios(pipe, int(params["steps"]),
                                                                    params.get("calibration", {}))}
-        params = {**params, "guided": float(getattr(pipe, "default_guidance_scale", 2.0)) > 1.0}
-        config = _diffusers_hook_config(kind, params, ctx)
+        config = diffusers_hook_config(kind, params, ctx.current_timestep,
+                                       guided=float(getattr(pipe, "default_guidance_scale", 2.0)) > 1.0,
+                                       split_kwargs=("class_labels",), cache_identifiers=(DIT_ATTN, DIT_FF))
         getattr(H, _APPLY[kind])(pipe.transformer, config)
     except BaseException:
         ctx.remove()  # a failed install leaves nothing on the shared model

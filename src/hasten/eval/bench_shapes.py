@@ -158,43 +158,22 @@ def hasten_config(pipe, data: EvalSet, specs: Sequence[str], steps: int, assets,
 
 def peer_config(pipe, data: EvalSet, kind: str, params: dict, steps: int, solver: str = "euler") -> BenchConfig:
     """A diffusers cache hook through ``pipe.transformer.enable_cache(config)``, on ``solver``."""
-    def setup() -> Prepared:
-        import diffusers.hooks as H
+    from .bench_peers import DIFFUSERS_KINDS, diffusers_hook_config
 
+    if kind not in DIFFUSERS_KINDS:
+        raise Unavailable(f"no recipe for diffusers hook {kind!r}")
+
+    def setup() -> Prepared:
         own = copy_shapes(pipe, solver)
         tr = own.transformer
         now = [1000.0]
         tr.register_forward_pre_hook(
             lambda m, a, kw: now.__setitem__(0, float(torch.as_tensor(kw["timestep"]).flatten()[0])),
             with_kwargs=True)
-        if kind == "first-block-cache":
-            cfg = H.FirstBlockCacheConfig(threshold=float(params["threshold"]))
-        elif kind == "taylorseer-cache":
-            cfg = H.TaylorSeerCacheConfig(cache_interval=int(params["cache_interval"]),
-                                          disable_cache_before_step=int(params.get("warmup_steps", 3)),
-                                          max_order=int(params.get("max_order", 1)),
-                                          taylor_factors_dtype=torch.float32)
-        elif kind == "pyramid-attention-broadcast":
-            cfg = H.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(params["skip_range"]),
-                                                    spatial_attention_timestep_skip_range=(100, 800),
-                                                    current_timestep_callback=lambda: now[0])
-        elif kind == "faster-cache":
-            cfg = H.FasterCacheConfig(spatial_attention_block_skip_range=int(params.get("skip_range", 2)),
-                                      spatial_attention_timestep_skip_range=(-1, 681),
-                                      unconditional_batch_skip_range=int(params.get("uncond_skip_range", 5)),
-                                      current_timestep_callback=lambda: now[0],
-                                      attention_weight_callback=lambda _: 0.3, tensor_format="BCHW",
-                                      is_guidance_distilled=own.default_guidance_scale <= 1.0)  # no CFG: no split
-            # ShapesPipeline batches the pooled text with the guidance rows: split it with them (diffusers' list
-            # names the SD3 pipeline's own keywords only)
-            cfg._unconditional_conditional_input_kwargs_identifiers = [
-                *cfg._unconditional_conditional_input_kwargs_identifiers, "pooled_projections"]
-        elif kind == "mag-cache":
-            cfg = H.MagCacheConfig(threshold=float(params["threshold"]), max_skip_steps=int(params.get("max_skip", 3)),
-                                   retention_ratio=float(params.get("retention", 0.2)), num_inference_steps=steps,
-                                   mag_ratios=mag_ratios(own, steps))
-        else:
-            raise Unavailable(f"no recipe for diffusers hook {kind!r}")
+        recipe = {**params, "steps": steps, "mag_ratios": mag_ratios(own, steps)} if kind == "mag-cache" else params
+        # ShapesPipeline batches the pooled text with the guidance rows: FasterCache splits it with them
+        cfg = diffusers_hook_config(kind, recipe, lambda: now[0],
+                                    guided=own.default_guidance_scale > 1.0, split_kwargs=("pooled_projections",))
         tr.enable_cache(cfg)
         return Prepared(sample=data.sampler(own, steps), start_run=tr._reset_stateful_cache, transformer=tr)
 
