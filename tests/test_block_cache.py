@@ -11,6 +11,7 @@ import torch
 
 import hasten
 from hasten.methods.block_cache import ideal_speedup, schedule_from_changes
+from hasten.methods.block_cache.runtime import _Slot
 from hasten.plans import check_call_timestep, save_plan
 from hasten.testing import tiny_dit_pipe
 
@@ -403,3 +404,19 @@ def test_scale_shift_time_features_see_unit_timesteps_on_the_0_1000_scale():
     assert time_scale({"timesteps": [1.0, 0.75, 0.5]}) == 1000.0  # Flux-style t / 1000
     assert time_scale({"timesteps": [999.0, 500.0]}) == 1.0
     assert time_scale(None) == 1.0
+
+
+def test_a_block_whose_batch_is_not_the_calls_rows_is_refused_when_rows_are_dropped():
+    """Latte's temporal blocks batch (sample, pixel) pairs, not the call's rows: with a method that drops rows
+    (AG), the cached residual picked by row would broadcast over the block's batch; it is an error instead."""
+    pipe = tiny_pipe()
+    with hasten.accelerate(pipe, hasten.BlockCache(schedule=[[True] * STEPS] * 3)) as h:
+        st = h.block_cache_states[0]
+        st.slot = _Slot(len(st.names), 4)
+        st.slot.cache = [torch.randn(4, 16, 8)] + [None] * (len(st.names) - 1)
+        st.slot.valid = True
+        rows = torch.tensor([2, 3])
+        ok = st.reuse([torch.zeros(2, 16, 8)] + [None] * (len(st.names) - 1), rows)  # the call's rows: fine
+        assert torch.equal(ok if st.single else ok[0], st.slot.cache[0][2:])
+        with pytest.raises(hasten.HastenError, match="not the call's rows"):
+            st.reuse([torch.zeros(6, 16, 8)] + [None] * (len(st.names) - 1), rows)

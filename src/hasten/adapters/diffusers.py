@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -78,6 +79,13 @@ def arg_positions(module: nn.Module, names: Sequence[str | None]) -> list[int | 
     params = [p.name for p in inspect.signature(type(module).forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
     return [params.index(n) if n in params else None for n in names]
+
+
+def stream_inputs(names: Sequence[str | None], positions: Sequence[int | None], args: tuple,
+                  kwargs: dict) -> list[Any]:
+    """The block call's stream arguments, by keyword or at their :func:`arg_positions` (None when absent)."""
+    return [kwargs[n] if n in kwargs else (args[p] if p is not None and p < len(args) else None)
+            for n, p in zip(names, positions, strict=False)]
 
 
 def _takes(module: nn.Module, name: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...adapters import arg_positions
+from ...adapters.diffusers import arg_positions, stream_inputs
 
 
 class _Recorder:
@@ -43,8 +43,7 @@ class _Recorder:
                 return out
             outs = (out,) if spec.single else out
             res = []
-            for name, p, y in zip(spec.outputs, pos, outs, strict=False):
-                x = kwargs[name] if name in kwargs else (args[p] if p is not None and p < len(args) else None)
+            for x, y in zip(stream_inputs(spec.outputs, pos, args, kwargs), outs, strict=False):
                 res.append(None if (x is None or y is None) else (y - x).detach().float())
             self.channels[i] = [None if r is None else int(r.shape[-1]) for r in res]
             key = (i, self.handle.stream)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapters import arg_positions
+from ...adapters.diffusers import arg_positions, stream_inputs
 from ...errors import HastenError
 from ...hooks import row_timesteps
 from ...plans import check_call_timestep, check_plan, check_run, scheduler_fingerprint
@@ -85,15 +85,7 @@ class _Block:
         self.slot: _Slot | None = None
 
     def inputs(self, args, kwargs) -> list[torch.Tensor | None]:
-        xs = []
-        for name, p in zip(self.names, self.pos, strict=False):
-            if name in kwargs:
-                xs.append(kwargs[name])
-            elif p is not None and p < len(args):
-                xs.append(args[p])
-            else:
-                xs.append(None)
-        return xs
+        return stream_inputs(self.names, self.pos, args, kwargs)
 
     def ready(self, rows) -> bool:
         slot = self.slot
@@ -211,6 +203,11 @@ class _Block:
                 outs.append(None)
                 continue
             r = c if rows is None else c.index_select(0, rows)
+            if r.shape[0] != x.shape[0]:  # a broadcast here would silently give every row one residual
+                raise HastenError(
+                    f"Block Caching: block {self.name} takes {x.shape[0]} rows where the call sent "
+                    f"{r.shape[0]} (its batch is not the call's rows, as in Latte's temporal blocks), so a "
+                    "method that drops guidance rows cannot be combined with Block Caching on this model")
             if ss is not None and ss[k] is not None:
                 r = ss[k](r, t)
             outs.append(x + r)
