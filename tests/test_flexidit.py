@@ -689,3 +689,30 @@ def test_loras_for_several_sizes_are_all_kept():
     add_lora(pipe.transformer, 4, rank=2)
     add_lora(pipe.transformer, 8, rank=2)
     assert sorted(pipe.transformer.flex_lora) == [4, 8]
+
+
+def test_patch_size_restores_the_model_when_switching_fails_half_way(monkeypatch):
+    """An error while the LoRA adapters are being switched on leaves the model at its original patch size,
+    with no adapter left enabled."""
+    from hasten.flexidit_train import add_lora
+    from hasten.methods import flexidit as fx
+    from hasten.testing import tiny_shapes_pipeline
+
+    tr = tiny_shapes_pipeline().transformer
+    flexify(tr, (2, 4))
+    add_lora(tr, 4, rank=2)
+    layers, _ = fx._lora_layers(tr)
+    orig, calls = type(layers[0]).enable_adapters, []
+
+    def fail_on_second(self, enabled):
+        calls.append(enabled)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return orig(self, enabled)
+
+    monkeypatch.setattr(type(layers[0]), "enable_adapters", fail_on_second)
+    with pytest.raises(RuntimeError, match="boom"), fx.patch_size(tr, 4):
+        pass
+    monkeypatch.undo()
+    assert tr.flex_mode == 2 and tr.config.patch_size == 2
+    assert not any(layer.merged or not layer.disable_adapters for layer in layers)

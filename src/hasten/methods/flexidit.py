@@ -410,29 +410,31 @@ def patch_size(transformer: nn.Module, p: int):
     packed = getattr(transformer, "flex_packed", False)  # Flux: the call hook repacks; its config keeps 1
     old_cfg = None if cfg is None or packed else cfg.get("patch_size")
     old_attr = transformer.__dict__.get("patch_size")
-    transformer.flex_mode = p
-    if old_cfg is not None:
-        transformer._internal_dict = type(cfg)({**cfg, "patch_size": p})
-    if "patch_size" in transformer.__dict__:
-        transformer.patch_size = p
     lora = (getattr(transformer, "flex_lora", None) or {}).get(p)  # the LoRA variant's adapters for size p
-    if lora is not None:
-        # peft's disable_adapters() also sets requires_grad=False on the adapters, which would drop the
-        # gradient of a loss computed here and back-propagated after the block: keep the caller's flags
-        layers, adapters = _lora_layers(transformer)
-        trainable = [q.requires_grad for q in adapters]
-        for layer in layers:  # what diffusers' set_adapter() and enable_adapters() do, on the cached layers
-            if layer.active_adapters != [lora]:
-                layer.set_adapter(lora)
-            layer.enable_adapters(True)
-    try:
+    layers: list[nn.Module] = []
+    adapters: list[nn.Parameter] = []
+    trainable: list[bool] = []
+    try:  # everything set below is restored in ``finally``, even when setting it fails half-way
+        transformer.flex_mode = p
+        if old_cfg is not None:
+            transformer._internal_dict = type(cfg)({**cfg, "patch_size": p})
+        if "patch_size" in transformer.__dict__:
+            transformer.patch_size = p
+        if lora is not None:
+            # peft's disable_adapters() also sets requires_grad=False on the adapters, which would drop the
+            # gradient of a loss computed here and back-propagated after the block: keep the caller's flags
+            layers, adapters = _lora_layers(transformer)
+            trainable = [q.requires_grad for q in adapters]
+            for layer in layers:  # what diffusers' set_adapter() and enable_adapters() do, on the cached layers
+                if layer.active_adapters != [lora]:
+                    layer.set_adapter(lora)
+                layer.enable_adapters(True)
         yield transformer
     finally:
-        if lora is not None:
-            for layer in layers:
-                layer.enable_adapters(False)
-            for q, flag in zip(adapters, trainable):
-                q.requires_grad_(flag)
+        for layer in layers:
+            layer.enable_adapters(False)
+        for q, flag in zip(adapters, trainable, strict=False):
+            q.requires_grad_(flag)
         transformer.flex_mode = old_mode
         if old_cfg is not None:
             transformer._internal_dict = cfg
