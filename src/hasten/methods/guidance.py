@@ -593,6 +593,7 @@ class GuidanceRuntime:
         self._measure(j, need_u, regress, u, c)  # the conditional row was counted at the conditional call
         return rebuild(u)
 
+    @torch.no_grad()
     def _measure(self, j: int, need_u: torch.Tensor, regress: bool, u_rows: torch.Tensor,
                  c_rows: torch.Tensor) -> None:
         """After guidance call ``j`` (both layouts): count the unconditional rows sent, measure gamma on the
