@@ -343,6 +343,12 @@ def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
     clock = DenoiserTimer(prepared.denoiser, time.perf_counter)
     prepared.sample(torch.arange(3), None)
     assert clock.seconds > 0  # the bench times the student's passes as its denoiser
+    # image i of noise seed 0 starts from trajectory i's noise: a student trained on them is refused there (the
+    # bench records it as the row's error) and runs at the shapes bench's default seed 1
+    student.student_config = {**student.student_config, "trajectories": 3}
+    with pytest.raises(HastenError, match="trained on"):
+        student_configs(student, data)[0].setup()
+    student_configs(student, EvalSet(student, 3, seed=1))[0].setup()
 
 
 def test_own_history_inputs_are_the_students_own_states_without_gradient(pipe, cond):

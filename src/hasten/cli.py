@@ -246,6 +246,8 @@ def evaluate(
                         f"FD-digits        {res['fd_digits']:.4f}",
                         f"real-vs-real FD  {res['fd_real_vs_real']:.4f}  (train vs held-out)",
                         f"ratio            {res['fd_ratio']:.2f}",
+                        *([f"same-n real FD   {res['fd_real_subset_same_n']:.4f}  ({samples} real train images vs "
+                           f"held-out; ratio {res['fd_ratio_same_n']:.2f})"] if res["fd_ratio_same_n"] else []),
                         f"wall time        {res['wall_s']:.1f} s, NFE per image {res['nfe']:g}"])
 
 
@@ -315,7 +317,8 @@ def bench_cmd(
     quick: bool = typer.Option(False, "--quick", help="the <= 3-minute smoke test"),
     samples: int = typer.Option(None, help="evaluation samples (default: 160; shapes: 96; quick: 20)"),
     batch_size: int = typer.Option(None, help="samples per repetition (default: 40; shapes: 32; quick: 10)"),
-    seed: int = typer.Option(0, help="seed of the first batch (batch k uses seed + k)"),
+    seed: int = typer.Option(None, help="digits: seed of the first batch (batch k uses seed + k; default 0); "
+                                        "shapes: the evaluation noise's seed (default 1)"),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="include diffusers' and cache-dit's caches"),
     realistic: bool = typer.Option(None, "--realistic/--no-realistic",
                                    help="the DiT-XL/2-size overhead check (default: on, off with --quick)"),

@@ -558,7 +558,7 @@ def _write_all(out: Path, results: dict) -> None:
 
 
 def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: int | None = None,
-              batch_size: int | None = None, seed: int = 0, peers: bool = True, realistic: bool | None = None,
+              batch_size: int | None = None, seed: int | None = None, peers: bool = True, realistic: bool | None = None,
               threads: int | None = None, progress: Callable[[str], None] | None = None,
               configs: Sequence[BenchConfig] | None = None, scorer: Any = None,
               pipe: HastenPipeline | None = None, timer: Callable[[], float] = time.perf_counter,
@@ -574,7 +574,10 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     ``hasten flexify``, or the pipeline) whose FlexiDiT configurations join the default suite; for
     ``model="shapes"`` the embedded ``shapes-flexi`` by default (``"none"``: without FlexiDiT); ``students``:
     distilled students of the model (names or folders from ``hasten distill``), for ``model="shapes"`` the
-    shipped students (:func:`hasten.distill.student.shipped_students`) by default (``"none"``: without)."""
+    shipped students (:func:`hasten.distill.student.shipped_students`) by default (``"none"``: without);
+    ``seed``: digits: batch k samples from seed ``seed + k`` (default 0); text-to-image: image i starts from
+    the noise of :func:`hasten.eval.shapes_eval.image_noise_seed` (seed, i), default 1 (seed 0 is the noise
+    ARD's trajectories start from, which a student is refused on)."""
     from ..distill.student import shipped_students
     from ..pipeline import load_pipeline
 
@@ -600,6 +603,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
     if hasattr(pipe, "encode_prompt"):  # text-to-image (shapes): see hasten.eval.bench_shapes
         from .bench_shapes import EvalSet, ShapesScorer, convergence_check, copy_shapes, shapes_configs
 
+        seed = 1 if seed is None else seed
         data = EvalSet(pipe, n, seed)
         assets = HastenAssets(pipe, out / "plans", copier=copy_shapes)
         if configs is None:
@@ -628,6 +632,7 @@ def run_bench(model: str, out: str | os.PathLike, quick: bool = False, samples: 
         if broad and len(configs) > 1 and configs[1].params.get("role") == "quality-reference":
             quality_ref = configs[1].name
     else:
+        seed = 0 if seed is None else seed
         assets = HastenAssets(pipe, out / "plans")
         if configs is None:
             configs = (guidance_configs(pipe, assets, suite=suite) if not broad

@@ -74,6 +74,7 @@ class EvalSet:
 
         self.scenes = eval_scenes(samples)
         self.prompts = [s.caption for s in self.scenes]
+        self.seed = seed
         self.noise = initial_noise(pipe, samples, seed)
 
     def sampler(self, pipe, steps: int, guidance_scale: float | None = None
@@ -303,9 +304,14 @@ def student_config(student, data: EvalSet, steps: int) -> BenchConfig:
     if hasattr(student.student, "layers_with_history"):  # ARD
         params["layers_with_history"] = student.student.layers_with_history
         params["history_gate"] = student.student.history_gate
-    return BenchConfig(f"{student.name} @{steps} (student)", "hasten", params,
-                       lambda: Prepared(sample=data.sampler(student, steps), transformer=student.transformer,
-                                        denoiser=getattr(student.student, "denoiser", student.student)))
+    def setup() -> Prepared:
+        from ..distill.trajectories import check_eval_noise
+
+        check_eval_noise(data.seed, [student])  # never score a student on noise it trained on: the row's error
+        return Prepared(sample=data.sampler(student, steps), transformer=student.transformer,
+                        denoiser=getattr(student.student, "denoiser", student.student))
+
+    return BenchConfig(f"{student.name} @{steps} (student)", "hasten", params, setup)
 
 
 def shapes_configs(pipe, data: EvalSet, assets, quick: bool = False, peers: bool = True, flexi=None,
