@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from hasten.data import HELD_OUT_FRACTION, SPLIT_SEED, digits
-from hasten.eval.metrics import evaluate_pipeline, fd_to_held_out
+from hasten.data import HELD_OUT_FRACTION, SPLIT_SEED
+from hasten.eval.metrics import evaluate_pipeline, real_subset_fd
 from hasten.io import swap_in
 from hasten.pipeline import load_pipeline, save_grid
 from hasten.train import TrainConfig, train
@@ -79,9 +79,7 @@ def main() -> None:
     ok = [r for r in sweep if r["class_accuracy"] >= 0.95 and r["fd_ratio"] <= 2.0]
     best = max(ok, key=lambda r: r["guidance_scale"]) if ok else min(sweep, key=lambda r: r["fd_digits"])
     best = best["guidance_scale"]
-    x_train = (digits("train")[0] + 1) / 2
-    perm = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(0))
-    bias = {n: fd_to_held_out(x_train[perm[:n]]) for n in (200, 1000)}
+    bias = {n: real_subset_fd(n) for n in (200, 1000)}
     bias_text = ", ".join(f"{v:.1f} with {n} images" for n, v in bias.items())
     final = evaluate_pipeline(pipe, samples=args.samples, steps=50, guidance_scale=best, seed=0)
     print(json.dumps(final, indent=2))

@@ -34,7 +34,7 @@ def test_eval_json(capsys):
     code, stdout, _ = run_cli(capsys, "eval", "--samples", "20", "--steps", "2", "--batch-size", "20", "--json")
     assert code == 0
     res = json.loads(stdout)
-    assert set(res) >= {"class_accuracy", "fd_digits", "fd_real_vs_real", "fd_ratio", "nfe", "wall_s"}
+    assert set(res) >= {"class_accuracy", "fd_digits", "fd_real_vs_real", "fd_ratio", "fd_ratio_same_n", "nfe", "wall_s"}
     assert 0 <= res["class_accuracy"] <= 1 and res["fd_real_vs_real"] > 0 and res["nfe"] == 4
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from hasten.data import digits
+from hasten.errors import HastenError
 from hasten.eval import class_accuracy, frechet_distance, psnr, ssim
-from hasten.eval.metrics import fd_to_held_out, psnr_per_image, real_vs_real_fd
+from hasten.eval.metrics import fd_to_held_out, psnr_per_image, real_subset_fd, real_vs_real_fd
 
 
 def test_classifier_scores_real_held_out_images():
@@ -21,6 +22,16 @@ def test_frechet_distance_properties():
     ref = real_vs_real_fd()
     assert ref > 0
     assert fd_to_held_out(noisy) > 2 * ref  # corrupted images are much further than real vs real
+
+
+def test_the_same_n_reference_carries_fd_s_small_sample_bias():
+    """FD falls with the number of images: a real subset of n images is the reference for n generated ones,
+    and at the whole train split it is the usual real-vs-real FD."""
+    n_train = digits("train")[0].shape[0]
+    assert real_subset_fd(200) > real_subset_fd(1000) > real_vs_real_fd()
+    assert real_subset_fd(n_train) == pytest.approx(real_vs_real_fd(), rel=1e-6)
+    with pytest.raises(HastenError, match="real subset"):
+        real_subset_fd(1)
 
 
 def test_psnr_and_ssim():
