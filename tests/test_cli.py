@@ -34,8 +34,11 @@ def test_eval_json(capsys):
     code, stdout, _ = run_cli(capsys, "eval", "--samples", "20", "--steps", "2", "--batch-size", "20", "--json")
     assert code == 0
     res = json.loads(stdout)
-    assert set(res) >= {"class_accuracy", "fd_digits", "fd_real_vs_real", "fd_ratio", "fd_ratio_same_n", "nfe", "wall_s"}
+    assert set(res) >= {"class_accuracy", "fd_digits", "fd_real_vs_real", "fd_ratio", "fd_ratio_same_n", "nfe",
+                        "wall_s"}
     assert 0 <= res["class_accuracy"] <= 1 and res["fd_real_vs_real"] > 0 and res["nfe"] == 4
+    # 20 real images are far from the held-out split too: the same-n reference is the larger one
+    assert res["fd_real_subset_same_n"] > res["fd_real_vs_real"] and res["fd_ratio_same_n"] < res["fd_ratio"]
 
 
 @pytest.fixture
