@@ -4,7 +4,8 @@
 
 1. The run's pipeline (``hasten train --model shapes --out runs/shapes``) is saved to
    ``src/hasten/models/shapes`` with the transformer in fp16 (loaded back as fp32); every figure below
-   is measured on that shipped copy.
+   is measured on that shipped copy. The new folder replaces the old one whole, so the old weights' shipped
+   plans (``plans/``, calibrated for them and refused on other weights) go with it: calibrate them again.
 2. Guidance: a sweep over ``--scales`` on validation captions (seeds HELD_OUT_SEED0 + 200000 + i,
    disjoint from the 1000 evaluation captions) picks the scale with the best adherence.
 3. ``hasten eval`` figures on the 1000 held-out captions at the chosen guidance and at guidance 1,
