@@ -493,6 +493,27 @@ class GuidanceRuntime:
         inside = self.interval[0] < noise_level(self.handle, self.layout.unit_time) <= self.interval[1]
         return torch.full((self.b,), inside, dtype=torch.bool)
 
+    def _check_batch(self, b: int) -> None:
+        """The first guidance call of a run fixes the number of samples; a later one may not change it."""
+        if self.b is None:
+            self._start(b)
+        elif b != self.b:
+            raise HastenError(f"the guidance batch changed from {self.b} to {b} samples within one run")
+
+    def _regressed_call(self, j: int) -> bool:
+        """Whether guidance call ``j`` regresses its unconditional prediction (LinearAG), after checking that
+        the call is at the timestep the plan was calibrated for."""
+        if self.plan is None:
+            return False
+        check_call_timestep(self.plan, j, self.handle.t)
+        return j in self.regressed
+
+    def _regress(self, j: int, c_rows: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """(LinearAG) eps_hat(x_j, null) of the samples ``r`` still guided, from their conditional prediction
+        ``c_rows`` and the previous call's estimates."""
+        self.regressed_done += 1
+        return regress_uncond(self.plan["coefficients"][str(j)], c_rows, self.prev_c[r], self.prev_u[r])
+
     def __call__(self, inner: Callable, *args: Any, **kwargs: Any) -> Any:
         layout = self.layout
         if self.handle.branch in SEPARATE_BRANCHES:
@@ -505,17 +526,11 @@ class GuidanceRuntime:
         x = hidden_states_of(args, kwargs)
         n = x.shape[0]
         b = n // 2
-        if self.b is None:
-            self._start(b)
-        elif b != self.b:
-            raise HastenError(f"the guidance batch changed from {self.b} to {b} samples within one run")
+        self._check_batch(b)
         h = self.handle
         j = self.j
         self.j += 1
-        regress = False
-        if self.plan is not None:
-            check_call_timestep(self.plan, j, h.t)
-            regress = j in self.regressed
+        regress = self._regressed_call(j)
         need_u = self._need_uncond(regress)
         uncond, cond = layout.halves(b)
         if bool(need_u.all()):
@@ -535,10 +550,7 @@ class GuidanceRuntime:
             full[uncond.to(dev)[sw]] = full[cond.to(dev)[sw]]  # u := c, so u + s (c - u) = c exactly
             if regress:
                 r = (~self.switched).to(dev)
-                beta = self.plan["coefficients"][str(j)]
-                full[uncond.to(dev)[r]] = regress_uncond(beta, full[cond.to(dev)[r]], self.prev_c[r],
-                                                         self.prev_u[r])
-                self.regressed_done += 1
+                full[uncond.to(dev)[r]] = self._regress(j, full[cond.to(dev)[r]], r)
         self.rows += 1  # the conditional row of every sample
         dev = full.device
         self._measure(j, need_u, regress, full[uncond.to(dev)], full[cond.to(dev)])
@@ -552,10 +564,7 @@ class GuidanceRuntime:
         h = self.handle
         x = hidden_states_of(args, kwargs)
         b = x.shape[0]
-        if self.b is None:
-            self._start(b)
-        elif b != self.b:
-            raise HastenError(f"the guidance batch changed from {self.b} to {b} samples within one run")
+        self._check_batch(b)
         j = h.call_index  # the step: each branch is its own stream
         if h.branch == "cond":
             out = inner(*args, **kwargs)
@@ -568,10 +577,7 @@ class GuidanceRuntime:
                               "step before its unconditional one")
         _, c, rebuild = self.kept_cond
         self.j = j + 1
-        regress = False
-        if self.plan is not None:
-            check_call_timestep(self.plan, j, h.t)
-            regress = j in self.regressed
+        regress = self._regressed_call(j)
         need_u = self._need_uncond(regress)
         sent = need_u.nonzero().flatten()
         if bool(need_u.all()):
@@ -587,9 +593,7 @@ class GuidanceRuntime:
                 u[sent.to(u.device)] = sub
             if regress:
                 r = (~self.switched).to(u.device)
-                beta = self.plan["coefficients"][str(j)]
-                u[r] = regress_uncond(beta, c[r], self.prev_c[r], self.prev_u[r])
-                self.regressed_done += 1
+                u[r] = self._regress(j, c[r], r)
         self._measure(j, need_u, regress, u, c)  # the conditional row was counted at the conditional call
         return rebuild(u)
 
