@@ -86,8 +86,9 @@ def write_check(pipe: Any) -> list[dict]:
     atomic_write(folder / CHECK_FILE, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2) + "\n"))
     card = folder / "MODEL_CARD.md"
     text = card.read_text().split(HEADING)[0].rstrip() + "\n\n" + HEADING + "\n"
-    text += (f"The first {rows[0]['samples']} held-out captions on noise seed 0 (`{CHECK_FILE}`; FD at this n is "
-             "biased upwards, compare it only with itself):\n\n| steps | adherence | FD-shapes |\n|---:|---:|---:|\n")
+    text += (f"The first {rows[0]['samples']} held-out captions on noise seed {rows[0]['noise_seed']} (`{CHECK_FILE}`; "
+             "FD at this n is biased upwards, compare it only with itself):\n\n"
+             "| steps | adherence | FD-shapes |\n|---:|---:|---:|\n")
     text += "".join(f"| {r['steps']} | {r['adherence']:.3f} | {r['fd_shapes']:.2f} |\n" for r in rows)
     atomic_write(card, lambda tmp: Path(tmp).write_text(text))
     return rows
