@@ -446,15 +446,23 @@ def _lora_layers(transformer: nn.Module) -> tuple[list[nn.Module], list[nn.Param
     """The transformer's peft LoRA layers and their parameters, found once per set of adapters: diffusers'
     model-level ``set_adapter``/``enable_adapters``/``disable_adapters`` walk every module on every call
     (4.0 ms against a 14 ms one-image call of ``shapes-flexi``, ``benchmarks/flexidit_shapes/switch``)."""
+    found = _lora_found(transformer)
+    return found["layers"], found["params"]
+
+
+def _lora_found(transformer: nn.Module) -> dict:
+    """One module walk per set of adapters: the LoRA layers, their module names, the LoRA parameters, and a
+    cache of :func:`_lora_widths` (dropped with the rest when adapters are added)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     key = tuple(sorted(getattr(transformer, "peft_config", {}) or {}))
     hit = transformer.__dict__.get("_flex_lora_layers")
-    if hit is None or hit[0] != key:
-        layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-        params = [q for n, q in transformer.named_parameters() if "lora_" in n]
-        hit = transformer.__dict__["_flex_lora_layers"] = (key, layers, params)
-    return hit[1], hit[2]
+    if hit is None or hit["key"] != key:
+        named = [(n, m) for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)]
+        hit = transformer.__dict__["_flex_lora_layers"] = {
+            "key": key, "names": [n for n, _ in named], "layers": [m for _, m in named],
+            "params": [q for n, q in transformer.named_parameters() if "lora_" in n], "widths": {}}
+    return hit
 
 
 def flexi_parameters(transformer: nn.Module) -> list[nn.Parameter]:
@@ -707,18 +715,15 @@ def lora_flops(transformer: nn.Module, patch: int, image_tokens: int, text_token
 def _lora_widths(transformer: nn.Module, name: str) -> tuple[int, int]:
     """``sum r (in + out)`` over adapter ``name``'s layers on the image stream and on the text stream, found once
     per set of adapters (:func:`lora_flops` runs on every call of a FlexiDiT run: no module walk there)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    key = (tuple(sorted(getattr(transformer, "peft_config", {}) or {})), name)
-    cache = transformer.__dict__.setdefault("_flex_lora_widths", {})
-    if key not in cache:
+    found = _lora_found(transformer)
+    if name not in found["widths"]:
         widths = [0, 0]
-        for module_name, layer in transformer.named_modules():
-            if isinstance(layer, BaseTunerLayer) and name in getattr(layer, "r", {}):
+        for module_name, layer in zip(found["names"], found["layers"], strict=True):
+            if name in getattr(layer, "r", {}):
                 widths[any(s in module_name for s in _TEXT_STREAM)] += layer.r[name] * (layer.in_features +
                                                                                          layer.out_features)
-        cache[key] = (widths[0], widths[1])
-    return cache[key]
+        found["widths"][name] = (widths[0], widths[1])
+    return found["widths"][name]
 
 
 def isinstance_by_name(obj: Any, cls_name: str) -> bool:
