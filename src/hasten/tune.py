@@ -280,7 +280,7 @@ class Tuner:
                 handle.disable()
         self.state["measured"][cand.name] = rec
         self.measured_now += 1
-        if getattr(self, "_search_t0", None) is not None:  # the time spent so far survives an interruption
+        if self._search_t0 is not None:  # the time spent so far survives an interruption
             self.state["search_s"] = time.perf_counter() - self._search_t0
         self._save()
         return rec
