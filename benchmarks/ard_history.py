@@ -114,7 +114,7 @@ def main() -> None:
             fidelity_pairs[f"{b} minus {a}"] = {"fd_to_teacher": d["fd"], "fd_to_teacher_ci95": d["fd_ci95"],
                                                 "psnr_vs_teacher_db": db["mean"], "psnr_vs_teacher_db_ci95": db["ci95"]}
     res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
-           "samples": args.samples, "noise_seed": 0, "resamples": args.resamples,
+           "samples": args.samples, "noise_seed": args.noise_seed, "resamples": args.resamples,
            "note": "one run per configuration on the same held-out captions and noise; differences are a minus b "
                    "with 95% paired-bootstrap intervals (captions resampled together, FD reference fixed); "
                    "psnr_vs_teacher and fd_to_teacher measure each row against the teacher's images (same "
