@@ -11,6 +11,12 @@ Also the second-stage run (``--init`` plus 1000 steps on twice the trajectories,
         --student "N=2 stage 1 (1000 steps)=runs/ard/stage1_shipped" --student "N=0 stage 1 (1000 steps)=runs/ard/n0" \
         --student "N=2 stage 2 (shapes-ard4)=runs/ard/x2_ard" --student "N=0 stage 2=runs/ard/x2_n0"
 
+And the third stage (the same recipe on 20000 trajectories, ``--init shapes-ard4`` from the stage-2 student,
+whose weights ``runs/ard/x2_ard`` holds), on noise no student trained on:
+
+    python benchmarks/ard_history.py --samples 1200 --out benchmarks/ard_shapes/stage3 \
+        --student "stage 2=runs/ard/x2_ard" --student "stage 3=runs/ard/x3_ard"
+
 Made to measure the own-history fine-tune
 (``hasten distill ard --own-history P --init shapes-ard4``, on the stage-1 student) against the same
 fine-tune teacher-forced (the paper's recipe, same data, steps and seed): the one difference is
