@@ -15,7 +15,8 @@ And the third stage (the same recipe on 20000 trajectories, ``--init shapes-ard4
 whose weights ``runs/ard/x2_ard`` holds), on noise no student trained on:
 
     python benchmarks/ard_history.py --samples 1200 --out benchmarks/ard_shapes/stage3 \
-        --student "stage 2=runs/ard/x2_ard" --student "stage 3=runs/ard/x3_ard"
+        --student "stage 2=runs/ard/x2_ard" --student "stage 3=runs/ard/x3_ard" \
+        --student "stage 4=runs/ard/x4_ard"   # 1000 more steps from stage 3 (--init runs/ard/x3_ard)
 
 Made to measure the own-history fine-tune
 (``hasten distill ard --own-history P --init shapes-ard4``, on the stage-1 student) against the same
