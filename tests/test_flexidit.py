@@ -701,7 +701,7 @@ def test_patch_size_restores_the_model_when_switching_fails_half_way(monkeypatch
     tr = tiny_shapes_pipeline().transformer
     flexify(tr, (2, 4))
     add_lora(tr, 4, rank=2)
-    layers, _ = fx._lora_layers(tr)
+    layers = fx._lora_found(tr)["layers"]
     orig, calls = type(layers[0]).enable_adapters, []
 
     def fail_on_second(self, enabled):

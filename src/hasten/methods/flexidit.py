@@ -423,7 +423,8 @@ def patch_size(transformer: nn.Module, p: int):
         if lora is not None:
             # peft's disable_adapters() also sets requires_grad=False on the adapters, which would drop the
             # gradient of a loss computed here and back-propagated after the block: keep the caller's flags
-            layers, adapters = _lora_layers(transformer)
+            found = _lora_found(transformer)
+            layers, adapters = found["layers"], found["params"]
             trainable = [q.requires_grad for q in adapters]
             for layer in layers:  # what diffusers' set_adapter() and enable_adapters() do, on the cached layers
                 if layer.active_adapters != [lora]:
@@ -442,17 +443,11 @@ def patch_size(transformer: nn.Module, p: int):
             transformer.patch_size = old_attr
 
 
-def _lora_layers(transformer: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
-    """The transformer's peft LoRA layers and their parameters, found once per set of adapters: diffusers'
+def _lora_found(transformer: nn.Module) -> dict:
+    """The transformer's peft LoRA layers, their module names, the LoRA parameters and a cache of
+    :func:`_lora_widths`, from one module walk per set of adapters (dropped when adapters are added): diffusers'
     model-level ``set_adapter``/``enable_adapters``/``disable_adapters`` walk every module on every call
     (4.0 ms against a 14 ms one-image call of ``shapes-flexi``, ``benchmarks/flexidit_shapes/switch``)."""
-    found = _lora_found(transformer)
-    return found["layers"], found["params"]
-
-
-def _lora_found(transformer: nn.Module) -> dict:
-    """One module walk per set of adapters: the LoRA layers, their module names, the LoRA parameters, and a
-    cache of :func:`_lora_widths` (dropped with the rest when adapters are added)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     key = tuple(sorted(getattr(transformer, "peft_config", {}) or {}))
