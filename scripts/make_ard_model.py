@@ -61,7 +61,7 @@ def main() -> None:
     points = shipped.loss_points(5)
     tc = log["config"]
     n = cfg.get("trajectories", man["n"])  # what the run trained on (the folder may have grown since)
-    init = f" --init {earlier[-1]['run']}" if earlier else ""
+    init = f" --init {NAME}" if earlier else ""  # the shipped student: earlier_stages reads its record
     stage = {"stage": len(earlier) + 1, "trajectories": n, "data": str(args.data), "run": str(run),
              "commands": (f"hasten distill trajectories --teacher {man['teacher']} --steps {man['steps']} "
                           f"--keep {man['keep']} \\\n    --n {n} --out {args.data}\n"
@@ -72,8 +72,6 @@ def main() -> None:
              "config": tc, "time": share}
     stages = [*earlier, stage]
     write_json(dest / STAGES_FILE, stages)
-    reproduce = "\n".join(s["commands"].replace(s["data"], str(args.data)) + (
-        f"   # stage {s['stage']}" if earlier else "   # re-running resumes") for s in stages)
     stages_note = "" if not earlier else (
         f"- {len(stages)} stages, each from the previous one's EMA weights (`--init`); the trajectory folder grows "
         "between them (new seeds) and each stage trains on all of it:\n" + "".join(
@@ -99,11 +97,7 @@ images = pipe(["a red circle to the left of a blue square"]).images
 ```
 CLI: `hasten generate --model {NAME} --prompt "a red circle"`.
 
-## Reproduce
-```
-{reproduce}
-python scripts/make_ard_model.py --from-run {run} --data {args.data} --bench {args.bench}
-```
+{reproduce_section(stages, args.bench)}
 
 ## Training
 {stages_note}- Data: {n} teacher trajectories (Euler {man['steps']} steps, CFG {man['guidance_scale']:g}, captions from
@@ -150,6 +144,21 @@ def earlier_stages(init: str | None) -> list[dict]:
     return stages
 
 
+def reproduce_section(stages: list[dict], bench: Path) -> str:
+    """The card's "## Reproduce" section: each stage's commands (re-running one resumes it); between stages,
+    the bench and the shipping of that stage's weights, since the next stage starts from the shipped student."""
+    lines = []
+    for s in stages:
+        lines.append(s["commands"] + f"   # stage {s['stage']}")
+        out = bench
+        if s is not stages[-1]:
+            out = Path(f"runs/ard/bench_stage{s['stage']}/results.json")
+            lines.append(f"python benchmarks/ard_shapes.py --ard {s['run']} --step-distill none --samples 1200 "
+                         f"--out {out.parent}")
+        lines.append(f"python scripts/make_ard_model.py --from-run {s['run']} --data {s['data']} --bench {out}")
+    return "## Reproduce\n```\n" + "\n".join(lines) + "\n```"
+
+
 def metrics_section(res: dict, bench: Path) -> str:
     """The card's "## Metrics" section: the bench's own ``results.md`` (written beside ``results.json`` by
     benchmarks/ard_shapes.py; it names the evaluation noise) under a heading with the file and the machine."""
@@ -159,11 +168,15 @@ def metrics_section(res: dict, bench: Path) -> str:
 
 
 def update_metrics(bench: Path) -> None:
-    """Replace the metrics section of the shipped card (up to "## Check") with one from ``bench``."""
+    """Replace the metrics section of the shipped card (up to "## Check") with one from ``bench``, and its
+    reproduce section with one rendered from the shipped ``training_stages.json``."""
     from hasten.pipeline import EMBEDDED
 
     card = EMBEDDED[NAME] / "MODEL_CARD.md"
     text = card.read_text()
+    stages = json.loads((EMBEDDED[NAME] / STAGES_FILE).read_text())
+    r0, r1 = text.index("## Reproduce"), text.index("## Training")
+    text = text[:r0] + reproduce_section(stages, bench) + "\n\n" + text[r1:]
     a, b = text.index("## Metrics"), text.index("## Check")
     new = text[:a] + metrics_section(json.loads(bench.read_text()), bench) + "\n" + text[b:]
     atomic_write(card, lambda tmp: Path(tmp).write_text(new))
