@@ -1,4 +1,4 @@
-"""The README quotes only benchmark files that exist (benchmarks/ keeps current results; history is in git)."""
+"""The READMEs quote only benchmark files that exist (benchmarks/ keeps current results; history is in git)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ def test_every_quoted_benchmark_file_exists():
     assert len(paths) >= 10
     missing = [p for p in paths if not glob.glob(str(ROOT / p))]
     assert missing == []
+
+
+def test_every_benchmark_readme_quotes_existing_files():
+    """The notes beside the results (benchmarks/*/README.md), where the main README sends experiment details."""
+    notes = sorted((ROOT / "benchmarks").glob("*/README.md"))
+    assert notes
+    for note in notes:
+        missing = [p for p in quoted_paths(note.read_text()) if not glob.glob(str(ROOT / p))]
+        assert missing == [], note
 
 
 def test_the_check_sees_a_missing_file():
