@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -238,6 +239,14 @@ def test_training_lowers_the_loss_and_resumes_exactly(pipe, cond, tmp_path):
         assert torch.equal(p, q)
     with pytest.raises(HastenError, match="other settings"):
         train_ard(pipe.transformer, data, tmp_path / "b", ARDConfig(steps=7, layers_with_history=1), progress=False)
+    # the trajectory count is part of the recipe: a run on a grown (or cut) data set is not a resume
+    counted = replace(cfg, trajectories=8)
+    train_ard(pipe.transformer, data, tmp_path / "c", counted, progress=False, stop_after=2)
+    more = {**data, **{k: torch.cat([data[k], data[k][:2]]) for k in ("states", "text", "pooled")}}
+    with pytest.raises(HastenError, match="says 8 trajectories, the data holds 10"):
+        train_ard(pipe.transformer, more, tmp_path / "c", counted, progress=False)
+    with pytest.raises(HastenError, match="trajectories: 8 there, 10 now"):
+        train_ard(pipe.transformer, more, tmp_path / "c", replace(cfg, trajectories=10), progress=False)
 
 
 def test_trajectory_shards_round_trip_and_an_interrupted_run_resumes_without_gaps(pipe, tmp_path):
@@ -260,9 +269,17 @@ def test_trajectory_shards_round_trip_and_an_interrupted_run_resumes_without_gap
     assert full["sigmas"].tolist() == [1.0, pipe.scheduler.sigmas[4].item(), 0.0]
     with pytest.raises(HastenError, match="steps=5"):
         generate_trajectories(pipe, tmp_path / "full", n=5, steps=6, keep=2, shard_size=2, progress=False)
+    # the first k samples: those of a run with --n k, cut from the shards that hold them
+    first = load_trajectories(tmp_path / "full", first=3)
+    assert first["seeds"].tolist() == [0, 1, 2] and first["captions"] == full["captions"][:3]
+    assert all(torch.equal(first[k], full[k][:3]) for k in ("states", "text", "pooled"))
+    for bad in (0, 6):
+        with pytest.raises(HastenError, match=f"holds 5 trajectories: cannot use the first {bad}"):
+            load_trajectories(tmp_path / "full", first=bad)
     generate_trajectories(pipe, tmp_path / "full", **{**args, "n": 6}, stop_after_shards=0)  # grown, not yet run
     with pytest.raises(HastenError, match="shard_00002.safetensors holds 1 of its 2 samples"):
         load_trajectories(tmp_path / "full")  # the manifest says 6; the last shard still holds sample 4 only
+    assert load_trajectories(tmp_path / "full", first=4)["seeds"].tolist() == [0, 1, 2, 3]  # shards 0-1 only
     generate_trajectories(pipe, tmp_path / "full", **{**args, "n": 6})  # more samples: the last shard grows
     assert load_trajectories(tmp_path / "full")["seeds"].tolist() == list(range(6))
 

@@ -326,6 +326,7 @@ class ARDConfig:
     own_history: float = 0.0  # share of each batch trained on the student's own history (0: the paper's recipe)
     init: str | None = None  # an ARD student folder to start from (a second training stage)
     history_gate: bool = False  # zero-initialised gates on the history attention (not the paper's; ARDStudent)
+    trajectories: int | None = None  # how many the run trains on (recorded, so a resume on other data is refused)
 
 
 def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
@@ -358,6 +359,8 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
     n = data["states"].shape[0]
     if not 0.0 <= cfg.own_history <= 1.0:
         raise HastenError(f"--own-history must be in [0, 1], got {cfg.own_history}")
+    if cfg.trajectories not in (None, n):
+        raise HastenError(f"the config says {cfg.trajectories} trajectories, the data holds {n}")
 
     def loss(student: ARDStudent, step: int, gen: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)

@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
         own_history: float = typer.Option(0.0, help="share of each batch whose inputs are the student's own "
                                           "sampled history (0: teacher-forced, the paper's recipe)"),
         init: str | None = typer.Option(None, help="an ARD student (folder or shapes-ard4) to start from"),
+        trajectories: int | None = typer.Option(None, help="train on the first N trajectories of --data only "
+                                                "(what --n N would have stored; default: all of them)"),
         history_gate: bool = typer.Option(False, "--history-gate/--no-history-gate", help="zero-initialised "
                                           "learned gates on the history attention, so training starts from "
                                           "step distillation (not the paper's; off: the paper's attention)"),
@@ -78,13 +80,13 @@ def register(app: typer.Typer) -> None:
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
         check_out_folder(out)
-        traj = load_trajectories(data)
+        traj = load_trajectories(data, first=trajectories)
         if traj["manifest"]["teacher"] != teacher:
             raise HastenError(f"{data} holds trajectories of {traj['manifest']['teacher']!r}, not --teacher {teacher}")
         pipe = load_pipeline(teacher)
         cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                         layers_with_history=layers_with_history, own_history=own_history, init=init,
-                        history_gate=history_gate)
+                        history_gate=history_gate, trajectories=len(traj["captions"]))
         torch.manual_seed(cfg.seed)
         vae = weights_hash(pipe.vae)
         log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json, vae_hash=vae)

@@ -150,8 +150,11 @@ def generate_trajectories(pipe: Any, out: str | Path, n: int, steps: int = 25, k
     return manifest
 
 
-def load_trajectories(folder: str | Path) -> dict:
-    """All shards of ``folder`` in sample order: text, pooled, states, seeds, sigmas, captions, manifest."""
+def load_trajectories(folder: str | Path, first: int | None = None) -> dict:
+    """All shards of ``folder`` in sample order: text, pooled, states, seeds, sigmas, captions, manifest.
+
+    ``first``: only samples 0..first-1 (the shards that hold them), which are exactly what ``hasten distill
+    trajectories --n first`` stores, since sample i depends on i alone (caption seed, noise seed i)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -159,7 +162,10 @@ def load_trajectories(folder: str | Path) -> dict:
         raise HastenError(f"{folder} holds no trajectories ({MANIFEST} missing): run hasten distill trajectories")
     manifest = json.loads((folder / MANIFEST).read_text())
     shard_size, n = int(manifest["shard_size"]), int(manifest["n"])
-    files = [folder / shard_name(k) for k in range((n + shard_size - 1) // shard_size)]
+    if first is not None and not 1 <= first <= n:
+        raise HastenError(f"{folder} holds {n} trajectories: cannot use the first {first}")
+    count = n if first is None else first
+    files = [folder / shard_name(k) for k in range((count + shard_size - 1) // shard_size)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise HastenError(f"{folder} is incomplete ({len(missing)} of {len(files)} shards missing, first "
@@ -176,8 +182,8 @@ def load_trajectories(folder: str | Path) -> dict:
                 parts[key].append(h.get_tensor(key))
             captions += json.loads(h.metadata()["captions"])
             sigmas = h.get_tensor("sigmas")
-    data = {key: torch.cat(v) for key, v in parts.items()}
-    data.update(sigmas=sigmas, captions=captions, manifest=manifest)
+    data = {key: torch.cat(v)[:first] for key, v in parts.items()}
+    data.update(sigmas=sigmas, captions=captions[:first], manifest=manifest)
     return data
 
 
