@@ -225,6 +225,23 @@ def test_flop_formula_matches_the_flop_counter(pipe, cond):
     assert counted[2, False] - counted[0, False] == 2 * ard_flops(student, text.shape[1], 16, 16)["extra"] > 0
 
 
+def test_the_x0_loss_is_the_mse_of_the_clean_images_the_steps_imply(pipe, cond):
+    data = trajectory_data(pipe, cond, copies=1)
+    states, (_, text, pooled) = data["states"], cond
+    student = ARDStudent(pipe.transformer, data["sigmas"].tolist(), 1).eval()
+    with torch.no_grad():
+        x, s = states[:, :-1], student.sigmas.view(1, -1, 1, 1, 1)
+        v, dt = student(x, text, pooled), student.step_sizes().view(1, -1, 1, 1, 1)
+        v_teacher = (states[:, 1:] - x) / dt  # the velocity that lands each step on the teacher's next state
+        x0_mse = ((x - s[:, :-1] * v) - (x - s[:, :-1] * v_teacher)) ** 2
+        want = x0_mse.mean(dim=(0, 2, 3, 4)).mean()
+        got = student.loss(states, text, pooled, space="x0")
+        state_loss = student.loss(states, text, pooled)
+    assert torch.allclose(got, want, rtol=1e-4) and not torch.allclose(got, state_loss, rtol=0.1)
+    with pytest.raises(HastenError, match="loss space"):
+        student.loss(states, text, pooled, space="eps")
+
+
 def test_training_lowers_the_loss_and_resumes_exactly(pipe, cond, tmp_path):
     data = trajectory_data(pipe, cond, copies=4)
     cfg = ARDConfig(steps=6, batch_size=4, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
@@ -239,6 +256,12 @@ def test_training_lowers_the_loss_and_resumes_exactly(pipe, cond, tmp_path):
         assert torch.equal(p, q)
     with pytest.raises(HastenError, match="other settings"):
         train_ard(pipe.transformer, data, tmp_path / "b", ARDConfig(steps=7, layers_with_history=1), progress=False)
+    # --loss-space x0 trains on the x0 loss: every step weight is >= 1, so the first logged loss is higher
+    x0_run = train_ard(pipe.transformer, data, tmp_path / "x0", replace(cfg, loss_space="x0"), progress=False,
+                       stop_after=1)
+    assert x0_run["loss_curve"][0]["loss"] > 1.5 * curve[0]
+    with pytest.raises(HastenError, match="--loss-space must be state or x0"):
+        train_ard(pipe.transformer, data, tmp_path / "bad", replace(cfg, loss_space="v"), progress=False)
     # the trajectory count is part of the recipe: a run on a grown (or cut) data set is not a resume
     counted = replace(cfg, trajectories=8)
     train_ard(pipe.transformer, data, tmp_path / "c", counted, progress=False, stop_after=2)
@@ -338,6 +361,9 @@ def test_distill_cli_rejects_bad_input(capsys, tmp_path):
     code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path / "none"), "--layers-with-history", "2",
                            "--out", str(tmp_path / "o"), "--steps", "10", "--warmup", "11")
     assert code == 2 and "--warmup must be in [0, --steps]" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path / "none"), "--layers-with-history", "2",
+                           "--out", str(tmp_path / "o"), "--loss-space", "eps")
+    assert code == 2 and "--loss-space must be state or x0" in err and err.count("\n") == 1
 
 
 def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):

@@ -57,6 +57,8 @@ def register(app: typer.Typer) -> None:
         init: str | None = typer.Option(None, help="an ARD student (folder or shapes-ard4) to start from"),
         trajectories: int | None = typer.Option(None, help="train on the first N trajectories of --data only "
                                                 "(what --n N would have stored; default: all of them)"),
+        loss_space: str = typer.Option("state", help="each step's MSE on the next state (state) or on the clean "
+                                       "image the step implies (x0: early steps weigh more)"),
         history_gate: bool = typer.Option(False, "--history-gate/--no-history-gate", help="zero-initialised "
                                           "learned gates on the history attention, so training starts from "
                                           "step distillation (not the paper's; off: the paper's attention)"),
@@ -79,6 +81,8 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"--warmup must be in [0, --steps], got {warmup}")
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
+        if loss_space not in ("state", "x0"):
+            raise HastenError(f"--loss-space must be state or x0, got {loss_space!r}")
         check_out_folder(out)
         traj = load_trajectories(data, first=trajectories)
         if traj["manifest"]["teacher"] != teacher:
@@ -86,7 +90,7 @@ def register(app: typer.Typer) -> None:
         pipe = load_pipeline(teacher)
         cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                         layers_with_history=layers_with_history, own_history=own_history, init=init,
-                        history_gate=history_gate, trajectories=len(traj["captions"]))
+                        history_gate=history_gate, trajectories=len(traj["captions"]), loss_space=loss_space)
         torch.manual_seed(cfg.seed)
         vae = weights_hash(pipe.vae)
         log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json, vae_hash=vae)
