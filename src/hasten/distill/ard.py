@@ -261,8 +261,10 @@ class ARDStudent(nn.Module):
         ``space="x0"`` measures each step's error on the clean image its step implies instead,
         ``x0 = x_k - sigma_k v`` (the step ``x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v`` lands on the teacher's
         state exactly when it does): the same per-step MSE times ``(sigma_k / (sigma_k - sigma_{k+1}))^2``, so
-        the early, long steps weigh more (5.8, 7.9, 3.3 and 1 for ``shapes``'s kept sigmas). The paper's public
-        re-implementation regresses x0-predictions; hasten's default stays the state (hasten's convention)."""
+        the early, long steps weigh more (5.8, 7.9, 3.3 and 1 for ``shapes``'s kept sigmas). The public
+        re-implementation (Talpa-Grigory/ARD, ``predx0``) regresses each step, with equal weights, onto the
+        teacher's own x0-prediction at the kept step, which the stored states do not hold; this option gives the
+        steps that x0 weighting on the states' own targets. The default stays the state (this module's convention)."""
         x = states[:, :-1] if inputs is None else inputs
         per_step = ((self.next_states(x, text, pooled) - states[:, 1:]) ** 2).mean(dim=(0, 2, 3, 4))
         if space == "x0":
