@@ -34,7 +34,7 @@ it here: CFG costs the teacher FD-shapes, so a student can drift from the teache
   same caption and noise. The students learn the teacher's map from noise to image, so this is their error.
 - ``fd_to_teacher``: FD between the student's scene-encoder features and the teacher's (its statistics
   held fixed in the bootstrap, as the rendered scenes' are for FD-shapes); 0 for a perfect copy.
-  For scale, the row ``teacher, other noise``: the teacher on the same captions from other noise (seed 1),
+  For scale, the row ``teacher, other noise``: the teacher on the same captions from other noise (the next noise seed),
   an exact sampler of the teacher's distribution that does not reproduce its images.
 
 (:func:`hasten.eval.shapes_eval.fidelity`; ``benchmarks/ard_shapes.py`` records the same two measures.)
