@@ -343,6 +343,12 @@ class ARDConfig:
     loss_space: str = "state"  # per-step MSE on the next state, or on the clean image each step implies ("x0")
 
 
+def check_loss_space(space: str) -> None:
+    """Refuse a ``--loss-space`` other than those :meth:`ARDStudent.loss` knows (before any work is done)."""
+    if space not in ("state", "x0"):
+        raise HastenError(f"--loss-space must be state or x0, got {space!r}")
+
+
 def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
                        rows: torch.Tensor) -> torch.Tensor:
     """The groups' inputs (B, K, ...) with the samples ``rows`` (bool, B) on the student's own history.
@@ -373,8 +379,7 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
     n = data["states"].shape[0]
     if not 0.0 <= cfg.own_history <= 1.0:
         raise HastenError(f"--own-history must be in [0, 1], got {cfg.own_history}")
-    if cfg.loss_space not in ("state", "x0"):
-        raise HastenError(f"--loss-space must be state or x0, got {cfg.loss_space!r}")
+    check_loss_space(cfg.loss_space)
     if cfg.trajectories not in (None, n):
         raise HastenError(f"the config says {cfg.trajectories} trajectories, the data holds {n}")
 

@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
 
         from ..pipeline import EMBEDDED, load_pipeline
         from ..plans import weights_hash
-        from .ard import ARDConfig, save_ard, train_ard
+        from .ard import ARDConfig, check_loss_space, save_ard, train_ard
         from .trajectories import load_trajectories
 
         if steps < 1 or batch_size < 1 or not lr > 0:
@@ -81,8 +81,7 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"--warmup must be in [0, --steps], got {warmup}")
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
-        if loss_space not in ("state", "x0"):
-            raise HastenError(f"--loss-space must be state or x0, got {loss_space!r}")
+        check_loss_space(loss_space)
         check_out_folder(out)
         traj = load_trajectories(data, first=trajectories)
         if traj["manifest"]["teacher"] != teacher:
@@ -100,7 +99,7 @@ def register(app: typer.Typer) -> None:
             base = teacher if teacher in EMBEDDED else str(Path(teacher).resolve())
             save_ard(student, out, base, {"guidance_scale": m["guidance_scale"], "teacher_steps": m["steps"],
                                           "kept_indices": m["kept_indices"], "base_vae": vae,
-                                          "trajectories": len(traj["captions"]), "train_steps": steps,
+                                          "trajectories": cfg.trajectories, "train_steps": steps,
                                           "own_history": own_history, "init": init})
             from ..io import write_json
 
