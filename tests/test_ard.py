@@ -126,8 +126,9 @@ def test_with_history_the_first_step_is_the_teachers_and_later_steps_see_the_his
     assert not torch.equal(states[:, -1], teacher_euler(pipe, noise, text, pooled, SIGMAS))
 
 
-@pytest.mark.parametrize("n,gate", [(0, False), (1, False), (2, False), (2, True)])
-def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(pipe, cond, n, gate):
+@pytest.mark.parametrize("n,gate,convention", [(0, False, "state"), (1, False, "state"), (2, False, "state"),
+                                               (2, True, "state"), (0, False, "x0"), (2, False, "x0")])
+def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(pipe, cond, n, gate, convention):
     """Fed its own predictions, the one-shot masked forward gives the velocities of the K cached passes.
 
     Not bitwise: the masked pass reduces attention over all groups' keys (masked entries add exact
@@ -135,13 +136,14 @@ def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(pipe, cond, n, ga
     ~1e-7 relative; 1e-5 absolute on unit-scale latents is far below any real difference (a wrong
     mask moves outputs by ~1e-2, the next test)."""
     noise, text, pooled = cond
-    student = ARDStudent(pipe.transformer, SIGMAS, n, history_gate=gate).eval()
+    student = ARDStudent(pipe.transformer, SIGMAS, n, history_gate=gate, convention=convention).eval()
     if gate:  # gates spread over (0, 1)
         student.history_gates.data = torch.rand(student.history_gates.shape, generator=torch.Generator()) / 50
     final, states = student.sample(noise, text, pooled, return_states=True)
     with torch.no_grad():
         v = student(states[:, :-1], text, pooled)
-    pred = states[:, :-1] + student.step_sizes().view(1, -1, 1, 1, 1) * v
+    coef = student.step_sizes() if convention == "state" else -student.labels  # the Euler jump, or x0 = x - l v
+    pred = states[:, :-1] + coef.view(1, -1, 1, 1, 1) * v
     torch.testing.assert_close(pred, states[:, 1:], atol=1e-5, rtol=0)
 
 
@@ -364,6 +366,11 @@ def test_distill_cli_rejects_bad_input(capsys, tmp_path):
     code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path / "none"), "--layers-with-history", "2",
                            "--out", str(tmp_path / "o"), "--loss-space", "eps")
     assert code == 2 and "--loss-space must be state or x0" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path / "none"), "--layers-with-history", "2",
+                           "--out", str(tmp_path / "o"), "--convention", "eps")
+    assert code == 2 and "--convention must be state or x0" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "distill", "add-x0", "--data", str(tmp_path / "none"))
+    assert code == 2 and "no trajectories" in err and err.count("\n") == 1
 
 
 def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
@@ -455,3 +462,99 @@ def test_evaluation_noise_must_not_be_a_training_trajectorys():
     with pytest.raises(HastenError, match="trained on"):
         check_eval_noise(0, students)
     check_eval_noise(1, students)
+
+
+def strip_x0(folder) -> None:
+    """Rewrite a trajectory folder's shards without their x0-predictions (a folder from before they were stored)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for f in sorted(folder.glob("shard_*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            tensors, meta = {k: h.get_tensor(k) for k in h.keys() if k != "x0"}, h.metadata()
+        save_file(tensors, str(f), metadata=meta)
+
+
+def test_stored_x0_predictions_are_the_teachers_and_add_x0_fills_an_old_folder(pipe, tmp_path):
+    """Every step kept: each stored x0 = x - sigma v is the prediction the teacher's own next Euler step used
+    (x_{k+1} = x_k + (sigma_{k+1} - sigma_k) (x_k - x0_k) / sigma_k, within float32 rounding); ``add-x0`` on a
+    folder without them computes the same values (other batches: within 1e-5) and resumes by shard."""
+    from hasten.distill.trajectories import add_x0_predictions
+
+    args = dict(n=5, steps=4, keep=4, shard_size=2, batch_size=3, progress=False)
+    generate_trajectories(pipe, tmp_path / "new", **args)
+    new = load_trajectories(tmp_path / "new")
+    st, x0, s = new["states"], new["x0"], new["sigmas"].view(1, -1, 1, 1, 1)
+    assert x0.shape == (5, 4, *pipe.latent_shape)
+    v = (st[:, :-1] - x0) / s[:, :-1]
+    torch.testing.assert_close(st[:, :-1] + (s[:, 1:] - s[:, :-1]) * v, st[:, 1:], atol=1e-5, rtol=0)
+    generate_trajectories(pipe, tmp_path / "old", **args)
+    strip_x0(tmp_path / "old")
+    assert "x0" not in load_trajectories(tmp_path / "old")
+    assert add_x0_predictions(pipe, tmp_path / "old", batch_size=2, first=3, progress=False) == 2  # shards 0-1
+    assert "x0" in load_trajectories(tmp_path / "old", first=4) and "x0" not in load_trajectories(tmp_path / "old")
+    assert add_x0_predictions(pipe, tmp_path / "old", progress=False, stop_after_shards=0) == 0
+    assert add_x0_predictions(pipe, tmp_path / "old", progress=False) == 1  # the one left
+    old = load_trajectories(tmp_path / "old")
+    torch.testing.assert_close(old["x0"], x0, atol=1e-5, rtol=0)
+    assert torch.equal(old["states"], st) and old["captions"] == new["captions"]
+    with pytest.raises(HastenError, match="cannot use the first 9"):
+        add_x0_predictions(pipe, tmp_path / "old", first=9, progress=False)
+
+
+def test_an_x0_convention_student_reads_x0_predictions_and_starts_from_the_teachers(pipe, cond, tmp_path):
+    """The re-implementation's convention: inputs (noise, x0_1, x0_2, x0_3), targets (x0_1, x0_2, x0_3, final).
+    Exactness: the fresh N = 0 student's first group is the teacher's conditional x0-prediction from the noise,
+    bitwise; the later groups read their input at sigma_d / 8. A student is refused data without x0, another
+    convention's weights, and the x0 loss weighting."""
+    from hasten.distill.ard import X0_LABEL_SCALE
+
+    noise, text, pooled = cond
+    data = trajectory_data(pipe, cond, copies=2)
+    data["x0"] = torch.randn(4, 4, *pipe.latent_shape, generator=torch.Generator().manual_seed(3))
+    student = ARDStudent(pipe.transformer, SIGMAS, 0, convention="x0").eval()
+    inputs, targets = student.teacher_forced(data["states"], data["x0"])
+    assert torch.equal(inputs[:, 0], data["states"][:, 0]) and torch.equal(inputs[:, 1:], data["x0"][:, 1:])
+    assert torch.equal(targets[:, :3], data["x0"][:, 1:]) and torch.equal(targets[:, 3], data["states"][:, -1])
+    assert student.labels.tolist() == pytest.approx([1.0] + [s * X0_LABEL_SCALE for s in SIGMAS[1:-1]])
+    _, outs = student.sample(noise, text, pooled, return_states=True)
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=noise, timestep=torch.full((2,), 1000.0), encoder_hidden_states=text,
+                             pooled_projections=pooled, return_dict=False)[0]
+    assert torch.equal(outs[:, 1], noise - v)
+    with pytest.raises(HastenError, match="x0 loss space weights a state-convention"):
+        student.loss(data["states"], data["text"], data["pooled"], space="x0", x0=data["x0"])
+    with pytest.raises(HastenError, match="hold none"):
+        student.loss(data["states"], data["text"], data["pooled"])
+    cfg = ARDConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
+                    log_every=1, bf16_autocast=False, convention="x0")
+    run = train_ard(pipe.transformer, data, tmp_path / "x0", cfg, progress=False)
+    assert run["finished"] and run["student"].convention == "x0"
+    no_x0 = {k: v for k, v in data.items() if k != "x0"}
+    with pytest.raises(HastenError, match="hold none"):
+        train_ard(pipe.transformer, no_x0, tmp_path / "y", cfg, progress=False)
+    with pytest.raises(HastenError, match="--convention must be state or x0"):
+        ARDStudent(pipe.transformer, SIGMAS, 0, convention="eps")
+
+
+def test_an_x0_student_saves_loads_and_refuses_to_start_from_a_state_student(pipe, cond, tmp_path):
+    from hasten import load_pipeline
+    from hasten.distill.ard import start_from
+    from hasten.plans import weights_hash
+
+    noise, text, pooled = cond
+    pipe.save_pretrained(tmp_path / "teacher")
+    vae = weights_hash(pipe.vae)
+    student = ARDStudent(pipe.transformer, SIGMAS, 1, convention="x0").eval()
+    with torch.no_grad():
+        for t in student.state_dict().values():
+            t.copy_(t.half().float())  # stored in float16: make the round trip exact
+    save_ard(student, tmp_path / "x0", str(tmp_path / "teacher"), {"guidance_scale": 5.0, "base_vae": vae})
+    loaded = load_pipeline(tmp_path / "x0")
+    assert loaded.student.convention == "x0"
+    assert torch.equal(loaded(PROMPTS, latents=noise, output_type="latent").images,
+                       student.sample(noise, text, pooled))
+    save_ard(ARDStudent(pipe.transformer, SIGMAS, 1), tmp_path / "state", str(tmp_path / "teacher"),
+             {"guidance_scale": 5.0, "base_vae": vae})
+    with pytest.raises(HastenError, match="convention state there"):
+        start_from(ARDStudent(pipe.transformer, SIGMAS, 1, convention="x0"), tmp_path / "state", vae)

@@ -20,6 +20,21 @@ The student is the teacher's ``SD3Transformer2DModel`` (weights copied) with:
 - the head predicts a velocity and the group's output state is the Euler jump
   ``x_{sigma_{d+1}} = x_{sigma_d} + (sigma_{d+1} - sigma_d) v_d``, so the freshly built student is the
   teacher (conditional branch) taking K big Euler steps: a tested, sensible initialisation;
+- ``convention="x0"``, the public re-implementation's (Talpa-Grigory/ARD, ``predx0``; the paper speaks of
+  the "denoised samples" a student reads): group 0 reads the noise, group d > 0 the teacher's guided
+  x0-prediction at the kept state d (:func:`hasten.distill.trajectories.teacher_x0_predictions`), and each
+  group predicts the next one (the last group the final latent) as the teacher's x0 formula at the group's
+  time label l_d, ``x0_{d+1} = input_d - l_d v_d``, with l_0 = 1 (the fresh group 0 is the teacher's
+  x0-prediction from the noise) and l_d = sigma_d / 8 for d > 0 (X0_LABEL_SCALE): the fresh later groups read
+  their input, a clean prediction, as nearly clean, which keeps them within a few percent of the identity
+  (measured on 32 ``shapes`` trajectories: reading it at sigma_d instead makes the fresh group 1 24x worse
+  than copying its input); the labels still differ per group, as the re-implementation's t, 3t/4, t/2, t/4
+  do. The re-implementation regresses its raw head output from an epsilon teacher over 300k steps, which we
+  cannot afford: this residual form starts near the answer. The difference that matters: a state
+  determines the teacher's next state (its ODE is deterministic), so under the state convention the history
+  can only repeat what the input holds, which is what ``benchmarks/ard_shapes`` measured; an x0-prediction
+  has lost the noise, which group 0 (the noise itself) and the earlier predictions still carry, so there the
+  history holds information the input lacks and step distillation (N = 0) has to do without it;
 - **inference in K sequential passes** with a KV cache in the lower N blocks (each pass computes only
   its own group); it reproduces the teacher-forced masked pass fed with its own predictions.
 
@@ -62,6 +77,7 @@ ARD_CONFIG = "ard_config.json"
 
 
 GATE_GAIN = 50.0  # g = clamp(GATE_GAIN * parameter, 0, 1): see ARDStudent.history_gates
+X0_LABEL_SCALE = 1 / 8  # x0 convention: group d > 0 reads its input at the time label sigma_d / 8 (module docstring)
 
 
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor | None,
@@ -160,15 +176,18 @@ class HistoryAttention:
 class ARDStudent(nn.Module):
     """The K-step ARD student built from a teacher ``SD3Transformer2DModel``; see the module docstring.
 
-    ``sigmas``: the K + 1 kept noise levels, from 1 (noise) to 0 (the final latent). ``history_gate``: the
+    ``sigmas``: the K + 1 kept noise levels, from 1 (noise) to 0 (the final latent). ``convention``: what the
+    groups read and predict, ``"state"`` (the states x_{sigma_d}) or ``"x0"`` (x0-predictions; module
+    docstring). ``history_gate``: the
     lower blocks' history attention is gated (module docstring), with ``history_gates`` (N, heads), zero at
     initialisation; g = clamp(GATE_GAIN * parameter, 0, 1). The gain is there because AdamW moves a
     parameter by about lr per step: a bare gate would open by at most 0.2 in 1000 steps at lr 2e-4.
     """
 
     def __init__(self, teacher: nn.Module, sigmas: Sequence[float], layers_with_history: int,
-                 history_gate: bool = False):
+                 history_gate: bool = False, convention: str = "state"):
         super().__init__()
+        check_convention(convention)
         layers = len(teacher.transformer_blocks)
         if not 0 <= layers_with_history <= layers:
             raise HastenError(f"--layers-with-history must be in [0, {layers}], got {layers_with_history}")
@@ -179,8 +198,13 @@ class ARDStudent(nn.Module):
             raise HastenError(f"the kept noise levels must decrease within [0, 1], got {s.tolist()}")
         self.transformer = copy.deepcopy(teacher)
         self.register_buffer("sigmas", torch.as_tensor(list(sigmas), dtype=torch.float32), persistent=False)
+        labels = s[:-1].clone()  # the time label each group reads its input at
+        if convention == "x0":
+            labels[1:] *= X0_LABEL_SCALE
+        self.register_buffer("labels", labels, persistent=False)
         self.steps = len(sigmas) - 1
         self.layers_with_history = layers_with_history
+        self.convention = convention
         self.head_norms = nn.ModuleList(copy.deepcopy(self.transformer.norm_out) for _ in range(self.steps))
         self.head_projs = nn.ModuleList(copy.deepcopy(self.transformer.proj_out) for _ in range(self.steps))
         self.history = [HistoryAttention() for _ in range(layers_with_history)]
@@ -199,7 +223,7 @@ class ARDStudent(nn.Module):
     def _condition(self, x: torch.Tensor, groups: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tr = self.transformer
-        timestep = self.sigmas[groups] * 1000.0
+        timestep = self.labels[groups] * 1000.0
         return tr.pos_embed(x), tr.time_text_embed(timestep, pooled), tr.context_embedder(text)
 
     def _blocks(self, h: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -252,11 +276,25 @@ class ARDStudent(nn.Module):
     def step_sizes(self) -> torch.Tensor:
         return self.sigmas[1:] - self.sigmas[:-1]
 
+    def teacher_forced(self, states: torch.Tensor, x0: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The groups' teacher-forced inputs and targets (each (B, K, C, H, W)) from the teacher's kept states
+        ``states`` (B, K + 1, ...) and, for the x0 convention, its x0-predictions ``x0`` (B, K, ...): the states
+        and the next states, or (the noise, x0_1 .. x0_{K-1}) and (x0_1 .. x0_{K-1}, the final latent)."""
+        if self.convention == "state":
+            return states[:, :-1], states[:, 1:]
+        if x0 is None:
+            raise HastenError("an x0-convention student trains on the teacher's x0-predictions: the trajectories "
+                              "hold none (run hasten distill add-x0 on the folder)")
+        return torch.cat([states[:, :1], x0[:, 1:]], 1), torch.cat([x0[:, 1:], states[:, -1:]], 1)
+
     def loss(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-             inputs: torch.Tensor | None = None, space: str = "state") -> torch.Tensor:
-        """Mean over the K steps of the MSE between the predicted and the teacher's next state ``states[:, 1:]``.
-        The groups' inputs are the teacher's states ``states[:, :-1]`` (teacher forcing), or ``inputs`` (B, K, ...)
-        when given (:func:`own_history_inputs`).
+             inputs: torch.Tensor | None = None, space: str = "state", x0: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Mean over the K steps of the MSE between each group's prediction and its teacher-forced target
+        (:meth:`teacher_forced`: the teacher's next state ``states[:, 1:]``, or with the x0 convention its next
+        x0-prediction, ``x0`` the teacher's). The groups' inputs are the teacher's (teacher forcing), or
+        ``inputs`` (B, K, ...) when given (:func:`own_history_inputs`).
 
         ``space="x0"`` measures each step's error on the clean image its step implies instead,
         ``x0 = x_k - sigma_k v`` (the step ``x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v`` lands on the teacher's
@@ -264,28 +302,41 @@ class ARDStudent(nn.Module):
         the early, long steps weigh more (5.8, 7.9, 3.3 and 1 for ``shapes``'s kept sigmas). The public
         re-implementation (Talpa-Grigory/ARD, ``predx0``) regresses each step, with equal weights, onto the
         teacher's own x0-prediction at the kept step, which the stored states do not hold; this option gives the
-        steps that x0 weighting on the states' own targets. The default stays the state (this module's convention)."""
-        x = states[:, :-1] if inputs is None else inputs
-        per_step = ((self.next_states(x, text, pooled) - states[:, 1:]) ** 2).mean(dim=(0, 2, 3, 4))
+        steps that x0 weighting on the states' own targets. The default stays the state (this module's convention);
+        an x0-convention student's loss is on x0-predictions already, and refuses ``space="x0"``."""
+        if space not in ("state", "x0"):
+            raise HastenError(f"loss space must be 'state' or 'x0', got {space!r}")
+        if space == "x0" and self.convention == "x0":
+            raise HastenError("the x0 loss space weights a state-convention student's steps; an x0-convention "
+                              "student's loss is on x0-predictions already")
+        x, targets = self.teacher_forced(states, x0)
+        x = x if inputs is None else inputs
+        per_step = ((self.next_states(x, text, pooled) - targets) ** 2).mean(dim=(0, 2, 3, 4))
         if space == "x0":
             per_step = per_step * (self.sigmas[:-1] / self.step_sizes()) ** 2
-        elif space != "state":
-            raise HastenError(f"loss space must be 'state' or 'x0', got {space!r}")
         return per_step.mean()
 
+    def update(self, x: torch.Tensor, v: torch.Tensor, d: int | None = None) -> torch.Tensor:
+        """Group d's output from its input x and head output v: the Euler jump ``x + (sigma_{d+1} - sigma_d) v``
+        (state convention) or the clean prediction ``x - l_d v`` at the group's time label (x0 convention).
+        ``d=None``: all K groups, x and v (B, K, ...)."""
+        coef = -self.labels if self.convention == "x0" else self.step_sizes()
+        return x + (coef.view(1, -1, 1, 1, 1) if d is None else coef[d]) * v
+
     def next_states(self, inputs: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Each group's Euler step from its input, all K at once: ``x_k + (sigma_{k+1} - sigma_k) v_k`` (B, K, ...)."""
-        return inputs + self.step_sizes().view(1, -1, 1, 1, 1) * self(inputs, text, pooled)
+        """Each group's output from its input, all K at once (B, K, ...): :meth:`update` of the head's output."""
+        return self.update(inputs, self(inputs, text, pooled))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
                return_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """K sequential passes (KV cache in the lower blocks): the final latent (and all K + 1 states)."""
-        x, states, dt = noise.float(), [noise.float()], self.step_sizes()
+        """K sequential passes (KV cache in the lower blocks): the final latent (and all K + 1 groups' inputs and
+        the last output: states, or with the x0 convention the noise and the x0-predictions)."""
+        x, states = noise.float(), [noise.float()]
         with self.kv_cache():
             for d in range(self.steps):
-                x = x + dt[d] * self(x, text, pooled, group=d).float()
+                x = self.update(x, self(x, text, pooled, group=d).float(), d)
                 states.append(x)
         return (x, torch.stack(states, 1)) if return_states else x
 
@@ -341,6 +392,13 @@ class ARDConfig:
     history_gate: bool = False  # zero-initialised gates on the history attention (not the paper's; ARDStudent)
     trajectories: int | None = None  # how many the run trains on (recorded, so a resume on other data is refused)
     loss_space: str = "state"  # per-step MSE on the next state, or on the clean image each step implies ("x0")
+    convention: str = "state"  # what the groups read and predict: states or x0-predictions (ARDStudent)
+
+
+def check_convention(convention: str) -> None:
+    """Refuse a ``--convention`` other than the two :class:`ARDStudent` knows."""
+    if convention not in ("state", "x0"):
+        raise HastenError(f"--convention must be state or x0, got {convention!r}")
 
 
 def check_loss_space(space: str) -> None:
@@ -350,7 +408,7 @@ def check_loss_space(space: str) -> None:
 
 
 def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-                       rows: torch.Tensor) -> torch.Tensor:
+                       rows: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
     """The groups' inputs (B, K, ...) with the samples ``rows`` (bool, B) on the student's own history.
 
     An extension, not the paper's recipe (which is teacher-forced, ``own_history=0``): at inference every
@@ -363,7 +421,7 @@ def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Te
     more steps at 0.5 against the same fine-tune teacher-forced, ``benchmarks/ard_shapes/own_history``): no
     adherence gain, FD-shapes slightly worse; the shipped student is teacher-forced.
     """
-    inputs = states[:, :-1].clone()
+    inputs = student.teacher_forced(states, x0)[0].clone()
     if rows.any():
         _, own = student.sample(states[rows, 0], text[rows], pooled[rows], return_states=True)
         inputs[rows, 1:] = own[:, 1:-1].to(inputs.dtype)
@@ -380,17 +438,22 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
     if not 0.0 <= cfg.own_history <= 1.0:
         raise HastenError(f"--own-history must be in [0, 1], got {cfg.own_history}")
     check_loss_space(cfg.loss_space)
+    check_convention(cfg.convention)
+    if cfg.convention == "x0" and "x0" not in data:
+        raise HastenError("--convention x0 trains on the teacher's x0-predictions: these trajectories hold none "
+                          "(run hasten distill add-x0 on the folder)")
     if cfg.trajectories not in (None, n):
         raise HastenError(f"the config says {cfg.trajectories} trajectories, the data holds {n}")
 
     def loss(student: ARDStudent, step: int, gen: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         states, text, pooled = data["states"][rows].float(), data["text"][rows].float(), data["pooled"][rows].float()
+        x0 = data["x0"][rows].float() if cfg.convention == "x0" else None
         own = torch.rand(cfg.batch_size, generator=gen) < cfg.own_history
-        inputs = own_history_inputs(student, states, text, pooled, own) if cfg.own_history > 0 else None
-        return student.loss(states, text, pooled, inputs, space=cfg.loss_space)
+        inputs = own_history_inputs(student, states, text, pooled, own, x0) if cfg.own_history > 0 else None
+        return student.loss(states, text, pooled, inputs, space=cfg.loss_space, x0=x0)
 
-    student = ARDStudent(teacher, sigmas, cfg.layers_with_history, cfg.history_gate)
+    student = ARDStudent(teacher, sigmas, cfg.layers_with_history, cfg.history_gate, cfg.convention)
     if cfg.init is not None:
         if vae_hash is None:
             raise HastenError("--init needs the teacher's VAE hash (train_ard(..., vae_hash=...))")
@@ -407,12 +470,13 @@ def start_from(student: ARDStudent, folder: str | Path, vae_hash: str) -> None:
 
     def check(cfg: dict) -> str | None:
         theirs = torch.tensor(cfg.get("sigmas", []), dtype=torch.float32)
-        gated = bool(cfg.get("history_gate", False))
-        if theirs.shape == ours.shape and torch.allclose(theirs, ours) and \
+        gated, convention = bool(cfg.get("history_gate", False)), cfg.get("convention", "state")
+        if theirs.shape == ours.shape and torch.allclose(theirs, ours) and convention == student.convention and \
                 cfg.get("layers_with_history") == student.layers_with_history and gated == student.history_gate:
             return None
-        return (f"kept sigmas {theirs.tolist()}, N = {cfg.get('layers_with_history')}, history gate {gated} there; "
-                f"this run has {ours.tolist()}, N = {student.layers_with_history}, history gate {student.history_gate}")
+        return (f"kept sigmas {theirs.tolist()}, N = {cfg.get('layers_with_history')}, history gate {gated}, "
+                f"convention {convention} there; this run has {ours.tolist()}, N = {student.layers_with_history}, "
+                f"history gate {student.history_gate}, convention {student.convention}")
 
     init_student(student, folder, ARD_CONFIG, "ARD", vae_hash, check)
 
@@ -422,7 +486,8 @@ def save_ard(student: ARDStudent, folder: str | Path, base: str, meta: dict) -> 
     """``folder/ard_config.json`` (base model, kept sigmas, N, ``meta``: it must hold ``base_vae``) and
     ``folder/student.safetensors`` in float16, like the base model's weights (:func:`save_student`)."""
     cfg = {"base": base, "sigmas": student.sigmas.tolist(), "steps": student.steps,
-           "layers_with_history": student.layers_with_history, "history_gate": student.history_gate, **meta}
+           "layers_with_history": student.layers_with_history, "history_gate": student.history_gate,
+           "convention": student.convention, **meta}
     return save_student(student, folder, ARD_CONFIG, cfg, torch.float16)
 
 
@@ -434,7 +499,8 @@ def load_ard(folder: str | Path) -> StudentPipeline:
         except (KeyError, TypeError, ValueError) as e:
             raise HastenError(f"cannot load the ARD student in {folder}: bad sigmas or layers_with_history "
                               f"({e})") from None
-        return ARDStudent(base.transformer, sigmas, layers, bool(cfg.get("history_gate", False)))
+        return ARDStudent(base.transformer, sigmas, layers, bool(cfg.get("history_gate", False)),
+                          str(cfg.get("convention", "state")))
 
     return load_student(folder, ARD_CONFIG, "ARD", build, ShapesARDPipeline)
 

@@ -41,6 +41,27 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps(man) if as_json else f"wrote {n} trajectories to {out} (kept steps "
                    f"{man['kept_indices']} of {steps})")
 
+    @distill.command("add-x0")
+    def add_x0_cmd(
+        teacher: str = typer.Option("shapes", help="the teacher the trajectories came from"),
+        data: Path = typer.Option(..., help="a folder written by hasten distill trajectories"),
+        batch_size: int = typer.Option(64, help="trajectories per teacher call (4 kept states each, with CFG)"),
+        trajectories: int | None = typer.Option(None, help="only the shards holding the first N trajectories "
+                                                "(default: all)"),
+    ) -> None:
+        """Add the teacher's x0-predictions at the kept states to trajectories stored without them (resumable),
+        for hasten distill ard --convention x0."""
+        from ..pipeline import load_pipeline
+        from .trajectories import add_x0_predictions, load_manifest
+
+        if batch_size < 1:
+            raise HastenError("--batch-size must be >= 1")
+        manifest = load_manifest(data)
+        if manifest["teacher"] != teacher:
+            raise HastenError(f"{data} holds trajectories of {manifest['teacher']!r}, not --teacher {teacher}")
+        written = add_x0_predictions(load_pipeline(teacher), data, batch_size, first=trajectories)
+        typer.echo(f"added x0-predictions to {written} shards of {data}")
+
     @distill.command("ard")
     def ard_cmd(
         teacher: str = typer.Option("shapes", help="the teacher the trajectories came from"),
@@ -59,6 +80,9 @@ def register(app: typer.Typer) -> None:
                                                 "(what --n N would have stored; default: all of them)"),
         loss_space: str = typer.Option("state", help="each step's MSE on the next state (state) or on the clean "
                                        "image the step implies (x0: early steps weigh more)"),
+        convention: str = typer.Option("state", help="what each step reads and predicts: the teacher's states "
+                                       "(state) or its x0-predictions (x0, the public re-implementation's; "
+                                       "needs trajectories with them, see hasten distill add-x0)"),
         history_gate: bool = typer.Option(False, "--history-gate/--no-history-gate", help="zero-initialised "
                                           "learned gates on the history attention, so training starts from "
                                           "step distillation (not the paper's; off: the paper's attention)"),
@@ -72,7 +96,7 @@ def register(app: typer.Typer) -> None:
 
         from ..pipeline import EMBEDDED, load_pipeline
         from ..plans import weights_hash
-        from .ard import ARDConfig, check_loss_space, save_ard, train_ard
+        from .ard import ARDConfig, check_convention, check_loss_space, save_ard, train_ard
         from .trajectories import load_trajectories
 
         if steps < 1 or batch_size < 1 or not lr > 0:
@@ -82,6 +106,7 @@ def register(app: typer.Typer) -> None:
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
         check_loss_space(loss_space)
+        check_convention(convention)
         check_out_folder(out)
         traj = load_trajectories(data, first=trajectories)
         if traj["manifest"]["teacher"] != teacher:
@@ -89,7 +114,8 @@ def register(app: typer.Typer) -> None:
         pipe = load_pipeline(teacher)
         cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                         layers_with_history=layers_with_history, own_history=own_history, init=init,
-                        history_gate=history_gate, trajectories=len(traj["captions"]), loss_space=loss_space)
+                        history_gate=history_gate, trajectories=len(traj["captions"]), loss_space=loss_space,
+                        convention=convention)
         torch.manual_seed(cfg.seed)
         vae = weights_hash(pipe.vae)
         log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json, vae_hash=vae)

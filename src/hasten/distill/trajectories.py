@@ -16,9 +16,14 @@ Kept points (:func:`kept_indices`): the ARD paper's spacing for 25 DDIM steps an
 indices 25 -> 15 -> 10 -> 5 -> 0, i.e. a first jump of ``steps - (keep - 1) * (steps // 5)`` steps and
 then jumps of ``steps // 5`` (25 steps, keep 4: after 0, 10, 15, 20 and 25 teacher steps).
 
+The x0-predictions are stored too (``x0``, :func:`teacher_x0_predictions`: the teacher's guided x - sigma v at
+every kept state but the last, one extra teacher call each), for students trained in the re-implementation's
+convention (``hasten distill ard --convention x0``); ``hasten distill add-x0`` adds them to a folder written
+before they were stored (:func:`add_x0_predictions`).
+
 Storage: safetensors shards of ``shard_size`` samples (tensors ``text`` (n, L, 384), ``pooled`` (n, 384),
 ``states`` (n, keep + 1, C, H, W) with ``states[:, 0]`` the noise and ``states[:, -1]`` the final latent,
-``seeds`` (n,), ``sigmas`` (keep + 1,); captions in the metadata). Sample i uses caption seed
+``x0`` (n, keep, C, H, W), ``seeds`` (n,), ``sigmas`` (keep + 1,); captions in the metadata). Sample i uses caption seed
 ``CAPTION_SEED0 + i`` and noise seed ``i``; shard k holds samples [k * shard_size, (k + 1) * shard_size).
 Each shard is written to a temporary file and renamed, so re-running continues at the first missing
 shard with no duplicate and no gap.
@@ -97,6 +102,22 @@ def teacher_states(pipe: Any, prompts: list[str], noise: torch.Tensor, steps: in
     return torch.stack([kept[j] for j in keep_at], 1), sigmas[keep_at].clone()
 
 
+@torch.no_grad()
+def teacher_x0_predictions(pipe: Any, states: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor,
+                           pooled: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The teacher's guided x0-prediction ``x - sigma v`` (CFG against the "" caption, as the pipeline guides)
+    at each kept state but the final latent: (B, keep, C, H, W) from ``states`` (B, keep + 1, C, H, W)."""
+    from ..pipelines.shapes import encode_text
+    from .flash import teacher_x0
+
+    b, k = states.shape[0], states.shape[1] - 1
+    empty = tuple(t.float() for t in encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False))
+    x0 = teacher_x0(pipe.transformer, states[:, :-1].flatten(0, 1).float(), sigmas[:-1].float().repeat(b),
+                    text.float().repeat_interleave(k, 0), pooled.float().repeat_interleave(k, 0), empty,
+                    float(guidance_scale))
+    return x0.view(b, k, *states.shape[2:])
+
+
 def generate_trajectories(pipe: Any, out: str | Path, n: int, steps: int = 25, keep: int = 4,
                           shard_size: int = 256, batch_size: int = 64, teacher: str = "shapes",
                           progress: bool = True, stop_after_shards: int | None = None) -> dict:
@@ -131,7 +152,7 @@ def generate_trajectories(pipe: Any, out: str | Path, n: int, steps: int = 25, k
             break
         idx = list(range(k * shard_size, min(n, (k + 1) * shard_size)))
         scenes = [sample_scene(CAPTION_SEED0 + i) for i in idx]
-        parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": []}
+        parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": [], "x0": []}
         for b in range(0, len(idx), batch_size):
             chunk = idx[b:b + batch_size]
             prompts = [s.caption for s in scenes[b:b + batch_size]]
@@ -140,6 +161,7 @@ def generate_trajectories(pipe: Any, out: str | Path, n: int, steps: int = 25, k
             parts["text"].append(text)
             parts["pooled"].append(pooled)
             parts["states"].append(states)
+            parts["x0"].append(teacher_x0_predictions(pipe, states, sigmas, text, pooled, manifest["guidance_scale"]))
             bar.update(len(chunk))
         tensors = {key: torch.cat(v).contiguous() for key, v in parts.items()}
         tensors["seeds"] = torch.tensor(idx, dtype=torch.int64)
@@ -150,17 +172,65 @@ def generate_trajectories(pipe: Any, out: str | Path, n: int, steps: int = 25, k
     return manifest
 
 
+def add_x0_predictions(pipe: Any, folder: str | Path, batch_size: int = 64, first: int | None = None,
+                       progress: bool = True, stop_after_shards: int | None = None) -> int:
+    """Add the teacher's x0-predictions (:func:`teacher_x0_predictions`) to every shard of ``folder`` that lacks
+    them (``first``: only to the shards holding the first ``first`` trajectories); each shard is rewritten
+    atomically, so an interrupted run resumes at the first shard without them. Returns the number of shards
+    rewritten (``stop_after_shards``: stop after that many, for tests)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    files = sorted(folder.glob("shard_*.safetensors"))
+    if first is not None:
+        if not 1 <= first <= int(manifest["n"]):
+            raise HastenError(f"{folder} holds {manifest['n']} trajectories: cannot use the first {first}")
+        files = files[:(first + int(manifest["shard_size"]) - 1) // int(manifest["shard_size"])]
+    todo = []
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            if "x0" not in h.keys():
+                todo.append(f)
+    bar = tqdm(total=len(files), initial=len(files) - len(todo), disable=not progress, desc="x0-predictions",
+               unit="shard", dynamic_ncols=True)
+    written = 0
+    for f in todo:
+        if stop_after_shards is not None and written >= stop_after_shards:
+            break
+        with safe_open(str(f), "pt") as h:
+            tensors, meta = {key: h.get_tensor(key) for key in h.keys()}, h.metadata()
+        x0 = [teacher_x0_predictions(pipe, tensors["states"][b:b + batch_size], tensors["sigmas"],
+                                     tensors["text"][b:b + batch_size], tensors["pooled"][b:b + batch_size],
+                                     manifest["guidance_scale"])
+              for b in range(0, tensors["states"].shape[0], batch_size)]
+        tensors["x0"] = torch.cat(x0).contiguous()
+        atomic_write(f, lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
+        written += 1
+        bar.update(1)
+    bar.close()
+    return written
+
+
+def load_manifest(folder: str | Path) -> dict:
+    """The manifest of a trajectory folder (a clear error when ``folder`` holds none)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise HastenError(f"{folder} holds no trajectories ({MANIFEST} missing): run hasten distill trajectories")
+    return json.loads((folder / MANIFEST).read_text())
+
+
 def load_trajectories(folder: str | Path, first: int | None = None) -> dict:
-    """All shards of ``folder`` in sample order: text, pooled, states, seeds, sigmas, captions, manifest.
+    """All shards of ``folder`` in sample order: text, pooled, states, seeds, sigmas, captions, manifest, and x0
+    when every shard read holds it (a folder from before, until ``hasten distill add-x0``, has none).
 
     ``first``: only samples 0..first-1 (the shards that hold them), which are exactly what ``hasten distill
     trajectories --n first`` stores, since sample i depends on i alone (caption seed, noise seed i)."""
     from safetensors import safe_open
 
     folder = Path(folder)
-    if not (folder / MANIFEST).is_file():
-        raise HastenError(f"{folder} holds no trajectories ({MANIFEST} missing): run hasten distill trajectories")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = load_manifest(folder)
     shard_size, n = int(manifest["shard_size"]), int(manifest["n"])
     if first is not None and not 1 <= first <= n:
         raise HastenError(f"{folder} holds {n} trajectories: cannot use the first {first}")
@@ -170,7 +240,7 @@ def load_trajectories(folder: str | Path, first: int | None = None) -> dict:
     if missing:
         raise HastenError(f"{folder} is incomplete ({len(missing)} of {len(files)} shards missing, first "
                           f"{missing[0]}): re-run hasten distill trajectories with the same options")
-    parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": [], "seeds": []}
+    parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": [], "seeds": [], "x0": []}
     captions: list[str] = []
     for k, f in enumerate(files):
         with safe_open(str(f), "pt") as h:  # one open per shard: its tensors and its captions
@@ -179,9 +249,12 @@ def load_trajectories(folder: str | Path, first: int | None = None) -> dict:
                 raise HastenError(f"{folder} is incomplete ({f.name} holds {seeds.numel()} of its {want.numel()} "
                                   "samples): re-run hasten distill trajectories with the same options")
             for key in parts:
-                parts[key].append(h.get_tensor(key))
+                if key in h.keys():
+                    parts[key].append(h.get_tensor(key))
             captions += json.loads(h.metadata()["captions"])
             sigmas = h.get_tensor("sigmas")
+    if len(parts["x0"]) < len(files):  # some or all shards without x0-predictions
+        parts.pop("x0")
     data = {key: torch.cat(v)[:first] for key, v in parts.items()}
     data.update(sigmas=sigmas, captions=captions[:first], manifest=manifest)
     return data
