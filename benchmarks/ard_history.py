@@ -11,6 +11,13 @@ Also the second-stage run (``--init`` plus 1000 steps on twice the trajectories,
         --student "N=2 stage 1 (1000 steps)=runs/ard/stage1_shipped" --student "N=0 stage 1 (1000 steps)=runs/ard/n0" \
         --student "N=2 stage 2 (shapes-ard4)=runs/ard/x2_ard" --student "N=0 stage 2=runs/ard/x2_n0"
 
+And the two conventions at stage 1's recipe (``hasten distill ard ... --convention x0``, after ``hasten distill
+add-x0``; ``runs/ard/state_ard_s1`` holds the stage-1 ``shapes-ard4`` of git d236590), on fresh noise:
+
+    python benchmarks/ard_history.py --samples 1200 --out benchmarks/ard_shapes/x0_convention \
+        --student "N=2, states=runs/ard/state_ard_s1" --student "N=0, states=runs/ard/n0_s1" \
+        --student "N=2, x0=runs/ard/x0c_ard_s1" --student "N=0, x0=runs/ard/x0c_n0_s1"
+
 And the third stage (the same recipe on 20000 trajectories, ``--init shapes-ard4`` from the stage-2 student,
 whose weights ``runs/ard/x2_ard`` holds), on noise no student trained on:
 
@@ -101,6 +108,7 @@ def main() -> None:
         rows.append({"name": name, "model": model, "steps": steps,
                      "layers_with_history": getattr(student, "layers_with_history", None),
                      "history_gate": getattr(student, "history_gate", None),
+                     "convention": getattr(student, "convention", None),
                      "fd_shapes": round(q["fd_shapes"], 4), "adherence": round(q["adherence"], 4),
                      "psnr_vs_teacher": round(float(psnrs[name].mean()), 3),
                      "fd_to_teacher": round(fd_to_teacher, 4),

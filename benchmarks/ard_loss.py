@@ -8,6 +8,14 @@
 (the stage-1 students trained on the first 5000 trajectories, the stage-2 ones on the first 10000; the last 500
 no student saw).
 
+The two conventions at stage 1 (states, and the x0-predictions of ``--convention x0``: the held-out trajectories
+need them, ``hasten distill add-x0 --teacher shapes --data runs/ard/traj20k --trajectories 10500``):
+
+    python benchmarks/ard_loss.py --data runs/ard/traj20k --trajectories 10500 --per-split 500 \
+        --split "held out=10000:10500" --student "N=2, states=runs/ard/state_ard_s1" \
+        --student "N=0, states=runs/ard/n0_s1" --student "N=2, x0=runs/ard/x0c_ard_s1" \
+        --student "N=0, x0=runs/ard/x0c_n0_s1" --swapped-history --out benchmarks/ard_shapes/x0_convention/loss
+
 History in fewer blocks (N = 1 trained like the stage-1 N = 0 student: ``hasten distill ard ...
 --layers-with-history 1 --out runs/ard/n1 --steps 1000 --batch-size 32 --lr 0.0002`` on the first 5000
 trajectories):
@@ -46,20 +54,23 @@ from hasten.eval.bench import machine_info
 from hasten.io import write_json
 
 
-def batches(data: dict, rows: range, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The trajectories ``rows`` in batches: (states (b, K + 1, ...), text, pooled), float32."""
+def batches(student, data: dict, rows: range, batch: int
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The trajectories ``rows`` in batches: the student's teacher-forced (inputs, targets) (b, K, ...) in its
+    convention (``ARDStudent.teacher_forced``), text, pooled; float32."""
     for start in range(rows.start, rows.stop, batch):
         sl = slice(start, min(start + batch, rows.stop))
-        yield data["states"][sl].float(), data["text"][sl].float(), data["pooled"][sl].float()
+        x0 = data["x0"][sl].float() if "x0" in data else None
+        yield (*student.teacher_forced(data["states"][sl].float(), x0), data["text"][sl].float(),
+               data["pooled"][sl].float())
 
 
 @torch.no_grad()
 def per_trajectory_loss(student, data: dict, rows: range, batch: int) -> torch.Tensor:
     """(len(rows), K): each trajectory's per-step MSE, as ``ARDStudent.loss`` averages it."""
     out = []
-    for states, text, pooled in batches(data, rows, batch):
-        pred = student.next_states(states[:, :-1], text, pooled)
-        out.append(((pred - states[:, 1:]) ** 2).mean(dim=(2, 3, 4)))
+    for inputs, targets, text, pooled in batches(student, data, rows, batch):
+        out.append(((student.next_states(inputs, text, pooled) - targets) ** 2).mean(dim=(2, 3, 4)))
     return torch.cat(out)
 
 
@@ -70,13 +81,13 @@ def swapped_history_loss(student, data: dict, rows: range, batch: int) -> torch.
     :func:`per_trajectory_loss` this measures how much a student relies on its history: N = 0 must not change
     at all, step 1 has no history to swap."""
     out = []
-    for states, text, pooled in batches(data, rows, batch):
-        other, per_step = states.roll(1, 0), []
-        for d in range(states.shape[1] - 1):
-            inputs = states[:, :-1].clone()
+    for own, targets, text, pooled in batches(student, data, rows, batch):
+        other, per_step = own.roll(1, 0), []
+        for d in range(own.shape[1]):
+            inputs = own.clone()
             inputs[:, :d] = other[:, :d]
             pred = student.next_states(inputs, text, pooled)[:, d]
-            per_step.append(((pred - states[:, d + 1]) ** 2).mean(dim=(1, 2, 3)))
+            per_step.append(((pred - targets[:, d]) ** 2).mean(dim=(1, 2, 3)))
         out.append(torch.stack(per_step, 1))
     return torch.cat(out)
 
@@ -98,6 +109,8 @@ def main() -> None:
                     help="a range of trajectories and its label; repeat")
     ap.add_argument("--student", action="append", required=True, metavar="LABEL=MODEL",
                     help="an ARD student (name or folder) and its label; repeat")
+    ap.add_argument("--trajectories", type=int, default=None,
+                    help="read only the first N trajectories of --data (those add-x0 has filled, for x0 students)")
     ap.add_argument("--per-split", type=int, default=2000, help="trajectories scored per split (the first ones)")
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--swapped-history", action="store_true",
@@ -111,7 +124,7 @@ def main() -> None:
             ap.error(f"{flag} takes LABEL=VALUE, got {item!r}")
         return label, value
 
-    data = load_trajectories(args.data)
+    data = load_trajectories(args.data, first=args.trajectories)
     n = data["states"].shape[0]
     splits = []
     for item in args.split:

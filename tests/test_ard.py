@@ -386,6 +386,7 @@ def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
     data = EvalSet(student, 3, seed=0)
     cfg, = student_configs(student, data)  # one step count
     assert cfg.family == "hasten" and cfg.params["steps"] == 4 and cfg.params["layers_with_history"] == 1
+    assert cfg.params["convention"] == "state"
     prepared = cfg.setup()
     counter = WorkCounter(prepared.transformer)
     images = prepared.sample(torch.arange(3), None)

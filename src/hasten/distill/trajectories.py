@@ -5,12 +5,13 @@ steps from noise on captions drawn from the scene grammar; per sample we keep th
 x_sigma at ``keep + 1`` points of its schedule: the initial noise (sigma = 1), ``keep - 1`` intermediate
 states and the final latent (sigma = 0).
 
-Convention: states, not x0-predictions. The public ARD re-implementation (DDIM, epsilon teacher)
-keeps the teacher's x0-predictions; for a flow-matching teacher the states are the natural choice:
-the teacher itself reads a state at its timestep 1000 sigma, so a student built from its weights
-starts as the teacher taking one big Euler step per group (a measured, sensible initialisation), and
-at inference the student's history is the trajectory it integrates, which is what the paper's "history
-of the ODE trajectory" is. The x0-prediction at a state is one line away (x0 = x - sigma v).
+Convention: both. The states are this project's default (``hasten distill ard --convention state``): the
+teacher itself reads a state at its timestep 1000 sigma, so a student built from its weights starts as the
+teacher taking one big Euler step per group (a measured, sensible initialisation), and at inference the
+student's history is the trajectory it integrates, the paper's "history of the ODE trajectory". The public
+ARD re-implementation (DDIM, epsilon teacher) trains on the teacher's x0-predictions instead, the "denoised
+samples" of the paper's abstract; those are stored too, since a state alone determines the next (the ODE
+is deterministic) and the history can only add information to an input that has lost the noise.
 
 Kept points (:func:`kept_indices`): the ARD paper's spacing for 25 DDIM steps and 4 student steps,
 indices 25 -> 15 -> 10 -> 5 -> 0, i.e. a first jump of ``steps - (keep - 1) * (steps // 5)`` steps and

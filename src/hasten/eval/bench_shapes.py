@@ -304,6 +304,8 @@ def student_config(student, data: EvalSet, steps: int) -> BenchConfig:
     if hasattr(student.student, "layers_with_history"):  # ARD
         params["layers_with_history"] = student.student.layers_with_history
         params["history_gate"] = student.student.history_gate
+        params["convention"] = student.student.convention
+
     def setup() -> Prepared:
         from ..distill.trajectories import check_eval_noise
 
