@@ -287,8 +287,8 @@ class ARDStudent(nn.Module):
         if self.convention == "state":
             return states[:, :-1], states[:, 1:]
         if x0 is None:
-            raise HastenError("an x0-convention student trains on the teacher's x0-predictions: the trajectories "
-                              "hold none (run hasten distill add-x0 on the folder)")
+            raise HastenError("an x0-convention student's inputs and targets are the teacher's x0-predictions: "
+                              "pass x0")
         return torch.cat([states[:, :1], x0[:, 1:]], 1), torch.cat([x0[:, 1:], states[:, -1:]], 1)
 
     def loss(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,

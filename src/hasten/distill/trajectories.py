@@ -10,17 +10,14 @@ teacher itself reads a state at its timestep 1000 sigma, so a student built from
 teacher taking one big Euler step per group (a measured, sensible initialisation), and at inference the
 student's history is the trajectory it integrates, the paper's "history of the ODE trajectory". The public
 ARD re-implementation (DDIM, epsilon teacher) trains on the teacher's x0-predictions instead, the "denoised
-samples" of the paper's abstract; those are stored too, since a state alone determines the next (the ODE
-is deterministic) and the history can only add information to an input that has lost the noise.
+samples" of the paper's abstract; those are stored too (``x0``, :func:`teacher_x0_predictions`, one more
+teacher call per kept state; ``hasten distill add-x0`` adds them to an older folder, :func:`add_x0_predictions`),
+since a state alone determines the next (the ODE is deterministic) and the history can only add information
+to an input that has lost the noise (``hasten distill ard --convention x0``).
 
 Kept points (:func:`kept_indices`): the ARD paper's spacing for 25 DDIM steps and 4 student steps,
 indices 25 -> 15 -> 10 -> 5 -> 0, i.e. a first jump of ``steps - (keep - 1) * (steps // 5)`` steps and
 then jumps of ``steps // 5`` (25 steps, keep 4: after 0, 10, 15, 20 and 25 teacher steps).
-
-The x0-predictions are stored too (``x0``, :func:`teacher_x0_predictions`: the teacher's guided x - sigma v at
-every kept state but the last, one extra teacher call each), for students trained in the re-implementation's
-convention (``hasten distill ard --convention x0``); ``hasten distill add-x0`` adds them to a folder written
-before they were stored (:func:`add_x0_predictions`).
 
 Storage: safetensors shards of ``shard_size`` samples (tensors ``text`` (n, L, 384), ``pooled`` (n, 384),
 ``states`` (n, keep + 1, C, H, W) with ``states[:, 0]`` the noise and ``states[:, -1]`` the final latent,
@@ -184,11 +181,7 @@ def add_x0_predictions(pipe: Any, folder: str | Path, batch_size: int = 64, firs
 
     folder = Path(folder)
     manifest = load_manifest(folder)
-    files = sorted(folder.glob("shard_*.safetensors"))
-    if first is not None:
-        if not 1 <= first <= int(manifest["n"]):
-            raise HastenError(f"{folder} holds {manifest['n']} trajectories: cannot use the first {first}")
-        files = files[:(first + int(manifest["shard_size"]) - 1) // int(manifest["shard_size"])]
+    files = shard_files(folder, manifest, first)
     todo = []
     for f in files:
         with safe_open(str(f), "pt") as h:
@@ -222,6 +215,20 @@ def load_manifest(folder: str | Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
 
 
+def shard_files(folder: Path, manifest: dict, first: int | None = None) -> list[Path]:
+    """The shards holding the folder's trajectories (``first``: its first ``first``); an error if any is missing."""
+    shard_size, n = int(manifest["shard_size"]), int(manifest["n"])
+    if first is not None and not 1 <= first <= n:
+        raise HastenError(f"{folder} holds {n} trajectories: cannot use the first {first}")
+    count = n if first is None else first
+    files = [folder / shard_name(k) for k in range((count + shard_size - 1) // shard_size)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise HastenError(f"{folder} is incomplete ({len(missing)} of {len(files)} shards missing, first "
+                          f"{missing[0]}): re-run hasten distill trajectories with the same options")
+    return files
+
+
 def load_trajectories(folder: str | Path, first: int | None = None) -> dict:
     """All shards of ``folder`` in sample order: text, pooled, states, seeds, sigmas, captions, manifest, and x0
     when every shard read holds it (a folder from before, until ``hasten distill add-x0``, has none).
@@ -233,14 +240,7 @@ def load_trajectories(folder: str | Path, first: int | None = None) -> dict:
     folder = Path(folder)
     manifest = load_manifest(folder)
     shard_size, n = int(manifest["shard_size"]), int(manifest["n"])
-    if first is not None and not 1 <= first <= n:
-        raise HastenError(f"{folder} holds {n} trajectories: cannot use the first {first}")
-    count = n if first is None else first
-    files = [folder / shard_name(k) for k in range((count + shard_size - 1) // shard_size)]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise HastenError(f"{folder} is incomplete ({len(missing)} of {len(files)} shards missing, first "
-                          f"{missing[0]}): re-run hasten distill trajectories with the same options")
+    files = shard_files(folder, manifest, first)
     parts: dict[str, list[torch.Tensor]] = {"text": [], "pooled": [], "states": [], "seeds": [], "x0": []}
     captions: list[str] = []
     for k, f in enumerate(files):
