@@ -52,13 +52,11 @@ def register(app: typer.Typer) -> None:
         """Add the teacher's x0-predictions at the kept states to trajectories stored without them (resumable),
         for hasten distill ard --convention x0."""
         from ..pipeline import load_pipeline
-        from .trajectories import add_x0_predictions, load_manifest
+        from .trajectories import add_x0_predictions, check_teacher, load_manifest
 
         if batch_size < 1:
             raise HastenError("--batch-size must be >= 1")
-        manifest = load_manifest(data)
-        if manifest["teacher"] != teacher:
-            raise HastenError(f"{data} holds trajectories of {manifest['teacher']!r}, not --teacher {teacher}")
+        check_teacher(load_manifest(data), data, teacher)
         written = add_x0_predictions(load_pipeline(teacher), data, batch_size, first=trajectories)
         typer.echo(f"added x0-predictions to {written} shards of {data}")
 
@@ -97,7 +95,7 @@ def register(app: typer.Typer) -> None:
         from ..pipeline import EMBEDDED, load_pipeline
         from ..plans import weights_hash
         from .ard import ARDConfig, check_convention, check_loss_space, save_ard, train_ard
-        from .trajectories import load_trajectories
+        from .trajectories import check_teacher, load_trajectories
 
         if steps < 1 or batch_size < 1 or not lr > 0:
             raise HastenError("--steps and --batch-size must be >= 1 and --lr > 0")
@@ -109,8 +107,7 @@ def register(app: typer.Typer) -> None:
         check_convention(convention)
         check_out_folder(out)
         traj = load_trajectories(data, first=trajectories)
-        if traj["manifest"]["teacher"] != teacher:
-            raise HastenError(f"{data} holds trajectories of {traj['manifest']['teacher']!r}, not --teacher {teacher}")
+        check_teacher(traj["manifest"], data, teacher)
         pipe = load_pipeline(teacher)
         cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                         layers_with_history=layers_with_history, own_history=own_history, init=init,

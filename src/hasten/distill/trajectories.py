@@ -215,6 +215,12 @@ def load_manifest(folder: str | Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
 
 
+def check_teacher(manifest: dict, folder: str | Path, teacher: str) -> None:
+    """Refuse trajectories of another teacher than ``teacher`` (``--teacher``)."""
+    if manifest["teacher"] != teacher:
+        raise HastenError(f"{folder} holds trajectories of {manifest['teacher']!r}, not --teacher {teacher}")
+
+
 def shard_files(folder: Path, manifest: dict, first: int | None = None) -> list[Path]:
     """The shards holding the folder's trajectories (``first``: its first ``first``); an error if any is missing."""
     shard_size, n = int(manifest["shard_size"]), int(manifest["n"])
