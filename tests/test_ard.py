@@ -24,42 +24,18 @@ from hasten.distill.ard import (
     train_ard,
 )
 from hasten.distill.trajectories import generate_trajectories, kept_indices, load_trajectories, teacher_states
-from hasten.testing import run_cli, tiny_shapes_pipeline
+from hasten.testing import TINY_PROMPTS as PROMPTS
+from hasten.testing import run_cli, teacher_euler
 from hasten.testing_pipelines import count_block_calls
 
 SIGMAS = [1.0, 0.6, 0.4, 0.2, 0.0]
-PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_shapes_pipeline()
-
-
-@pytest.fixture(scope="module")
-def cond(pipe):
-    noise = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
-    text, pooled = pipe.encode_prompt(PROMPTS, torch.float32)
-    return noise, text, pooled
-
-
-def teacher_euler(pipe, noise, text, pooled, sigmas):
-    """The teacher's conditional branch, one Euler step per kept interval (float32, like the scheduler)."""
-    s = torch.tensor(sigmas, dtype=torch.float32)
-    x = noise.clone()
-    with torch.no_grad():
-        for d in range(len(sigmas) - 1):
-            v = pipe.transformer(hidden_states=x, timestep=(s[d] * 1000).expand(x.shape[0]),
-                                 encoder_hidden_states=text, pooled_projections=pooled, return_dict=False)[0]
-            x = x + (s[d + 1] - s[d]) * v
-    return x
-
-
-def trajectory_data(pipe, cond, copies: int) -> dict:
+def trajectory_data(tiny_shapes, tiny_cond, copies: int) -> dict:
     """A tiny trajectory set (what :func:`load_trajectories` returns): the teacher's 4 kept states on PROMPTS,
     repeated ``copies`` times."""
-    noise, text, pooled = cond
-    states, sigmas = teacher_states(pipe, PROMPTS, noise, 5, kept_indices(5, 4))
+    noise, text, pooled = tiny_cond
+    states, sigmas = teacher_states(tiny_shapes, PROMPTS, noise, 5, kept_indices(5, 4))
     return {"states": states.repeat(copies, 1, 1, 1, 1), "text": text.repeat(copies, 1, 1),
             "pooled": pooled.repeat(copies, 1), "sigmas": sigmas}
 
@@ -81,20 +57,20 @@ def test_masks_are_block_causal_below_n_and_block_diagonal_above():
     assert d.tolist()[2] == [False, False, True, True, False, False]
 
 
-def test_only_the_lower_n_blocks_attend_across_groups(pipe):
+def test_only_the_lower_n_blocks_attend_across_groups(tiny_shapes):
     """The history attention (block-causal across groups) sits in blocks 0..N-1; the upper blocks keep the
     teacher's processor, which sees one group per row: the groups are separate rows there."""
-    layers = len(pipe.transformer.transformer_blocks)
-    teacher_proc = type(pipe.transformer.transformer_blocks[0].attn.processor)
+    layers = len(tiny_shapes.transformer.transformer_blocks)
+    teacher_proc = type(tiny_shapes.transformer.transformer_blocks[0].attn.processor)
     for n in (0, 1, layers):
-        blocks = ARDStudent(pipe.transformer, SIGMAS, n).transformer.transformer_blocks
+        blocks = ARDStudent(tiny_shapes.transformer, SIGMAS, n).transformer.transformer_blocks
         assert [isinstance(b.attn.processor, HistoryAttention) for b in blocks] == [i < n for i in range(layers)]
         assert all(type(b.attn.processor) is teacher_proc for b in blocks[n:])
 
 
-def test_cached_passes_are_checked_and_a_training_pass_leaves_the_transformer_usable(pipe, cond):
-    noise, text, pooled = cond
-    student = ARDStudent(pipe.transformer, SIGMAS, 1).eval()
+def test_cached_passes_are_checked_and_a_training_pass_leaves_the_transformer_usable(tiny_shapes, tiny_cond):
+    noise, text, pooled = tiny_cond
+    student = ARDStudent(tiny_shapes.transformer, SIGMAS, 1).eval()
     with torch.no_grad(), student.kv_cache():
         with pytest.raises(HastenError, match="pass 2 needs the KV cache of groups 0..1"):
             student(noise, text, pooled, group=2)  # the cache is empty
@@ -108,35 +84,35 @@ def test_cached_passes_are_checked_and_a_training_pass_leaves_the_transformer_us
                                     encoder_hidden_states=text, pooled_projections=pooled, return_dict=False)[0]
     assert plain.shape == noise.shape  # one group per row again
     with pytest.raises(HastenError, match="must decrease within"):
-        ARDStudent(pipe.transformer, [0.0, 0.5, 1.0], 1)
+        ARDStudent(tiny_shapes.transformer, [0.0, 0.5, 1.0], 1)
 
 
-def test_n0_student_at_init_is_the_teacher_taking_k_euler_steps_bitwise(pipe, cond):
+def test_n0_student_at_init_is_the_teacher_taking_k_euler_steps_bitwise(tiny_shapes, tiny_cond):
     """The exactness setting: a fresh N = 0 student samples exactly the teacher's K big Euler steps."""
-    noise, text, pooled = cond
-    student = ARDStudent(pipe.transformer, SIGMAS, 0).eval()
-    assert torch.equal(student.sample(noise, text, pooled), teacher_euler(pipe, noise, text, pooled, SIGMAS))
+    noise, text, pooled = tiny_cond
+    student = ARDStudent(tiny_shapes.transformer, SIGMAS, 0).eval()
+    assert torch.equal(student.sample(noise, text, pooled), teacher_euler(tiny_shapes, noise, text, pooled, SIGMAS))
 
 
-def test_with_history_the_first_step_is_the_teachers_and_later_steps_see_the_history(pipe, cond):
-    noise, text, pooled = cond
-    student = ARDStudent(pipe.transformer, SIGMAS, 2).eval()
+def test_with_history_the_first_step_is_the_teachers_and_later_steps_see_the_history(tiny_shapes, tiny_cond):
+    noise, text, pooled = tiny_cond
+    student = ARDStudent(tiny_shapes.transformer, SIGMAS, 2).eval()
     _, states = student.sample(noise, text, pooled, return_states=True)
-    assert torch.equal(states[:, 1], teacher_euler(pipe, noise, text, pooled, SIGMAS[:2]))
-    assert not torch.equal(states[:, -1], teacher_euler(pipe, noise, text, pooled, SIGMAS))
+    assert torch.equal(states[:, 1], teacher_euler(tiny_shapes, noise, text, pooled, SIGMAS[:2]))
+    assert not torch.equal(states[:, -1], teacher_euler(tiny_shapes, noise, text, pooled, SIGMAS))
 
 
 @pytest.mark.parametrize("n,gate,convention", [(0, False, "state"), (1, False, "state"), (2, False, "state"),
                                                (2, True, "state"), (0, False, "x0"), (2, False, "x0")])
-def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(pipe, cond, n, gate, convention):
+def test_kv_cached_passes_equal_the_teacher_forced_masked_pass(tiny_shapes, tiny_cond, n, gate, convention):
     """Fed its own predictions, the one-shot masked forward gives the velocities of the K cached passes.
 
     Not bitwise: the masked pass reduces attention over all groups' keys (masked entries add exact
     zeros, but SDPA's blocked reductions group the sums differently), so float32 rounding differs at
     ~1e-7 relative; 1e-5 absolute on unit-scale latents is far below any real difference (a wrong
     mask moves outputs by ~1e-2, the next test)."""
-    noise, text, pooled = cond
-    student = ARDStudent(pipe.transformer, SIGMAS, n, history_gate=gate, convention=convention).eval()
+    noise, text, pooled = tiny_cond
+    student = ARDStudent(tiny_shapes.transformer, SIGMAS, n, history_gate=gate, convention=convention).eval()
     if gate:  # gates spread over (0, 1)
         student.history_gates.data = torch.rand(student.history_gates.shape, generator=torch.Generator()) / 50
     final, states = student.sample(noise, text, pooled, return_states=True)
@@ -158,66 +134,66 @@ def test_gated_attention_mixes_the_own_group_and_the_history_softmax():
     torch.testing.assert_close(zero[:, :, :2], one[:, :, :2])  # group 0 has no history
 
 
-def test_a_gated_student_starts_as_step_distillation_and_can_open_its_history(pipe, cond):
+def test_a_gated_student_starts_as_step_distillation_and_can_open_its_history(tiny_shapes, tiny_cond):
     """``history_gate``: all gates 0 (initialisation) is the N = 0 student, all 1 the paper's ARD; the loss
     reaches the gates at 0, so training can open them.
 
     Within 1e-5, not bitwise: the gated attention is an explicit softmax, the N = 0 student's diffusers'
     fused SDPA kernel, which sums in another order (~1e-7 relative); a gate at 0.5 moves outputs by > 1e-3."""
-    noise, text, pooled = cond
-    states = torch.randn(2, 4, *pipe.latent_shape, generator=torch.Generator().manual_seed(1))
-    gated = ARDStudent(pipe.transformer, SIGMAS, 2, history_gate=True).eval()
+    noise, text, pooled = tiny_cond
+    states = torch.randn(2, 4, *tiny_shapes.latent_shape, generator=torch.Generator().manual_seed(1))
+    gated = ARDStudent(tiny_shapes.transformer, SIGMAS, 2, history_gate=True).eval()
     with torch.no_grad():
-        zero = ARDStudent(pipe.transformer, SIGMAS, 0).eval()(states, text, pooled)
-        paper = ARDStudent(pipe.transformer, SIGMAS, 2).eval()(states, text, pooled)
+        zero = ARDStudent(tiny_shapes.transformer, SIGMAS, 0).eval()(states, text, pooled)
+        paper = ARDStudent(tiny_shapes.transformer, SIGMAS, 2).eval()(states, text, pooled)
         torch.testing.assert_close(gated(states, text, pooled), zero, atol=1e-5, rtol=0)
         gated.history_gates.fill_(1.0)  # x GATE_GAIN, clamped to 1
         torch.testing.assert_close(gated(states, text, pooled), paper, atol=1e-5, rtol=0)
         gated.history_gates.fill_(0.01)  # g = 0.5
         assert (gated(states, text, pooled)[:, 1:] - zero[:, 1:]).abs().max() > 1e-3
-    fresh = ARDStudent(pipe.transformer, SIGMAS, 2, history_gate=True)
+    fresh = ARDStudent(tiny_shapes.transformer, SIGMAS, 2, history_gate=True)
     fresh.loss(torch.cat([noise[:, None], states], 1), text, pooled).backward()
     assert fresh.history_gates.grad.abs().min() > 0
 
 
-def test_n0_groups_are_independent_and_history_is_causal(pipe, cond):
-    noise, text, pooled = cond
-    states = torch.randn(2, 4, *pipe.latent_shape, generator=torch.Generator().manual_seed(1))
+def test_n0_groups_are_independent_and_history_is_causal(tiny_shapes, tiny_cond):
+    noise, text, pooled = tiny_cond
+    states = torch.randn(2, 4, *tiny_shapes.latent_shape, generator=torch.Generator().manual_seed(1))
     early = states.clone()
     early[:, 0] += 1.0  # perturb the first group
     late = states.clone()
     late[:, 3] += 1.0  # perturb the last group
     with torch.no_grad():
-        zero = ARDStudent(pipe.transformer, SIGMAS, 0).eval()
+        zero = ARDStudent(tiny_shapes.transformer, SIGMAS, 0).eval()
         a, b = zero(states, text, pooled), zero(early, text, pooled)
         torch.testing.assert_close(a[:, 1:], b[:, 1:], atol=1e-6, rtol=0)  # N = 0: 4 independent passes
         assert (a[:, 0] - b[:, 0]).abs().max() > 1e-3
-        ard = ARDStudent(pipe.transformer, SIGMAS, 2).eval()
+        ard = ARDStudent(tiny_shapes.transformer, SIGMAS, 2).eval()
         a, b, c = ard(states, text, pooled), ard(early, text, pooled), ard(late, text, pooled)
         assert (a[:, 1:] - b[:, 1:]).abs().amax(dim=(0, 2, 3, 4)).min() > 1e-3  # later groups see group 0
         torch.testing.assert_close(a[:, :3], c[:, :3], atol=1e-6, rtol=0)  # earlier groups never see later
 
 
-def test_the_student_runs_k_passes_of_the_blocks(pipe, cond):
+def test_the_student_runs_k_passes_of_the_blocks(tiny_shapes, tiny_cond):
     """It skips work: 4 passes of every block per image, against 25 guided steps of the teacher."""
-    noise, text, pooled = cond
-    student = ARDStudent(pipe.transformer, SIGMAS, 2).eval()
+    noise, text, pooled = tiny_cond
+    student = ARDStudent(tiny_shapes.transformer, SIGMAS, 2).eval()
     with count_block_calls(student.transformer) as counts:
         student.sample(noise, text, pooled)
     assert counts == [4] * len(counts)
-    with count_block_calls(pipe.transformer) as counts:
-        pipe(PROMPTS, num_inference_steps=25, latents=noise, output_type="latent")
+    with count_block_calls(tiny_shapes.transformer) as counts:
+        tiny_shapes(PROMPTS, num_inference_steps=25, latents=noise, output_type="latent")
     assert counts == [25] * len(counts)  # each call batches both guidance branches
 
 
-def test_flop_formula_matches_the_flop_counter(pipe, cond):
+def test_flop_formula_matches_the_flop_counter(tiny_shapes, tiny_cond):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    noise, text, pooled = cond
+    noise, text, pooled = tiny_cond
     counted = {}
     for n, gate in ((0, False), (2, False), (2, True)):  # the gates' mixing adds no matrix product
-        student = ARDStudent(pipe.transformer, SIGMAS, n, history_gate=gate).eval()
+        student = ARDStudent(tiny_shapes.transformer, SIGMAS, n, history_gate=gate).eval()
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             student.sample(noise, text, pooled)
         counted[n, gate] = fc.get_total_flops()
@@ -227,10 +203,10 @@ def test_flop_formula_matches_the_flop_counter(pipe, cond):
     assert counted[2, False] - counted[0, False] == 2 * ard_flops(student, text.shape[1], 16, 16)["extra"] > 0
 
 
-def test_the_x0_loss_is_the_mse_of_the_clean_images_the_steps_imply(pipe, cond):
-    data = trajectory_data(pipe, cond, copies=1)
-    states, (_, text, pooled) = data["states"], cond
-    student = ARDStudent(pipe.transformer, data["sigmas"].tolist(), 1).eval()
+def test_the_x0_loss_is_the_mse_of_the_clean_images_the_steps_imply(tiny_shapes, tiny_cond):
+    data = trajectory_data(tiny_shapes, tiny_cond, copies=1)
+    states, (_, text, pooled) = data["states"], tiny_cond
+    student = ARDStudent(tiny_shapes.transformer, data["sigmas"].tolist(), 1).eval()
     with torch.no_grad():
         x, s = states[:, :-1], student.sigmas.view(1, -1, 1, 1, 1)
         v, dt = student(x, text, pooled), student.step_sizes().view(1, -1, 1, 1, 1)
@@ -244,56 +220,58 @@ def test_the_x0_loss_is_the_mse_of_the_clean_images_the_steps_imply(pipe, cond):
         student.loss(states, text, pooled, space="eps")
 
 
-def test_training_lowers_the_loss_and_resumes_exactly(pipe, cond, tmp_path):
-    data = trajectory_data(pipe, cond, copies=4)
+def test_training_lowers_the_loss_and_resumes_exactly(tiny_shapes, tiny_cond, tmp_path):
+    data = trajectory_data(tiny_shapes, tiny_cond, copies=4)
     cfg = ARDConfig(steps=6, batch_size=4, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
                     log_every=1, bf16_autocast=False)
-    straight = train_ard(pipe.transformer, data, tmp_path / "a", cfg, progress=False)
+    straight = train_ard(tiny_shapes.transformer, data, tmp_path / "a", cfg, progress=False)
     curve = [c["loss"] for c in straight["loss_curve"]]
     assert curve[-1] < curve[0]
-    train_ard(pipe.transformer, data, tmp_path / "b", cfg, progress=False, stop_after=3)
-    resumed = train_ard(pipe.transformer, data, tmp_path / "b", cfg, progress=False)
+    train_ard(tiny_shapes.transformer, data, tmp_path / "b", cfg, progress=False, stop_after=3)
+    resumed = train_ard(tiny_shapes.transformer, data, tmp_path / "b", cfg, progress=False)
     assert resumed["finished"] and [c["loss"] for c in resumed["loss_curve"]] == curve
     for p, q in zip(straight["student"].parameters(), resumed["student"].parameters()):
         assert torch.equal(p, q)
     with pytest.raises(HastenError, match="other settings"):
-        train_ard(pipe.transformer, data, tmp_path / "b", ARDConfig(steps=7, layers_with_history=1), progress=False)
+        train_ard(tiny_shapes.transformer, data, tmp_path / "b", ARDConfig(steps=7, layers_with_history=1),
+                  progress=False)
     # --loss-space x0 trains on the x0 loss: every step weight is >= 1, so the first logged loss is higher
-    x0_run = train_ard(pipe.transformer, data, tmp_path / "x0", replace(cfg, loss_space="x0"), progress=False,
+    x0_run = train_ard(tiny_shapes.transformer, data, tmp_path / "x0", replace(cfg, loss_space="x0"), progress=False,
                        stop_after=1)
     assert x0_run["loss_curve"][0]["loss"] > 1.5 * curve[0]
     with pytest.raises(HastenError, match="--loss-space must be state or x0"):
-        train_ard(pipe.transformer, data, tmp_path / "bad", replace(cfg, loss_space="v"), progress=False)
+        train_ard(tiny_shapes.transformer, data, tmp_path / "bad", replace(cfg, loss_space="v"), progress=False)
     # the trajectory count is part of the recipe: a run on a grown (or cut) data set is not a resume
     counted = replace(cfg, trajectories=8)
-    train_ard(pipe.transformer, data, tmp_path / "c", counted, progress=False, stop_after=2)
+    train_ard(tiny_shapes.transformer, data, tmp_path / "c", counted, progress=False, stop_after=2)
     more = {**data, **{k: torch.cat([data[k], data[k][:2]]) for k in ("states", "text", "pooled")}}
     with pytest.raises(HastenError, match="says 8 trajectories, the data holds 10"):
-        train_ard(pipe.transformer, more, tmp_path / "c", counted, progress=False)
+        train_ard(tiny_shapes.transformer, more, tmp_path / "c", counted, progress=False)
     with pytest.raises(HastenError, match="trajectories: 8 there, 10 now"):
-        train_ard(pipe.transformer, more, tmp_path / "c", replace(cfg, trajectories=10), progress=False)
+        train_ard(tiny_shapes.transformer, more, tmp_path / "c", replace(cfg, trajectories=10), progress=False)
 
 
-def test_trajectory_shards_round_trip_and_an_interrupted_run_resumes_without_gaps(pipe, tmp_path):
+def test_trajectory_shards_round_trip_and_an_interrupted_run_resumes_without_gaps(tiny_shapes, tmp_path):
     args = dict(n=5, steps=5, keep=2, shard_size=2, batch_size=3, progress=False)
-    generate_trajectories(pipe, tmp_path / "full", **args)
-    generate_trajectories(pipe, tmp_path / "cut", stop_after_shards=1, **args)
+    generate_trajectories(tiny_shapes, tmp_path / "full", **args)
+    generate_trajectories(tiny_shapes, tmp_path / "cut", stop_after_shards=1, **args)
     with pytest.raises(HastenError, match="incomplete"):
         load_trajectories(tmp_path / "cut")
-    generate_trajectories(pipe, tmp_path / "cut", **args)  # re-run: continues at shard 1
+    generate_trajectories(tiny_shapes, tmp_path / "cut", **args)  # re-run: continues at shard 1
     full, cut = load_trajectories(tmp_path / "full"), load_trajectories(tmp_path / "cut")
     assert full["seeds"].tolist() == cut["seeds"].tolist() == [0, 1, 2, 3, 4]
     assert torch.equal(full["states"], cut["states"]) and full["captions"] == cut["captions"]
-    assert full["states"].shape == (5, 3, *pipe.latent_shape) and full["text"].shape[0] == 5
+    assert full["states"].shape == (5, 3, *tiny_shapes.latent_shape) and full["text"].shape[0] == 5
     # the stored states are the teacher's: noise first, its 5-step output last, the 2-step state between
-    noise = torch.stack([torch.randn(pipe.latent_shape, generator=torch.Generator().manual_seed(i)) for i in (2, 3)])
+    noise = torch.stack([torch.randn(tiny_shapes.latent_shape, generator=torch.Generator().manual_seed(i))
+                         for i in (2, 3)])
     assert torch.equal(full["states"][2:4, 0], noise)
-    final = pipe(full["captions"][2:4], num_inference_steps=5, latents=noise, output_type="latent").images
+    final = tiny_shapes(full["captions"][2:4], num_inference_steps=5, latents=noise, output_type="latent").images
     assert torch.equal(full["states"][2:4, -1], final)  # shard 1 = samples 2, 3, run as one batch
     assert kept_indices(5, 2) == [0, 4, 5]
-    assert full["sigmas"].tolist() == [1.0, pipe.scheduler.sigmas[4].item(), 0.0]
+    assert full["sigmas"].tolist() == [1.0, tiny_shapes.scheduler.sigmas[4].item(), 0.0]
     with pytest.raises(HastenError, match="steps=5"):
-        generate_trajectories(pipe, tmp_path / "full", n=5, steps=6, keep=2, shard_size=2, progress=False)
+        generate_trajectories(tiny_shapes, tmp_path / "full", n=5, steps=6, keep=2, shard_size=2, progress=False)
     # the first k samples: those of a run with --n k, cut from the shards that hold them
     first = load_trajectories(tmp_path / "full", first=3)
     assert first["seeds"].tolist() == [0, 1, 2] and first["captions"] == full["captions"][:3]
@@ -301,21 +279,21 @@ def test_trajectory_shards_round_trip_and_an_interrupted_run_resumes_without_gap
     for bad in (0, 6):
         with pytest.raises(HastenError, match=f"holds 5 trajectories: cannot use the first {bad}"):
             load_trajectories(tmp_path / "full", first=bad)
-    generate_trajectories(pipe, tmp_path / "full", **{**args, "n": 6}, stop_after_shards=0)  # grown, not yet run
+    generate_trajectories(tiny_shapes, tmp_path / "full", **{**args, "n": 6}, stop_after_shards=0)  # grown, not yet run
     with pytest.raises(HastenError, match="shard_00002.safetensors holds 1 of its 2 samples"):
         load_trajectories(tmp_path / "full")  # the manifest says 6; the last shard still holds sample 4 only
     assert load_trajectories(tmp_path / "full", first=4)["seeds"].tolist() == [0, 1, 2, 3]  # shards 0-1 only
-    generate_trajectories(pipe, tmp_path / "full", **{**args, "n": 6})  # more samples: the last shard grows
+    generate_trajectories(tiny_shapes, tmp_path / "full", **{**args, "n": 6})  # more samples: the last shard grows
     assert load_trajectories(tmp_path / "full")["seeds"].tolist() == list(range(6))
 
 
-def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe, cond, tmp_path, capsys):
+def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(tiny_shapes, tiny_cond, tmp_path, capsys):
     from hasten import load_pipeline
     from hasten.plans import weights_hash
 
-    noise, text, pooled = cond
-    pipe.save_pretrained(tmp_path / "teacher")
-    student = ARDStudent(pipe.transformer, SIGMAS, 1, history_gate=True).eval()
+    noise, text, pooled = tiny_cond
+    tiny_shapes.save_pretrained(tmp_path / "teacher")
+    student = ARDStudent(tiny_shapes.transformer, SIGMAS, 1, history_gate=True).eval()
     with torch.no_grad():
         for p in student.head_projs[2].parameters():
             p.add_(0.01)  # weights that differ from the teacher's
@@ -323,7 +301,7 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
         for t in student.state_dict().values():
             t.copy_(t.half().float())  # weights and buffers are stored in float16: make the round trip exact
     save_ard(student, tmp_path / "ard", str(tmp_path / "teacher"), {"guidance_scale": 5.0, "base_vae":
-                                                                    weights_hash(pipe.vae)})
+                                                                    weights_hash(tiny_shapes.vae)})
     loaded = load_pipeline(tmp_path / "ard")
     out = loaded(PROMPTS, latents=noise, output_type="latent").images
     assert torch.equal(out, student.sample(noise, text, pooled))
@@ -373,15 +351,15 @@ def test_distill_cli_rejects_bad_input(capsys, tmp_path):
     assert code == 2 and "no trajectories" in err and err.count("\n") == 1
 
 
-def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
+def test_a_student_joins_the_bench_as_a_hasten_configuration(tiny_shapes, tmp_path):
     from hasten import load_pipeline
     from hasten.eval.bench_harness import DenoiserTimer, WorkCounter
     from hasten.eval.bench_shapes import EvalSet, student_configs
     from hasten.plans import weights_hash
 
-    pipe.save_pretrained(tmp_path / "teacher")
-    save_ard(ARDStudent(pipe.transformer, SIGMAS, 1), tmp_path / "ard", str(tmp_path / "teacher"),
-             {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
+    tiny_shapes.save_pretrained(tmp_path / "teacher")
+    save_ard(ARDStudent(tiny_shapes.transformer, SIGMAS, 1), tmp_path / "ard", str(tmp_path / "teacher"),
+             {"guidance_scale": 5.0, "base_vae": weights_hash(tiny_shapes.vae)})
     student = load_pipeline(tmp_path / "ard")
     data = EvalSet(student, 3, seed=0)
     cfg, = student_configs(student, data)  # one step count
@@ -402,10 +380,10 @@ def test_a_student_joins_the_bench_as_a_hasten_configuration(pipe, tmp_path):
     student_configs(student, EvalSet(student, 3, seed=1))[0].setup()
 
 
-def test_own_history_inputs_are_the_students_own_states_without_gradient(pipe, cond):
-    noise, text, pooled = cond
-    states, sigmas = teacher_states(pipe, PROMPTS, noise, 5, kept_indices(5, 4))
-    student = ARDStudent(pipe.transformer, sigmas.tolist(), 1)
+def test_own_history_inputs_are_the_students_own_states_without_gradient(tiny_shapes, tiny_cond):
+    noise, text, pooled = tiny_cond
+    states, sigmas = teacher_states(tiny_shapes, PROMPTS, noise, 5, kept_indices(5, 4))
+    student = ARDStudent(tiny_shapes.transformer, sigmas.tolist(), 1)
     none = own_history_inputs(student, states, text, pooled, torch.tensor([False, False]))
     assert torch.equal(none, states[:, :-1])  # no row chosen: teacher forcing
     with count_block_calls(student.transformer) as counts:
@@ -416,40 +394,42 @@ def test_own_history_inputs_are_the_students_own_states_without_gradient(pipe, c
     assert torch.equal(mixed[1, 0], noise[1]) and not mixed.requires_grad
 
 
-def test_own_history_training_samples_the_student_and_init_starts_from_a_saved_student(pipe, cond, tmp_path):
+def test_own_history_training_samples_the_student_and_init_starts_from_a_saved_student(tiny_shapes, tiny_cond,
+                                                                                        tmp_path):
     from hasten.plans import weights_hash
 
-    data = trajectory_data(pipe, cond, copies=2)
+    data = trajectory_data(tiny_shapes, tiny_cond, copies=2)
     base = dict(steps=2, batch_size=4, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
                 log_every=1, bf16_autocast=False)
     sampled = []
     original = ARDStudent.sample
     ARDStudent.sample = lambda self, *a, **k: sampled.append(a[0].shape[0]) or original(self, *a, **k)
     try:
-        forced = train_ard(pipe.transformer, data, tmp_path / "tf", ARDConfig(**base), progress=False)
+        forced = train_ard(tiny_shapes.transformer, data, tmp_path / "tf", ARDConfig(**base), progress=False)
         assert sampled == []  # own_history = 0: the paper's teacher forcing, no sampling
-        own = train_ard(pipe.transformer, data, tmp_path / "own", ARDConfig(**base, own_history=1.0), progress=False)
+        own = train_ard(tiny_shapes.transformer, data, tmp_path / "own", ARDConfig(**base, own_history=1.0),
+                        progress=False)
         assert sampled == [4, 4]  # every row of both steps on the student's own history
     finally:
         ARDStudent.sample = original
     assert forced["loss_curve"][1]["loss"] != own["loss_curve"][1]["loss"]
-    vae = weights_hash(pipe.vae)
+    vae = weights_hash(tiny_shapes.vae)
     save_ard(own["student"], tmp_path / "saved", "shapes", {"base_vae": vae})
-    again = train_ard(pipe.transformer, data, tmp_path / "init", ARDConfig(**{**base, "lr": 1e-12},
+    again = train_ard(tiny_shapes.transformer, data, tmp_path / "init", ARDConfig(**{**base, "lr": 1e-12},
                       init=str(tmp_path / "saved")), progress=False, vae_hash=vae)
     for p, q in zip(own["student"].parameters(), again["student"].parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-3)  # float16 storage; lr ~ 0
     with pytest.raises(HastenError, match="history gate False"):
-        train_ard(pipe.transformer, data, tmp_path / "gated", ARDConfig(**base, history_gate=True,
+        train_ard(tiny_shapes.transformer, data, tmp_path / "gated", ARDConfig(**base, history_gate=True,
                   init=str(tmp_path / "saved")), progress=False, vae_hash=vae)
     with pytest.raises(HastenError, match="N = 1"):
-        train_ard(pipe.transformer, data, tmp_path / "n2", ARDConfig(**{**base, "layers_with_history": 2},
+        train_ard(tiny_shapes.transformer, data, tmp_path / "n2", ARDConfig(**{**base, "layers_with_history": 2},
                   init=str(tmp_path / "saved")), progress=False, vae_hash=vae)
     with pytest.raises(HastenError, match="not an ARD student of this teacher"):  # another latent space
-        train_ard(pipe.transformer, data, tmp_path / "vae", ARDConfig(**base, init=str(tmp_path / "saved")),
+        train_ard(tiny_shapes.transformer, data, tmp_path / "vae", ARDConfig(**base, init=str(tmp_path / "saved")),
                   progress=False, vae_hash="0" * 16)
     with pytest.raises(HastenError, match="must be in"):
-        train_ard(pipe.transformer, data, tmp_path / "bad", ARDConfig(**base, own_history=1.5), progress=False)
+        train_ard(tiny_shapes.transformer, data, tmp_path / "bad", ARDConfig(**base, own_history=1.5), progress=False)
 
 
 def test_evaluation_noise_must_not_be_a_training_trajectorys():
@@ -476,51 +456,51 @@ def strip_x0(folder) -> None:
         save_file(tensors, str(f), metadata=meta)
 
 
-def test_stored_x0_predictions_are_the_teachers_and_add_x0_fills_an_old_folder(pipe, tmp_path):
+def test_stored_x0_predictions_are_the_teachers_and_add_x0_fills_an_old_folder(tiny_shapes, tmp_path):
     """Every step kept: each stored x0 = x - sigma v is the prediction the teacher's own next Euler step used
     (x_{k+1} = x_k + (sigma_{k+1} - sigma_k) (x_k - x0_k) / sigma_k, within float32 rounding); ``add-x0`` on a
     folder without them computes the same values (other batches: within 1e-5) and resumes by shard."""
     from hasten.distill.trajectories import add_x0_predictions
 
     args = dict(n=5, steps=4, keep=4, shard_size=2, batch_size=3, progress=False)
-    generate_trajectories(pipe, tmp_path / "new", **args)
+    generate_trajectories(tiny_shapes, tmp_path / "new", **args)
     new = load_trajectories(tmp_path / "new")
     st, x0, s = new["states"], new["x0"], new["sigmas"].view(1, -1, 1, 1, 1)
-    assert x0.shape == (5, 4, *pipe.latent_shape)
+    assert x0.shape == (5, 4, *tiny_shapes.latent_shape)
     v = (st[:, :-1] - x0) / s[:, :-1]
     torch.testing.assert_close(st[:, :-1] + (s[:, 1:] - s[:, :-1]) * v, st[:, 1:], atol=1e-5, rtol=0)
-    generate_trajectories(pipe, tmp_path / "old", **args)
+    generate_trajectories(tiny_shapes, tmp_path / "old", **args)
     strip_x0(tmp_path / "old")
     assert "x0" not in load_trajectories(tmp_path / "old")
-    assert add_x0_predictions(pipe, tmp_path / "old", batch_size=2, first=3, progress=False) == 2  # shards 0-1
+    assert add_x0_predictions(tiny_shapes, tmp_path / "old", batch_size=2, first=3, progress=False) == 2  # shards 0-1
     assert "x0" in load_trajectories(tmp_path / "old", first=4) and "x0" not in load_trajectories(tmp_path / "old")
-    assert add_x0_predictions(pipe, tmp_path / "old", progress=False, stop_after_shards=0) == 0
-    assert add_x0_predictions(pipe, tmp_path / "old", progress=False) == 1  # the one left
+    assert add_x0_predictions(tiny_shapes, tmp_path / "old", progress=False, stop_after_shards=0) == 0
+    assert add_x0_predictions(tiny_shapes, tmp_path / "old", progress=False) == 1  # the one left
     old = load_trajectories(tmp_path / "old")
     torch.testing.assert_close(old["x0"], x0, atol=1e-5, rtol=0)
     assert torch.equal(old["states"], st) and old["captions"] == new["captions"]
     with pytest.raises(HastenError, match="cannot use the first 9"):
-        add_x0_predictions(pipe, tmp_path / "old", first=9, progress=False)
+        add_x0_predictions(tiny_shapes, tmp_path / "old", first=9, progress=False)
 
 
-def test_an_x0_convention_student_reads_x0_predictions_and_starts_from_the_teachers(pipe, cond, tmp_path):
+def test_an_x0_convention_student_reads_x0_predictions_and_starts_from_the_teachers(tiny_shapes, tiny_cond, tmp_path):
     """The re-implementation's convention: inputs (noise, x0_1, x0_2, x0_3), targets (x0_1, x0_2, x0_3, final).
     Exactness: the fresh N = 0 student's first group is the teacher's conditional x0-prediction from the noise,
     bitwise; the later groups read their input at sigma_d / 8. A student is refused data without x0, another
     convention's weights, and the x0 loss weighting."""
     from hasten.distill.ard import X0_LABEL_SCALE
 
-    noise, text, pooled = cond
-    data = trajectory_data(pipe, cond, copies=2)
-    data["x0"] = torch.randn(4, 4, *pipe.latent_shape, generator=torch.Generator().manual_seed(3))
-    student = ARDStudent(pipe.transformer, SIGMAS, 0, convention="x0").eval()
+    noise, text, pooled = tiny_cond
+    data = trajectory_data(tiny_shapes, tiny_cond, copies=2)
+    data["x0"] = torch.randn(4, 4, *tiny_shapes.latent_shape, generator=torch.Generator().manual_seed(3))
+    student = ARDStudent(tiny_shapes.transformer, SIGMAS, 0, convention="x0").eval()
     inputs, targets = student.teacher_forced(data["states"], data["x0"])
     assert torch.equal(inputs[:, 0], data["states"][:, 0]) and torch.equal(inputs[:, 1:], data["x0"][:, 1:])
     assert torch.equal(targets[:, :3], data["x0"][:, 1:]) and torch.equal(targets[:, 3], data["states"][:, -1])
     assert student.labels.tolist() == pytest.approx([1.0] + [s * X0_LABEL_SCALE for s in SIGMAS[1:-1]])
     _, outs = student.sample(noise, text, pooled, return_states=True)
     with torch.no_grad():
-        v = pipe.transformer(hidden_states=noise, timestep=torch.full((2,), 1000.0), encoder_hidden_states=text,
+        v = tiny_shapes.transformer(hidden_states=noise, timestep=torch.full((2,), 1000.0), encoder_hidden_states=text,
                              pooled_projections=pooled, return_dict=False)[0]
     assert torch.equal(outs[:, 1], noise - v)
     with pytest.raises(HastenError, match="x0 loss space weights a state-convention"):
@@ -529,24 +509,24 @@ def test_an_x0_convention_student_reads_x0_predictions_and_starts_from_the_teach
         student.loss(data["states"], data["text"], data["pooled"])
     cfg = ARDConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, layers_with_history=1, checkpoint_every=2,
                     log_every=1, bf16_autocast=False, convention="x0")
-    run = train_ard(pipe.transformer, data, tmp_path / "x0", cfg, progress=False)
+    run = train_ard(tiny_shapes.transformer, data, tmp_path / "x0", cfg, progress=False)
     assert run["finished"] and run["student"].convention == "x0"
     no_x0 = {k: v for k, v in data.items() if k != "x0"}
     with pytest.raises(HastenError, match="hold none"):
-        train_ard(pipe.transformer, no_x0, tmp_path / "y", cfg, progress=False)
+        train_ard(tiny_shapes.transformer, no_x0, tmp_path / "y", cfg, progress=False)
     with pytest.raises(HastenError, match="--convention must be state or x0"):
-        ARDStudent(pipe.transformer, SIGMAS, 0, convention="eps")
+        ARDStudent(tiny_shapes.transformer, SIGMAS, 0, convention="eps")
 
 
-def test_an_x0_student_saves_loads_and_refuses_to_start_from_a_state_student(pipe, cond, tmp_path):
+def test_an_x0_student_saves_loads_and_refuses_to_start_from_a_state_student(tiny_shapes, tiny_cond, tmp_path):
     from hasten import load_pipeline
     from hasten.distill.ard import start_from
     from hasten.plans import weights_hash
 
-    noise, text, pooled = cond
-    pipe.save_pretrained(tmp_path / "teacher")
-    vae = weights_hash(pipe.vae)
-    student = ARDStudent(pipe.transformer, SIGMAS, 1, convention="x0").eval()
+    noise, text, pooled = tiny_cond
+    tiny_shapes.save_pretrained(tmp_path / "teacher")
+    vae = weights_hash(tiny_shapes.vae)
+    student = ARDStudent(tiny_shapes.transformer, SIGMAS, 1, convention="x0").eval()
     with torch.no_grad():
         for t in student.state_dict().values():
             t.copy_(t.half().float())  # stored in float16: make the round trip exact
@@ -555,7 +535,7 @@ def test_an_x0_student_saves_loads_and_refuses_to_start_from_a_state_student(pip
     assert loaded.student.convention == "x0"
     assert torch.equal(loaded(PROMPTS, latents=noise, output_type="latent").images,
                        student.sample(noise, text, pooled))
-    save_ard(ARDStudent(pipe.transformer, SIGMAS, 1), tmp_path / "state", str(tmp_path / "teacher"),
+    save_ard(ARDStudent(tiny_shapes.transformer, SIGMAS, 1), tmp_path / "state", str(tmp_path / "teacher"),
              {"guidance_scale": 5.0, "base_vae": vae})
     with pytest.raises(HastenError, match="convention state there"):
-        start_from(ARDStudent(pipe.transformer, SIGMAS, 1, convention="x0"), tmp_path / "state", vae)
+        start_from(ARDStudent(tiny_shapes.transformer, SIGMAS, 1, convention="x0"), tmp_path / "state", vae)

@@ -33,39 +33,14 @@ from hasten.distill.flash import (
     train_flash,
 )
 from hasten.pipelines.shapes import encode_text
-from hasten.testing import run_cli, tiny_shapes_pipeline
+from hasten.testing import TINY_PROMPTS as PROMPTS
+from hasten.testing import run_cli, teacher_euler
 from hasten.testing_pipelines import count_block_calls
 
-PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
-
 
 @pytest.fixture(scope="module")
-def pipe():
-    return tiny_shapes_pipeline()
-
-
-@pytest.fixture(scope="module")
-def cond(pipe):
-    noise = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
-    text, pooled = pipe.encode_prompt(PROMPTS, torch.float32)
-    return noise, text, pooled
-
-
-@pytest.fixture(scope="module")
-def empty(pipe):
-    return encode_text(pipe.text_encoder, pipe.tokenizer, [""], warn=False)
-
-
-def teacher_euler(pipe, noise, text, pooled, sigmas):
-    """The teacher's conditional branch, one Euler step per interval of ``sigmas`` (float32)."""
-    s = torch.tensor(sigmas, dtype=torch.float32)
-    x = noise.clone()
-    with torch.no_grad():
-        for d in range(len(sigmas) - 1):
-            v = pipe.transformer(hidden_states=x, timestep=(s[d] * 1000).expand(x.shape[0]),
-                                 encoder_hidden_states=text, pooled_projections=pooled, return_dict=False)[0]
-            x = x + (s[d + 1] - s[d]) * v
-    return x
+def empty(tiny_shapes):
+    return encode_text(tiny_shapes.text_encoder, tiny_shapes.tokenizer, [""], warn=False)
 
 
 def capture_inputs(transformer):
@@ -161,13 +136,14 @@ def test_noise_correction_changes_only_the_first_step():
         assert torch.equal(a, b)
 
 
-def test_for_the_velocity_model_noise_correction_is_the_identity(pipe, cond):
+def test_for_the_velocity_model_noise_correction_is_the_identity(tiny_shapes, tiny_cond):
     """Flow matching at sigma = 1: the implied noise x + (1 - sigma) v is x_T for ANY v, so replacing it by the
     known noise changes nothing (bitwise); the DDIM step is Euler's up to rounding."""
-    noise, text, pooled = cond
+    noise, text, pooled = tiny_cond
     for v in (torch.randn(noise.shape, generator=torch.Generator().manual_seed(5)) * 100,
-              pipe.transformer(hidden_states=noise, timestep=torch.full((2,), 1000.0), encoder_hidden_states=text,
-                               pooled_projections=pooled, return_dict=False)[0].detach()):
+              tiny_shapes.transformer(hidden_states=noise, timestep=torch.full((2,), 1000.0),
+                                      encoder_hidden_states=text, pooled_projections=pooled,
+                                      return_dict=False)[0].detach()):
         assert torch.equal(eps_from_v(noise, v, 1.0), noise)
         for s_next in (0.0, 0.5, 2 / 3):
             corrected = flow_ddim_step(noise, v, 1.0, s_next, noise=noise)
@@ -179,40 +155,40 @@ def test_for_the_velocity_model_noise_correction_is_the_identity(pipe, cond):
 
 # --------------------------------------------------------------------------- the student
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_a_fresh_student_is_the_teachers_conditional_branch_taking_k_euler_steps_bitwise(pipe, cond, k):
-    noise, text, pooled = cond
-    student = FlashStudent(pipe.transformer).eval()
+def test_a_fresh_student_is_the_teachers_conditional_branch_taking_k_euler_steps_bitwise(tiny_shapes, tiny_cond, k):
+    noise, text, pooled = tiny_cond
+    student = FlashStudent(tiny_shapes.transformer).eval()
     assert torch.equal(student.sample(noise, text, pooled, steps=k),
-                       teacher_euler(pipe, noise, text, pooled, student_sigmas(k)))
+                       teacher_euler(tiny_shapes, noise, text, pooled, student_sigmas(k)))
 
 
-def test_the_student_runs_k_passes_of_the_blocks(pipe, cond):
-    noise, text, pooled = cond
-    student = FlashStudent(pipe.transformer).eval()
+def test_the_student_runs_k_passes_of_the_blocks(tiny_shapes, tiny_cond):
+    noise, text, pooled = tiny_cond
+    student = FlashStudent(tiny_shapes.transformer).eval()
     for k in (1, 2, 3):
         with count_block_calls(student.transformer) as counts:
             student.sample(noise, text, pooled, steps=k)
         assert counts == [k] * len(counts)
-    with count_block_calls(pipe.transformer) as counts:
-        pipe(PROMPTS, num_inference_steps=25, latents=noise, output_type="latent")
+    with count_block_calls(tiny_shapes.transformer) as counts:
+        tiny_shapes(PROMPTS, num_inference_steps=25, latents=noise, output_type="latent")
     assert counts == [25] * len(counts)  # the teacher: 25 guided calls (both branches per call)
 
 
 # --------------------------------------------------------------------------- the losses
-def small_batch(pipe, cfg, ks, ds):
-    batch = flash_batch(pipe, 0, cfg, torch.Generator().manual_seed(1))
+def small_batch(tiny_shapes, cfg, ks, ds):
+    batch = flash_batch(tiny_shapes, 0, cfg, torch.Generator().manual_seed(1))
     batch["ks"], batch["ds"] = torch.tensor(ks), torch.tensor(ds)
     return batch
 
 
-def test_backward_inputs_are_the_students_own_states_without_gradient_and_the_teacher_sees_them(pipe, empty):
+def test_backward_inputs_are_the_students_own_states_without_gradient_and_the_teacher_sees_them(tiny_shapes, empty):
     cfg = FlashConfig(batch_size=3, srl=False, bf16_autocast=False)
-    student = FlashStudent(pipe.transformer).train().requires_grad_(True)
-    batch = small_batch(pipe, cfg, [3, 3, 3], [2, 2, 2])
-    t_calls, th = capture_inputs(pipe.transformer)
+    student = FlashStudent(tiny_shapes.transformer).train().requires_grad_(True)
+    batch = small_batch(tiny_shapes, cfg, [3, 3, 3], [2, 2, 2])
+    t_calls, th = capture_inputs(tiny_shapes.transformer)
     s_calls, sh = capture_inputs(student.transformer)
     try:
-        loss, parts = flash_loss(student, pipe.transformer, batch, cfg, empty, 5.0)
+        loss, parts = flash_loss(student, tiny_shapes.transformer, batch, cfg, empty, 5.0)
     finally:
         th.remove()
         sh.remove()
@@ -226,15 +202,15 @@ def test_backward_inputs_are_the_students_own_states_without_gradient_and_the_te
     (seen, grad), = t_calls
     assert not grad and torch.equal(seen[:3], x) and torch.equal(seen[3:], x)  # ... and the teacher (both branches)
     loss.backward()
-    assert all(p.grad is None for p in pipe.transformer.parameters())
+    assert all(p.grad is None for p in tiny_shapes.transformer.parameters())
 
 
-def test_mixed_rows_each_follow_their_own_schedule(pipe, empty):
+def test_mixed_rows_each_follow_their_own_schedule(tiny_shapes, empty):
     cfg = FlashConfig(batch_size=4, srl=False, bf16_autocast=False)
-    student = FlashStudent(pipe.transformer).eval()
-    batch = small_batch(pipe, cfg, [1, 2, 3, 3], [0, 1, 1, 2])
+    student = FlashStudent(tiny_shapes.transformer).eval()
+    batch = small_batch(tiny_shapes, cfg, [1, 2, 3, 3], [0, 1, 1, 2])
     with torch.no_grad():
-        _, parts = flash_loss(student, pipe.transformer, batch, cfg, empty, 5.0)
+        _, parts = flash_loss(student, tiny_shapes.transformer, batch, cfg, empty, 5.0)
     assert torch.equal(parts["inputs"][0], batch["noise"][0])  # d = 0: pure noise
     torch.testing.assert_close(parts["sigma"], torch.tensor([1.0, 0.5, 2 / 3, 1 / 3]))
     for i, (k, d) in enumerate([(2, 1), (3, 1), (3, 2)], start=1):
@@ -245,13 +221,13 @@ def test_mixed_rows_each_follow_their_own_schedule(pipe, empty):
 
 @pytest.mark.parametrize("srl_noise", ["trajectory", "fresh"])
 def test_the_srl_target_is_the_teachers_denoising_of_the_renoised_prediction_under_stop_gradient(
-        pipe, empty, srl_noise):
+        tiny_shapes, empty, srl_noise):
     cfg = FlashConfig(batch_size=3, bf16_autocast=False, srl_noise=srl_noise)
-    student = FlashStudent(pipe.transformer).train().requires_grad_(True)
-    batch = small_batch(pipe, cfg, [1, 2, 3], [0, 1, 2])
-    t_calls, th = capture_inputs(pipe.transformer)
+    student = FlashStudent(tiny_shapes.transformer).train().requires_grad_(True)
+    batch = small_batch(tiny_shapes, cfg, [1, 2, 3], [0, 1, 2])
+    t_calls, th = capture_inputs(tiny_shapes.transformer)
     try:
-        loss, parts = flash_loss(student, pipe.transformer, batch, cfg, empty, 5.0)
+        loss, parts = flash_loss(student, tiny_shapes.transformer, batch, cfg, empty, 5.0)
     finally:
         th.remove()
     torch.testing.assert_close(parts["tau"], srl_gamma(parts["sigma"]))
@@ -267,16 +243,16 @@ def test_the_srl_target_is_the_teachers_denoising_of_the_renoised_prediction_und
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
 
 
-def test_the_teachers_denoising_in_one_step_is_its_x0_and_in_m_steps_its_guided_euler_solve(pipe, empty):
+def test_the_teachers_denoising_in_one_step_is_its_x0_and_in_m_steps_its_guided_euler_solve(tiny_shapes, empty):
     cfg = FlashConfig(batch_size=3, bf16_autocast=False)
-    batch = small_batch(pipe, cfg, [1, 2, 3], [0, 1, 2])
+    batch = small_batch(tiny_shapes, cfg, [1, 2, 3], [0, 1, 2])
     x, sigma = batch["noise"], torch.tensor([0.8, 0.4, 0.2])
     args = (batch["text"], batch["pooled"], empty, 5.0)
-    one = teacher_denoise(pipe.transformer, x, sigma, 1, *args)
-    assert torch.equal(one, teacher_x0(pipe.transformer, x, sigma, *args))
-    calls, h = capture_inputs(pipe.transformer)
+    one = teacher_denoise(tiny_shapes.transformer, x, sigma, 1, *args)
+    assert torch.equal(one, teacher_x0(tiny_shapes.transformer, x, sigma, *args))
+    calls, h = capture_inputs(tiny_shapes.transformer)
     try:
-        got = teacher_denoise(pipe.transformer, x, sigma, 3, *args)
+        got = teacher_denoise(tiny_shapes.transformer, x, sigma, 3, *args)
     finally:
         h.remove()
     assert len(calls) == 3  # one guided (two-branch) call per step
@@ -284,102 +260,102 @@ def test_the_teachers_denoising_in_one_step_is_its_x0_and_in_m_steps_its_guided_
     for i in range(3):  # row by row, scalar levels: Euler on sigma_i = sigma (1 - i / 3)
         for r in range(3):
             s0, s1 = float(sigma[r]) * (1 - i / 3), float(sigma[r]) * (1 - (i + 1) / 3)
-            v = teacher_velocity(pipe.transformer, want[r:r + 1], torch.tensor([s0]), batch["text"][r:r + 1],
+            v = teacher_velocity(tiny_shapes.transformer, want[r:r + 1], torch.tensor([s0]), batch["text"][r:r + 1],
                                  batch["pooled"][r:r + 1], empty, 5.0)
             want[r:r + 1] = want[r:r + 1] + (s1 - s0) * v
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     cfg3 = FlashConfig(batch_size=3, bf16_autocast=False, teacher_steps=3)
-    student = FlashStudent(pipe.transformer).eval()
+    student = FlashStudent(tiny_shapes.transformer).eval()
     with torch.no_grad():
-        _, parts = flash_loss(student, pipe.transformer, batch, cfg3, empty, 5.0)
+        _, parts = flash_loss(student, tiny_shapes.transformer, batch, cfg3, empty, 5.0)
         x_tau = renoise(parts["x0"], batch["noise"], parts["tau"])
-        assert torch.equal(parts["target"], teacher_denoise(pipe.transformer, x_tau, parts["tau"], 3, *args))
+        assert torch.equal(parts["target"], teacher_denoise(tiny_shapes.transformer, x_tau, parts["tau"], 3, *args))
     for bad in (dict(teacher_steps=0), dict(srl_noise="other")):
         with pytest.raises(HastenError):
             FlashConfig(**bad).check()
 
 
-def test_a_guidance_interval_guides_the_rows_inside_it_and_gives_the_conditional_velocity_outside(pipe, empty):
+def test_a_guidance_interval_guides_the_rows_inside_it_and_gives_the_conditional_velocity_outside(tiny_shapes, empty):
     """--cfg-interval lo,hi: per row, CFG where lo < sigma <= hi (GuidanceInterval's rule), v_c elsewhere;
     (0, 1] is plain CFG bitwise."""
     cfg = FlashConfig(batch_size=3, bf16_autocast=False)
-    batch = small_batch(pipe, cfg, [1, 2, 3], [0, 1, 2])
+    batch = small_batch(tiny_shapes, cfg, [1, 2, 3], [0, 1, 2])
     x, sigma = batch["noise"], torch.tensor([0.9, 0.5, 0.2])
     args = (batch["text"], batch["pooled"], empty)
-    guided = teacher_velocity(pipe.transformer, x, sigma, *args, 5.0)
-    plain = teacher_velocity(pipe.transformer, x, sigma, *args, 1.0)
-    assert torch.equal(teacher_velocity(pipe.transformer, x, sigma, *args, 5.0, (0.0, 1.0)), guided)
-    got = teacher_velocity(pipe.transformer, x, sigma, *args, 5.0, (0.2, 0.84))
+    guided = teacher_velocity(tiny_shapes.transformer, x, sigma, *args, 5.0)
+    plain = teacher_velocity(tiny_shapes.transformer, x, sigma, *args, 1.0)
+    assert torch.equal(teacher_velocity(tiny_shapes.transformer, x, sigma, *args, 5.0, (0.0, 1.0)), guided)
+    got = teacher_velocity(tiny_shapes.transformer, x, sigma, *args, 5.0, (0.2, 0.84))
     assert torch.equal(got[1], guided[1])  # 0.2 < 0.5 <= 0.84: guided
     torch.testing.assert_close(got[[0, 2]], plain[[0, 2]], rtol=0, atol=1e-5)  # 0.9 above, 0.2 not above lo
     assert not torch.allclose(guided[0], plain[0], atol=1e-3)  # the rows outside really changed
-    one = teacher_denoise(pipe.transformer, x, sigma, 1, *args, 5.0, (0.2, 0.84))
-    assert torch.equal(one, teacher_x0(pipe.transformer, x, sigma, *args, 5.0, (0.2, 0.84)))
+    one = teacher_denoise(tiny_shapes.transformer, x, sigma, 1, *args, 5.0, (0.2, 0.84))
+    assert torch.equal(one, teacher_x0(tiny_shapes.transformer, x, sigma, *args, 5.0, (0.2, 0.84)))
     cfg_i = FlashConfig(batch_size=3, bf16_autocast=False, teacher_steps=2, guidance_interval=(0.2, 0.84))
-    student = FlashStudent(pipe.transformer).eval()
+    student = FlashStudent(tiny_shapes.transformer).eval()
     with torch.no_grad():
-        _, parts = flash_loss(student, pipe.transformer, batch, cfg_i, empty, 5.0)
+        _, parts = flash_loss(student, tiny_shapes.transformer, batch, cfg_i, empty, 5.0)
         x_tau = renoise(parts["x0"], batch["noise"], parts["tau"])
-        assert torch.equal(parts["target"], teacher_denoise(pipe.transformer, x_tau, parts["tau"], 2, *args, 5.0,
+        assert torch.equal(parts["target"], teacher_denoise(tiny_shapes.transformer, x_tau, parts["tau"], 2, *args, 5.0,
                                                             (0.2, 0.84)))
     for bad in ((0.5, 0.5), (-0.1, 0.8), (0.2, 1.1)):
         with pytest.raises(HastenError, match="--cfg-interval"):
             FlashConfig(guidance_interval=bad).check()
 
 
-def test_the_forward_ablation_noises_the_captions_data_latents(pipe, empty):
+def test_the_forward_ablation_noises_the_captions_data_latents(tiny_shapes, empty):
     cfg = FlashConfig(batch_size=2, backward=False, srl=False, bf16_autocast=False)
-    student = FlashStudent(pipe.transformer).eval()
-    batch = small_batch(pipe, cfg, [3, 2], [2, 1])
-    assert batch["x0"].shape == (2, *pipe.latent_shape)
+    student = FlashStudent(tiny_shapes.transformer).eval()
+    batch = small_batch(tiny_shapes, cfg, [3, 2], [2, 1])
+    assert batch["x0"].shape == (2, *tiny_shapes.latent_shape)
     with torch.no_grad():
-        _, parts = flash_loss(student, pipe.transformer, batch, cfg, empty, 5.0)
+        _, parts = flash_loss(student, tiny_shapes.transformer, batch, cfg, empty, 5.0)
     torch.testing.assert_close(parts["inputs"], renoise(batch["x0"], batch["noise"], torch.tensor([1 / 3, 0.5])))
 
 
 # --------------------------------------------------------------------------- training, saving, loading
-def test_training_lowers_the_loss_and_resumes_exactly(pipe, empty, tmp_path):
+def test_training_lowers_the_loss_and_resumes_exactly(tiny_shapes, empty, tmp_path):
     """The loss on a fixed batch of unseen captions (held-out for this run: step 10_000's) drops after a few
     steps, with SRL (whose fresh-noise target keeps a floor) and without; a resumed run is the same run."""
-    held = flash_batch(pipe, 10_000, FlashConfig(batch_size=16), torch.Generator().manual_seed(7))
+    held = flash_batch(tiny_shapes, 10_000, FlashConfig(batch_size=16), torch.Generator().manual_seed(7))
 
     def held_loss(student, cfg):
         with torch.no_grad():
-            return flash_loss(student, pipe.transformer, held, cfg, empty, 5.0)[0].item()
+            return flash_loss(student, tiny_shapes.transformer, held, cfg, empty, 5.0)[0].item()
 
     cfg = FlashConfig(steps=6, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1,
                       bf16_autocast=False)
-    straight = train_flash(pipe, tmp_path / "a", cfg, progress=False)
+    straight = train_flash(tiny_shapes, tmp_path / "a", cfg, progress=False)
     curve = [c["loss"] for c in straight["loss_curve"]]
     assert len(curve) == 6 and straight["finished"]
-    assert held_loss(straight["student"], cfg) < 0.98 * held_loss(FlashStudent(pipe.transformer), cfg)
+    assert held_loss(straight["student"], cfg) < 0.98 * held_loss(FlashStudent(tiny_shapes.transformer), cfg)
     plain = dataclasses.replace(cfg, srl=False)
-    trained = train_flash(pipe, tmp_path / "c", plain, progress=False)["student"]
-    assert held_loss(trained, plain) < 0.7 * held_loss(FlashStudent(pipe.transformer), plain)
-    train_flash(pipe, tmp_path / "b", cfg, progress=False, stop_after=3)
-    resumed = train_flash(pipe, tmp_path / "b", cfg, progress=False)
+    trained = train_flash(tiny_shapes, tmp_path / "c", plain, progress=False)["student"]
+    assert held_loss(trained, plain) < 0.7 * held_loss(FlashStudent(tiny_shapes.transformer), plain)
+    train_flash(tiny_shapes, tmp_path / "b", cfg, progress=False, stop_after=3)
+    resumed = train_flash(tiny_shapes, tmp_path / "b", cfg, progress=False)
     assert resumed["finished"] and [c["loss"] for c in resumed["loss_curve"]] == curve
     for p, q in zip(straight["student"].parameters(), resumed["student"].parameters()):
         assert torch.equal(p, q)
     with pytest.raises(HastenError, match="other settings"):
-        train_flash(pipe, tmp_path / "b", FlashConfig(steps=7), progress=False)
+        train_flash(tiny_shapes, tmp_path / "b", FlashConfig(steps=7), progress=False)
 
 
-def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe, cond, tmp_path, capsys):
+def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(tiny_shapes, tiny_cond, tmp_path, capsys):
     from hasten import load_pipeline
     from hasten.distill.flash import ShapesFlashPipeline
     from hasten.plans import weights_hash
 
-    noise, text, pooled = cond
-    pipe.save_pretrained(tmp_path / "teacher")
-    student = FlashStudent(pipe.transformer).eval()
+    noise, text, pooled = tiny_cond
+    tiny_shapes.save_pretrained(tmp_path / "teacher")
+    student = FlashStudent(tiny_shapes.transformer).eval()
     with torch.no_grad():
         for p in student.transformer.proj_out.parameters():
             p.add_(0.01)  # weights that differ from the teacher's
         for t in student.state_dict().values():
             t.copy_(t.half().float())  # stored in float16: make the round trip exact
     save_flash(student, tmp_path / "flash", str(tmp_path / "teacher"),
-               {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
+               {"guidance_scale": 5.0, "base_vae": weights_hash(tiny_shapes.vae)})
     loaded = load_pipeline(tmp_path / "flash")
     assert isinstance(loaded, ShapesFlashPipeline) and loaded.num_steps == 3
     assert torch.equal(loaded(PROMPTS, latents=noise, output_type="latent").images,
@@ -406,7 +382,7 @@ def test_a_saved_student_loads_as_a_pipeline_with_the_shapes_call_signature(pipe
         load_flash(tmp_path / "flash")
 
 
-def test_step_draw_picks_counts_or_every_step_equally_often(pipe):
+def test_step_draw_picks_counts_or_every_step_equally_often(tiny_shapes):
     """'count': K uniform, then d uniform in [0, K) (the last step of 3 gets 1/9 of the rows); 'step': every
     (K, d) pair 1/6 of the rows, so each step of the 3-step schedule trains as often as the 1-step one."""
     n = 6000
@@ -416,7 +392,7 @@ def test_step_draw_picks_counts_or_every_step_equally_often(pipe):
         gen = torch.Generator().manual_seed(0)
         counts = torch.tensor([1, 2, 3])
         # only the draw of (K, d), without encoding 6000 captions: the same code path on a stub pipeline
-        batch = flash_batch(_NoText(pipe), 0, cfg, gen)
+        batch = flash_batch(_NoText(tiny_shapes), 0, cfg, gen)
         ks, ds = batch["ks"], batch["ds"]
         assert torch.isin(ks, counts).all() and (ds >= 0).all() and (ds < ks).all()
         for (k, d), p in want.items():
@@ -426,18 +402,18 @@ def test_step_draw_picks_counts_or_every_step_equally_often(pipe):
         FlashConfig(step_draw="other").check()
 
 
-def test_caption_offset_moves_a_stage_onto_captions_no_earlier_stage_saw(pipe):
+def test_caption_offset_moves_a_stage_onto_captions_no_earlier_stage_saw(tiny_shapes):
     """Step s of a run with ``caption_offset=k`` trains on the captions of step s + k / batch of a run
     without it (and only its captions move: the step's other randomness is the same)."""
     from hasten.distill.flash import CAPTION_SEED0
 
     b = 4
-    plain = flash_batch(_NoText(pipe), 3, FlashConfig(batch_size=b), torch.Generator().manual_seed(0))
-    moved = flash_batch(_NoText(pipe), 1, FlashConfig(batch_size=b, caption_offset=2 * b),
+    plain = flash_batch(_NoText(tiny_shapes), 3, FlashConfig(batch_size=b), torch.Generator().manual_seed(0))
+    moved = flash_batch(_NoText(tiny_shapes), 1, FlashConfig(batch_size=b, caption_offset=2 * b),
                         torch.Generator().manual_seed(0))
     assert moved["captions"] == plain["captions"]
     assert moved["captions"] == [sample_scene(CAPTION_SEED0 + 2 * b + b + i).caption for i in range(b)]
-    again = flash_batch(_NoText(pipe), 1, FlashConfig(batch_size=b), torch.Generator().manual_seed(0))
+    again = flash_batch(_NoText(tiny_shapes), 1, FlashConfig(batch_size=b), torch.Generator().manual_seed(0))
     assert again["captions"] != moved["captions"] and torch.equal(again["noise"], moved["noise"])
     for bad in (-1, 10_000_000):
         with pytest.raises(HastenError, match="caption-offset"):
@@ -447,47 +423,47 @@ def test_caption_offset_moves_a_stage_onto_captions_no_earlier_stage_saw(pipe):
 class _NoText:
     """A pipeline stand-in for :func:`flash_batch` whose text encoder returns zeros (shape only)."""
 
-    def __init__(self, pipe):
-        self.latent_shape = pipe.latent_shape
+    def __init__(self, tiny_shapes):
+        self.latent_shape = tiny_shapes.latent_shape
 
     def encode_prompt(self, prompts, dtype):
         return torch.zeros(len(prompts), 1, 1, dtype=dtype), torch.zeros(len(prompts), 1, dtype=dtype)
 
 
-def test_init_starts_from_a_saved_students_weights_and_refuses_others(pipe, tmp_path):
+def test_init_starts_from_a_saved_students_weights_and_refuses_others(tiny_shapes, tmp_path):
     from hasten.distill.flash import init_weights
     from hasten.plans import weights_hash
 
-    pipe.save_pretrained(tmp_path / "teacher")
-    first = FlashStudent(pipe.transformer).eval()
+    tiny_shapes.save_pretrained(tmp_path / "teacher")
+    first = FlashStudent(tiny_shapes.transformer).eval()
     with torch.no_grad():
         for t in first.state_dict().values():
             t.add_(0.01).copy_(t.half().float())  # weights that differ from the teacher's, exact in float16
     save_flash(first, tmp_path / "first", str(tmp_path / "teacher"),
-               {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
+               {"guidance_scale": 5.0, "base_vae": weights_hash(tiny_shapes.vae)})
     cfg = FlashConfig(steps=1, batch_size=2, lr=1e-12, warmup=1, ema_decay=0.0, bf16_autocast=False,
                       init=str(tmp_path / "first"))
-    second = train_flash(pipe, tmp_path / "second", cfg, progress=False)["student"]
+    second = train_flash(tiny_shapes, tmp_path / "second", cfg, progress=False)["student"]
     for p, q in zip(first.parameters(), second.parameters()):  # one step at lr 1e-12 moves nothing visible
         torch.testing.assert_close(p, q, rtol=0, atol=1e-8)
-    fresh = FlashStudent(pipe.transformer)
+    fresh = FlashStudent(tiny_shapes.transformer)
     with pytest.raises(HastenError, match="not an Imagine Flash student of this teacher"):
         init_weights(fresh, tmp_path / "first", "0" * 16)
     with pytest.raises(HastenError, match="not an Imagine Flash student folder"):
-        init_weights(fresh, tmp_path / "teacher", weights_hash(pipe.vae))
+        init_weights(fresh, tmp_path / "teacher", weights_hash(tiny_shapes.vae))
     with pytest.raises(HastenError, match="not an Imagine Flash student of this teacher"):
-        init_weights(fresh, "shapes-flash", weights_hash(pipe.vae))  # the embedded name resolves: other VAE
+        init_weights(fresh, "shapes-flash", weights_hash(tiny_shapes.vae))  # the embedded name resolves: other VAE
 
 
-def test_a_flash_student_joins_the_bench_at_each_of_its_step_counts(pipe, tmp_path):
+def test_a_flash_student_joins_the_bench_at_each_of_its_step_counts(tiny_shapes, tmp_path):
     from hasten import load_pipeline
     from hasten.eval.bench_harness import DenoiserTimer, WorkCounter
     from hasten.eval.bench_shapes import EvalSet, student_configs
     from hasten.plans import weights_hash
 
-    pipe.save_pretrained(tmp_path / "teacher")
-    save_flash(FlashStudent(pipe.transformer, (1, 3)), tmp_path / "flash", str(tmp_path / "teacher"),
-               {"guidance_scale": 5.0, "base_vae": weights_hash(pipe.vae)})
+    tiny_shapes.save_pretrained(tmp_path / "teacher")
+    save_flash(FlashStudent(tiny_shapes.transformer, (1, 3)), tmp_path / "flash", str(tmp_path / "teacher"),
+               {"guidance_scale": 5.0, "base_vae": weights_hash(tiny_shapes.vae)})
     student = load_pipeline(tmp_path / "flash")
     data = EvalSet(student, 2, seed=0)
     cfgs = student_configs(student, data)
@@ -518,11 +494,11 @@ def test_imagine_flash_cli_rejects_bad_input(capsys, tmp_path):
     assert code == 2 and "unknown model" in err and err.count("\n") == 1
 
 
-def test_the_cli_trains_a_loadable_resumable_student(pipe, cond, tmp_path, capsys):
+def test_the_cli_trains_a_loadable_resumable_student(tiny_shapes, tiny_cond, tmp_path, capsys):
     from hasten import load_pipeline
 
-    noise = cond[0]
-    pipe.save_pretrained(tmp_path / "teacher")
+    noise = tiny_cond[0]
+    tiny_shapes.save_pretrained(tmp_path / "teacher")
     args = ("distill", "imagine-flash", "--teacher", str(tmp_path / "teacher"), "--steps", "2", "--train-steps", "2",
             "--batch-size", "2", "--forward", "--no-srl", "--teacher-steps", "2", "--srl-noise", "fresh",
             "--tau-max", "0.6", "--step-draw", "step", "--out", str(tmp_path / "flash"), "--json")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+TINY_PROMPTS = ["a red circle", "two blue squares to the left of a green triangle"]
+
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """Run ``hasten ARGS`` in-process through the real entry point; returns (exit code, stdout, stderr).
@@ -60,3 +62,18 @@ def tiny_shapes_pipeline(seed: int = 0):
     pipe = ShapesPipeline(transformer=tr, vae=vae, scheduler=default_scheduler(), text_encoder=te, tokenizer=tok)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def teacher_euler(pipe, noise, text, pooled, sigmas):
+    """The conditional branch of ``pipe``'s transformer, one Euler step per interval of ``sigmas`` (float32,
+    as the scheduler steps): what a fresh distilled student must reproduce."""
+    import torch
+
+    s = torch.tensor(sigmas, dtype=torch.float32)
+    x = noise.clone()
+    with torch.no_grad():
+        for d in range(len(sigmas) - 1):
+            v = pipe.transformer(hidden_states=x, timestep=(s[d] * 1000).expand(x.shape[0]),
+                                 encoder_hidden_states=text, pooled_projections=pooled, return_dict=False)[0]
+            x = x + (s[d + 1] - s[d]) * v
+    return x
