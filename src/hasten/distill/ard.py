@@ -190,7 +190,7 @@ class ARDStudent(nn.Module):
     def __init__(self, teacher: nn.Module, sigmas: Sequence[float], layers_with_history: int,
                  history_gate: bool = False, convention: str = "state"):
         super().__init__()
-        check_convention(convention)
+        check_space("--convention", convention)
         layers = len(teacher.transformer_blocks)
         if not 0 <= layers_with_history <= layers:
             raise HastenError(f"--layers-with-history must be in [0, {layers}], got {layers_with_history}")
@@ -398,16 +398,11 @@ class ARDConfig:
     convention: str = "state"  # what the groups read and predict: states or x0-predictions (ARDStudent)
 
 
-def check_convention(convention: str) -> None:
-    """Refuse a ``--convention`` other than the two :class:`ARDStudent` knows."""
-    if convention not in ("state", "x0"):
-        raise HastenError(f"--convention must be state or x0, got {convention!r}")
-
-
-def check_loss_space(space: str) -> None:
-    """Refuse a ``--loss-space`` other than those :meth:`ARDStudent.loss` knows (before any work is done)."""
-    if space not in ("state", "x0"):
-        raise HastenError(f"--loss-space must be state or x0, got {space!r}")
+def check_space(option: str, value: str) -> None:
+    """Refuse a ``--convention`` (what :class:`ARDStudent`'s groups read) or ``--loss-space`` (what
+    :meth:`ARDStudent.loss` scores) other than the two both know, ``state`` and ``x0``, before any work."""
+    if value not in ("state", "x0"):
+        raise HastenError(f"{option} must be state or x0, got {value!r}")
 
 
 def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
@@ -440,8 +435,8 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
     n = data["states"].shape[0]
     if not 0.0 <= cfg.own_history <= 1.0:
         raise HastenError(f"--own-history must be in [0, 1], got {cfg.own_history}")
-    check_loss_space(cfg.loss_space)
-    check_convention(cfg.convention)
+    check_space("--loss-space", cfg.loss_space)
+    check_space("--convention", cfg.convention)
     if cfg.convention == "x0" and "x0" not in data:
         raise HastenError("--convention x0 trains on the teacher's x0-predictions: these trajectories hold none "
                           "(run hasten distill add-x0 on the folder)")

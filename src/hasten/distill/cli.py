@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
 
         from ..pipeline import EMBEDDED, load_pipeline
         from ..plans import weights_hash
-        from .ard import ARDConfig, check_convention, check_loss_space, save_ard, train_ard
+        from .ard import ARDConfig, check_space, save_ard, train_ard
         from .trajectories import check_teacher, load_trajectories
 
         if steps < 1 or batch_size < 1 or not lr > 0:
@@ -103,8 +103,8 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"--warmup must be in [0, --steps], got {warmup}")
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
-        check_loss_space(loss_space)
-        check_convention(convention)
+        check_space("--loss-space", loss_space)
+        check_space("--convention", convention)
         check_out_folder(out)
         traj = load_trajectories(data, first=trajectories)
         check_teacher(traj["manifest"], data, teacher)
