@@ -56,7 +56,8 @@ shut every gate and the run became step distillation; the option stays for model
 Training (teacher-forced, the paper's objective): the groups' inputs are the teacher's states
 x_{sigma_0..K-1}; loss = mean over d of MSE(x_{sigma_d} + (sigma_{d+1} - sigma_d) v_d, x^teacher_{sigma_{d+1}})
 (x0 convention: the inputs and targets of :meth:`ARDStudent.teacher_forced`, the same mean of per-step MSEs).
-AdamW, gradient clipping at 1, EMA of the weights (the paper's recipe; its GAN fine-tune is left out).
+AdamW, gradient clipping at 1, EMA of the weights (the paper's recipe); the paper's GAN fine-tune is
+``--gan-weight`` (:mod:`hasten.distill.ard_gan`).
 The guidance of the teacher (CFG) is distilled in: the student runs one branch.
 """
 
@@ -292,8 +293,8 @@ class ARDStudent(nn.Module):
         return torch.cat([states[:, :1], x0[:, 1:]], 1), torch.cat([x0[:, 1:], states[:, -1:]], 1)
 
     def loss(self, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-             inputs: torch.Tensor | None = None, space: str = "state", x0: torch.Tensor | None = None
-             ) -> torch.Tensor:
+             inputs: torch.Tensor | None = None, space: str = "state", x0: torch.Tensor | None = None,
+             outputs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Mean over the K steps of the MSE between each group's prediction and its teacher-forced target
         (:meth:`teacher_forced`: the teacher's next state ``states[:, 1:]``, or with the x0 convention its next
         x0-prediction, ``x0`` the teacher's). The groups' inputs are the teacher's (teacher forcing), or
@@ -306,7 +307,8 @@ class ARDStudent(nn.Module):
         re-implementation (Talpa-Grigory/ARD, ``predx0``) regresses each step, with equal weights, onto the
         teacher's own x0-prediction at the kept step, which the stored states do not hold; this option gives the
         steps that x0 weighting on the states' own targets. The default stays the state (this module's convention);
-        an x0-convention student's loss is on x0-predictions already, and refuses ``space="x0"``."""
+        an x0-convention student's loss is on x0-predictions already, and refuses ``space="x0"``.
+        ``outputs``: also return the groups' outputs (B, K, ...), whose last is the student's final latent."""
         if space not in ("state", "x0"):
             raise HastenError(f"loss space must be 'state' or 'x0', got {space!r}")
         if space == "x0" and self.convention == "x0":
@@ -314,10 +316,11 @@ class ARDStudent(nn.Module):
                               "student's loss is on x0-predictions already")
         x, targets = self.teacher_forced(states, x0)
         x = x if inputs is None else inputs
-        per_step = ((self.next_states(x, text, pooled) - targets) ** 2).mean(dim=(0, 2, 3, 4))
+        out = self.next_states(x, text, pooled)
+        per_step = ((out - targets) ** 2).mean(dim=(0, 2, 3, 4))
         if space == "x0":
             per_step = per_step * (self.sigmas[:-1] / self.step_sizes()) ** 2
-        return per_step.mean()
+        return (per_step.mean(), out) if outputs else per_step.mean()
 
     def update(self, x: torch.Tensor, v: torch.Tensor, d: int | None = None) -> torch.Tensor:
         """Group d's output from its input x and head output v: the Euler jump ``x + (sigma_{d+1} - sigma_d) v``
@@ -396,6 +399,9 @@ class ARDConfig:
     trajectories: int | None = None  # how many the run trains on (recorded, so a resume on other data is refused)
     loss_space: str = "state"  # per-step MSE on the next state, or on the clean image each step implies ("x0")
     convention: str = "state"  # what the groups read and predict: states or x0-predictions (ARDStudent)
+    gan_weight: float = 0.0  # > 0: the paper's GAN fine-tune (hasten.distill.ard_gan), lambda of the adaptive weight
+    gan_start: int = 0  # GAN fine-tune: steps before the adversarial term joins (the discriminator warms up)
+    gan_lr: float = 1e-3  # GAN fine-tune: the discriminator's learning rate
 
 
 def check_space(option: str, value: str) -> None:
@@ -427,10 +433,12 @@ def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Te
 
 
 def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, progress: bool = True,
-              stop_after: int | None = None, vae_hash: str | None = None) -> dict:
+              stop_after: int | None = None, vae_hash: str | None = None, real: dict | None = None) -> dict:
     """Train (or resume) the student on ``data`` (:func:`load_trajectories`); returns the log and the EMA
     student. Checkpoints (atomic) go to ``out/checkpoints``; each step's batch depends only on the seed
-    and the step, so a resumed run continues the same sequence."""
+    and the step, so a resumed run continues the same sequence. ``cfg.gan_weight > 0`` adds the paper's GAN
+    fine-tune (:mod:`hasten.distill.ard_gan`) with the real latents and captions ``real``
+    (:func:`hasten.train_shapes.load_data`)."""
     sigmas = data["sigmas"].tolist()
     n = data["states"].shape[0]
     if not 0.0 <= cfg.own_history <= 1.0:
@@ -442,6 +450,10 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
                           "(run hasten distill add-x0 on the folder)")
     if cfg.trajectories not in (None, n):
         raise HastenError(f"the config says {cfg.trajectories} trajectories, the data holds {n}")
+    if cfg.gan_weight < 0 or cfg.gan_start < 0 or not cfg.gan_lr > 0:
+        raise HastenError("--gan-weight and --gan-start must be >= 0 and --gan-lr > 0")
+    if cfg.gan_weight > 0 and real is None:
+        raise HastenError("the GAN fine-tune needs real latents (train_ard(..., real=load_data(...)))")
 
     def loss(student: ARDStudent, step: int, gen: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, n, (cfg.batch_size,), generator=gen)
@@ -449,14 +461,23 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
         x0 = data["x0"][rows].float() if cfg.convention == "x0" else None
         own = torch.rand(cfg.batch_size, generator=gen) < cfg.own_history
         inputs = own_history_inputs(student, states, text, pooled, own, x0) if cfg.own_history > 0 else None
-        return student.loss(states, text, pooled, inputs, space=cfg.loss_space, x0=x0)
+        if gan is None:
+            return student.loss(states, text, pooled, inputs, space=cfg.loss_space, x0=x0)
+        mse, out = student.loss(states, text, pooled, inputs, space=cfg.loss_space, x0=x0, outputs=True)
+        return gan.student_loss(mse, out[:, -1], text, pooled, student.head_projs[-1].weight, step)
 
     student = ARDStudent(teacher, sigmas, cfg.layers_with_history, cfg.history_gate, cfg.convention)
     if cfg.init is not None:
         if vae_hash is None:
             raise HastenError("--init needs the teacher's VAE hash (train_ard(..., vae_hash=...))")
         start_from(student, cfg.init, vae_hash)
-    log = train_student(student, out, cfg, loss, f"ARD N={cfg.layers_with_history}", progress, stop_after)
+    gan = None
+    if cfg.gan_weight > 0:
+        from .ard_gan import ARDGan, GANConfig
+
+        gan = ARDGan(teacher, real, GANConfig(cfg.gan_weight, cfg.gan_start, cfg.gan_lr), cfg.seed)
+    log = train_student(student, out, cfg, loss, f"ARD N={cfg.layers_with_history}", progress, stop_after,
+                        extra=None if gan is None else {"gan": gan})
     return {**log, "samples": n, "sigmas": sigmas}
 
 

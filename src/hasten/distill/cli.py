@@ -84,10 +84,16 @@ def register(app: typer.Typer) -> None:
         history_gate: bool = typer.Option(False, "--history-gate/--no-history-gate", help="zero-initialised "
                                           "learned gates on the history attention, so training starts from "
                                           "step distillation (not the paper's; off: the paper's attention)"),
+        gan_weight: float = typer.Option(0.0, help="> 0: the paper's GAN fine-tune (discriminator heads on the "
+                                         "frozen teacher's blocks, real rendered scenes), lambda of its adaptive "
+                                         "weight (the re-implementation's: 10); use with --init"),
+        gan_start: int = typer.Option(0, help="GAN fine-tune: steps that train only the discriminator first"),
+        gan_lr: float = typer.Option(1e-3, help="GAN fine-tune: the discriminator's learning rate"),
+        gan_scenes: int = typer.Option(5000, help="GAN fine-tune: real training scenes rendered and encoded"),
         as_json: bool = typer.Option(False, "--json", help="print the training log as one JSON object"),
     ) -> None:
-        """Train an ARD student (teacher-forced, mean of per-step MSEs, AdamW, EMA); writes a folder that
-        hasten.load_pipeline and --model load."""
+        """Train an ARD student (teacher-forced, mean of per-step MSEs, AdamW, EMA; --gan-weight adds the paper's
+        GAN fine-tune); writes a folder that hasten.load_pipeline and --model load."""
         import json
 
         import torch
@@ -103,6 +109,8 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"--warmup must be in [0, --steps], got {warmup}")
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
+        if gan_weight < 0 or gan_start < 0 or not gan_lr > 0 or gan_scenes < 1:
+            raise HastenError("--gan-weight and --gan-start must be >= 0, --gan-lr > 0 and --gan-scenes >= 1")
         check_space("--loss-space", loss_space)
         check_space("--convention", convention)
         check_out_folder(out)
@@ -112,10 +120,16 @@ def register(app: typer.Typer) -> None:
         cfg = ARDConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                         layers_with_history=layers_with_history, own_history=own_history, init=init,
                         history_gate=history_gate, trajectories=len(traj["captions"]), loss_space=loss_space,
-                        convention=convention)
+                        convention=convention, gan_weight=gan_weight, gan_start=gan_start, gan_lr=gan_lr)
         torch.manual_seed(cfg.seed)
         vae = weights_hash(pipe.vae)
-        log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json, vae_hash=vae)
+        real = None
+        if gan_weight > 0:
+            from ..train_shapes import load_data, prepare_data
+
+            real = load_data(prepare_data(out, pipe.vae, gan_scenes, 0, not as_json, pipe.text_encoder,
+                                          pipe.tokenizer))
+        log = train_ard(pipe.transformer, traj, out, cfg, progress=not as_json, vae_hash=vae, real=real)
         student = log.pop("student")
         if log["finished"]:
             m = traj["manifest"]
@@ -123,7 +137,9 @@ def register(app: typer.Typer) -> None:
             save_ard(student, out, base, {"guidance_scale": m["guidance_scale"], "teacher_steps": m["steps"],
                                           "kept_indices": m["kept_indices"], "base_vae": vae,
                                           "trajectories": cfg.trajectories, "train_steps": steps,
-                                          "own_history": own_history, "init": init})
+                                          "own_history": own_history, "init": init,
+                                          **({"gan_weight": gan_weight, "gan_start": gan_start, "gan_lr": gan_lr,
+                                              "gan_scenes": gan_scenes} if gan_weight > 0 else {})})
             from ..io import write_json
 
             write_json(out / "train_log.json", log)

@@ -35,7 +35,7 @@ def said_counts(counts: Any) -> str:
 
 def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
                   loss_fn: Callable[[torch.nn.Module, int, torch.Generator], torch.Tensor], what: str,
-                  progress: bool = True, stop_after: int | None = None) -> dict:
+                  progress: bool = True, stop_after: int | None = None, extra: dict[str, Any] | None = None) -> dict:
     """Train (or resume) ``student`` on ``loss_fn(student, step, gen)``: AdamW, cosine schedule with warm-up,
     gradient clipping at 1, EMA, optional CPU bf16 autocast, atomic checkpoints in ``out/checkpoints``.
 
@@ -43,7 +43,8 @@ def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
     log_every, bf16_autocast``. Step ``s`` draws all its randomness from a generator seeded by
     ``seed * 1_000_003 + s``, so an interrupted run resumes to the same weights; a checkpoint of other
     settings is refused. Returns the log (config, loss curve, times) with the EMA student as ``student``.
-    ``stop_after`` interrupts (tests)."""
+    ``stop_after`` interrupts (tests). ``extra``: objects with their own state that ``loss_fn`` updates (a GAN's
+    discriminator), saved in and restored from the checkpoint by name."""
     from ..train import autocast_bf16, ema_update
     from ..train_shapes import LossLog, cosine_lr, load_checkpoint, optimizer_step, save_checkpoint
 
@@ -62,6 +63,8 @@ def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start, curve, elapsed, cpu = state["step"], state["curve"], state["elapsed_s"], state["cpu_s"]
+        for name, obj in (extra or {}).items():
+            obj.load_state_dict(state["extra"][name])
     t0, c0 = time.time() - elapsed, time.process_time() - cpu
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc=what,
@@ -78,7 +81,8 @@ def train_student(student: torch.nn.Module, out: str | Path, cfg: Any,
             save_checkpoint(ckpt_path, {"model": student.state_dict(), "ema": ema.state_dict(),
                                         "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
                                         "curve": curve, "elapsed_s": time.time() - t0,
-                                        "cpu_s": time.process_time() - c0, "config": asdict(cfg)})
+                                        "cpu_s": time.process_time() - c0, "config": asdict(cfg),
+                                        "extra": {name: obj.state_dict() for name, obj in (extra or {}).items()}})
     return {"train_config": asdict(cfg), "loss_curve": curve, "step": end, "finished": end == cfg.steps,
             "train_seconds": round(time.time() - t0, 1), "train_cpu_seconds": round(time.process_time() - c0, 1),
             "num_parameters": sum(p.numel() for p in student.parameters()), "student": ema}
