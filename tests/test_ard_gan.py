@@ -99,6 +99,10 @@ def test_a_gan_run_resumes_to_the_same_student_and_bad_settings_are_refused(tiny
     train_ard(tiny_shapes.transformer, data, tmp_path / "b", cfg, progress=False, real=real, stop_after=2)
     resumed = train_ard(tiny_shapes.transformer, data, tmp_path / "b", cfg, progress=False, real=real)
     assert [c["loss"] for c in resumed["loss_curve"]] == [c["loss"] for c in straight["loss_curve"]]
+    assert resumed["gan_curve"] == straight["gan_curve"] and len(straight["gan_curve"]) == 4
+    assert {"mse", "d_loss", "g_loss", "weight"} <= set(straight["gan_curve"][-1])
+    assert [c["loss"] for c in straight["loss_curve"]] == pytest.approx(
+        [c["mse"] + c["weight"] * c["g_loss"] for c in straight["gan_curve"]], rel=1e-4, abs=1e-6)
     for p, q in zip(straight["student"].parameters(), resumed["student"].parameters()):
         assert torch.equal(p, q)
     with pytest.raises(HastenError, match="needs real latents"):

@@ -475,9 +475,11 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
     if cfg.gan_weight > 0:
         from .ard_gan import ARDGan, GANConfig
 
-        gan = ARDGan(teacher, real, GANConfig(cfg.gan_weight, cfg.gan_start, cfg.gan_lr), cfg.seed)
+        gan = ARDGan(teacher, real, GANConfig(cfg.gan_weight, cfg.gan_start, cfg.gan_lr), cfg.seed, cfg.log_every)
     log = train_student(student, out, cfg, loss, f"ARD N={cfg.layers_with_history}", progress, stop_after,
                         extra=None if gan is None else {"gan": gan})
+    if gan is not None:  # the logged loss is MSE + w L_G; the parts, and the discriminator's loss
+        log["gan_curve"] = gan.curve
     return {**log, "samples": n, "sigmas": sigmas}
 
 

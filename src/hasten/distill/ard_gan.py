@@ -112,8 +112,10 @@ class ARDGan:
     ``real``: ``latents`` (N, C, H, W), ``index`` (N,) into ``text`` (U, L, D) / ``pooled`` (U, D)
     (:func:`hasten.train_shapes.load_data`). ``state_dict``/``load_state_dict`` let a run resume."""
 
-    def __init__(self, teacher: nn.Module, real: dict, cfg: GANConfig, seed: int):
-        self.cfg, self.real, self.seed = cfg, real, seed
+    def __init__(self, teacher: nn.Module, real: dict, cfg: GANConfig, seed: int, log_every: int = 25):
+        self.cfg, self.real, self.seed, self.log_every = cfg, real, seed, log_every
+        self.curve: list[dict] = []  # every log_every steps: the means of the student's MSE, L_D, L_G and w
+        self._since: list[dict] = []
         with torch.random.fork_rng(devices=[]):  # the heads' initialisation depends on the seed alone
             torch.manual_seed(seed + GAN_SEED)
             self.disc = TeacherDiscriminator(teacher, cfg.cmap_dim)
@@ -121,11 +123,21 @@ class ARDGan:
         self.last_d_loss = float("nan")
 
     def state_dict(self) -> dict:
-        return {"disc": self.disc.state_dict(), "opt": self.opt.state_dict()}
+        return {"disc": self.disc.state_dict(), "opt": self.opt.state_dict(), "curve": list(self.curve),
+                "since": list(self._since)}
 
     def load_state_dict(self, state: dict) -> None:
         self.disc.load_state_dict(state["disc"])
         self.opt.load_state_dict(state["opt"])
+        self.curve, self._since = list(state["curve"]), list(state["since"])
+
+    def _log(self, step: int, **values: float) -> None:
+        self._since.append(values)
+        if (step + 1) % self.log_every == 0:
+            keys = {k for v in self._since for k in v}
+            self.curve.append({"step": step + 1, **{k: sum(v[k] for v in self._since if k in v)
+                                                    / sum(k in v for v in self._since) for k in sorted(keys)}})
+            self._since = []
 
     def student_loss(self, mse: torch.Tensor, fake: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
                      last: torch.Tensor, step: int) -> torch.Tensor:
@@ -141,12 +153,15 @@ class ARDGan:
         self.opt.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt.step()
-        self.last_d_loss = float(d_loss.detach())
         if step < self.cfg.start:
+            self._log(step, mse=float(mse.detach()), d_loss=float(d_loss.detach()))
             return mse
         self.disc.requires_grad_(False)
         try:
             adversarial = -self.disc(fake, text, pooled, gen).mean()
         finally:
             self.disc.requires_grad_(True)
-        return mse + self.cfg.weight * adaptive_weight(mse, adversarial, last) * adversarial
+        w = self.cfg.weight * adaptive_weight(mse, adversarial, last)
+        self._log(step, mse=float(mse.detach()), d_loss=float(d_loss.detach()), g_loss=float(adversarial.detach()),
+                  weight=float(w))
+        return mse + w * adversarial
