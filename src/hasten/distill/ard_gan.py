@@ -120,7 +120,6 @@ class ARDGan:
             torch.manual_seed(seed + GAN_SEED)
             self.disc = TeacherDiscriminator(teacher, cfg.cmap_dim)
         self.opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.last_d_loss = float("nan")
 
     def state_dict(self) -> dict:
         return {"disc": self.disc.state_dict(), "opt": self.opt.state_dict(), "curve": list(self.curve),
