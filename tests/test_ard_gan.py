@@ -113,3 +113,25 @@ def test_a_gan_run_resumes_to_the_same_student_and_bad_settings_are_refused(tiny
     code, _, err = run_cli(capsys, "distill", "ard", "--data", str(tmp_path), "--layers-with-history", "1",
                            "--out", str(tmp_path / "e"), "--gan-weight", "-1")
     assert code == 2 and "--gan-weight" in err and err.count("\n") == 1
+
+
+def test_the_cli_runs_a_gan_fine_tune_into_a_loadable_student(tiny_shapes, tmp_path, capsys):
+    import json
+
+    from hasten import load_pipeline
+
+    teacher = str(tmp_path / "teacher")
+    tiny_shapes.save_pretrained(teacher)
+    code, _, err = run_cli(capsys, "distill", "trajectories", "--teacher", teacher, "--n", "4", "--steps", "5",
+                           "--keep", "4", "--out", str(tmp_path / "traj"))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "distill", "ard", "--teacher", teacher, "--data", str(tmp_path / "traj"),
+                           "--layers-with-history", "1", "--out", str(tmp_path / "gan"), "--steps", "2",
+                           "--batch-size", "2", "--warmup", "1", "--gan-weight", "0.5", "--gan-scenes", "4")
+    assert code == 0, err
+    log = json.loads((tmp_path / "gan" / "train_log.json").read_text())
+    assert log["train_config"]["gan_weight"] == 0.5 and log["gan_curve"] == []  # log_every 25 > 2 steps
+    config = json.loads((tmp_path / "gan" / "ard_config.json").read_text())
+    assert config["gan_weight"] == 0.5 and config["gan_scenes"] == 4
+    pipe = load_pipeline(str(tmp_path / "gan"))
+    assert pipe(["a red circle"], output_type="latent").images.shape[0] == 1
