@@ -25,6 +25,13 @@ whose weights ``runs/ard/x2_ard`` holds), on noise no student trained on:
         --student "stage 2=runs/ard/x2_ard" --student "stage 3=runs/ard/x3_ard" \
         --student "stage 4=runs/ard/x4_ard"   # 1000 more steps from stage 3 (--init runs/ard/x3_ard)
 
+And the paper's GAN fine-tune (``hasten distill ard --init shapes-ard4 --steps 400 --lr 1e-4 --warmup 20 --gan-weight
+L --gan-start 100``) against the same 400 steps without it (no ``--gan-weight``):
+
+    python benchmarks/ard_history.py --samples 1200 --out benchmarks/ard_shapes/gan \
+        --student "shapes-ard4 (stage 2)=shapes-ard4" --student "+400 steps, MSE only=runs/ard/ft400" \
+        --student "+400 steps, GAN (lambda 10, from step 100)=runs/ard/gan10"   # and gan_small: lambda 0.5
+
 Made to measure the own-history fine-tune
 (``hasten distill ard --own-history P --init shapes-ard4``, on the stage-1 student) against the same
 fine-tune teacher-forced (the paper's recipe, same data, steps and seed): the one difference is
