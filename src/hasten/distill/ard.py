@@ -309,8 +309,7 @@ class ARDStudent(nn.Module):
         steps that x0 weighting on the states' own targets. The default stays the state (this module's convention);
         an x0-convention student's loss is on x0-predictions already, and refuses ``space="x0"``.
         ``outputs``: also return the groups' outputs (B, K, ...), whose last is the student's final latent."""
-        if space not in ("state", "x0"):
-            raise HastenError(f"loss space must be 'state' or 'x0', got {space!r}")
+        check_space("--loss-space", space)
         if space == "x0" and self.convention == "x0":
             raise HastenError("the x0 loss space weights a state-convention student's steps; an x0-convention "
                               "student's loss is on x0-predictions already")
