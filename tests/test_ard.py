@@ -216,7 +216,7 @@ def test_the_x0_loss_is_the_mse_of_the_clean_images_the_steps_imply(tiny_shapes,
         got = student.loss(states, text, pooled, space="x0")
         state_loss = student.loss(states, text, pooled)
     assert torch.allclose(got, want, rtol=1e-4) and not torch.allclose(got, state_loss, rtol=0.1)
-    with pytest.raises(HastenError, match="loss space"):
+    with pytest.raises(HastenError, match="--loss-space must be state or x0"):
         student.loss(states, text, pooled, space="eps")
 
 
