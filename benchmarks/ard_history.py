@@ -30,7 +30,7 @@ L --gan-start 100``) against the same 400 steps without it (no ``--gan-weight``)
 
     python benchmarks/ard_history.py --samples 1200 --out benchmarks/ard_shapes/gan \
         --student "shapes-ard4 (stage 2)=shapes-ard4" --student "+400 steps, MSE only=runs/ard/ft400" \
-        --student "+400 steps, GAN (lambda 10, from step 100)=runs/ard/gan10"   # gan_mid: lambda 2, gan_small: lambda 0.5
+        --student "+400 steps, GAN (lambda 10, from step 100)=runs/ard/gan10"   # gan_mid: 2, gan_small: 0.5
 
 Made to measure the own-history fine-tune
 (``hasten distill ard --own-history P --init shapes-ard4``, on the stage-1 student) against the same
