@@ -348,14 +348,19 @@ def flow_matching_loss(model, z: torch.Tensor, text: torch.Tensor, pooled: torch
     return (pred - (e - z)).pow(2).mean()
 
 
+def latent_batch(data: dict, batch_size: int, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random rows of ``data`` (:func:`load_data`) as float (latents, token embeddings, pooled embedding)."""
+    rows = torch.randint(0, data["latents"].shape[0], (batch_size,), generator=gen)
+    cap = data["index"][rows]
+    return data["latents"][rows].float(), data["text"][cap].float(), data["pooled"][cap].float()
+
+
 def caption_batch(data: dict, batch_size: int, caption_dropout: float, empty: tuple, gen: torch.Generator
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A random batch of (latents, token embeddings, pooled embedding) from ``data``, each caption
-    replaced by the empty one (``empty``) with probability ``caption_dropout``."""
-    rows = torch.randint(0, data["latents"].shape[0], (batch_size,), generator=gen)
-    z = data["latents"][rows].float()
-    cap = data["index"][rows]
-    text, pooled = data["text"][cap].float(), data["pooled"][cap].float()
+    """A random batch of (latents, token embeddings, pooled embedding) from ``data`` (:func:`latent_batch`),
+    each caption replaced by the empty one (``empty``) with probability ``caption_dropout``."""
+    z, text, pooled = latent_batch(data, batch_size, gen)
     drop = torch.rand(batch_size, generator=gen) < caption_dropout
     text = torch.where(drop.view(-1, 1, 1), empty[0].expand_as(text), text)
     pooled = torch.where(drop.view(-1, 1), empty[1].expand_as(pooled), pooled)

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..train_shapes import latent_batch
+
 GAN_SEED = 7_919  # offsets the discriminator's generator from the student's (seed * 1_000_003 + step)
 
 
@@ -143,9 +145,7 @@ class ARDGan:
         """One discriminator update on the detached ``fake`` (B, C, H, W) and a real batch, then the student's
         loss: ``mse`` alone before ``cfg.start``, else ``mse + w L_G`` (module docstring)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step + GAN_SEED)
-        rows = torch.randint(0, self.real["latents"].shape[0], (fake.shape[0],), generator=gen)
-        cap = self.real["index"][rows]
-        real = (self.real["latents"][rows].float(), self.real["text"][cap].float(), self.real["pooled"][cap].float())
+        real = latent_batch(self.real, fake.shape[0], gen)
         self.disc.train()
         d_loss = (F.relu(1 - self.disc(*real, gen)).mean()
                   + F.relu(1 + self.disc(fake.detach(), text.detach(), pooled.detach(), gen)).mean())
