@@ -410,6 +410,12 @@ def check_space(option: str, value: str) -> None:
         raise HastenError(f"{option} must be state or x0, got {value!r}")
 
 
+def check_gan(weight: float, start: int, lr: float) -> None:
+    """Refuse GAN fine-tune settings :class:`hasten.distill.ard_gan.ARDGan` cannot run (before any work)."""
+    if weight < 0 or start < 0 or not lr > 0:
+        raise HastenError("--gan-weight and --gan-start must be >= 0 and --gan-lr > 0")
+
+
 def own_history_inputs(student: ARDStudent, states: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
                        rows: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
     """The groups' inputs (B, K, ...) with the samples ``rows`` (bool, B) on the student's own history.
@@ -449,8 +455,7 @@ def train_ard(teacher: nn.Module, data: dict, out: str | Path, cfg: ARDConfig, p
                           "(run hasten distill add-x0 on the folder)")
     if cfg.trajectories not in (None, n):
         raise HastenError(f"the config says {cfg.trajectories} trajectories, the data holds {n}")
-    if cfg.gan_weight < 0 or cfg.gan_start < 0 or not cfg.gan_lr > 0:
-        raise HastenError("--gan-weight and --gan-start must be >= 0 and --gan-lr > 0")
+    check_gan(cfg.gan_weight, cfg.gan_start, cfg.gan_lr)
     if cfg.gan_weight > 0 and real is None:
         raise HastenError("the GAN fine-tune needs real latents (train_ard(..., real=load_data(...)))")
 

@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
         from ..pipeline import EMBEDDED, load_pipeline
         from ..plans import weights_hash
-        from .ard import ARDConfig, check_space, save_ard, train_ard
+        from .ard import ARDConfig, check_gan, check_space, save_ard, train_ard
         from .trajectories import check_teacher, load_trajectories
 
         if steps < 1 or batch_size < 1 or not lr > 0:
@@ -109,8 +109,9 @@ def register(app: typer.Typer) -> None:
             raise HastenError(f"--warmup must be in [0, --steps], got {warmup}")
         if not 0.0 <= own_history <= 1.0:
             raise HastenError(f"--own-history must be in [0, 1], got {own_history}")
-        if gan_weight < 0 or gan_start < 0 or not gan_lr > 0 or gan_scenes < 1:
-            raise HastenError("--gan-weight and --gan-start must be >= 0, --gan-lr > 0 and --gan-scenes >= 1")
+        check_gan(gan_weight, gan_start, gan_lr)
+        if gan_scenes < 1:
+            raise HastenError(f"--gan-scenes must be >= 1, got {gan_scenes}")
         check_space("--loss-space", loss_space)
         check_space("--convention", convention)
         check_out_folder(out)
